@@ -1,0 +1,164 @@
+"""Reading ``trainSAE`` output folders: ``load_dictionary`` and the dictionary-class registry.
+
+A ``trainer_i`` folder written by dictionary_learning's ``trainSAE`` holds ``config.json``
+(``{"trainer": trainer.config, "buffer": ...}``), the final ``ae.pt`` and optionally
+``checkpoints/ae_{step}.pt``. Our trainers mark their config with ``"package":
+"matryoshka_plugin"``; every other folder is handed to dictionary_learning's own loader.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import torch
+
+from .errors import CheckpointError
+from .sae import MatryoshkaBatchTopKSAE, MatryoshkaLogSparsitySAE
+
+__all__ = [
+    "load_dictionary",
+    "register_dictionary_class",
+    "DICTIONARY_CLASSES",
+    "read_state_dict",
+    "read_config",
+    "atomic_torch_save",
+    "CheckpointError",
+]
+
+PACKAGE_MARK = "matryoshka_plugin"
+
+# dict_class name -> loader(weights_path, trainer_config, device) -> nn.Module
+DICTIONARY_CLASSES: dict[str, Callable[[Path, dict, Any], torch.nn.Module]] = {}
+
+
+def register_dictionary_class(name: str, loader: Callable[[Path, dict, Any], torch.nn.Module]) -> None:
+    """Register how to load folders whose ``config["trainer"]["dict_class"] == name``.
+
+    Registering the same loader twice is harmless; a different loader for a taken name raises.
+    """
+    old = DICTIONARY_CLASSES.get(name)
+    if old is not None and old is not loader:
+        raise ValueError(f"dictionary class {name!r} is already registered")
+    DICTIONARY_CLASSES[name] = loader
+
+
+def _load_batch_topk(path: Path, cfg: dict, device) -> torch.nn.Module:
+    return MatryoshkaBatchTopKSAE.from_pretrained(path, k=cfg.get("k"), device=device)
+
+
+def _load_log_sparsity(path: Path, cfg: dict, device) -> torch.nn.Module:
+    return MatryoshkaLogSparsitySAE.from_pretrained(path, device=device)
+
+
+register_dictionary_class("MatryoshkaBatchTopKSAE", _load_batch_topk)
+register_dictionary_class("MatryoshkaLogSparsitySAE", _load_log_sparsity)
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """Read a state dict saved with ``torch.save``; raises :class:`CheckpointError` if unusable."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"missing weights file: {path}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - torch raises many types for bad files
+        raise CheckpointError(f"{path} is not a readable torch checkpoint (truncated or corrupt?): {e}") from None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointError(f"{path} does not hold a state dict of tensors")
+    return state
+
+
+def check_keys(state: dict, required: Iterable[str], path: str | Path) -> None:
+    missing = [k for k in required if k not in state]
+    if missing:
+        raise CheckpointError(f"{path} lacks {missing}; it holds {sorted(state)}")
+
+
+def read_config(folder: str | Path) -> dict:
+    """Read ``config.json`` of a ``trainer_i`` folder."""
+    path = Path(folder) / "config.json"
+    if not path.is_file():
+        raise CheckpointError(f"missing config file: {path}")
+    try:
+        config = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path} is not valid JSON (truncated or corrupt?): {e}") from None
+    if not isinstance(config, dict) or not isinstance(config.get("trainer"), dict):
+        raise CheckpointError(f"{path} has no 'trainer' section; is it a trainSAE output folder?")
+    if "dict_class" not in config["trainer"]:
+        raise CheckpointError(f"{path} does not name a dict_class under 'trainer'")
+    return config
+
+
+def load_dictionary(
+    path: str | Path, device: str | torch.device = "cpu", checkpoint: int | None = None
+) -> tuple[torch.nn.Module, dict]:
+    """Load the SAE of a ``trainer_i`` folder written by ``trainSAE``; returns ``(ae, config)``.
+
+    Args:
+        path: the ``trainer_i`` folder.
+        device: where to put the SAE.
+        checkpoint: a step saved under ``checkpoints/ae_{step}.pt`` instead of the final ``ae.pt``.
+
+    This package's SAE classes (and any registered with :func:`register_dictionary_class`)
+    load here; dictionary_learning's own classes are handed to its ``load_dictionary``.
+    """
+    folder = Path(path)
+    if not folder.is_dir():
+        raise CheckpointError(f"no such SAE folder: {folder}")
+    config = read_config(folder)
+    trainer_cfg = config["trainer"]
+    weights = folder / "ae.pt" if checkpoint is None else folder / "checkpoints" / f"ae_{int(checkpoint)}.pt"
+    dict_class = trainer_cfg["dict_class"]
+    ours = trainer_cfg.get("package") == PACKAGE_MARK or dict_class not in _UPSTREAM_CLASSES
+    if ours:
+        loader = DICTIONARY_CLASSES.get(dict_class)
+        if loader is None:
+            known = sorted(set(DICTIONARY_CLASSES) | _UPSTREAM_CLASSES)
+            raise CheckpointError(f"unknown dict_class {dict_class!r} in {folder}/config.json; known: {known}")
+        return loader(weights, trainer_cfg, device), config
+    from dictionary_learning.utils import load_dictionary as upstream_load
+
+    read_state_dict(weights)  # a clear error for a missing or corrupt file first
+    if checkpoint is not None:
+        raise CheckpointError("checkpoint= is only supported for this package's SAE classes")
+    try:
+        ae, cfg = upstream_load(str(folder), device=str(device))
+    except (ValueError, KeyError, RuntimeError) as e:
+        raise CheckpointError(f"dictionary_learning could not load {folder}: {e}") from None
+    return ae, cfg
+
+
+_UPSTREAM_CLASSES = {
+    "AutoEncoder",
+    "GatedAutoEncoder",
+    "AutoEncoderNew",
+    "AutoEncoderTopK",
+    "BatchTopKSAE",
+    "MatryoshkaBatchTopKSAE",
+    "JumpReluAutoEncoder",
+}
+
+
+def atomic_torch_save(obj: Any, path: str | Path) -> None:
+    """``torch.save`` to a temporary file in the same folder, then rename over ``path``.
+
+    An interrupted save never leaves a truncated file where a good one was.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise

@@ -1,0 +1,174 @@
+"""Pieces both Matryoshka trainers share: input checks, schedules, optimizer-state surgery."""
+
+from __future__ import annotations
+
+import math
+from collections import namedtuple
+from importlib.metadata import PackageNotFoundError, version
+from typing import Callable, Iterable
+
+import torch
+from dictionary_learning.trainers.trainer import SAETrainer, get_lr_schedule
+
+from ..errors import TrainingError, check_activations
+
+__all__ = [
+    "LossLog",
+    "MatryoshkaTrainerBase",
+    "constant_warmup_decay_schedule",
+    "warmup_stable_decay_schedule",
+    "geometric_median",
+    "permute_latents_",
+]
+
+# What dictionary_learning's trainSAE unpacks from loss(..., logging=True).
+LossLog = namedtuple("LossLog", ["x", "x_hat", "f", "losses"])
+
+
+def _package_version() -> str:
+    try:
+        return version("matryoshka_plugin")
+    except PackageNotFoundError:  # running from a source tree
+        return "0+unknown"
+
+
+class MatryoshkaTrainerBase(SAETrainer):
+    """Bookkeeping common to the trainers: device, seed, metadata and input validation."""
+
+    def __init__(
+        self,
+        steps: int,
+        activation_dim: int,
+        dict_size: int,
+        layer: int | None,
+        lm_name: str | None,
+        seed: int | None,
+        device: str | torch.device | None,
+        wandb_name: str,
+        submodule_name: str | None,
+    ):
+        super().__init__(seed)
+        for name, value in (("steps", steps), ("activation_dim", activation_dim), ("dict_size", dict_size)):
+            if isinstance(value, bool) or int(value) != value or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        self.steps = int(steps)
+        self.layer, self.lm_name = layer, lm_name
+        self.wandb_name, self.submodule_name = wandb_name, submodule_name
+        if device is None:
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.device = str(device)
+        if seed is not None:
+            torch.manual_seed(seed)
+            if torch.cuda.is_available():
+                torch.cuda.manual_seed_all(seed)
+        # A private generator keeps random prefixes reproducible and independent of other RNG use.
+        self.generator = torch.Generator()
+        self.generator.manual_seed(seed if seed is not None else torch.initial_seed() % (2**63))
+
+    def _prepare(self, x: torch.Tensor, step: int | None) -> torch.Tensor:
+        check_activations(x, self.ae.activation_dim, step)
+        return x.to(device=self.device, dtype=self.ae.W_enc.dtype)
+
+    @staticmethod
+    def _check_loss(loss: torch.Tensor, step: int | None, parts: dict[str, float]) -> None:
+        if not bool(torch.isfinite(loss)):
+            where = f" at step {step}" if step is not None else ""
+            detail = ", ".join(f"{k}={v:.4g}" for k, v in parts.items())
+            raise TrainingError(
+                f"non-finite loss {float(loss)}{where} ({detail}); the SAE was not updated. "
+                "Lower the learning rate or check the activations' scale."
+            )
+
+    def _metadata(self) -> dict:
+        return {
+            "package": "matryoshka_plugin",
+            "package_version": _package_version(),
+            "seed": self.seed,
+            "device": self.device,
+            "layer": self.layer,
+            "lm_name": self.lm_name,
+            "wandb_name": self.wandb_name,
+            "submodule_name": self.submodule_name,
+        }
+
+
+def constant_warmup_decay_schedule(
+    steps: int, warmup_steps: int, decay_start: int | None
+) -> Callable[[int], float]:
+    """dictionary_learning's schedule (linear warm-up, optional linear decay to 0), with errors."""
+    if not (0 <= warmup_steps < steps):
+        raise ValueError(f"warmup_steps must lie in [0, steps={steps}), got {warmup_steps}")
+    if decay_start is not None and not (warmup_steps < decay_start < steps):
+        raise ValueError(
+            f"decay_start must lie in (warmup_steps={warmup_steps}, steps={steps}), got {decay_start}"
+        )
+    return get_lr_schedule(steps, warmup_steps, decay_start=decay_start)
+
+
+def warmup_stable_decay_schedule(
+    steps: int, warmup_steps: int, decay_fraction: float, end_factor: float
+) -> Callable[[int], float]:
+    """Linear warm-up, constant, then linear decay to ``end_factor`` over the last ``decay_fraction``."""
+    if not (0 <= warmup_steps < steps):
+        raise ValueError(f"warmup_steps must lie in [0, steps={steps}), got {warmup_steps}")
+    if not (0 <= decay_fraction <= 1):
+        raise ValueError(f"decay_fraction must lie in [0, 1], got {decay_fraction}")
+    if not (0 <= end_factor <= 1):
+        raise ValueError(f"end_lr_factor must lie in [0, 1], got {end_factor}")
+    decay_start = steps * (1.0 - decay_fraction)
+    decay_len = max(steps - decay_start, 1e-9)
+
+    def schedule(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / (warmup_steps + 1)
+        if step < decay_start:
+            return 1.0
+        return 1.0 - (1.0 - end_factor) * min((step - decay_start) / decay_len, 1.0)
+
+    return schedule
+
+
+@torch.no_grad()
+def geometric_median(points: torch.Tensor, max_iter: int = 100, tol: float = 1e-5) -> torch.Tensor:
+    """Weiszfeld's algorithm (float32 or wider; guarded against a point equal to the guess)."""
+    pts = points.float()
+    guess = pts.mean(0)
+    for _ in range(max_iter):
+        dist = (pts - guess).norm(dim=1).clamp_min(1e-8)
+        w = 1.0 / dist
+        new = (w[:, None] * pts).sum(0) / w.sum()
+        if (new - guess).norm() < tol:
+            guess = new
+            break
+        guess = new
+    return guess
+
+
+@torch.no_grad()
+def permute_latents_(
+    perm: torch.Tensor,
+    optimizer: torch.optim.Optimizer,
+    params: Iterable[tuple[torch.nn.Parameter, int]],
+    statistics: Iterable[torch.Tensor] = (),
+) -> None:
+    """Reorder latents in place: parameters (along their latent dimension), every tensor of
+    the optimizer state shaped like them (Adam's moments), and per-latent statistics.
+
+    Permuting only the weights (as the reference code does) leaves Adam's moments attached
+    to the wrong latents.
+    """
+    for p, dim in params:
+        p.data.copy_(p.data.index_select(dim, perm))
+        if p.grad is not None:
+            p.grad.copy_(p.grad.index_select(dim, perm))
+        for value in optimizer.state.get(p, {}).values():
+            if isinstance(value, torch.Tensor) and value.shape == p.shape:
+                value.copy_(value.index_select(dim, perm))
+    for stat in statistics:
+        stat.copy_(stat.index_select(0, perm.to(stat.device)))
+
+
+def check_positive(name: str, value: float, allow_zero: bool = False) -> None:
+    ok = math.isfinite(value) and (value >= 0 if allow_zero else value > 0)
+    if not ok:
+        raise ValueError(f"{name} must be {'>= 0' if allow_zero else '> 0'}, got {value}")

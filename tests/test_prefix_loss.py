@@ -1,0 +1,107 @@
+"""The sparse prefix loss against a brute-force decode of every prefix (loss and gradients)."""
+
+import pytest
+import torch
+
+from matryoshka_plugin.prefix_loss import prefix_mse, sparse_decode, sparse_from_dense, sparse_from_flat
+from matryoshka_plugin.prefixes import PrefixWeights
+
+
+def brute_force(x, f, W, b, weights):
+    """sum_m lam[m] * mean_b ||x - (f[:, :m] @ W[:m] + b)||^2, one decode per prefix."""
+    total = x.new_zeros(())
+    for m in range(weights.n + 1):
+        if weights.lam[m] == 0:
+            continue
+        x_hat = f[:, :m] @ W[:m] + b
+        total = total + weights.lam[m] * (x - x_hat).pow(2).sum(-1).mean()
+    return total
+
+
+def random_problem(B=7, n=17, d=6, density=0.35, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(B, d, generator=g, dtype=torch.float64, requires_grad=True)
+    mask = torch.rand(B, n, generator=g) < density
+    mask[0] = False  # a token with no active latent
+    mask[1] = True  # a token with all latents active
+    f = (torch.rand(B, n, generator=g, dtype=torch.float64) * mask).requires_grad_()
+    W = torch.randn(n, d, generator=g, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(d, generator=g, dtype=torch.float64, requires_grad=True)
+    return x, f, W, b
+
+
+N = 17
+WEIGHTS = {
+    "groups": PrefixWeights.fixed_groups([2, 5, 10]),
+    "weighted_groups": PrefixWeights.fixed_groups([3, 3, 11], [0.2, 1.0, 3.0]),
+    "balanced": PrefixWeights.fixed_groups([2, 5, 10]).balanced(0.75),
+    "every": PrefixWeights.every_prefix(N),
+    "pareto_expected": PrefixWeights.pareto_expected(N, 10),
+    "pareto_sample": PrefixWeights.pareto_sample(N, 10, generator=torch.Generator().manual_seed(3)),
+    "full_only": PrefixWeights.full_only(N),
+    "with_empty_prefix": PrefixWeights(torch.linspace(1.0, 0.1, N + 1, dtype=torch.float64)),
+}
+
+
+@pytest.mark.parametrize("name", list(WEIGHTS))
+@pytest.mark.parametrize("chunk", [1, 10_000])
+def test_loss_and_gradients_match_brute_force(name, chunk):
+    weights = WEIGHTS[name]
+    x, f, W, b = random_problem(n=N)
+    ref = brute_force(x, f, W, b, weights)
+    g_ref = torch.autograd.grad(ref, [x, f, W, b])
+    out = prefix_mse(x, sparse_from_dense(f), W, b, weights, chunk_elements=chunk)
+    g = torch.autograd.grad(out.loss, [x, f, W, b])
+    torch.testing.assert_close(out.loss, ref, rtol=1e-12, atol=1e-12)
+    active = (f != 0).detach()
+    torch.testing.assert_close(g[1] * active, g_ref[1] * active, rtol=1e-10, atol=1e-12)
+    for got, want in zip([g[0], g[2], g[3]], [g_ref[0], g_ref[2], g_ref[3]]):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(out.residual, (x - f @ W - b).detach())
+
+
+def test_gradcheck():
+    x, f, W, b = random_problem(B=3, n=6, d=3)
+    lat = sparse_from_dense(f.detach())
+    w = PrefixWeights.fixed_groups([1, 2, 3]).balanced(0.5)
+    fn = lambda xx, vv, WW, bb: prefix_mse(xx, lat._replace(values=vv), WW, bb, w).loss  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (x, lat.values.clone().requires_grad_(), W, b))
+
+
+def test_float32_matches_float64():
+    x, f, W, b = random_problem(B=64, n=N, d=8)
+    w = WEIGHTS["every"]
+    ref = prefix_mse(x, sparse_from_dense(f), W, b, w).loss
+    lat32 = sparse_from_dense(f.detach().float())
+    got = prefix_mse(x.detach().float(), lat32, W.detach().float(), b.detach().float(), w).loss
+    assert float(got) == pytest.approx(float(ref), rel=1e-5)
+
+
+def test_sparse_from_flat_sorts_and_pads():
+    B, n = 3, 8
+    dense = torch.zeros(B, n)
+    dense[0, [6, 1, 3]] = torch.tensor([1.0, 2.0, 3.0])
+    dense[2, [7]] = 5.0
+    flat = torch.tensor([6, 23, 1, 3])  # unsorted; 23 = row 2, latent 7
+    vals = dense.flatten()[flat]
+    lat = sparse_from_flat(flat, vals, B, n)
+    assert lat.indices.shape == (3, 3)
+    assert lat.indices[2].tolist() == [7, 7, 7]  # padding repeats the last index
+    assert lat.indices[0].tolist() == [1, 3, 6]
+    assert lat.values[0].tolist() == [2.0, 3.0, 1.0]
+    assert lat.values[1].tolist() == [0.0, 0.0, 0.0]
+    assert torch.all(lat.indices[:, 1:] >= lat.indices[:, :-1])
+    torch.testing.assert_close(torch.zeros(B, n).scatter_add(1, lat.indices, lat.values), dense)
+
+
+def test_sparse_decode_matches_dense():
+    x, f, W, b = random_problem()
+    torch.testing.assert_close(sparse_decode(sparse_from_dense(f), W, b), f @ W + b)
+
+
+def test_shape_errors():
+    x, f, W, b = random_problem(n=N)
+    with pytest.raises(ValueError, match="prefix weights cover"):
+        prefix_mse(x, sparse_from_dense(f), W, b, PrefixWeights.every_prefix(N + 1))
+    with pytest.raises(ValueError, match="shape mismatch"):
+        prefix_mse(x[:, :3], sparse_from_dense(f), W, b, WEIGHTS["every"])

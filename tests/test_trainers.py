@@ -1,0 +1,253 @@
+"""Trainer behaviour against dictionary_learning's own trainer and exact references."""
+
+import inspect
+
+import pytest
+import torch
+from dictionary_learning.trainers.matryoshka_batch_top_k import MatryoshkaBatchTopKTrainer as Upstream
+from test_prefix_loss import brute_force
+
+import matryoshka_plugin.trainers.matryoshka_log_sparsity as log_module
+from matryoshka_plugin import (
+    ActivationError,
+    MatryoshkaBatchTopKTrainer,
+    MatryoshkaLogSparsityTrainer,
+    PrefixWeights,
+    TrainingError,
+)
+from matryoshka_plugin.sparsity import L0Controller
+
+D, N = 16, 64
+FRACTIONS = [1 / 8, 1 / 4, 5 / 8]
+
+
+def btk(**kw):
+    base = dict(steps=50, activation_dim=D, dict_size=N, k=4, layer=0, lm_name="toy",
+                group_fractions=FRACTIONS, warmup_steps=5, device="cpu", seed=0)
+    return MatryoshkaBatchTopKTrainer(**{**base, **kw})
+
+
+def lst(**kw):
+    base = dict(steps=50, activation_dim=D, dict_size=N, target_l0=4, warmup_steps=5, device="cpu", seed=0)
+    return MatryoshkaLogSparsityTrainer(**{**base, **kw})
+
+
+def data(B=64, seed=0):
+    return torch.randn(B, D, generator=torch.Generator().manual_seed(seed))
+
+
+def test_accepts_every_upstream_keyword():
+    params = inspect.signature(Upstream.__init__).parameters
+    values = dict(steps=100, activation_dim=D, dict_size=N, k=3, layer=7, lm_name="google/gemma-2-2b",
+                  group_fractions=[0.25, 0.75], group_weights=[1.0, 2.0], lr=1e-3, auxk_alpha=0.05,
+                  warmup_steps=10, decay_start=80, threshold_beta=0.99, threshold_start_step=20, seed=3,
+                  device="cpu", wandb_name="w", submodule_name="model.layers.7")
+    missing = set(params) - set(values) - {"self", "dict_class"}
+    assert not missing, f"test does not cover upstream keywords {missing}"
+    tr = MatryoshkaBatchTopKTrainer(**values)
+    cfg = tr.config
+    for key in values:
+        if key not in ("seed", "device"):
+            assert cfg[key] == values[key], key
+    assert cfg["dict_class"] == "MatryoshkaBatchTopKSAE" and cfg["package"] == "matryoshka_plugin"
+    assert tr.group_sizes == Upstream(**values).group_sizes
+
+
+@pytest.mark.parametrize("weights", [None, [0.5, 1.0, 2.0]])
+def test_group_loss_and_gradients_match_upstream(weights):
+    ours = btk(group_weights=weights, auxk_alpha=0.0)
+    up = Upstream(steps=50, activation_dim=D, dict_size=N, k=4, layer=0, lm_name="toy", group_fractions=FRACTIONS,
+                  group_weights=weights, warmup_steps=5, device="cpu", auxk_alpha=0.0)
+    up.ae.load_state_dict(ours.ae.state_dict())
+    x = data()
+    G = len(FRACTIONS)
+    w = weights or [1 / G] * G
+    l_ours = ours.loss(x, step=0)
+    l_up = up.loss(x, step=0)
+    # Ours is the weighted mean of group MSEs; upstream averages w_g * MSE_g over groups.
+    factor = G / sum(w)
+    assert float(l_ours) == pytest.approx(float(l_up) * factor, rel=1e-5)
+    names = [n for n, _ in up.ae.named_parameters()]
+    assert names == [n for n, _ in ours.ae.named_parameters()]
+    g_ours = torch.autograd.grad(l_ours, list(ours.ae.parameters()))
+    g_up = torch.autograd.grad(l_up * factor, list(up.ae.parameters()))
+    for name, a, b in zip(names, g_ours, g_up):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_every_prefix_mode_matches_brute_force():
+    tr = btk(prefix_mode="every", group_fractions=None, auxk_alpha=0.0)
+    x = data()
+    with torch.no_grad():
+        f = tr.ae.encode(x, use_threshold=False)
+        ref = brute_force(x, f, tr.ae.W_dec, tr.ae.b_dec, PrefixWeights.every_prefix(N))
+        assert float(tr.loss(x, step=0)) == pytest.approx(float(ref), rel=1e-5)
+
+
+def test_logging_changes_no_state():
+    tr = btk(threshold_start_step=0, prefix_mode="pareto", group_fractions=None)
+    for s in range(3):
+        tr.update(s, data(seed=s))
+    before = (float(tr.ae.threshold), tr.num_tokens_since_fired.clone(), tr.generator.get_state().clone())
+    out = tr.loss(data(seed=9), step=10, logging=True)
+    assert set(out.losses) >= {"l2_loss", "auxk_loss", "loss"} and out.f.shape == (64, N)
+    assert float(tr.ae.threshold) == before[0]
+    assert torch.equal(tr.num_tokens_since_fired, before[1])
+    assert torch.equal(tr.generator.get_state(), before[2])
+    ls = lst()
+    ls.update(0, data())
+    coeff, ema, norm = ls.controller.coefficient, ls.contribution_ema.clone(), float(ls.ae.input_norm)
+    gen = ls.generator.get_state().clone()
+    out = ls.loss(data(seed=3), step=1, logging=True)
+    assert out.x_hat.shape == (64, D) and "sparsity_loss" in out.losses
+    assert ls.controller.coefficient == coeff and float(ls.ae.input_norm) == norm
+    assert torch.equal(ls.contribution_ema, ema) and torch.equal(ls.generator.get_state(), gen)
+
+
+def test_effective_l0_is_measured_and_threshold_tracks_k():
+    tr = btk(threshold_start_step=0, threshold_beta=0.5)
+    for s in range(10):
+        tr.update(s, data(seed=s))
+    with torch.no_grad():
+        f = tr.ae.encode(data(seed=9), use_threshold=False)
+    assert 0 < tr.effective_l0 <= tr.k
+    assert float((f > 0).sum(1).float().mean()) <= tr.k
+    assert tr.threshold_l0 > 0
+    assert tr.num_tokens_since_fired.device == tr.ae.W_enc.device
+
+
+def test_bf16_activations_train():
+    tr = btk()
+    for s in range(3):
+        loss = tr.update(s, data(seed=s).bfloat16())
+        assert loss == loss  # finite, no dtype crash on b_dec initialisation
+    assert tr.ae.b_dec.dtype == torch.float32
+
+
+def test_short_training_never_encodes_densely():
+    tr = btk(steps=20, threshold_start_step=1000)
+    for s in range(20):
+        tr.update(s, data(seed=s))
+    assert float(tr.ae.threshold) < 0
+    f = tr.ae.encode(data(seed=99))
+    assert int((f != 0).sum()) <= tr.k * 64
+
+
+@pytest.mark.parametrize("make", [btk, lst])
+def test_bad_activations_name_problem_and_step(make):
+    tr = make()
+    tr.update(0, data())
+    bad = data()
+    bad[3, 5] = float("nan")
+    with pytest.raises(ActivationError, match=r"non-finite activations at step 1: 1 NaN.*row 3, dim 5"):
+        tr.update(1, bad)
+    bad[3, 5] = float("inf")
+    with pytest.raises(ActivationError, match="1 Inf"):
+        tr.update(1, bad)
+    with pytest.raises(ActivationError, match=f"dimension mismatch at step 2: the SAE expects {D}, got 8"):
+        tr.update(2, torch.randn(64, 8))
+    with pytest.raises(ActivationError, match="must have shape"):
+        tr.update(2, torch.randn(4, 64, D))
+
+
+@pytest.mark.parametrize("make", [btk, lst])
+def test_non_finite_loss_raises_and_leaves_sae_untouched(make):
+    # (the log-sparsity SAE rescales its input, so huge inputs only overflow without that)
+    tr = make(normalize_input=False) if make is lst else make()
+    for s in range(3):
+        tr.update(s, data(seed=s))
+    state = {k: v.clone() for k, v in tr.ae.state_dict().items()}
+    with pytest.raises(TrainingError, match="non-finite loss .* at step 3"):
+        tr.update(3, data() * 1e30)
+    for k, v in tr.ae.state_dict().items():
+        assert torch.equal(v, state[k]), k
+    tr.update(4, data(seed=4))  # training can go on with good data
+
+
+@pytest.mark.parametrize(
+    "kw,match",
+    [
+        (dict(k=0), "k must be"),
+        (dict(k=N + 1), "k must be"),
+        (dict(group_fractions=[0.5, 0.6]), "sum to 1"),
+        (dict(group_fractions=[0.001, 0.999]), "empty"),
+        (dict(group_fractions=None), "group_fractions is required"),
+        (dict(group_weights=[1.0]), "group_weights"),
+        (dict(warmup_steps=50), "warmup_steps"),
+        (dict(decay_start=2), "decay_start"),
+        (dict(prefix_mode="groups", balance_beta=1.5), "beta"),
+        (dict(steps=0), "steps"),
+    ],
+)
+def test_bad_configuration(kw, match):
+    with pytest.raises(ValueError, match=match):
+        btk(**kw)
+
+
+def test_log_sparsity_bad_configuration():
+    with pytest.raises(ValueError, match="sparsity"):
+        lst(sparsity="l0")
+    with pytest.raises(ValueError, match="target_l0"):
+        lst(target_l0=0)
+    with pytest.raises(ValueError, match="unknown prefix mode"):
+        lst(prefix_mode="random")
+
+
+def _train_pair(reorder_a, reorder_b, steps=30):
+    a = lst(prefix_mode="none", reorder_latents=reorder_a, lr=1e-2)
+    b = lst(prefix_mode="none", reorder_latents=reorder_b, lr=1e-2)
+    b.ae.load_state_dict(a.ae.state_dict())
+    for tr in (a, b):
+        tr.ae.double()
+    for s in range(steps):
+        x = data(seed=s).double()
+        a.update(s, x)
+        b.update(s, x)
+    return a, b
+
+
+def test_reordering_permutes_adam_state_with_the_latents():
+    """The plain (no prefix) loss is order-invariant, so reordering must not change training."""
+    plain, reordered = _train_pair(False, True)
+    origin = reordered.latent_origin
+    assert not torch.equal(origin, torch.arange(N))  # the latents did move
+    ema = reordered.contribution_ema
+    assert torch.all(ema[:-1] >= ema[1:])
+    torch.testing.assert_close(reordered.ae.W_dec, plain.ae.W_dec[origin], rtol=1e-9, atol=1e-10)
+    torch.testing.assert_close(reordered.ae.W_enc, plain.ae.W_enc[:, origin], rtol=1e-9, atol=1e-10)
+    torch.testing.assert_close(reordered.ae.b_enc, plain.ae.b_enc[origin], rtol=1e-9, atol=1e-10)
+
+
+def test_reordering_without_permuting_adam_state_diverges(monkeypatch):
+    """Negative control: the reference code's bug (weights only) breaks the equivalence."""
+    real = log_module.permute_latents_
+
+    def weights_only(perm, optimizer, params, statistics=()):
+        real(perm, torch.optim.Adam([torch.zeros(1)]), params, statistics)
+
+    monkeypatch.setattr(log_module, "permute_latents_", weights_only)
+    plain, reordered = _train_pair(False, True)
+    diff = (reordered.ae.W_dec - plain.ae.W_dec[reordered.latent_origin]).abs().max()
+    assert diff > 1e-4
+
+
+def test_input_norm_starts_from_first_batch():
+    tr = lst()
+    x = data() * 5
+    tr.update(0, x)
+    assert float(tr.ae.input_norm) == pytest.approx(float(x.norm(dim=1).mean()), rel=1e-5)
+
+
+def test_controller():
+    c = L0Controller(1.0, target=10, rate=0.1, warmup_steps=4)
+    assert [c.update(s, 100) for s in range(4)] == pytest.approx([0.25, 0.5, 0.75, 1.0])
+    assert c.update(4, 100) == pytest.approx(1.1)  # L0 above target: stronger penalty
+    assert c.update(5, 1) == pytest.approx(1.1 * 0.9)
+    fixed = L0Controller(0.5, target=None, warmup_steps=0)
+    assert fixed.update(10, 1000) == 0.5
+
+
+def test_random_prefixes_reproducible_with_seed():
+    a, b = btk(prefix_mode="pareto", group_fractions=None), btk(prefix_mode="pareto", group_fractions=None)
+    for s in range(5):
+        assert a.update(s, data(seed=s)) == b.update(s, data(seed=s))
