@@ -54,10 +54,13 @@ def cycle(items):
 
 
 def low_rank_stream(d: int = 24, n_true: int = 96, batch: int = 256, density: float = 0.04, seed: int = 0):
-    """Endless batches of sparse combinations of fixed random directions (learnable by an SAE)."""
-    gen = torch.Generator().manual_seed(seed)
-    dirs = torch.randn(n_true, d, generator=gen)
+    """Endless batches of sparse combinations of fixed random directions (learnable by an SAE).
+
+    The directions are the same for every ``seed``; ``seed`` only changes the samples.
+    """
+    dirs = torch.randn(n_true, d, generator=torch.Generator().manual_seed(12345))
     dirs = dirs / dirs.norm(dim=1, keepdim=True)
+    gen = torch.Generator().manual_seed(seed)
     while True:
         on = (torch.rand(batch, n_true, generator=gen) < density).float()
         mags = 0.5 + torch.rand(batch, n_true, generator=gen)

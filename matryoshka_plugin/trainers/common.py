@@ -75,7 +75,7 @@ class MatryoshkaTrainerBase(SAETrainer):
             where = f" at step {step}" if step is not None else ""
             detail = ", ".join(f"{k}={v:.4g}" for k, v in parts.items())
             raise TrainingError(
-                f"non-finite loss {float(loss)}{where} ({detail}); the SAE was not updated. "
+                f"non-finite loss {loss.item()}{where} ({detail}); the SAE was not updated. "
                 "Lower the learning rate or check the activations' scale."
             )
 

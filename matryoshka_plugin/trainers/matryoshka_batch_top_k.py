@@ -151,7 +151,7 @@ class MatryoshkaBatchTopKTrainer(MatryoshkaTrainerBase):
         since, dead = self._dead_mask(latents)
         auxk, pre_norm_auxk = self._auxk_loss(recon.residual, post_relu, dead)
         loss = recon.loss + self.auxk_alpha * auxk
-        parts = {"l2_loss": float(recon.loss), "auxk_loss": float(auxk)}
+        parts = {"l2_loss": recon.loss.item(), "auxk_loss": auxk.item()}
         self._check_loss(loss, step, parts)
         stats = {"since": since, "dead": dead, "pre_norm_auxk": pre_norm_auxk}
         return loss, latents, recon, post_relu, parts, stats
@@ -168,7 +168,7 @@ class MatryoshkaBatchTopKTrainer(MatryoshkaTrainerBase):
         f = torch.zeros(x.shape[0], self.ae.dict_size, device=x.device, dtype=x.dtype)
         f.scatter_add_(1, latents.indices, latents.values.detach())
         x_hat = x - recon.residual
-        return LossLog(x, x_hat, f, {**parts, "loss": float(loss)})
+        return LossLog(x, x_hat, f, {**parts, "loss": loss.item()})
 
     # -- one optimisation step ----------------------------------------------------------------
 
@@ -210,7 +210,7 @@ class MatryoshkaBatchTopKTrainer(MatryoshkaTrainerBase):
         self.scheduler.step()
         with torch.no_grad():
             W.div_(W.norm(dim=1, keepdim=True).clamp_min(torch.finfo(W.dtype).eps))
-        return float(loss)
+        return loss.item()
 
     @property
     def config(self) -> dict:

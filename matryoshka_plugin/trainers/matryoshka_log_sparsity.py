@@ -155,7 +155,7 @@ class MatryoshkaLogSparsityTrainer(MatryoshkaTrainerBase):
 
     def _total(self, recon, penalty, coefficient: float, step: int | None):
         loss = recon.loss + coefficient * penalty
-        parts = {"mse_loss": float(recon.loss), "sparsity_loss": float(penalty)}
+        parts = {"mse_loss": recon.loss.item(), "sparsity_loss": penalty.item()}
         self._check_loss(loss, step, parts)
         return loss, parts
 
@@ -173,7 +173,7 @@ class MatryoshkaLogSparsityTrainer(MatryoshkaTrainerBase):
         with torch.no_grad():
             f = self.ae.encode(x)
             x_hat = self.ae.decode(f)
-        return LossLog(x, x_hat, f, {**parts, "loss": float(loss), "sparsity_coefficient": coefficient})
+        return LossLog(x, x_hat, f, {**parts, "loss": loss.item(), "sparsity_coefficient": coefficient})
 
     # -- one optimisation step ----------------------------------------------------------------
 
@@ -222,7 +222,7 @@ class MatryoshkaLogSparsityTrainer(MatryoshkaTrainerBase):
         self.scheduler.step()
         if perm is not None:
             self.reorder(perm)
-        return float(loss)
+        return loss.item()
 
     @torch.no_grad()
     def reorder(self, perm: torch.Tensor) -> None:

@@ -1,0 +1,140 @@
+"""End to end: dictionary_learning's real trainSAE with both trainers, on a tensor stream and on
+its ActivationBuffer over a locally built nnsight LanguageModel."""
+
+import itertools
+import json
+
+import pytest
+import torch
+from conftest import cycle, low_rank_stream
+from dictionary_learning.buffer import ActivationBuffer
+from dictionary_learning.training import trainSAE
+
+from matryoshka_plugin import (
+    ActivationError,
+    MatryoshkaBatchTopKSAE,
+    MatryoshkaBatchTopKTrainer,
+    MatryoshkaLogSparsitySAE,
+    MatryoshkaLogSparsityTrainer,
+    load_dictionary,
+)
+
+
+class Captured:
+    """Mixin recording trainer instances that trainSAE creates (it does not return them)."""
+
+    instances: list = []
+    snapshot_step: int | None = None
+
+    def __init__(self, *a, **kw):
+        super().__init__(*a, **kw)
+        type(self).instances.append(self)
+        self.initial_state = {k: v.clone() for k, v in self.ae.state_dict().items()}
+        self.snapshots = {}
+
+    def update(self, step, x):
+        if step == type(self).snapshot_step:
+            self.snapshots[step] = {k: v.clone() for k, v in self.ae.state_dict().items()}
+        return super().update(step, x)
+
+
+class CapturedBTK(Captured, MatryoshkaBatchTopKTrainer):
+    instances = []
+
+
+class CapturedLS(Captured, MatryoshkaLogSparsityTrainer):
+    instances = []
+
+
+def fvu(sae, x):
+    with torch.no_grad():
+        return float((x - sae(x)).pow(2).sum() / (x - x.mean(0)).pow(2).sum())
+
+
+def l0(sae, x):
+    with torch.no_grad():
+        return float((sae.encode(x) != 0).float().sum(-1).mean())
+
+
+def configs(d, steps, k=6, **extra):
+    btk = dict(trainer=CapturedBTK, steps=steps, activation_dim=d, dict_size=4 * d, k=k, layer=1, lm_name="tiny-gpt2",
+               group_fractions=[1 / 8, 1 / 4, 5 / 8], lr=5e-3, warmup_steps=10, threshold_start_step=20,
+               threshold_beta=0.9, device="cpu", seed=0, **extra)
+    ls = dict(trainer=CapturedLS, steps=steps, activation_dim=d, dict_size=4 * d, layer=1, lm_name="tiny-gpt2",
+              target_l0=k, controller_rate=2e-2, controller_warmup_fraction=0.1, sparsity_coeff=0.05, lr=1e-2,
+              warmup_steps=10, device="cpu", seed=0, **extra)
+    return [btk, ls]
+
+
+def check_run(save_dir, held_out, k):
+    btk, ls = CapturedBTK.instances[-1], CapturedLS.instances[-1]
+    for i, (trainer, cls) in enumerate([(btk, MatryoshkaBatchTopKSAE), (ls, MatryoshkaLogSparsitySAE)]):
+        folder = save_dir / f"trainer_{i}"
+        cfg = json.loads((folder / "config.json").read_text())
+        assert cfg["trainer"]["package"] == "matryoshka_plugin"
+        ae, loaded_cfg = load_dictionary(folder)
+        assert isinstance(ae, cls) and loaded_cfg == cfg
+        with torch.no_grad():
+            torch.testing.assert_close(ae(held_out), trainer.ae(held_out))
+            torch.testing.assert_close(ae.encode(held_out), trainer.ae.encode(held_out))
+        fresh = cls(*([ae.activation_dim, ae.dict_size] + ([k, trainer.group_sizes] if cls is MatryoshkaBatchTopKSAE else [])))
+        fresh.load_state_dict(trainer.initial_state)
+        before, after = fvu(fresh, held_out), fvu(ae, held_out)
+        # (the ReLU SAE starts dense, so its starting FVU is already low at a far higher L0)
+        assert after < 0.75 * before and after < 0.6, (cls.__name__, before, after)
+        assert 0.6 * k <= l0(ae, held_out) <= 1.5 * k, (cls.__name__, l0(ae, held_out))
+    assert 0.8 * k <= btk.effective_l0 <= k
+    return btk, ls
+
+
+def test_trainsae_on_tensor_stream(tmp_path):
+    d, steps, k = 24, 300, 6
+    trainSAE(data=low_rank_stream(d=d), trainer_configs=configs(d, steps, k), steps=steps,
+             save_dir=str(tmp_path), save_steps=[100], device="cpu", log_steps=100, verbose=True)
+    for i in range(2):
+        assert (tmp_path / f"trainer_{i}" / "checkpoints" / "ae_100.pt").is_file()
+    held_out = next(low_rank_stream(d=d, batch=2048, seed=123))
+    check_run(tmp_path, held_out, k)
+
+
+def test_trainsae_on_activation_buffer_over_nnsight_model(tiny_lm, tmp_path):
+    lm, texts = tiny_lm
+    submodule = lm.transformer.h[1]
+    d, steps, k = lm._model.config.n_embd, 250, 6
+
+    def buffer(seed):
+        rng_texts = texts[seed * 500 :] + texts[: seed * 500]
+        return ActivationBuffer(cycle(rng_texts), lm, submodule, d_submodule=d, io="out", n_ctxs=64,
+                                ctx_len=32, refresh_batch_size=32, out_batch_size=128, device="cpu")
+
+    train_buf = buffer(0)
+    trainSAE(data=train_buf, trainer_configs=configs(d, steps, k, submodule_name="transformer.h.1"),
+             steps=steps, save_dir=str(tmp_path), device="cpu")
+    cfg = json.loads((tmp_path / "trainer_0" / "config.json").read_text())
+    assert cfg["buffer"]["d_submodule"] == d and cfg["trainer"]["submodule_name"] == "transformer.h.1"
+    held_out = torch.cat(list(itertools.islice(buffer(3), 16)))
+    check_run(tmp_path, held_out, k)
+
+
+def test_failure_mid_run_keeps_written_checkpoints(tmp_path):
+    d = 24
+    CapturedBTK.snapshot_step = CapturedLS.snapshot_step = 5
+
+    def poisoned():
+        for step, x in enumerate(low_rank_stream(d=d)):
+            if step == 8:
+                x[2, 3] = float("nan")
+            yield x
+
+    try:
+        with pytest.raises(ActivationError, match="at step 8"):
+            trainSAE(data=poisoned(), trainer_configs=configs(d, 50), steps=50, save_dir=str(tmp_path),
+                     save_steps=[5], device="cpu")
+    finally:
+        CapturedBTK.snapshot_step = CapturedLS.snapshot_step = None
+    btk = CapturedBTK.instances[-1]
+    ae, _ = load_dictionary(tmp_path / "trainer_0", checkpoint=5)
+    for key, value in ae.state_dict().items():
+        torch.testing.assert_close(value, btk.snapshots[5][key])
+    assert json.loads((tmp_path / "trainer_1" / "config.json").read_text())["trainer"]["target_l0"] == 6
+    assert not (tmp_path / "trainer_0" / "ae.pt").exists()
