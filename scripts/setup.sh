@@ -9,8 +9,10 @@
 # the newest CUDA torch, and the registry's torchvision is built against CUDA torch,
 # which breaks `import transformers` next to a CPU torch. Nothing this project uses
 # imports torchvision, so on CPU it is constrained away and removed.
-# With a GPU (nvidia-smi works) the default CUDA build of torch is installed and
-# torchvision is kept. Override the torch requirement with TORCH_SPEC, and point pip
+# On Python 3.11 the CPU set-up installs the verified set in requirements/cpu-py311.txt
+# without resolution (USE_LOCK=0 resolves instead); elsewhere it resolves and then removes
+# torchvision and nvidia-* wheels. With a GPU (nvidia-smi works) the default CUDA build of
+# torch is installed and torchvision is kept. Override the torch requirement with TORCH_SPEC, and point pip
 # at another index for it with TORCH_INDEX_URL (for example
 # https://download.pytorch.org/whl/cpu or https://download.pytorch.org/whl/cu124).
 set -euo pipefail
@@ -49,12 +51,31 @@ CONSTRAINTS=$(mktemp)
 trap 'rm -f "$CONSTRAINTS"' EXIT
 echo "torch==$TORCH_VERSION" > "$CONSTRAINTS"
 
-echo "[setup] installing matryoshka_plugin and its dependencies (torch $TORCH_VERSION)"
-"$PY" -m pip install --quiet -c "$CONSTRAINTS" "${TORCH_ARGS[@]}" -e ".[test]"
+LOCK=requirements/cpu-py311.txt
+PY_VERSION=$("$PY" -c "import sys; print(f'{sys.version_info[0]}.{sys.version_info[1]}')")
+installed=0
+if [ "$HAS_GPU" = 0 ] && [ "$PY_VERSION" = 3.11 ] && [ "${USE_LOCK:-1}" = 1 ] && [ -f "$LOCK" ]; then
+    # The verified CPU set, without resolution: torchvision and the nvidia-nccl wheel that
+    # xgboost (via sae-probes) asks for are never downloaded.
+    echo "[setup] installing the verified CPU dependency set ($LOCK)"
+    if "$PY" -m pip install --quiet --no-deps -r "$LOCK" && "$PY" -m pip install --quiet --no-deps -e .; then
+        installed=1
+    else
+        echo "[setup] the locked set did not install here; resolving dependencies instead"
+    fi
+fi
+if [ "$installed" = 0 ]; then
+    echo "[setup] installing matryoshka_plugin and its dependencies (torch $TORCH_VERSION)"
+    "$PY" -m pip install --quiet -c "$CONSTRAINTS" "${TORCH_ARGS[@]}" -e ".[test]"
+fi
 
-if [ "$HAS_GPU" = 0 ] && "$PY" -m pip show torchvision >/dev/null 2>&1; then
-    # See the header: the registry's torchvision is a CUDA build.
-    "$PY" -m pip uninstall --quiet -y torchvision
+if [ "$HAS_GPU" = 0 ]; then
+    # See the header: the registry's torchvision is a CUDA build, and no CUDA library is
+    # needed without a GPU (xgboost runs on CPU without nccl).
+    EXTRA=$("$PY" -m pip list --format=freeze 2>/dev/null | cut -d= -f1 | grep -i -E '^(torchvision|nvidia-.*)$' || true)
+    if [ -n "$EXTRA" ]; then
+        "$PY" -m pip uninstall --quiet -y $EXTRA
+    fi
 fi
 
 "$PY" - <<'PY'
