@@ -80,6 +80,7 @@ def check_run(save_dir, held_out, k):
         fresh = cls(*([ae.activation_dim, ae.dict_size] + ([k, trainer.group_sizes] if cls is MatryoshkaBatchTopKSAE else [])))
         fresh.load_state_dict(trainer.initial_state)
         before, after = fvu(fresh, held_out), fvu(ae, held_out)
+        print(f"{cls.__name__}: held-out L0 {l0(ae, held_out):.2f} (target {k}), FVU {before:.3f} -> {after:.3f}")
         # (the ReLU SAE starts dense, so its starting FVU is already low at a far higher L0)
         assert after < 0.75 * before and after < 0.6, (cls.__name__, before, after)
         assert 0.6 * k <= l0(ae, held_out) <= 1.5 * k, (cls.__name__, l0(ae, held_out))
