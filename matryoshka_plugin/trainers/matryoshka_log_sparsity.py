@@ -17,7 +17,7 @@ from typing import Sequence
 
 import torch
 
-from ..prefix_loss import prefix_mse, sparse_from_dense
+from ..prefix_loss import BACKENDS, prefix_mse, sparse_from_dense
 from ..prefixes import PrefixSampler, group_sizes_from_fractions
 from ..sae import MatryoshkaLogSparsitySAE
 from ..sparsity import SPARSITY_KINDS, L0Controller, sparsity_penalty
@@ -76,6 +76,7 @@ class MatryoshkaLogSparsityTrainer(MatryoshkaTrainerBase):
         device: str | None = None,
         wandb_name: str = "MatryoshkaLogSparsitySAE",
         submodule_name: str | None = None,
+        backend: str = "auto",
     ):
         super().__init__(steps, activation_dim, dict_size, layer, lm_name, seed, device, wandb_name, submodule_name)
         if sparsity not in SPARSITY_KINDS:
@@ -88,6 +89,9 @@ class MatryoshkaLogSparsityTrainer(MatryoshkaTrainerBase):
                 raise ValueError(f"{name} must lie in [0, 1), got {v}")
         if not (0.0 <= controller_warmup_fraction < 1.0):
             raise ValueError(f"controller_warmup_fraction must lie in [0, 1), got {controller_warmup_fraction}")
+        if backend not in BACKENDS:
+            raise ValueError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
+        self.backend = backend
         self.group_fractions = None if group_fractions is None else [float(f) for f in group_fractions]
         group_sizes = None
         if self.group_fractions is not None:
@@ -148,7 +152,7 @@ class MatryoshkaLogSparsityTrainer(MatryoshkaTrainerBase):
         """Activations, their magnitudes, the prefix reconstruction and the sparsity term."""
         a = self.ae.raw_encode(x_scaled)
         weights = self.prefixes.sample(self.generator) if training else self.prefixes.expected()
-        recon = prefix_mse(x_scaled, sparse_from_dense(a), self.ae.W_dec, self.ae.b_dec, weights)
+        recon = prefix_mse(x_scaled, sparse_from_dense(a), self.ae.W_dec, self.ae.b_dec, weights, backend=self.backend)
         magnitudes = a * self.ae.W_dec.norm(dim=1)
         penalty = sparsity_penalty(magnitudes, weights.tail().to(a.device), self.sparsity, self.log_eps)
         return a, magnitudes, recon, penalty
@@ -267,6 +271,7 @@ class MatryoshkaLogSparsityTrainer(MatryoshkaTrainerBase):
             "decay_fraction": self.decay_fraction,
             "end_lr_factor": self.end_lr_factor,
             "grad_clip": self.grad_clip,
+            "backend": self.backend,
             "loss_convention": "weighted mean of prefix MSEs on input scaled to norm sqrt(d)",
             **self._metadata(),
         }
