@@ -196,17 +196,22 @@ class _FusedPrefixMSE(torch.autograd.Function):
             G0 if need_x else None,
         )
         ctx.mark_non_differentiable(resid)
+        ctx.used = False
         loss = torch.tensor(float(loss_tok.sum()) / batch, dtype=x.dtype)
         return loss, resid
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_resid):
+        if ctx.used:
+            raise RuntimeError("the fused prefix loss supports one backward pass (no retain_graph)")
+        ctx.used = True
         gvals, dW, g0sum, G0 = ctx.saved_tensors
         s = ctx.scale * grad_loss
         g_x = -s * G0 if G0 is not None else None
         g_b = s * g0sum if g0sum is not None else None
         g_v = s * gvals if gvals is not None else None
-        g_w = s * dW if dW is not None else None
+        # Scale the [n, d] gradient in place: a second copy would double the peak memory.
+        g_w = dW.mul_(s) if dW is not None else None
         return g_x, g_b, g_v, None, None, g_w, None, None, None
 
 

@@ -17,7 +17,7 @@ Two implementations share this module's entry point :func:`prefix_mse`:
 * ``"torch"``: plain tensor operations over a padded ``[rows, K, d]`` layout, in chunks.
   It runs on any device and dtype and is the reference the fast kernels are tested against.
 * ``"fused"``: one pass per token that accumulates the loss and all gradients without a
-  ``[B, K, d]`` tensor (``kernels.py``: numba on CPU).
+  ``[B, K, d]`` tensor (``kernels.py``: numba on CPU; ``kernels_triton.py``: Triton on CUDA).
 """
 
 from __future__ import annotations
@@ -224,13 +224,13 @@ def resolve_backend(backend: str, *tensors: torch.Tensor) -> str:
         backend = os.environ.get("MATRYOSHKA_BACKEND", "auto")
         if backend not in BACKENDS:
             raise ValueError(f"MATRYOSHKA_BACKEND={backend!r} is not one of {BACKENDS}")
-    from . import kernels
+    from . import kernels, kernels_triton
 
-    supported = kernels.fused_supported(*tensors)
+    supported = kernels.fused_supported(*tensors) or kernels_triton.triton_supported(*tensors)
     if backend == "fused" and not supported:
         raise ValueError(
-            "no fused kernel for these tensors (CPU needs numba and float32/float64 tensors); "
-            "use backend='torch'"
+            "no fused kernel for these tensors (CPU needs numba and float32/float64, CUDA needs "
+            "triton and float32/bfloat16/float16); use backend='torch'"
         )
     if backend == "auto":
         return "fused" if supported else "torch"
@@ -269,9 +269,14 @@ def prefix_mse(
     x = x.to(W_dec.dtype)
     latents = latents._replace(values=latents.values.to(W_dec.dtype))
     if resolve_backend(backend, x, W_dec, b_dec) == "fused":
-        from .kernels import fused_prefix_mse
+        if x.device.type == "cuda":
+            from .kernels_triton import triton_prefix_mse
 
-        loss, residual = fused_prefix_mse(x, latents, W_dec, b_dec, cum, chunk_elements)
+            loss, residual = triton_prefix_mse(x, latents, W_dec, b_dec, cum)
+        else:
+            from .kernels import fused_prefix_mse
+
+            loss, residual = fused_prefix_mse(x, latents, W_dec, b_dec, cum, chunk_elements)
     else:
         loss, residual = _torch_prefix_mse(x, latents, W_dec, b_dec, cum, chunk_elements)
     return PrefixLoss(loss, residual)

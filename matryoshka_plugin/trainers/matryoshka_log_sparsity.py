@@ -25,6 +25,7 @@ from .common import (
     LossLog,
     MatryoshkaTrainerBase,
     check_positive,
+    make_adam,
     permute_latents_,
     warmup_stable_decay_schedule,
 )
@@ -127,7 +128,7 @@ class MatryoshkaLogSparsityTrainer(MatryoshkaTrainerBase):
         self.warmup_steps, self.decay_fraction, self.end_lr_factor = int(warmup_steps), float(decay_fraction), float(end_lr_factor)
 
         self.ae = dict_class(activation_dim, dict_size).to(self.device)
-        self.optimizer = torch.optim.Adam(self.ae.parameters(), lr=self.lr, betas=self.betas)
+        self.optimizer = make_adam(self.ae.parameters(), self.lr, self.betas)
         schedule = warmup_stable_decay_schedule(self.steps, self.warmup_steps, self.decay_fraction, self.end_lr_factor)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda=schedule)
 
