@@ -413,7 +413,7 @@ def _check_out_dir(out_dir: Path, overwrite: bool) -> None:
     if out_dir.exists() and not out_dir.is_dir():
         raise FileExistsError(f"{out_dir} exists and is not a folder")
     if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
-        raise FileExistsError(f"{out_dir} already exists and is not empty; pass overwrite=True to replace it")
+        raise FileExistsError(f"{out_dir} already exists and is not empty; pass overwrite=True (--overwrite) to replace it")
 
 
 def _publish_dir(tmp: Path, out_dir: Path) -> None:
