@@ -779,7 +779,7 @@ def import_from_saelens(
         except ValueError as e:
             raise CheckpointError(f"cannot import {origin}: {e}") from None
         if not cfg.apply_b_dec_to_input:
-            b_enc = b_enc - b_dec @ W_enc  # our encoder always subtracts b_dec first
+            b_enc = b_enc + b_dec @ W_enc  # our encoder always subtracts b_dec first
         # A negative threshold acts like 0 after the ReLU, and ours must be >= 0 to be used.
         state = {"W_enc": W_enc, "b_enc": b_enc, "W_dec": W_dec, "b_dec": b_dec, "k": out.k,
                  "threshold": thr[0].clamp_min(0.0), "group_sizes": out.group_sizes}
