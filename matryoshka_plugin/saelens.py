@@ -310,10 +310,10 @@ def _threshold_or_raise(ae: torch.nn.Module, trainer_cfg: dict) -> float:
     if not math.isfinite(thr) or thr < 0:
         start = trainer_cfg.get("threshold_start_step", "threshold_start_step")
         raise CheckpointError(
-            f"this {type(ae).__name__} has no inference threshold yet (threshold={thr}): it was trained for "
-            f"{trainer_cfg.get('steps', '?')} steps, not more than threshold_start_step={start}, so it can "
-            "only encode by BatchTopK over a whole batch, which SAELens cannot represent per token. "
-            "Train past threshold_start_step (or export a later checkpoint)."
+            f"this {type(ae).__name__} has no inference threshold yet (threshold={thr}): the threshold is only "
+            f"estimated after threshold_start_step={start} and this SAE was trained for {trainer_cfg.get('steps', '?')} "
+            "steps (or saved earlier). Until then it can only encode by BatchTopK over a whole batch, which SAELens "
+            "cannot represent per token. Train past threshold_start_step (or export a later checkpoint)."
         )
     return thr
 
@@ -369,7 +369,7 @@ def _firing_counts(ae: torch.nn.Module, activations: torch.Tensor, chunk: int = 
     counts = torch.zeros(int(ae.dict_size), dtype=torch.float64)
     with torch.no_grad():
         for i in range(0, x.shape[0], chunk):
-            f = ae.encode(x[i : i + chunk].to(_ae_dtype(ae)))
+            f = ae.encode(x[i : i + chunk].to("cpu", _ae_dtype(ae)))
             counts += (f != 0).sum(0).to(torch.float64).cpu()
     return counts, x.shape[0]
 
