@@ -157,9 +157,22 @@ def _token_chunks(offsets: np.ndarray, max_entries: int):
         t0 = t1
 
 
+def _scaled_once(ctx, dW, s):
+    """``s * dW``; with ``consume`` the saved [n, d] buffer is scaled in place instead, which
+    saves a decoder-sized copy but allows only one backward pass (trainers need only one)."""
+    if dW is None:
+        return None
+    if not ctx.consume:
+        return dW * s
+    if ctx.used:
+        raise RuntimeError("this prefix loss was built with consume_grads=True: one backward pass only")
+    ctx.used = True
+    return dW.mul_(s)
+
+
 class _FusedPrefixMSE(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, b_dec, values, indices, offsets, W_dec, cum, n, chunk_elements):
+    def forward(ctx, x, b_dec, values, indices, offsets, W_dec, cum, n, chunk_elements, consume):
         _set_threads()
         batch, d = x.shape
         need_x, need_b, need_v, _, _, need_w = ctx.needs_input_grad[:6]
@@ -196,26 +209,24 @@ class _FusedPrefixMSE(torch.autograd.Function):
             G0 if need_x else None,
         )
         ctx.mark_non_differentiable(resid)
-        ctx.used = False
+        ctx.consume, ctx.used = consume, False
         loss = torch.tensor(float(loss_tok.sum()) / batch, dtype=x.dtype)
         return loss, resid
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_resid):
-        if ctx.used:
-            raise RuntimeError("the fused prefix loss supports one backward pass (no retain_graph)")
-        ctx.used = True
+        if ctx.consume and ctx.used:
+            raise RuntimeError("this prefix loss was built with consume_grads=True: one backward pass only")
         gvals, dW, g0sum, G0 = ctx.saved_tensors
         s = ctx.scale * grad_loss
         g_x = -s * G0 if G0 is not None else None
         g_b = s * g0sum if g0sum is not None else None
         g_v = s * gvals if gvals is not None else None
-        # Scale the [n, d] gradient in place: a second copy would double the peak memory.
-        g_w = dW.mul_(s) if dW is not None else None
-        return g_x, g_b, g_v, None, None, g_w, None, None, None
+        g_w = _scaled_once(ctx, dW, s)
+        return g_x, g_b, g_v, None, None, g_w, None, None, None, None
 
 
-def fused_prefix_mse(x, latents, W_dec, b_dec, cum, chunk_elements):
+def fused_prefix_mse(x, latents, W_dec, b_dec, cum, chunk_elements, consume=False):
     """Fused CPU evaluation of ``prefix_loss.prefix_mse`` (same arguments, same outputs)."""
     return _FusedPrefixMSE.apply(
         x,
@@ -227,4 +238,5 @@ def fused_prefix_mse(x, latents, W_dec, b_dec, cum, chunk_elements):
         cum.double().contiguous(),
         latents.n_latents,
         chunk_elements,
+        consume,
     )

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import torch
 
+from .kernels import _scaled_once
+
 try:
     import triton
     import triton.language as tl
@@ -84,7 +86,7 @@ if HAS_TRITON:
 
 class _TritonPrefixMSE(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, b_dec, values, indices, offsets, W_dec, cum, n, block_d):
+    def forward(ctx, x, b_dec, values, indices, offsets, W_dec, cum, n, block_d, consume):
         batch, d = x.shape
         need_x, need_b, need_v, _, _, need_w = ctx.needs_input_grad[:6]
         want = need_x or need_b or need_v or need_w
@@ -109,25 +111,28 @@ class _TritonPrefixMSE(torch.autograd.Function):
             G0.to(x.dtype) if need_x else None,
         )
         ctx.scale = scale
+        ctx.consume, ctx.used = consume, False
         ctx.mark_non_differentiable(resid)
         loss = (loss_part.double().sum() / batch).to(x.dtype)
         return loss, resid.to(x.dtype)
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_resid):
+        if ctx.consume and ctx.used:
+            raise RuntimeError("this prefix loss was built with consume_grads=True: one backward pass only")
         gvals, dW, g0sum, G0 = ctx.saved_tensors
         g = grad_loss.float()
         # gvals, dW and G0 were scaled by -2/B inside the kernel; G0 was not.
         g_x = (-ctx.scale * g * G0).to(G0.dtype) if G0 is not None else None
         g_b = (ctx.scale * g * g0sum).to(g0sum.dtype) if g0sum is not None else None
         g_v = (g * gvals).to(gvals.dtype) if gvals is not None else None
-        g_w = dW.mul_(g.to(dW.dtype)) if dW is not None else None
-        return g_x, g_b, g_v, None, None, g_w, None, None, None
+        g_w = _scaled_once(ctx, dW, g.to(dW.dtype)) if dW is not None else None
+        return g_x, g_b, g_v, None, None, g_w, None, None, None, None
 
 
-def triton_prefix_mse(x, latents, W_dec, b_dec, cum, block_d: int = 256):
+def triton_prefix_mse(x, latents, W_dec, b_dec, cum, block_d: int = 256, consume: bool = False):
     """Triton evaluation of ``prefix_loss.prefix_mse`` (same arguments and outputs)."""
     return _TritonPrefixMSE.apply(
         x, b_dec, latents.values, latents.indices, latents.offsets, W_dec,
-        cum.double().contiguous(), latents.n_latents, block_d,
+        cum.double().contiguous(), latents.n_latents, block_d, consume,
     )

@@ -245,6 +245,7 @@ def prefix_mse(
     weights: PrefixWeights,
     chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
     backend: str = "auto",
+    consume_grads: bool = False,
 ) -> PrefixLoss:
     """Matryoshka reconstruction loss over the prefixes ``weights`` describes.
 
@@ -257,6 +258,9 @@ def prefix_mse(
         weights: prefix weights over ``m = 0..n``.
         chunk_elements: size of one working tensor; only memory changes.
         backend: ``"auto"`` (fused kernel where available), ``"fused"`` or ``"torch"``.
+        consume_grads: let the fused kernels hand their decoder-gradient buffer to autograd
+            without a copy (saves one ``[n, d]`` tensor at the peak); the loss then supports a
+            single backward pass, as in a training step.
     """
     n = latents.n_latents
     if weights.n != n:
@@ -272,11 +276,11 @@ def prefix_mse(
         if x.device.type == "cuda":
             from .kernels_triton import triton_prefix_mse
 
-            loss, residual = triton_prefix_mse(x, latents, W_dec, b_dec, cum)
+            loss, residual = triton_prefix_mse(x, latents, W_dec, b_dec, cum, consume=consume_grads)
         else:
             from .kernels import fused_prefix_mse
 
-            loss, residual = fused_prefix_mse(x, latents, W_dec, b_dec, cum, chunk_elements)
+            loss, residual = fused_prefix_mse(x, latents, W_dec, b_dec, cum, chunk_elements, consume_grads)
     else:
         loss, residual = _torch_prefix_mse(x, latents, W_dec, b_dec, cum, chunk_elements)
     return PrefixLoss(loss, residual)

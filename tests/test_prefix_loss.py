@@ -147,3 +147,16 @@ def test_shape_errors():
         prefix_mse(x, sparse_from_dense(f), W, b, PrefixWeights.every_prefix(N + 1))
     with pytest.raises(ValueError, match="shape mismatch"):
         prefix_mse(x[:, :3], sparse_from_dense(f), W, b, WEIGHTS["every"])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_consume_grads_allows_exactly_one_backward(backend):
+    x, f, W, b = random_problem(n=N)
+    w = WEIGHTS["groups"]
+    ref = torch.autograd.grad(prefix_mse(x, sparse_from_dense(f), W, b, w, backend="torch").loss, [W])[0]
+    out = prefix_mse(x, sparse_from_dense(f), W, b, w, backend=backend, consume_grads=True)
+    out.loss.backward(retain_graph=True)
+    torch.testing.assert_close(W.grad, ref)
+    if backend == "fused":
+        with pytest.raises(RuntimeError, match="one backward pass"):
+            out.loss.backward()

@@ -157,7 +157,9 @@ class MatryoshkaBatchTopKTrainer(MatryoshkaTrainerBase):
     def _forward(self, x: torch.Tensor, step: int | None, training: bool):
         latents, post_relu = self.ae.encode_training(x, self.backend)
         weights = self.prefixes.sample(self.generator) if training else self.prefixes.expected()
-        recon = prefix_mse(x, latents, self.ae.W_dec, self.ae.b_dec, weights, backend=self.backend)
+        recon = prefix_mse(
+            x, latents, self.ae.W_dec, self.ae.b_dec, weights, backend=self.backend, consume_grads=training
+        )
         since, dead = self._dead_mask(latents)
         auxk, pre_norm_auxk = self._auxk_loss(x, recon.residual, post_relu, dead)
         loss = recon.loss + self.auxk_alpha * auxk

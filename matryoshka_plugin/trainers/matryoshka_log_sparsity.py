@@ -153,7 +153,10 @@ class MatryoshkaLogSparsityTrainer(MatryoshkaTrainerBase):
         """Activations, their magnitudes, the prefix reconstruction and the sparsity term."""
         a = self.ae.raw_encode(x_scaled)
         weights = self.prefixes.sample(self.generator) if training else self.prefixes.expected()
-        recon = prefix_mse(x_scaled, sparse_from_dense(a), self.ae.W_dec, self.ae.b_dec, weights, backend=self.backend)
+        recon = prefix_mse(
+            x_scaled, sparse_from_dense(a), self.ae.W_dec, self.ae.b_dec, weights,
+            backend=self.backend, consume_grads=training,
+        )
         magnitudes = a * self.ae.W_dec.norm(dim=1)
         penalty = sparsity_penalty(magnitudes, weights.tail().to(a.device), self.sparsity, self.log_eps)
         return a, magnitudes, recon, penalty
