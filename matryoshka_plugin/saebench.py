@@ -101,7 +101,11 @@ __all__ = [
     "result_path",
     "read_result",
     "collect_results",
+    "remove_results",
     "flatten_metrics",
+    "headline_row",
+    "default_llm_settings",
+    "prepare_sae",
 ]
 
 EVAL_NAMES = ("core", "absorption", "sparse_probing", "scr", "tpp")
@@ -583,6 +587,17 @@ def result_path(output_dir: str | Path, name: str, eval_name: str) -> Path:
 
 def _not_evaluated_path(output_dir: str | Path, name: str) -> Path:
     return Path(output_dir) / "absorption" / f"{name}{_NOT_EVALUATED_SUFFIX}"
+
+
+def remove_results(output_dir: str | Path, name: str) -> list[Path]:
+    """Delete every eval result of SAE ``name`` (e.g. after retraining it); returns what was removed."""
+    removed = []
+    for ev in EVAL_NAMES:
+        for p in (result_path(output_dir, name, ev), _not_evaluated_path(output_dir, name)):
+            if p.is_file():
+                p.unlink()
+                removed.append(p)
+    return removed
 
 
 def flatten_metrics(eval_result_metrics: Mapping[str, Any], prefix: str = "") -> dict[str, float]:
