@@ -53,7 +53,7 @@ class ConfigError(ValueError):
 @dataclass
 class ModelConfig:
     name: str = "google/gemma-2-2b"  # Hugging Face id (nnsight, training)
-    tl_name: str | None = None  # TransformerLens name (SAEBench); default: derived from name
+    tl_name: str | None = "gemma-2-2b"  # TransformerLens name (SAEBench); None: derived from name
     layer: int = 12
     submodule: str = "model.layers.12"  # attribute path in the HF model (nnsight LanguageModel)
     io: str = "out"  # ActivationBuffer io: the module's output = residual stream after the layer
