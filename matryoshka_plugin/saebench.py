@@ -1014,12 +1014,10 @@ def run_saebench(
                 pending.append(ev)
         todo.append((ref, pending))
 
-    # Export trainer folders (cheap; surfaces unusable checkpoints before the model is loaded).
-    prepared = [prepare_sae(ref, output_dir / "saelens") for ref in refs]
+    # Export the trainer folders that still have evals to run (surfaces unusable checkpoints, e.g. a
+    # BatchTopK SAE without an inference threshold, before the model is loaded).
+    prepared = [prepare_sae(ref, output_dir / "saelens") if pending else ref for ref, pending in todo]
     run.saes = prepared
-    for (ref, pending), prep in zip(todo, prepared):
-        if prep.d_in is not None and ref.d_in is not None and int(prep.d_in) != int(ref.d_in):
-            raise SAEBenchError(f"{ref.describe()}: exported d_in {prep.d_in} != {ref.d_in}")
     n_jobs = sum(len(p) for _, p in todo)
     if n_jobs == 0:
         return run

@@ -109,6 +109,17 @@ def test_bad_input_is_rejected_before_the_model_is_loaded(trained, tmp_path, no_
     assert not (tmp_path / "core").exists()
 
 
+def test_cli_reports_bad_input(trained, tmp_path, capsys, no_model_loading):
+    from matryoshka_plugin.__main__ import main
+
+    assert main(["saebench", str(tmp_path), f"m={tmp_path / 'missing'}", "--evals", "core"]) == 2
+    assert "no such SAE folder" in capsys.readouterr().err
+    assert main(["saebench", str(tmp_path), f"m={trained['ours']}", "--evals", "cor"]) == 2
+    assert "unknown eval name(s) ['cor']" in capsys.readouterr().err
+    assert main(["saebench", str(tmp_path), f"m={trained['ours']}", "--model-name", "gemma-2-2b"]) == 2
+    assert "model mismatch" in capsys.readouterr().err
+
+
 def test_core_on_trainer_and_exported_folders(trained, tmp_path, no_model_loading):
     """Trainer folders (ours and dictionary_learning's) and an exported SAELens folder go through
     SAEBench's core eval; the export gives the same metrics as its trainer folder."""

@@ -19,7 +19,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--config", default=str(DEFAULT_CONFIG), help="TOML config (default: %(default)s, the paper settings)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config value, e.g. --set training.tokens=10_000_000 --set run_dir='\"runs/x\"'")
+                   help="override a config value (TOML syntax; bare words are strings), e.g. --set training.tokens=10_000_000 "
+                   "--set 'training.widths=[16384]'")
     p.add_argument("--run-dir", help="shortcut for --set run_dir=...")
     p.add_argument("--device", help="shortcut for --set device=...")
     p.add_argument("--dry-run", action="store_true", help="print the plan and the estimates, then stop")

@@ -25,7 +25,6 @@ import gc
 import json
 import os
 import shutil
-import sys
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -61,7 +60,7 @@ class HubModels:
         from nnsight import LanguageModel
 
         return LanguageModel(cfg.model.name, dispatch=True, device_map=cfg.device,
-                             torch_dtype=_TORCH_DTYPES[cfg.model.dtype])
+                             torch_dtype=_TORCH_DTYPES[cfg.model.dtype], tokenizer_kwargs={"padding_side": "right"})
 
     def hooked_transformer(self, cfg: BenchmarkConfig):
         return None  # run_saebench loads it with SAEBench's own call
@@ -209,6 +208,10 @@ def train_group(plan: Plan, group: str, lm: Any, load_dataset: Callable | None, 
         shutil.rmtree(final)  # incomplete (no group.json or a missing ae.pt)
     partial.mkdir(parents=True)
     d, t = cfg.data, cfg.training
+    if d.remove_bos:
+        # ActivationBuffer drops position 0 as the BOS token: with left padding that would be a pad
+        # token (masked anyway) and the real BOS would stay in.
+        lm.tokenizer.padding_side = "right"
     buffer = ActivationBuffer(
         text_stream(cfg, load_dataset), lm, resolve_submodule(lm, cfg.model.submodule), d_submodule=cfg.model.d_model,
         io=cfg.model.io, n_ctxs=int(d.buffer_contexts), ctx_len=d.ctx_len, refresh_batch_size=d.refresh_batch_size,
@@ -231,8 +234,7 @@ def train_group(plan: Plan, group: str, lm: Any, load_dataset: Callable | None, 
             log(f"removed stale result {path}")
 
 
-def _free(obj: Any) -> None:
-    del obj
+def _release_memory() -> None:
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
@@ -271,9 +273,11 @@ def run_benchmark(
             t0 = time.time()
             log(f"[train {i}/{len(todo)}] {group}: {', '.join(s.name for s in plan.groups[group])}")
             train_group(plan, group, lm, load_dataset, log)
+            _release_memory()
             result.trained_groups.append(group)
             log(f"[train {i}/{len(todo)}] {group} done in {(time.time() - t0) / 60:.1f} min")
-        _free(lm)
+        del lm  # the evals load the TransformerLens model instead
+        _release_memory()
 
     available = [s for s in plan.saes if s.source != "train" or plan.group_done(s.group)]
     missing = [s.name for s in plan.saes if s not in available]
