@@ -1039,6 +1039,9 @@ def run_saebench(
                     cfg = configs[ev]
                     artifacts = artifacts_dir / ev / _config_hash(ev, cfg)
                     t0 = time.time()
+                    for stale in (result_path(output_dir, ref.name, ev),
+                                  *([_not_evaluated_path(output_dir, ref.name)] if ev == "absorption" else [])):
+                        stale.unlink(missing_ok=True)  # force=True: never leave an old outcome beside a new one
                     _seed_everything(random_seed)
                     with _grad_mode_restored():
                         if ev == "absorption":

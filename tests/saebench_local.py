@@ -236,12 +236,12 @@ def tiny_models(d_model: int = 64, n_layers: int = 2, vocab_size: int = 400, see
                                     eos_token_id=tokenizer.eos_token_id)).eval()
     with torch.no_grad():
         emb = hf.transformer.wte.weight
-        emb.normal_(0.0, 0.5)
+        emb.normal_(0.0, 0.3)
         if first_letters:
             emb[:, :26] = 0.0
             for token, idx in tokenizer.get_vocab().items():
                 if token[:1].lower() in string.ascii_lowercase:
-                    emb[idx, string.ascii_lowercase.index(token[0].lower())] = 2.0
+                    emb[idx, string.ascii_lowercase.index(token[0].lower())] = 3.0
     tl_cfg = HookedTransformerConfig(
         n_layers=n_layers, d_model=d_model, d_head=d_model // 4, n_heads=4, d_mlp=4 * d_model, d_vocab=n_vocab,
         n_ctx=128, act_fn="gelu_new", normalization_type="LN", model_name=MODEL_NAME,
