@@ -5,11 +5,13 @@
 See ``pipeline.py`` for the steps and ``config.toml`` for the paper settings.
 """
 
+from pathlib import Path
+
 from .config import BenchmarkConfig, ConfigError, load_config
 from .pipeline import BenchmarkResult, HubModels, prepare, run_benchmark
 from .plan import build_plan, estimate
 
-DEFAULT_CONFIG = __import__("pathlib").Path(__file__).with_name("config.toml")
+DEFAULT_CONFIG = Path(__file__).with_name("config.toml")
 
 __all__ = [
     "BenchmarkConfig",
