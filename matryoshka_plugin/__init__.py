@@ -5,6 +5,7 @@
     trainSAE(data=buffer, trainer_configs=[dict(trainer=MatryoshkaBatchTopKTrainer, ...)], ...)
     ae, cfg = matryoshka_plugin.load_dictionary("runs/x/trainer_0")
     matryoshka_plugin.export_to_saelens("runs/x/trainer_0", "saelens/x")  # stock SAELens folder
+    matryoshka_plugin.run_saebench({"x": "runs/x/trainer_0"}, "eval_results")  # SAEBench's evals
 
 Importing the package registers the SAELens architecture ``matryoshka_jumprelu``.
 """
@@ -23,6 +24,7 @@ from .saelens import (
     publish_to_huggingface,
     register_saelens_architecture,
 )
+from .saebench import SAEBenchError, run_saebench
 from .trainers import MatryoshkaBatchTopKTrainer, MatryoshkaLogSparsityTrainer
 
 __version__ = "0.1.0"
@@ -41,6 +43,8 @@ __all__ = [
     "register_saelens_architecture",
     "MatryoshkaJumpReLUSAE",
     "MatryoshkaJumpReLUSAEConfig",
+    "run_saebench",
+    "SAEBenchError",
     "PrefixWeights",
     "PrefixSampler",
     "prefix_mse",

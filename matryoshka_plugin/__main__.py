@@ -81,6 +81,24 @@ def _publish(args: argparse.Namespace) -> int:
     return 0
 
 
+def _saebench(args: argparse.Namespace) -> int:
+    from .saebench import EVAL_NAMES, run_saebench
+
+    saes = {}
+    for item in args.saes:
+        name, sep, source = item.partition("=")
+        if not sep:
+            raise SystemExit(f"expected NAME=SOURCE, got {item!r}")
+        saes[name] = source
+    run = run_saebench(
+        saes, args.output_dir, args.evals or EVAL_NAMES, model_name=args.model_name, hook_name=args.hook_name,
+        device=args.device, llm_dtype=args.llm_dtype, llm_batch_size=args.llm_batch_size, force=args.force,
+    )
+    for rec in run.records:
+        print(f"{rec.name:<30} {rec.eval:<15} {rec.status:<14} {rec.path}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m matryoshka_plugin", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -129,8 +147,20 @@ def main(argv: list[str] | None = None) -> int:
     pub.add_argument("--dry-run", action="store_true", help="only stage the upload tree (no network)")
     pub.add_argument("--staging-dir", help="where to stage (default: a temporary folder)")
     pub.set_defaults(func=_publish)
+    ev = sub.add_parser("saebench", help="run SAEBench evals on trainer_i or SAELens folders")
+    ev.add_argument("output_dir", help="results: OUTPUT_DIR/<eval>/<name>_custom_sae_eval_results.json")
+    ev.add_argument("saes", nargs="+", metavar="NAME=SOURCE",
+                    help="a trainer_i folder, a SAELens folder or saelens:RELEASE:SAE_ID")
+    ev.add_argument("--evals", nargs="+", help="core absorption sparse_probing scr tpp (default: all)")
+    ev.add_argument("--model-name", help="TransformerLens model name (default: from the SAEs; must match them)")
+    ev.add_argument("--hook-name", help="require every SAE to be trained on this hook")
+    ev.add_argument("--device", help="default: cuda if available")
+    ev.add_argument("--llm-dtype", choices=["float32", "bfloat16", "float16"], help="default: SAEBench's for the model")
+    ev.add_argument("--llm-batch-size", type=int, help="default: SAEBench's for the model")
+    ev.add_argument("--force", action="store_true", help="recompute results that exist")
+    ev.set_defaults(func=_saebench)
     args = parser.parse_args(argv)
-    if args.command in ("export", "import", "publish"):
+    if args.command in ("export", "import", "publish", "saebench"):
         # Bad input (missing/corrupt files, an occupied out_dir, ...) is reported without a traceback.
         try:
             return args.func(args)
