@@ -79,13 +79,16 @@ def plot_decoder_cosine(
     if annotate is None:
         annotate = n_feat <= 6
     scale = 1.0 if n_feat > 6 else 0.6
-    fig, axes = plt.subplots(1, len(names), figsize=(5.2 * len(names) * scale, 4.8 * scale + 0.6), squeeze=False)
+    fig, axes = plt.subplots(1, len(names), figsize=(5.2 * len(names) * scale, 4.8 * scale + 0.9), squeeze=False)
     labels = [f.name for f in toy.features]
     for ax, name in zip(axes[0], names):
         m = metrics[name]
         rows = _ordered_latents(m, m.decoder_cosine.shape[0])
         im = ax.imshow(m.decoder_cosine[rows], cmap="RdBu_r", vmin=-1, vmax=1, interpolation="nearest")
-        ax.set_title(f"{name}\nabsorption {m.absorption:.2f}, recovery {m.recovery:.3f}")
+        if scale < 1:
+            ax.set_title(f"{name}\nabsorption {m.absorption:.2f}\nrecovery {m.recovery:.3f}", fontsize=9)
+        else:
+            ax.set_title(f"{name}\nabsorption {m.absorption:.2f}, recovery {m.recovery:.3f}")
         ax.set_xticks(range(len(labels)))
         ax.set_xticklabels(labels, rotation=90, fontsize=6)
         ax.set_yticks(range(len(rows)))
@@ -120,12 +123,17 @@ def plot_tradeoff(
     for pt in points:
         if pt.get("series"):
             series.setdefault(pt["series"], []).append(pt)
-    for name, pts in series.items():
-        ax.plot([p["x"] for p in pts], [p["y"] for p in pts], "-", alpha=0.5, label=name)
+    colors = {}
+    for i, (name, pts) in enumerate(series.items()):
+        (line,) = ax.plot([p["x"] for p in pts], [p["y"] for p in pts], "-", alpha=0.6, label=name,
+                          color=f"C{i}")
+        colors[name] = line.get_color()
     for pt in points:
+        color = colors.get(pt.get("series"), "black")
         ax.errorbar(pt["x"], pt["y"], xerr=pt.get("x_std", 0.0), yerr=pt.get("y_std", 0.0), fmt="o", ms=4,
-                    capsize=2, color="black" if not pt.get("series") else None, alpha=0.8)
-        ax.annotate(pt["label"], (pt["x"], pt["y"]), textcoords="offset points", xytext=(4, 3), fontsize=7)
+                    capsize=2, color=color, ecolor=color, elinewidth=0.8, alpha=0.85)
+        ax.annotate(pt["label"], (pt["x"], pt["y"]), textcoords="offset points", xytext=(4, 3), fontsize=7,
+                    color=color)
     ax.set_xlabel(x)
     ax.set_ylabel(y)
     if title:

@@ -114,17 +114,24 @@ class ToyModel:
         exclusive: bool = True,
         magnitude: float = 1.0,
         magnitude_noise: float = 0.0,
+        n_copies: int = 1,
         seed: int = 0,
     ) -> "ToyModel":
         """The feature-hedging critique's set-up: one parent and its children, all orthogonal.
 
         Defaults: parent p = 0.3, two mutually exclusive children with conditional
         probabilities 0.4 each (0.2: no child), magnitude 1, no magnitude noise, d = 20
-        (true features: 3; expected L0 0.54).
+        (true features: 3; expected L0 0.54). ``n_copies`` independent copies of the tree
+        multiply the expected L0 (useful for BatchTopK, whose ``k`` is an integer >= 1).
         """
-        kids = [Feature(c, magnitude=magnitude, name=f"child{j}") for j, c in enumerate(child_probs)]
-        root = Feature(parent_prob, kids, exclusive=exclusive and len(kids) > 1, magnitude=magnitude, name="parent")
-        return cls([root], d, magnitude_noise, seed)
+        roots = []
+        for i in range(n_copies):
+            tag = "" if n_copies == 1 else str(i)
+            kids = [Feature(c, magnitude=magnitude, name=f"child{tag}{'.' if tag else ''}{j}")
+                    for j, c in enumerate(child_probs)]
+            roots.append(Feature(parent_prob, kids, exclusive=exclusive and len(kids) > 1, magnitude=magnitude,
+                                 name=f"parent{tag}"))
+        return cls(roots, d, magnitude_noise, seed)
 
     @classmethod
     def magnitude_tree(
@@ -219,6 +226,12 @@ class ToyMetrics(NamedTuple):
     """``matching[f]`` = latent matched to true feature ``f`` (-1 if none)."""
     decoder_cosine: np.ndarray
     """``[latents, features]`` cosine between decoder rows and true directions."""
+    absorption_best: float = float("nan")
+    """Like ``absorption`` but each parent is judged by the latent with the largest decoder
+    cosine to it (not one-to-one). Differs from ``absorption`` when Hungarian matching hands
+    a parent to another latent because some child has no latent of its own."""
+    absorption_best_per_parent: list[float] = []
+    """The same for each parent."""
 
 
 def decoder_directions(sae: torch.nn.Module) -> torch.Tensor:
@@ -259,12 +272,13 @@ def evaluate_sae(
     cos = (decoder_directions(sae).cpu() @ toy.unit_directions.T).numpy()
     matching = match_latents(cos)
     fires = f > fire_threshold
-    per_parent = []
+    per_parent, per_parent_best = [], []
     for parent, children in toy.parent_child_groups():
         both = (feats[:, parent] > 0) & (feats[:, children] > 0).any(1)
         latent = matching[parent]
         if int(both.sum()) == 0:
             continue
+        per_parent_best.append(float((~fires[both, int(cos[:, parent].argmax())]).float().mean()))
         if latent < 0:
             per_parent.append(1.0)
             continue
@@ -280,6 +294,8 @@ def evaluate_sae(
         fvu=float((x - x_hat).pow(2).sum() / var),
         matching=matching,
         decoder_cosine=cos,
+        absorption_best=float(np.mean(per_parent_best)) if per_parent_best else float("nan"),
+        absorption_best_per_parent=per_parent_best,
     )
 
 

@@ -5,7 +5,9 @@ Set-ups
   post_tree   the original post's tree: 3 parents (p 0.15) with 3 mutually exclusive children
               (0.2 each), 8 singletons (p 0.05), orthonormal in d = 20, norms 1 + N(0, 0.05)
   hedging     the hedging critique: 1 parent (p 0.3), 2 exclusive children (0.4 each given the
-              parent), orthogonal in d = 20, magnitude 1
+              parent), orthogonal in d = 20, magnitude 1; log-family SAEs use an L1 penalty here
+  hedging_x2  two independent copies of that tree (true L0 1.08), so that BatchTopK's integer
+              k = 1 roughly matches the true L0 (on one copy, k = 1 is twice the true L0)
   magnitude   the comments' counter-example: parent p 0.3 magnitude 2, child p 0.15 magnitude 10
   hierarchy   a 2-level forest plus singletons in superposition, built with sae_lens.synthetic
 
@@ -97,8 +99,10 @@ class SetupConfig:
 
 # Log-sparsity settings of the post's reference code (toy): lr 3e-2, coefficient 0.2.
 LOG_DEFAULTS = dict(sparsity="log", sparsity_coeff=0.2, lr=3e-2)
-# BatchTopK settings shared by this package's trainer and both upstream trainers.
-BTK_DEFAULTS = dict(lr=3e-3, auxk_alpha=1 / 32)
+# BatchTopK settings shared by this package's trainer and both upstream trainers. AuxK's
+# default dead-latent threshold (10M tokens) is never reached in a toy run of 1-4M samples;
+# 50k samples (250 steps of 200) lets it revive dead latents here.
+BTK_DEFAULTS = dict(lr=3e-3, auxk_alpha=1 / 32, dead_feature_threshold=50_000)
 
 
 def default_setups() -> dict[str, SetupConfig]:
@@ -124,10 +128,27 @@ def default_setups() -> dict[str, SetupConfig]:
                       "mat_groups_b0.25", "mat_pareto", "mat_expected", "mat_every", "btk", "btk_groups",
                       "btk_every", "btk_groups_b0.75", "btk_groups_b0.5", "btk_groups_b0.25", "up_btk",
                       "up_mbtk"],
-            steps=10_000,
+            steps=5_000,
             group_sizes=[1, 2],
+            # As in the critique: an L1 penalty (coefficient started at the reference 1.2).
+            log=dict(sparsity="l1", sparsity_coeff=1.2),
             ks=[1],
             figure_variants=["vanilla_1", "mat_groups", "btk_groups/k1", "btk_groups_b0.25/k1"],
+        ),
+        "hedging_x2": SetupConfig(
+            name="hedging_x2",
+            title="2b. Feature hedging, two independent copies (true L0 1.08, so BatchTopK k = 1 fits)",
+            builder="hedging_tree",
+            toy=dict(d=20, parent_prob=0.3, child_probs=[0.4, 0.4], exclusive=True, magnitude=1.0,
+                     magnitude_noise=0.0, n_copies=2),
+            variants=["vanilla", "mat_groups", "mat_groups_b0.75", "mat_groups_b0.5", "mat_groups_b0.25",
+                      "btk", "btk_groups", "btk_every", "btk_groups_b0.75", "btk_groups_b0.5", "btk_groups_b0.25",
+                      "up_btk", "up_mbtk"],
+            steps=5_000,
+            group_sizes=[2, 4],
+            log=dict(sparsity="l1", sparsity_coeff=1.2),
+            ks=[1],
+            figure_variants=["btk/k1", "btk_groups/k1", "btk_groups_b0.25/k1", "mat_groups"],
         ),
         "magnitude": SetupConfig(
             name="magnitude",
@@ -135,7 +156,7 @@ def default_setups() -> dict[str, SetupConfig]:
             builder="magnitude_tree",
             toy=dict(d=20, parent_prob=0.3, parent_magnitude=2.0, child_prob=0.15, child_magnitude=10.0,
                      n_children=1, magnitude_noise=0.0),
-            steps=10_000,
+            steps=5_000,
             group_sizes=[1, 1],
             ks=[1],
             figure_variants=["vanilla", "mat_pareto", "btk_groups/k1", "up_mbtk/k1"],
@@ -146,6 +167,7 @@ def default_setups() -> dict[str, SetupConfig]:
             builder="synthetic_hierarchy",
             toy=dict(d=32, n_roots=4, branching=[2, 3], max_depth=2, n_singletons=8, root_prob=0.15,
                      child_prob=0.3, singleton_prob=0.05, mutually_exclusive_portion=0.5, magnitude_std=0.05),
+            steps=15_000,
             ks=[2],
             group_sizes=None,  # filled from the hierarchy: one group per level
             figure_variants=["vanilla", "mat_pareto", "btk_groups/k2", "up_mbtk/k2"],
@@ -169,6 +191,7 @@ def merge_overrides(setup: SetupConfig, overrides: dict[str, Any]) -> SetupConfi
 QUICK = {
     "post_tree": dict(steps=3000),
     "hedging": dict(steps=2000),
+    "hedging_x2": dict(steps=2000),
     "magnitude": dict(steps=2000),
     "hierarchy": dict(steps=3000),
 }

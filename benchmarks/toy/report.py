@@ -19,6 +19,7 @@ from .config import SetupConfig, parse_variant
 # (record key, column title, decimals)
 COLUMNS = [
     ("absorption", "absorption", 3),
+    ("absorption_best", "absorption (best-cosine latent)", 3),
     ("recovery", "recovery", 3),
     ("mixing_parent_child", "parent-child mixing", 3),
     ("mixing_parent_child_signed", "parent→child cos", 3),
@@ -109,7 +110,7 @@ def write_reports(out: Path, setups: dict[str, SetupConfig], seeds: list[int], f
 
     records = load_records(out, setups, seeds)
     written = []
-    flat_keys = ["setup", "variant", "k", "seed", "absorption", "recovery", "mean_max_cosine", "l0", "fvu",
+    flat_keys = ["setup", "variant", "k", "seed", "absorption", "absorption_best", "recovery", "mean_max_cosine", "l0", "fvu",
                  "mixing_parent_child", "mixing_parent_child_signed", "mixing_sibling", "mixing_sibling_signed",
                  "mixing_child_parent_signed", "dead_latents", "train_seconds", "final_sparsity_coeff"]
     extra = sorted({k for r in records for k in r if k.startswith("saelens_")})

@@ -54,7 +54,7 @@ def build_config(args: argparse.Namespace) -> tuple[dict[str, SetupConfig], list
         if args.steps:
             s.steps = args.steps
         if args.variants:
-            s.variants = [v for v in args.variants if v in s.variants] or list(args.variants)
+            s.variants = list(args.variants)
         for v in s.variants:
             parse_variant(v)  # fail early on a typo
     if args.seeds:
@@ -122,6 +122,22 @@ def _run_one(job: tuple[SetupConfig, str, int | None, int, str, dict]) -> tuple[
     return str(path), record["train_seconds"], setup.steps
 
 
+def remeasure(out: Path, jobs) -> None:
+    """Recompute the metrics of cached runs from their stored SAEs (training is untouched)."""
+    from tqdm.auto import tqdm
+
+    from .train import build_toy, load_sae, measure
+
+    for setup, variant, k, seed in tqdm(jobs, desc="remeasuring", file=sys.stdout, mininterval=2.0):
+        path = run_path(out, setup.name, variant, k, seed)
+        record = json.loads(path.read_text())
+        sae = load_sae(torch.load(path.with_suffix(".pt"), weights_only=False))
+        record.update(measure(sae, build_toy(setup), setup))
+        tmp = path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(record, indent=1))
+        os.replace(tmp, path)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.toy.run", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -135,6 +151,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--jobs", type=int, default=1, help="parallel worker processes (default: 1)")
     p.add_argument("--no-figures", action="store_true", help="skip the PNG figures")
     p.add_argument("--retrain", action="store_true", help="ignore cached runs")
+    p.add_argument("--remeasure", action="store_true",
+                   help="recompute the metrics of cached runs from their saved SAEs (after a metric change)")
+    p.add_argument("--figures-dir", help="write the figures here instead of OUT/figures")
+    p.add_argument("--dpi", type=int, default=110, help="figure resolution (default: %(default)s)")
     args = p.parse_args(argv)
 
     torch.set_num_threads(1)
@@ -170,7 +190,11 @@ def main(argv: list[str] | None = None) -> int:
                 _, _, steps = _run_one(job)
                 bar.update(steps)
         bar.close()
-    written = write_reports(out, setups, seeds, figures=not args.no_figures)
+    if args.remeasure:
+        trained = {(j[0].name, j[1], j[2], j[3]) for j in pending}
+        remeasure(out, [j for j in jobs if (j[0].name, j[1], j[2], j[3]) not in trained])
+    written = write_reports(out, setups, seeds, figures=not args.no_figures,
+                            figures_dir=Path(args.figures_dir) if args.figures_dir else None, dpi=args.dpi)
     print(f"done in {time.perf_counter() - t0:.0f} s; wrote {', '.join(str(w) for w in written)}")
     return 0
 

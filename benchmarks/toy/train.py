@@ -72,10 +72,14 @@ def trainer_kwargs(setup: SetupConfig, spec: VariantSpec, seed: int, k: int | No
     base = dict(steps=steps, activation_dim=toy.d, dict_size=n, seed=seed, device="cpu")
     if spec.family == "log":
         target = setup.target_l0 if setup.target_l0 is not None else 1.1 * toy.true_l0
-        if spec.dict_size == 1:  # a 1-latent SAE can fire at most once: aim at the parent's rate
-            target = min(target, 1.1 * max(toy.sample_features(50_000, torch.Generator().manual_seed(1))[:, 0].gt(0).float().mean().item(), 1e-3))
+        if spec.dict_size == 1:  # one latent: aim at 1.1 x the firing rate of feature 0 (the first root)
+            rate = toy.sample_features(50_000, torch.Generator().manual_seed(1))[:, 0].gt(0).float().mean().item()
+            target = 1.1 * max(rate, 1e-3)
         kw = {**base, **LOG_DEFAULTS, **setup.log, "target_l0": round(float(target), 6), "prefix_mode": spec.prefix_mode}
         if spec.prefix_mode == "groups":
+            # Fixed groups are fixed positions (as in Bussmann et al. and the hedging critique):
+            # reordering latents every step would move latents between groups.
+            kw["reorder_latents"] = False
             sizes = group_sizes(setup, toy, n)
             kw["group_fractions"] = [s / n for s in sizes]
             if spec.balance_beta is not None:
@@ -98,22 +102,31 @@ def trainer_kwargs(setup: SetupConfig, spec: VariantSpec, seed: int, k: int | No
     return kw
 
 
+# Upstream trainers hard-code these in __init__; the benchmark sets them as attributes.
+UPSTREAM_ATTRIBUTES = ("dead_feature_threshold", "top_k_aux")
+
+
 def make_trainer(spec: VariantSpec, kw: dict[str, Any]):
     if spec.family == "log":
         return MatryoshkaLogSparsityTrainer(**kw)
     if spec.family == "btk":
         return MatryoshkaBatchTopKTrainer(**kw)
+    attrs = {a: kw[a] for a in UPSTREAM_ATTRIBUTES if a in kw}
+    kw = {key: v for key, v in kw.items() if key not in UPSTREAM_ATTRIBUTES}
     if spec.family == "up_btk":
         from dictionary_learning.trainers.batch_top_k import BatchTopKTrainer
 
-        return BatchTopKTrainer(**kw)
-    if spec.family == "up_mbtk":
+        tr = BatchTopKTrainer(**kw)
+    elif spec.family == "up_mbtk":
         from dictionary_learning.trainers.matryoshka_batch_top_k import MatryoshkaBatchTopKTrainer as Upstream
 
         tr = Upstream(**kw)
         _check_upstream_groups(tr, kw)
-        return tr
-    raise ValueError(f"unknown family {spec.family!r}")
+    else:
+        raise ValueError(f"unknown family {spec.family!r}")
+    for a, v in attrs.items():
+        setattr(tr, a, v)
+    return tr
 
 
 def _check_upstream_groups(tr, kw) -> None:
@@ -167,6 +180,8 @@ def measure(sae: torch.nn.Module, toy, setup: SetupConfig) -> dict[str, Any]:
     out = {
         "absorption": m.absorption,
         "absorption_per_parent": m.absorption_per_parent,
+        "absorption_best": m.absorption_best,
+        "absorption_best_per_parent": m.absorption_best_per_parent,
         "recovery": m.recovery,
         "mean_max_cosine": m.mean_max_cosine,
         "l0": m.l0,
