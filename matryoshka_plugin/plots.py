@@ -52,10 +52,10 @@ def plot_activations(
         cols = _ordered_latents(metrics[name], f.shape[1])
         panels.append((name, f[:, cols].numpy(), [str(c) for c in cols]))
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 6), squeeze=False)
-    for ax, (title, data, labels) in zip(axes[0], panels):
+    for ax, (panel_title, data, labels) in zip(axes[0], panels):
         vmax = max(float(np.percentile(data[data > 0], 99)) if (data > 0).any() else 1.0, 1e-6)
         ax.imshow(data, aspect="auto", cmap="viridis", vmin=0, vmax=vmax, interpolation="nearest")
-        ax.set_title(title)
+        ax.set_title(panel_title)
         ax.set_xticks(range(len(labels)))
         ax.set_xticklabels(labels, rotation=90, fontsize=6)
         ax.set_ylabel("sample")
