@@ -14,6 +14,91 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _load_tensor(path: str):
+    """A tensor from a ``.safetensors`` file (key ``activations`` or its only tensor) or a ``torch.save`` file."""
+    import torch
+
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        tensors = load_file(path)
+        if "activations" in tensors:
+            return tensors["activations"]
+        if len(tensors) != 1:
+            raise SystemExit(f"{path} holds {sorted(tensors)}; name the tensor 'activations'")
+        return next(iter(tensors.values()))
+    obj = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(obj, torch.Tensor):
+        raise SystemExit(f"{path} does not hold a tensor")
+    return obj
+
+
+def _export(args: argparse.Namespace) -> int:
+    from .saelens import export_to_saelens
+
+    out = export_to_saelens(
+        args.checkpoint_dir,
+        args.out_dir,
+        model_name=args.model_name,
+        hook_name=args.hook_name,
+        context_size=args.context_size,
+        dataset_path=args.dataset_path,
+        prepend_bos=args.prepend_bos,
+        activations=_load_tensor(args.activations) if args.activations else None,
+        architecture=args.architecture,
+        dtype=args.dtype,
+        checkpoint=args.checkpoint,
+        overwrite=args.overwrite,
+        verify=not args.no_verify,
+    )
+    print(f"wrote {out}; load it with: SAE.load_from_disk({str(out)!r})")
+    return 0
+
+
+def _import(args: argparse.Namespace) -> int:
+    from .saelens import import_from_saelens
+
+    widths = [int(w) for w in args.widths.split(",")] if args.widths else None
+    ae = import_from_saelens(args.saelens_dir, k=args.k, widths=widths, out_dir=args.out_dir, overwrite=args.overwrite)
+    print(f"wrote {args.out_dir} ({type(ae).__name__}); load it with: matryoshka_plugin.load_dictionary({args.out_dir!r})")
+    return 0
+
+
+def _publish(args: argparse.Namespace) -> int:
+    from .saelens import publish_to_huggingface
+
+    folders = {}
+    for item in args.saes:
+        sae_id, sep, folder = item.partition("=")
+        if not sep:
+            raise SystemExit(f"expected SAE_ID=FOLDER, got {item!r}")
+        folders[sae_id] = folder
+    plan = publish_to_huggingface(
+        folders, args.repo_id, revision=args.revision, dry_run=args.dry_run, staging_dir=args.staging_dir
+    )
+    print(("uploaded to " if plan.uploaded else f"staged in {plan.staging_dir} for ") + plan.repo_id)
+    print("load with:\n  from sae_lens import SAE\n" + "\n".join(f"  sae = {line}" for line in plan.load_lines))
+    return 0
+
+
+def _saebench(args: argparse.Namespace) -> int:
+    from .saebench import EVAL_NAMES, run_saebench
+
+    saes = {}
+    for item in args.saes:
+        name, sep, source = item.partition("=")
+        if not sep:
+            raise SystemExit(f"expected NAME=SOURCE, got {item!r}")
+        saes[name] = source
+    run = run_saebench(
+        saes, args.output_dir, args.evals or EVAL_NAMES, model_name=args.model_name, hook_name=args.hook_name,
+        device=args.device, llm_dtype=args.llm_dtype, llm_batch_size=args.llm_batch_size, force=args.force,
+    )
+    for rec in run.records:
+        print(f"{rec.name:<30} {rec.eval:<15} {rec.status:<14} {rec.path}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m matryoshka_plugin", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -28,7 +113,60 @@ def main(argv: list[str] | None = None) -> int:
         help="which SAEs: vanilla, matryoshka, matryoshka_expected, matryoshka_every",
     )
     demo.set_defaults(func=_demo)
+
+    ex = sub.add_parser("export", help="export a trainSAE trainer_i folder as a SAELens SAE folder")
+    ex.add_argument("checkpoint_dir", help="trainer_i folder with config.json and ae.pt")
+    ex.add_argument("out_dir", help="SAELens folder to create (cfg.json, sae_weights.safetensors)")
+    ex.add_argument("--model-name", help="TransformerLens model name (default: from lm_name)")
+    ex.add_argument("--hook-name", help="TransformerLens hook (default: from submodule_name and the buffer's io)")
+    ex.add_argument("--context-size", type=int, help="default: the buffer's ctx_len")
+    ex.add_argument("--dataset-path", help="training data set, recorded in the metadata")
+    ex.add_argument("--prepend-bos", action=argparse.BooleanOptionalAction, default=None,
+                    help="default: no for GPT-2/Pythia, yes otherwise")
+    ex.add_argument("--activations", help="tensor file ([..., d]) to measure firing frequencies for sparsity.safetensors")
+    ex.add_argument("--architecture", default="auto", choices=["auto", "matryoshka_jumprelu"],
+                    help="auto: stock SAELens (default); matryoshka_jumprelu needs this package to load")
+    ex.add_argument("--dtype", default="float32", choices=["float32", "float64", "float16", "bfloat16"])
+    ex.add_argument("--checkpoint", type=int, help="export checkpoints/ae_STEP.pt instead of ae.pt")
+    ex.add_argument("--overwrite", action="store_true", help="replace a non-empty out_dir (atomically)")
+    ex.add_argument("--no-verify", action="store_true", help="skip loading the result with SAELens to compare")
+    ex.set_defaults(func=_export)
+
+    im = sub.add_parser("import", help="convert a SAELens SAE folder into a folder load_dictionary reads")
+    im.add_argument("saelens_dir")
+    im.add_argument("out_dir")
+    im.add_argument("--k", type=int, help="BatchTopK k, when the SAELens metadata lacks it")
+    im.add_argument("--widths", help="nested widths, comma-separated cumulative ends (default: from metadata)")
+    im.add_argument("--overwrite", action="store_true")
+    im.set_defaults(func=_import)
+
+    pub = sub.add_parser("publish", help="upload exported folders with SAELens' upload_saes_to_huggingface")
+    pub.add_argument("repo_id", help="org/repo")
+    pub.add_argument("saes", nargs="+", metavar="SAE_ID=FOLDER")
+    pub.add_argument("--revision", default="main")
+    pub.add_argument("--dry-run", action="store_true", help="only stage the upload tree (no network)")
+    pub.add_argument("--staging-dir", help="where to stage (default: a temporary folder)")
+    pub.set_defaults(func=_publish)
+    ev = sub.add_parser("saebench", help="run SAEBench evals on trainer_i or SAELens folders")
+    ev.add_argument("output_dir", help="results: OUTPUT_DIR/<eval>/<name>_custom_sae_eval_results.json")
+    ev.add_argument("saes", nargs="+", metavar="NAME=SOURCE",
+                    help="a trainer_i folder, a SAELens folder or saelens:RELEASE:SAE_ID")
+    ev.add_argument("--evals", nargs="+", help="core absorption sparse_probing scr tpp (default: all)")
+    ev.add_argument("--model-name", help="TransformerLens model name (default: from the SAEs; must match them)")
+    ev.add_argument("--hook-name", help="require every SAE to be trained on this hook")
+    ev.add_argument("--device", help="default: cuda if available")
+    ev.add_argument("--llm-dtype", choices=["float32", "bfloat16", "float16"], help="default: SAEBench's for the model")
+    ev.add_argument("--llm-batch-size", type=int, help="default: SAEBench's for the model")
+    ev.add_argument("--force", action="store_true", help="recompute results that exist")
+    ev.set_defaults(func=_saebench)
     args = parser.parse_args(argv)
+    if args.command in ("export", "import", "publish", "saebench"):
+        # Bad input (missing/corrupt files, an occupied out_dir, ...) is reported without a traceback.
+        try:
+            return args.func(args)
+        except (ValueError, FileExistsError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
     return args.func(args)
 
 

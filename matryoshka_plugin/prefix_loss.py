@@ -10,13 +10,19 @@ residuals ``r_j = x - b - sum_{l <= j} a_{p_l} w_{p_l}`` and ``cum[t] = sum_{m <
 With suffix sums ``G_l = sum_{j >= l} c_j r_j`` the gradients are ``db = -2 G_0``,
 ``da_{p_l} = -2 <w_{p_l}, G_l>`` and ``dw_{p_l} = -2 a_{p_l} G_l``. The cost is O(B K d) —
 a sparse decode — for *any* prefix weights (fixed groups, every prefix, the Pareto
-expectation, balance weights): no decoder pass per prefix. Zero-valued padding slots
-leave the loss unchanged, so tokens with different numbers of active latents share one
-padded ``[B, K]`` layout.
+expectation, balance weights): no decoder pass per prefix.
+
+Two implementations share this module's entry point :func:`prefix_mse`:
+
+* ``"torch"``: plain tensor operations over a padded ``[rows, K, d]`` layout, in chunks.
+  It runs on any device and dtype and is the reference the fast kernels are tested against.
+* ``"fused"``: one pass per token that accumulates the loss and all gradients without a
+  ``[B, K, d]`` tensor (``kernels.py``: numba on CPU; ``kernels_triton.py``: Triton on CUDA).
 """
 
 from __future__ import annotations
 
+import os
 from typing import NamedTuple
 
 import torch
@@ -30,22 +36,55 @@ __all__ = [
     "sparse_from_dense",
     "sparse_from_flat",
     "sparse_decode",
+    "BACKENDS",
 ]
 
-# Elements of one [rows, K, d] working tensor; bounds memory to a few of these at a time.
+BACKENDS = ("auto", "torch", "fused")
+
+# Elements of one [rows, K, d] working tensor of the torch implementation.
 DEFAULT_CHUNK_ELEMENTS = 1 << 23
 
 
 class SparseLatents(NamedTuple):
-    """Active latents of a batch in a padded, index-sorted layout."""
+    """Active latents of a batch in compressed-row (CSR) form, sorted by latent within a row."""
 
     values: torch.Tensor
-    """``[B, K]`` activations; zero in padding slots. Carries the encoder's autograd graph."""
+    """``[N]`` activations of the active entries. Carries the encoder's autograd graph."""
     indices: torch.Tensor
-    """``[B, K]`` int64 latent indices, ascending along each row. Padding repeats the row's last
-    index with value 0, so densify with ``scatter_add`` (never ``scatter``)."""
+    """``[N]`` int64 latent index of each entry, ascending within each row."""
+    offsets: torch.Tensor
+    """``[B + 1]`` int64 row pointers: row ``b`` owns entries ``offsets[b]:offsets[b + 1]``."""
     n_latents: int
-    """Dictionary size ``n``; indices lie in ``[0, n)``."""
+    """Dictionary size ``n``."""
+
+    @property
+    def batch_size(self) -> int:
+        return self.offsets.numel() - 1
+
+    def rows(self) -> torch.Tensor:
+        """``[N]`` row of each entry."""
+        counts = self.offsets[1:] - self.offsets[:-1]
+        return torch.repeat_interleave(torch.arange(self.batch_size, device=counts.device), counts)
+
+    def to_dense(self) -> torch.Tensor:
+        """``[B, n]`` dense latents (differentiable in ``values``)."""
+        dense = self.values.new_zeros(self.batch_size, self.n_latents)
+        return dense.index_put((self.rows(), self.indices), self.values)
+
+    def padded(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``([B, K], [B, K])`` values and indices, ``K`` = the longest row. Padding slots hold
+        value 0 and repeat the row's last index (0 for an empty row), keeping rows sorted."""
+        counts = self.offsets[1:] - self.offsets[:-1]
+        k_max = max(int(counts.max()) if counts.numel() else 0, 1)
+        rows = self.rows()
+        pos = torch.arange(rows.numel(), device=rows.device) - self.offsets[:-1][rows]
+        idx = torch.zeros(self.batch_size, k_max, dtype=torch.long, device=rows.device)
+        idx[rows, pos] = self.indices
+        filled = torch.arange(k_max, device=rows.device)[None, :] < counts[:, None]
+        last = idx.gather(1, (counts - 1).clamp_min(0)[:, None])
+        idx = torch.where(filled, idx, last)
+        vals = self.values.new_zeros(self.batch_size, k_max).index_put((rows, pos), self.values)
+        return vals, idx
 
 
 class PrefixLoss(NamedTuple):
@@ -57,54 +96,57 @@ class PrefixLoss(NamedTuple):
     """``[B, d]`` residual of the full SAE, ``x - xhat_n`` (detached)."""
 
 
+def _offsets_from_rows(rows: torch.Tensor, batch: int) -> torch.Tensor:
+    counts = torch.bincount(rows, minlength=batch)
+    offsets = torch.zeros(batch + 1, dtype=torch.long, device=rows.device)
+    torch.cumsum(counts, 0, out=offsets[1:])
+    return offsets
+
+
 def sparse_from_flat(
-    flat_index: torch.Tensor, values: torch.Tensor, batch: int, n_latents: int
+    flat_index: torch.Tensor, values: torch.Tensor, batch: int, n_latents: int, presorted: bool = False
 ) -> SparseLatents:
     """Build :class:`SparseLatents` from entries of a flattened ``[B, n]`` matrix.
 
-    ``flat_index`` (any order) indexes ``row * n + latent``; ``values`` align with it.
+    ``flat_index`` indexes ``row * n + latent``; ``values`` align with it. Pass
+    ``presorted=True`` when ``flat_index`` is already ascending.
     """
-    order = torch.argsort(flat_index)
-    flat_index = flat_index[order]
-    values = values[order]
+    if not presorted:
+        order = torch.argsort(flat_index)
+        flat_index, values = flat_index[order], values[order]
     rows = torch.div(flat_index, n_latents, rounding_mode="floor")
     cols = flat_index - rows * n_latents
-    counts = torch.bincount(rows, minlength=batch)
-    k_max = int(counts.max()) if counts.numel() else 0
-    k_max = max(k_max, 1)
-    starts = torch.cumsum(counts, 0) - counts
-    pos = torch.arange(rows.numel(), device=rows.device) - starts[rows]
-    out_idx = torch.full((batch, k_max), -1, dtype=torch.long, device=rows.device)
-    out_idx[rows, pos] = cols
-    # Padding repeats the row's last index (or 0 for an empty row) so rows stay sorted.
-    filled = torch.arange(k_max, device=rows.device)[None, :] < counts[:, None]
-    last = torch.where(counts > 0, out_idx.gather(1, (counts - 1).clamp_min(0)[:, None])[:, 0], 0)
-    out_idx = torch.where(filled, out_idx, last[:, None])
-    out_val = values.new_zeros((batch, k_max)).index_put((rows, pos), values)
-    return SparseLatents(out_val, out_idx, n_latents)
+    return SparseLatents(values, cols, _offsets_from_rows(rows, batch), n_latents)
 
 
 def sparse_from_dense(f: torch.Tensor) -> SparseLatents:
     """Non-zero entries of dense latents ``f [B, n]`` (gradients flow back into ``f``)."""
     batch, n = f.shape
-    rows, cols = torch.nonzero(f.detach(), as_tuple=True)
-    return sparse_from_flat(rows * n + cols, f[rows, cols], batch, n)
+    rows, cols = torch.nonzero(f.detach(), as_tuple=True)  # row-major, so already sorted
+    return SparseLatents(f[rows, cols], cols, _offsets_from_rows(rows, batch), n)
 
 
 def sparse_decode(latents: SparseLatents, W_dec: torch.Tensor, b_dec: torch.Tensor) -> torch.Tensor:
-    """``sum_l values[:, l] * W_dec[indices[:, l]] + b_dec`` without a dense ``[B, n]`` matmul."""
+    """``x_hat = sum_entries value * W_dec[index] + b_dec`` without a dense ``[B, n]`` matmul."""
     out = torch.nn.functional.embedding_bag(
-        latents.indices, W_dec, per_sample_weights=latents.values.to(W_dec.dtype), mode="sum"
+        latents.indices,
+        W_dec,
+        offsets=latents.offsets[:-1],
+        per_sample_weights=latents.values.to(W_dec.dtype),
+        mode="sum",
     )
     return out + b_dec
+
+
+# -- the torch reference implementation -----------------------------------------------------
 
 
 def _chunk_rows(k: int, d: int, chunk_elements: int) -> int:
     return max(1, chunk_elements // max(1, (k + 1) * d))
 
 
-def _segment_weights(indices: torch.Tensor, cum: torch.Tensor, n: int) -> torch.Tensor:
-    """``c_j = cum[p_{j+1} + 1] - cum[p_j + 1]`` for ``j = 0..K`` (``[rows, K + 1]``)."""
+def segment_weights(indices: torch.Tensor, cum: torch.Tensor, n: int) -> torch.Tensor:
+    """``c_j = cum[p_{j+1} + 1] - cum[p_j + 1]`` for ``j = 0..K`` (``[rows, K + 1]``, padded)."""
     rows = indices.shape[0]
     lo = torch.cat([indices.new_full((rows, 1), -1), indices], 1) + 1
     hi = torch.cat([indices, indices.new_full((rows, 1), n)], 1) + 1
@@ -116,22 +158,20 @@ def _residuals(x, b_dec, values, indices, W_dec):
     rows_w = W_dec[indices]  # [rows, K, d]
     contrib = values.unsqueeze(-1) * rows_w
     r0 = (x - b_dec).unsqueeze(1)
-    res = torch.cat([r0, r0 - torch.cumsum(contrib, 1)], 1)
-    return res, rows_w
+    return torch.cat([r0, r0 - torch.cumsum(contrib, 1)], 1), rows_w
 
 
-class _PrefixMSE(torch.autograd.Function):
+class _TorchPrefixMSE(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, b_dec, values, indices, W_dec, cum, n, chunk_elements):
         batch, d = x.shape
-        k = indices.shape[1]
-        step = _chunk_rows(k, d, chunk_elements)
+        step = _chunk_rows(indices.shape[1], d, chunk_elements)
         total = torch.zeros((), dtype=torch.float64, device=x.device)
         residual = torch.empty_like(x)
         for s in range(0, batch, step):
             e = min(batch, s + step)
             res, _ = _residuals(x[s:e], b_dec, values[s:e], indices[s:e], W_dec)
-            c = _segment_weights(indices[s:e], cum, n).to(res.dtype)
+            c = segment_weights(indices[s:e], cum, n).to(res.dtype)
             total += (c * res.pow(2).sum(-1)).sum().double()
             residual[s:e] = res[:, -1]
         ctx.save_for_backward(x, b_dec, values, indices, W_dec, cum)
@@ -143,18 +183,17 @@ class _PrefixMSE(torch.autograd.Function):
     def backward(ctx, grad_loss, _grad_residual):
         x, b_dec, values, indices, W_dec, cum = ctx.saved_tensors
         batch, d = x.shape
-        k = indices.shape[1]
         need_x, need_b, need_v, _, need_w = ctx.needs_input_grad[:5]
         scale = (-2.0 / batch) * grad_loss
         g_x = torch.zeros_like(x) if need_x else None
         g_b = torch.zeros_like(b_dec) if need_b else None
         g_v = torch.zeros_like(values) if need_v else None
         g_w = torch.zeros_like(W_dec) if need_w else None
-        step = _chunk_rows(k, d, ctx.chunk_elements)
+        step = _chunk_rows(indices.shape[1], d, ctx.chunk_elements)
         for s in range(0, batch, step):
             e = min(batch, s + step)
             res, rows_w = _residuals(x[s:e], b_dec, values[s:e], indices[s:e], W_dec)
-            c = _segment_weights(indices[s:e], cum, ctx.n).to(res.dtype)
+            c = segment_weights(indices[s:e], cum, ctx.n).to(res.dtype)
             # Suffix sums G_l = sum_{j >= l} c_j r_j, as a reversed cumulative sum.
             suffix = torch.flip(torch.cumsum(torch.flip(c.unsqueeze(-1) * res, [1]), 1), [1])
             if need_x:
@@ -169,6 +208,35 @@ class _PrefixMSE(torch.autograd.Function):
         return g_x, g_b, g_v, None, g_w, None, None, None
 
 
+def _torch_prefix_mse(x, latents, W_dec, b_dec, cum, chunk_elements):
+    values, indices = latents.padded()
+    return _TorchPrefixMSE.apply(x, b_dec, values, indices, W_dec, cum, latents.n_latents, chunk_elements)
+
+
+def resolve_backend(backend: str, *tensors: torch.Tensor) -> str:
+    """``"fused"`` where a fused kernel exists for these tensors, else ``"torch"``.
+
+    The environment variable ``MATRYOSHKA_BACKEND`` overrides ``"auto"``.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
+    if backend == "auto":
+        backend = os.environ.get("MATRYOSHKA_BACKEND", "auto")
+        if backend not in BACKENDS:
+            raise ValueError(f"MATRYOSHKA_BACKEND={backend!r} is not one of {BACKENDS}")
+    from . import kernels, kernels_triton
+
+    supported = kernels.fused_supported(*tensors) or kernels_triton.triton_supported(*tensors)
+    if backend == "fused" and not supported:
+        raise ValueError(
+            "no fused kernel for these tensors (CPU needs numba and float32/float64, CUDA needs "
+            "triton and float32/bfloat16/float16); use backend='torch'"
+        )
+    if backend == "auto":
+        return "fused" if supported else "torch"
+    return backend
+
+
 def prefix_mse(
     x: torch.Tensor,
     latents: SparseLatents,
@@ -176,26 +244,43 @@ def prefix_mse(
     b_dec: torch.Tensor,
     weights: PrefixWeights,
     chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
+    backend: str = "auto",
+    consume_grads: bool = False,
 ) -> PrefixLoss:
     """Matryoshka reconstruction loss over the prefixes ``weights`` describes.
 
     Args:
         x: ``[B, d]`` targets.
-        latents: active latents (``values`` differentiable), from :func:`sparse_from_dense`,
+        latents: active latents (``values`` differentiable), e.g. from :func:`sparse_from_dense`,
             :func:`sparse_from_flat` or an SAE's training encoder.
         W_dec: ``[n, d]`` decoder rows (norms are not assumed).
         b_dec: ``[d]`` decoder bias.
         weights: prefix weights over ``m = 0..n``.
-        chunk_elements: size of one ``[rows, K, d]`` working tensor; only memory changes.
+        chunk_elements: size of one working tensor; only memory changes.
+        backend: ``"auto"`` (fused kernel where available), ``"fused"`` or ``"torch"``.
+        consume_grads: let the fused kernels hand their decoder-gradient buffer to autograd
+            without a copy (saves one ``[n, d]`` tensor at the peak); the loss then supports a
+            single backward pass, as in a training step.
     """
     n = latents.n_latents
     if weights.n != n:
         raise ValueError(f"prefix weights cover {weights.n} latents but the SAE has {n}")
-    if W_dec.shape[0] != n or x.shape[-1] != W_dec.shape[1]:
+    if W_dec.shape[0] != n or x.ndim != 2 or x.shape[-1] != W_dec.shape[1]:
         raise ValueError(f"shape mismatch: x {tuple(x.shape)}, W_dec {tuple(W_dec.shape)}, n={n}")
+    if latents.batch_size != x.shape[0]:
+        raise ValueError(f"latents hold {latents.batch_size} rows but x has {x.shape[0]}")
     cum = weights.cum.to(device=x.device)
-    values = latents.values.to(W_dec.dtype)
-    loss, residual = _PrefixMSE.apply(
-        x.to(W_dec.dtype), b_dec, values, latents.indices, W_dec, cum, n, chunk_elements
-    )
+    x = x.to(W_dec.dtype)
+    latents = latents._replace(values=latents.values.to(W_dec.dtype))
+    if resolve_backend(backend, x, W_dec, b_dec) == "fused":
+        if x.device.type == "cuda":
+            from .kernels_triton import triton_prefix_mse
+
+            loss, residual = triton_prefix_mse(x, latents, W_dec, b_dec, cum, consume=consume_grads)
+        else:
+            from .kernels import fused_prefix_mse
+
+            loss, residual = fused_prefix_mse(x, latents, W_dec, b_dec, cum, chunk_elements, consume_grads)
+    else:
+        loss, residual = _torch_prefix_mse(x, latents, W_dec, b_dec, cum, chunk_elements)
     return PrefixLoss(loss, residual)

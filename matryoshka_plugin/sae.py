@@ -23,6 +23,7 @@ import torch.nn as nn
 from dictionary_learning.dictionary import Dictionary
 
 from .prefix_loss import SparseLatents, sparse_decode, sparse_from_flat
+from .sparse_encoder import batch_topk_select, encoder_entries
 
 __all__ = ["MatryoshkaBatchTopKSAE", "MatryoshkaLogSparsitySAE"]
 
@@ -92,7 +93,9 @@ class MatryoshkaBatchTopKSAE(_SAEBase):
         nn.init.kaiming_uniform_(w)
         w = w / w.norm(dim=1, keepdim=True).clamp_min(1e-12)
         # Registration order as upstream (W_enc, b_enc, W_dec, b_dec), so optimizer states line up.
-        self.W_enc = nn.Parameter(w.T.clone())
+        # W_enc is [d, n] like upstream but stored latent-major (a transposed view of [n, d]):
+        # the matmul reads it as is, and the sparse gradient fills whole latent rows.
+        self.W_enc = nn.Parameter(w.clone().T)
         self.b_enc = nn.Parameter(torch.zeros(dict_size))
         self.W_dec = nn.Parameter(w)
         self.b_dec = nn.Parameter(torch.zeros(activation_dim))
@@ -109,10 +112,25 @@ class MatryoshkaBatchTopKSAE(_SAEBase):
     def batch_topk(self, post_relu: torch.Tensor) -> SparseLatents:
         """The ``k * tokens`` largest entries of ``post_relu`` over the whole batch."""
         rows, n = post_relu.shape
-        flat = post_relu.reshape(-1)
-        kk = min(int(self.k) * rows, flat.numel())
-        idx = torch.topk(flat.detach(), kk, sorted=False).indices
-        return sparse_from_flat(idx, flat[idx], rows, n)
+        flat = batch_topk_select(post_relu.detach(), min(int(self.k) * rows, post_relu.numel()))
+        return sparse_from_flat(flat, post_relu.reshape(-1)[flat], rows, n, presorted=True)
+
+    def encode_training(self, x: torch.Tensor, backend: str = "auto") -> tuple[SparseLatents, torch.Tensor]:
+        """BatchTopK latents of ``[tokens, d]`` input for training, and the dense ReLU output.
+
+        The dense pre-activations are computed without autograd; the selected latents carry
+        a sparse backward (``sparse_encoder.encoder_entries``).
+        """
+        rows, n = x.shape[0], self.dict_size
+        with torch.no_grad():
+            post_relu = torch.addmm(self.b_enc, x - self.b_dec, self.W_enc).relu_()
+            flat = batch_topk_select(post_relu, min(int(self.k) * rows, post_relu.numel()))
+            vals = post_relu.reshape(-1)[flat]
+        lat = sparse_from_flat(flat, vals, rows, n, presorted=True)
+        values = encoder_entries(
+            x, self.W_enc, self.b_enc, self.b_dec, lat.rows(), lat.indices, vals, backend
+        )
+        return lat._replace(values=values), post_relu
 
     def encode(self, x: torch.Tensor, return_active: bool = False, use_threshold: bool = True):
         shape = x.shape
@@ -121,8 +139,7 @@ class MatryoshkaBatchTopKSAE(_SAEBase):
         if use_threshold and float(self.threshold) >= 0:
             f = post_relu * (post_relu > self.threshold)
         else:
-            lat = self.batch_topk(post_relu)
-            f = torch.zeros_like(post_relu).scatter_add(1, lat.indices, lat.values)
+            f = self.batch_topk(post_relu).to_dense()
         end = self.group_indices[self.active_groups]
         if end < self.dict_size:
             f = torch.cat([f[:, :end], f.new_zeros(f.shape[0], self.dict_size - end)], 1)

@@ -3,8 +3,11 @@
 import pytest
 import torch
 
+from matryoshka_plugin.kernels import HAS_NUMBA
 from matryoshka_plugin.prefix_loss import prefix_mse, sparse_decode, sparse_from_dense, sparse_from_flat
 from matryoshka_plugin.prefixes import PrefixWeights
+
+BACKENDS = ["torch"] + (["fused"] if HAS_NUMBA else [])
 
 
 def brute_force(x, f, W, b, weights):
@@ -45,12 +48,13 @@ WEIGHTS = {
 
 @pytest.mark.parametrize("name", list(WEIGHTS))
 @pytest.mark.parametrize("chunk", [1, 10_000])
-def test_loss_and_gradients_match_brute_force(name, chunk):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_loss_and_gradients_match_brute_force(name, chunk, backend):
     weights = WEIGHTS[name]
     x, f, W, b = random_problem(n=N)
     ref = brute_force(x, f, W, b, weights)
     g_ref = torch.autograd.grad(ref, [x, f, W, b])
-    out = prefix_mse(x, sparse_from_dense(f), W, b, weights, chunk_elements=chunk)
+    out = prefix_mse(x, sparse_from_dense(f), W, b, weights, chunk_elements=chunk, backend=backend)
     g = torch.autograd.grad(out.loss, [x, f, W, b])
     torch.testing.assert_close(out.loss, ref, rtol=1e-12, atol=1e-12)
     active = (f != 0).detach()
@@ -60,38 +64,74 @@ def test_loss_and_gradients_match_brute_force(name, chunk):
     torch.testing.assert_close(out.residual, (x - f @ W - b).detach())
 
 
-def test_gradcheck():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_gradcheck(backend):
     x, f, W, b = random_problem(B=3, n=6, d=3)
     lat = sparse_from_dense(f.detach())
     w = PrefixWeights.fixed_groups([1, 2, 3]).balanced(0.5)
-    fn = lambda xx, vv, WW, bb: prefix_mse(xx, lat._replace(values=vv), WW, bb, w).loss  # noqa: E731
+    fn = lambda xx, vv, WW, bb: prefix_mse(xx, lat._replace(values=vv), WW, bb, w, backend=backend).loss  # noqa: E731
     assert torch.autograd.gradcheck(fn, (x, lat.values.clone().requires_grad_(), W, b))
 
 
-def test_float32_matches_float64():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_float32_matches_float64(backend):
     x, f, W, b = random_problem(B=64, n=N, d=8)
     w = WEIGHTS["every"]
-    ref = prefix_mse(x, sparse_from_dense(f), W, b, w).loss
+    ref = prefix_mse(x, sparse_from_dense(f), W, b, w, backend="torch").loss.detach()
     lat32 = sparse_from_dense(f.detach().float())
-    got = prefix_mse(x.detach().float(), lat32, W.detach().float(), b.detach().float(), w).loss
+    got = prefix_mse(x.detach().float(), lat32, W.detach().float(), b.detach().float(), w, backend=backend).loss
+    assert got.dtype == torch.float32
     assert float(got) == pytest.approx(float(ref), rel=1e-5)
 
 
-def test_sparse_from_flat_sorts_and_pads():
+@pytest.mark.skipif(not HAS_NUMBA, reason="numba not installed")
+@pytest.mark.parametrize("name", ["groups", "every", "pareto_expected", "balanced", "pareto_sample"])
+def test_fused_matches_torch_reference_in_float32(name):
+    """The fused kernel against the plain implementation at a realistic sparsity, fp32."""
+    g = torch.Generator().manual_seed(1)
+    B, n, d, k = 96, 512, 64, 12
+    x = torch.randn(B, d, generator=g, requires_grad=True)
+    W = torch.nn.functional.normalize(torch.randn(n, d, generator=g), dim=1).requires_grad_()
+    b = torch.randn(d, generator=g, requires_grad=True)
+    pre = torch.randn(B, n, generator=g).relu()
+    flat = torch.topk(pre.flatten(), B * k).indices
+    weights = {
+        "groups": PrefixWeights.fixed_groups([16, 48, 448]),
+        "every": PrefixWeights.every_prefix(n),
+        "pareto_expected": PrefixWeights.pareto_expected(n),
+        "balanced": PrefixWeights.fixed_groups([16, 48, 448]).balanced(0.5),
+        "pareto_sample": PrefixWeights.pareto_sample(n, generator=torch.Generator().manual_seed(0)),
+    }[name]
+    outs = []
+    for backend, chunk in (("torch", 1 << 23), ("fused", 1 << 23), ("fused", 3 * d)):
+        vals = pre.flatten()[flat].clone().requires_grad_()
+        lat = sparse_from_flat(flat, vals, B, n)
+        out = prefix_mse(x, lat, W, b, weights, chunk_elements=chunk, backend=backend)
+        grads = torch.autograd.grad(out.loss * 3.0, [x, vals, W, b])
+        outs.append((out.loss.detach(), out.residual, *grads))
+    for other in outs[1:]:
+        for got, want in zip(other, outs[0]):
+            torch.testing.assert_close(got, want, rtol=2e-5, atol=2e-6)
+
+
+def test_csr_layout_and_padding():
     B, n = 3, 8
     dense = torch.zeros(B, n)
     dense[0, [6, 1, 3]] = torch.tensor([1.0, 2.0, 3.0])
-    dense[2, [7]] = 5.0
+    dense[2, 7] = 5.0
     flat = torch.tensor([6, 23, 1, 3])  # unsorted; 23 = row 2, latent 7
-    vals = dense.flatten()[flat]
-    lat = sparse_from_flat(flat, vals, B, n)
-    assert lat.indices.shape == (3, 3)
-    assert lat.indices[2].tolist() == [7, 7, 7]  # padding repeats the last index
-    assert lat.indices[0].tolist() == [1, 3, 6]
-    assert lat.values[0].tolist() == [2.0, 3.0, 1.0]
-    assert lat.values[1].tolist() == [0.0, 0.0, 0.0]
-    assert torch.all(lat.indices[:, 1:] >= lat.indices[:, :-1])
-    torch.testing.assert_close(torch.zeros(B, n).scatter_add(1, lat.indices, lat.values), dense)
+    lat = sparse_from_flat(flat, dense.flatten()[flat], B, n)
+    assert lat.offsets.tolist() == [0, 3, 3, 4]
+    assert lat.indices.tolist() == [1, 3, 6, 7]
+    assert lat.values.tolist() == [2.0, 3.0, 1.0, 5.0]
+    assert lat.rows().tolist() == [0, 0, 0, 2]
+    torch.testing.assert_close(lat.to_dense(), dense)
+    vals, idx = lat.padded()
+    assert idx.tolist() == [[1, 3, 6], [0, 0, 0], [7, 7, 7]]  # padding repeats the last index
+    assert vals.tolist() == [[2.0, 3.0, 1.0], [0.0, 0.0, 0.0], [5.0, 0.0, 0.0]]
+    same = sparse_from_dense(dense)
+    for a, c in zip(same[:3], lat[:3]):
+        assert torch.equal(a, c)
 
 
 def test_sparse_decode_matches_dense():
@@ -101,7 +141,22 @@ def test_sparse_decode_matches_dense():
 
 def test_shape_errors():
     x, f, W, b = random_problem(n=N)
+    with pytest.raises(ValueError, match="unknown backend"):
+        prefix_mse(x, sparse_from_dense(f), W, b, WEIGHTS["every"], backend="cuda-magic")
     with pytest.raises(ValueError, match="prefix weights cover"):
         prefix_mse(x, sparse_from_dense(f), W, b, PrefixWeights.every_prefix(N + 1))
     with pytest.raises(ValueError, match="shape mismatch"):
         prefix_mse(x[:, :3], sparse_from_dense(f), W, b, WEIGHTS["every"])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_consume_grads_allows_exactly_one_backward(backend):
+    x, f, W, b = random_problem(n=N)
+    w = WEIGHTS["groups"]
+    ref = torch.autograd.grad(prefix_mse(x, sparse_from_dense(f), W, b, w, backend="torch").loss, [W])[0]
+    out = prefix_mse(x, sparse_from_dense(f), W, b, w, backend=backend, consume_grads=True)
+    out.loss.backward(retain_graph=True)
+    torch.testing.assert_close(W.grad, ref)
+    if backend == "fused":
+        with pytest.raises(RuntimeError, match="one backward pass"):
+            out.loss.backward()

@@ -139,3 +139,17 @@ def test_failure_mid_run_keeps_written_checkpoints(tmp_path):
         torch.testing.assert_close(value, btk.snapshots[5][key])
     assert json.loads((tmp_path / "trainer_1" / "config.json").read_text())["trainer"]["target_l0"] == 6
     assert not (tmp_path / "trainer_0" / "ae.pt").exists()
+
+
+def test_normalize_activations_saves_saes_for_raw_inputs(tmp_path):
+    """trainSAE(normalize_activations=True) trains on rescaled data and rescales biases at the end:
+    the saved SAEs must work on the raw (here 50x larger) activations."""
+    d, steps, k = 24, 200, 6
+    raw = (x * 50.0 for x in low_rank_stream(d=d))
+    trainSAE(data=raw, trainer_configs=configs(d, steps, k), steps=steps, save_dir=str(tmp_path),
+             normalize_activations=True, device="cpu")
+    held_out = next(low_rank_stream(d=d, batch=2048, seed=7)) * 50.0
+    for i in range(2):
+        ae, _ = load_dictionary(tmp_path / f"trainer_{i}")
+        assert fvu(ae, held_out) < 0.6, (i, fvu(ae, held_out))
+        assert 0.5 * k <= l0(ae, held_out) <= 1.6 * k, (i, l0(ae, held_out))

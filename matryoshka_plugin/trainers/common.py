@@ -92,6 +92,27 @@ class MatryoshkaTrainerBase(SAETrainer):
         }
 
 
+def make_adam(params, lr: float, betas) -> torch.optim.Adam:
+    """Adam, fused where torch supports it (fewer passes over the parameters, no temporaries)."""
+    params = list(params)
+    try:
+        return torch.optim.Adam(params, lr=lr, betas=tuple(betas), fused=True)
+    except (RuntimeError, TypeError, ValueError):
+        return torch.optim.Adam(params, lr=lr, betas=tuple(betas))
+
+
+@torch.no_grad()
+def project_out_radial_(grad: torch.Tensor, W: torch.Tensor) -> None:
+    """Remove from each row of ``grad`` its component along the matching row of ``W``.
+
+    Keeps unit-norm decoder rows on the sphere to first order; in place, with no temporary of
+    the decoder's size.
+    """
+    dots = torch.einsum("fd,fd->f", grad, W)
+    sq = torch.einsum("fd,fd->f", W, W).clamp_min(1e-12)
+    grad.addcmul_(W, (dots / sq).unsqueeze(1), value=-1.0)
+
+
 def constant_warmup_decay_schedule(
     steps: int, warmup_steps: int, decay_start: int | None
 ) -> Callable[[int], float]:

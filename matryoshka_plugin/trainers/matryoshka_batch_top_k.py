@@ -22,15 +22,18 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from ..prefix_loss import SparseLatents, prefix_mse
+from ..prefix_loss import BACKENDS, SparseLatents, prefix_mse
 from ..prefixes import PrefixSampler, group_sizes_from_fractions
 from ..sae import MatryoshkaBatchTopKSAE
+from ..sparse_encoder import encoder_entries
 from .common import (
     LossLog,
     MatryoshkaTrainerBase,
     check_positive,
     constant_warmup_decay_schedule,
     geometric_median,
+    make_adam,
+    project_out_radial_,
 )
 
 __all__ = ["MatryoshkaBatchTopKTrainer"]
@@ -66,6 +69,7 @@ class MatryoshkaBatchTopKTrainer(MatryoshkaTrainerBase):
         pareto_power: float = 0.5,
         dead_feature_threshold: int = 10_000_000,
         top_k_aux: int | None = None,
+        backend: str = "auto",
     ):
         super().__init__(steps, activation_dim, dict_size, layer, lm_name, seed, device, wandb_name, submodule_name)
         if isinstance(k, bool) or int(k) != k or not (0 < int(k) <= dict_size):
@@ -102,6 +106,9 @@ class MatryoshkaBatchTopKTrainer(MatryoshkaTrainerBase):
         self.threshold_beta = float(threshold_beta)
         self.threshold_start_step = int(threshold_start_step)
         self.warmup_steps, self.decay_start = int(warmup_steps), decay_start
+        if backend not in BACKENDS:
+            raise ValueError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
+        self.backend = backend
 
         self.ae = dict_class(activation_dim, dict_size, self.k, self.group_sizes).to(self.device)
         # Auto-selected like upstream: 1/sqrt(dict size) scaling from 2e-4 at 2^14 latents.
@@ -110,7 +117,7 @@ class MatryoshkaBatchTopKTrainer(MatryoshkaTrainerBase):
         self.dead_feature_threshold = int(dead_feature_threshold)
         self.top_k_aux = int(top_k_aux) if top_k_aux is not None else activation_dim // 2
 
-        self.optimizer = torch.optim.Adam(self.ae.parameters(), lr=self.lr, betas=(0.9, 0.999))
+        self.optimizer = make_adam(self.ae.parameters(), self.lr, (0.9, 0.999))
         schedule = constant_warmup_decay_schedule(self.steps, self.warmup_steps, decay_start)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda=schedule)
 
@@ -128,28 +135,33 @@ class MatryoshkaBatchTopKTrainer(MatryoshkaTrainerBase):
         """Counters after this batch (without storing them) and the resulting dead mask."""
         fired = torch.zeros_like(self.num_tokens_since_fired, dtype=torch.bool)
         fired[latents.indices[latents.values > 0]] = True
-        since = torch.where(fired, 0, self.num_tokens_since_fired + latents.values.shape[0])
+        since = torch.where(fired, 0, self.num_tokens_since_fired + latents.batch_size)
         return since, since >= self.dead_feature_threshold
 
-    def _auxk_loss(self, residual: torch.Tensor, post_relu: torch.Tensor, dead: torch.Tensor):
+    def _auxk_loss(self, x, residual: torch.Tensor, post_relu: torch.Tensor, dead: torch.Tensor):
         n_dead = int(dead.sum())
         if n_dead == 0 or self.auxk_alpha == 0:
             return residual.new_zeros(()), -1.0
         k_aux = min(self.top_k_aux, n_dead)
-        masked = post_relu.masked_fill(~dead[None, :], float("-inf"))
-        vals, idx = masked.topk(k_aux, dim=-1, sorted=False)
-        recon = F.embedding_bag(idx, self.ae.W_dec, per_sample_weights=vals, mode="sum")
+        with torch.no_grad():
+            masked = post_relu.masked_fill(~dead[None, :], float("-inf"))
+            vals, idx = masked.topk(k_aux, dim=-1, sorted=False)
+        rows = torch.arange(x.shape[0], device=x.device).repeat_interleave(k_aux)
+        ae = self.ae
+        vals = encoder_entries(x, ae.W_enc, ae.b_enc, ae.b_dec, rows, idx.reshape(-1), vals.reshape(-1), self.backend)
+        recon = F.embedding_bag(idx, ae.W_dec, per_sample_weights=vals.view(-1, k_aux), mode="sum")
         l2 = (residual.float() - recon.float()).pow(2).sum(-1).mean()
         denom = (residual.float() - residual.float().mean(0)).pow(2).sum(-1).mean()
         return (l2 / denom).nan_to_num(0.0), float(l2)
 
     def _forward(self, x: torch.Tensor, step: int | None, training: bool):
-        post_relu = self.ae.pre_activations(x)
-        latents = self.ae.batch_topk(post_relu)
+        latents, post_relu = self.ae.encode_training(x, self.backend)
         weights = self.prefixes.sample(self.generator) if training else self.prefixes.expected()
-        recon = prefix_mse(x, latents, self.ae.W_dec, self.ae.b_dec, weights)
+        recon = prefix_mse(
+            x, latents, self.ae.W_dec, self.ae.b_dec, weights, backend=self.backend, consume_grads=training
+        )
         since, dead = self._dead_mask(latents)
-        auxk, pre_norm_auxk = self._auxk_loss(recon.residual, post_relu, dead)
+        auxk, pre_norm_auxk = self._auxk_loss(x, recon.residual, post_relu, dead)
         loss = recon.loss + self.auxk_alpha * auxk
         parts = {"l2_loss": recon.loss.item(), "auxk_loss": auxk.item()}
         self._check_loss(loss, step, parts)
@@ -165,8 +177,7 @@ class MatryoshkaBatchTopKTrainer(MatryoshkaTrainerBase):
         loss, latents, recon, _, parts, _ = self._forward(x, step, training=False)
         if not logging:
             return loss
-        f = torch.zeros(x.shape[0], self.ae.dict_size, device=x.device, dtype=x.dtype)
-        f.scatter_add_(1, latents.indices, latents.values.detach())
+        f = latents._replace(values=latents.values.detach()).to_dense()
         x_hat = x - recon.residual
         return LossLog(x, x_hat, f, {**parts, "loss": loss.item()})
 
@@ -197,13 +208,14 @@ class MatryoshkaBatchTopKTrainer(MatryoshkaTrainerBase):
             self.pre_norm_auxk_loss = stats["pre_norm_auxk"]
             self.effective_l0 = float((latents.values > 0).sum()) / x.shape[0]
             thr = float(self.ae.threshold)
-            self.threshold_l0 = float((post_relu > thr).sum()) / x.shape[0] if thr >= 0 else -1.0
+            # Estimated on up to 256 tokens: a full pass over [B, n] would cost a tenth of a step.
+            sample = post_relu[:256]
+            self.threshold_l0 = float((sample > thr).sum()) / sample.shape[0] if thr >= 0 else -1.0
+        del post_relu, stats  # the dense [B, n] activations are not needed for backward
 
         loss.backward()
-        with torch.no_grad():
-            W, g = self.ae.W_dec, self.ae.W_dec.grad
-            unit = W / W.norm(dim=1, keepdim=True).clamp_min(1e-6)
-            g -= (g * unit).sum(1, keepdim=True) * unit
+        W = self.ae.W_dec
+        project_out_radial_(W.grad, W)
         torch.nn.utils.clip_grad_norm_(self.ae.parameters(), 1.0)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -236,6 +248,7 @@ class MatryoshkaBatchTopKTrainer(MatryoshkaTrainerBase):
             "balance_beta": self.balance_beta,
             "n_prefixes": self.n_prefixes,
             "pareto_power": self.pareto_power,
+            "backend": self.backend,
             "loss_convention": "weighted mean of prefix MSEs (prefix weights sum to 1)",
             **self._metadata(),
         }

@@ -17,7 +17,7 @@ from typing import Sequence
 
 import torch
 
-from ..prefix_loss import prefix_mse, sparse_from_dense
+from ..prefix_loss import BACKENDS, prefix_mse, sparse_from_dense
 from ..prefixes import PrefixSampler, group_sizes_from_fractions
 from ..sae import MatryoshkaLogSparsitySAE
 from ..sparsity import SPARSITY_KINDS, L0Controller, sparsity_penalty
@@ -25,6 +25,7 @@ from .common import (
     LossLog,
     MatryoshkaTrainerBase,
     check_positive,
+    make_adam,
     permute_latents_,
     warmup_stable_decay_schedule,
 )
@@ -76,6 +77,7 @@ class MatryoshkaLogSparsityTrainer(MatryoshkaTrainerBase):
         device: str | None = None,
         wandb_name: str = "MatryoshkaLogSparsitySAE",
         submodule_name: str | None = None,
+        backend: str = "auto",
     ):
         super().__init__(steps, activation_dim, dict_size, layer, lm_name, seed, device, wandb_name, submodule_name)
         if sparsity not in SPARSITY_KINDS:
@@ -88,6 +90,9 @@ class MatryoshkaLogSparsityTrainer(MatryoshkaTrainerBase):
                 raise ValueError(f"{name} must lie in [0, 1), got {v}")
         if not (0.0 <= controller_warmup_fraction < 1.0):
             raise ValueError(f"controller_warmup_fraction must lie in [0, 1), got {controller_warmup_fraction}")
+        if backend not in BACKENDS:
+            raise ValueError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
+        self.backend = backend
         self.group_fractions = None if group_fractions is None else [float(f) for f in group_fractions]
         group_sizes = None
         if self.group_fractions is not None:
@@ -123,7 +128,7 @@ class MatryoshkaLogSparsityTrainer(MatryoshkaTrainerBase):
         self.warmup_steps, self.decay_fraction, self.end_lr_factor = int(warmup_steps), float(decay_fraction), float(end_lr_factor)
 
         self.ae = dict_class(activation_dim, dict_size).to(self.device)
-        self.optimizer = torch.optim.Adam(self.ae.parameters(), lr=self.lr, betas=self.betas)
+        self.optimizer = make_adam(self.ae.parameters(), self.lr, self.betas)
         schedule = warmup_stable_decay_schedule(self.steps, self.warmup_steps, self.decay_fraction, self.end_lr_factor)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda=schedule)
 
@@ -148,7 +153,10 @@ class MatryoshkaLogSparsityTrainer(MatryoshkaTrainerBase):
         """Activations, their magnitudes, the prefix reconstruction and the sparsity term."""
         a = self.ae.raw_encode(x_scaled)
         weights = self.prefixes.sample(self.generator) if training else self.prefixes.expected()
-        recon = prefix_mse(x_scaled, sparse_from_dense(a), self.ae.W_dec, self.ae.b_dec, weights)
+        recon = prefix_mse(
+            x_scaled, sparse_from_dense(a), self.ae.W_dec, self.ae.b_dec, weights,
+            backend=self.backend, consume_grads=training,
+        )
         magnitudes = a * self.ae.W_dec.norm(dim=1)
         penalty = sparsity_penalty(magnitudes, weights.tail().to(a.device), self.sparsity, self.log_eps)
         return a, magnitudes, recon, penalty
@@ -267,6 +275,7 @@ class MatryoshkaLogSparsityTrainer(MatryoshkaTrainerBase):
             "decay_fraction": self.decay_fraction,
             "end_lr_factor": self.end_lr_factor,
             "grad_clip": self.grad_clip,
+            "backend": self.backend,
             "loss_convention": "weighted mean of prefix MSEs on input scaled to norm sqrt(d)",
             **self._metadata(),
         }

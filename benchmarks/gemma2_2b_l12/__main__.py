@@ -1,0 +1,51 @@
+"""``python -m benchmarks.gemma2_2b_l12 --config FILE [--dry-run] [--set KEY=VALUE ...]``"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from . import DEFAULT_CONFIG
+from .config import ConfigError, load_config, parse_override
+from .pipeline import run_benchmark
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        prog="python -m benchmarks.gemma2_2b_l12",
+        description="Train Matryoshka and standard SAEs on Gemma-2-2B layer 12, run SAEBench's absorption, "
+        "sparse probing, SCR, TPP and core evals on every SAE, and write a comparison table and plots. "
+        "Re-running the same command continues an interrupted run.",
+    )
+    p.add_argument("--config", default=str(DEFAULT_CONFIG), help="TOML config (default: %(default)s, the paper settings)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value (TOML syntax; bare words are strings), e.g. --set training.tokens=10_000_000 "
+                   "--set 'training.widths=[16384]'")
+    p.add_argument("--run-dir", help="shortcut for --set run_dir=...")
+    p.add_argument("--device", help="shortcut for --set device=...")
+    p.add_argument("--dry-run", action="store_true", help="print the plan and the estimates, then stop")
+    p.add_argument("--published-baselines", action="store_true",
+                   help="evaluate SAEBench's published suites (through SAELens) instead of training the baselines")
+    p.add_argument("--skip-training", action="store_true", help="only evaluate SAEs that are already trained")
+    p.add_argument("--skip-evals", action="store_true", help="train, then report what is already evaluated")
+    p.add_argument("--force-evals", action="store_true", help="recompute eval results that exist")
+    args = p.parse_args(argv)
+    try:
+        overrides = dict(parse_override(s) for s in args.overrides)
+        if args.run_dir:
+            overrides["run_dir"] = args.run_dir
+        if args.device:
+            overrides["device"] = args.device
+        if args.published_baselines:
+            overrides["training.baselines"] = "published"
+        cfg = load_config(args.config, overrides)
+        run_benchmark(cfg, dry_run=args.dry_run, skip_training=args.skip_training, skip_evals=args.skip_evals,
+                      force_evals=args.force_evals)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

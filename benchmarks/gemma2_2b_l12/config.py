@@ -1,0 +1,324 @@
+"""The benchmark's configuration: dataclasses, read from a TOML file, checked before any work.
+
+The defaults are the paper's settings (Bussmann et al., ICML 2025, trained like SAEBench's
+Gemma-2-2B suites): ``google/gemma-2-2b`` layer 12 residual stream, 500M Pile tokens, batch 2048,
+Adam lr 3e-4, widths 16k and 65k, L0 in {20, 40, 80, 160, 320}, Matryoshka groups
+[1/32, 1/16, 1/8, 1/4, 17/32]. ``config.toml`` next to this file spells them out.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.10
+    import tomli as tomllib
+
+__all__ = [
+    "ARCHITECTURES",
+    "BenchmarkConfig",
+    "ConfigError",
+    "DataConfig",
+    "EvalConfig",
+    "HardwareConfig",
+    "ModelConfig",
+    "PublishedSuite",
+    "TrainingConfig",
+    "load_config",
+]
+
+# Architectures this benchmark trains: name -> (what, trainer). "relu" targets an L1 penalty, the
+# rest a BatchTopK k (= the target L0).
+ARCHITECTURES = {
+    "matryoshka": "matryoshka_plugin.MatryoshkaBatchTopKTrainer (this package)",
+    "batchtopk": "dictionary_learning.trainers.batch_top_k.BatchTopKTrainer",
+    "relu": "dictionary_learning.trainers.standard.StandardTrainer (L1 penalty)",
+    "matryoshka_upstream": "dictionary_learning.trainers.matryoshka_batch_top_k.MatryoshkaBatchTopKTrainer",
+}
+GROUPINGS = ("width_architecture", "width", "all", "sae")
+_DTYPES = ("float32", "bfloat16", "float16")
+
+
+class ConfigError(ValueError):
+    """The benchmark configuration is invalid or does not match what the run folder holds."""
+
+
+@dataclass
+class ModelConfig:
+    name: str = "google/gemma-2-2b"  # Hugging Face id (nnsight, training)
+    tl_name: str | None = "gemma-2-2b"  # TransformerLens name (SAEBench); None: derived from name
+    layer: int = 12
+    submodule: str = "model.layers.12"  # attribute path in the HF model (nnsight LanguageModel)
+    io: str = "out"  # ActivationBuffer io: the module's output = residual stream after the layer
+    dtype: str = "bfloat16"
+    d_model: int = 2304
+    n_layers: int = 26
+    n_params: float = 2.614e9  # for the estimates
+    n_embedding_params: float = 5.9e8  # 256000 x 2304 token embeddings (not run per token)
+
+
+@dataclass
+class DataConfig:
+    dataset: str = "monology/pile-uncopyrighted"  # streamed with datasets.load_dataset
+    split: str = "train"
+    text_column: str = "text"
+    ctx_len: int = 1024
+    buffer_contexts: int = 1000  # ActivationBuffer n_ctxs: 1000 x 1024 tokens
+    refresh_batch_size: int = 32  # contexts per LM forward when refilling the buffer
+    remove_bos: bool = True  # Gemma's BOS activation is an outlier; drop it from training
+
+
+@dataclass
+class TrainingConfig:
+    architectures: list[str] = field(default_factory=lambda: ["matryoshka", "batchtopk", "relu"])
+    tokens: int = 500_000_000
+    batch_size: int = 2048
+    lr: float = 3e-4
+    widths: list[int] = field(default_factory=lambda: [16384, 65536])
+    l0s: list[int] = field(default_factory=lambda: [20, 40, 80, 160, 320])
+    group_fractions: list[float] = field(default_factory=lambda: [1 / 32, 1 / 16, 1 / 8, 1 / 4, 17 / 32])
+    # ReLU SAEs cannot target an L0: one L1 penalty per entry of l0s (on normalised activations),
+    # strongest first; the report plots every SAE at its measured L0.
+    relu_l1_penalties: list[float] = field(default_factory=lambda: [0.06, 0.04, 0.03, 0.02, 0.012])
+    warmup_steps: int = 1000
+    decay_start_fraction: float | None = 0.8  # linear lr decay over the last 20% of steps
+    sparsity_warmup_steps: int = 5000  # ReLU only
+    threshold_start_step: int = 1000  # BatchTopK inference-threshold estimation starts here
+    normalize_activations: bool = True  # trainSAE's unit mean-squared-norm scaling (folded back on save)
+    autocast_dtype: str = "float32"
+    group_by: str = "width_architecture"  # SAEs trained together on one activation stream
+    seed: int = 0
+    baselines: str = "train"  # "train" or "published" (SAEBench's suites through SAELens)
+
+    @property
+    def steps(self) -> int:
+        return self.tokens // self.batch_size
+
+
+@dataclass
+class PublishedSuite:
+    label: str  # architecture label in the report
+    release: str  # SAELens release
+    sae_ids: str = r"^blocks\.12\.hook_resid_post__trainer_\d+$"  # which SAEs of the release
+
+
+def _default_published() -> list[PublishedSuite]:
+    # The Gemma-2-2B layer-12 suites of SAEBench that SAELens' pretrained directory lists.
+    return [
+        PublishedSuite("topk (SAEBench)", "sae_bench_gemma-2-2b_topk_width-2pow14_date-1109"),
+        PublishedSuite("topk (SAEBench)", "sae_bench_gemma-2-2b_topk_width-2pow16_date-1109"),
+        PublishedSuite("relu (SAEBench)", "sae_bench_gemma-2-2b_vanilla_width-2pow14_date-1109"),
+        PublishedSuite("relu (SAEBench)", "sae_bench_gemma-2-2b_vanilla_width-2pow16_date-1109"),
+        PublishedSuite("matryoshka (SAEBench)", "saebench_gemma-2-2b_width-2pow14_date-0107"),
+        PublishedSuite("matryoshka (SAEBench)", "saebench_gemma-2-2b_width-2pow16_date-0107"),
+    ]
+
+
+@dataclass
+class EvalConfig:
+    evals: list[str] = field(default_factory=lambda: ["core", "absorption", "sparse_probing", "scr", "tpp"])
+    llm_batch_size: int | None = None  # default: SAEBench's for the model (gemma-2-2b: 32)
+    llm_dtype: str | None = None  # default: SAEBench's for the model (gemma-2-2b: bfloat16)
+    random_seed: int = 42
+    overrides: dict[str, dict[str, Any]] = field(default_factory=dict)  # per eval, SAEBench config fields
+    extra_saes: dict[str, str] = field(default_factory=dict)  # name -> folder or "saelens:RELEASE:ID"
+
+
+@dataclass
+class HardwareConfig:
+    """Throughputs assumed by the time estimate (effective, not peak)."""
+
+    lm_tflops: float = 250.0  # bf16 LM forward, H100-class GPU
+    sae_tflops: float = 120.0  # fp32/TF32 SAE training matmuls
+    gpu_memory_gb: float | None = 80.0  # warn when the estimate exceeds it (None: no check)
+
+
+@dataclass
+class BenchmarkConfig:
+    run_dir: str = "runs/gemma2_2b_l12"
+    device: str = "cuda"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    evals: EvalConfig = field(default_factory=EvalConfig)
+    published: list[PublishedSuite] = field(default_factory=_default_published)
+    hardware: HardwareConfig = field(default_factory=HardwareConfig)
+    source: str | None = None  # the file it was read from
+
+    @property
+    def tl_model_name(self) -> str:
+        from matryoshka_plugin.saelens import tl_model_name
+
+        return self.model.tl_name or str(tl_model_name(self.model.name))
+
+    @property
+    def hook_name(self) -> str:
+        from matryoshka_plugin.saelens import tl_hook_name
+
+        return tl_hook_name(self.model.submodule, self.model.io, self.model.layer, self.model.name)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d.pop("source")
+        return d
+
+    def validate(self) -> "BenchmarkConfig":
+        """Raise :class:`ConfigError` for anything that would fail later; returns self."""
+        from matryoshka_plugin.saebench import SAEBenchError, check_eval_names, make_eval_config
+
+        m, d, t, e = self.model, self.data, self.training, self.evals
+        errors: list[str] = []
+        if m.dtype not in _DTYPES:
+            errors.append(f"model.dtype must be one of {_DTYPES}, got {m.dtype!r}")
+        if t.autocast_dtype not in _DTYPES:
+            errors.append(f"training.autocast_dtype must be one of {_DTYPES}, got {t.autocast_dtype!r}")
+        if not re.match(r"^[A-Za-z_][\w]*(\.\w+)*$", m.submodule):
+            errors.append(f"model.submodule {m.submodule!r} is not an attribute path like 'model.layers.12'")
+        elif re.search(r"\.(\d+)$", m.submodule) and int(m.submodule.rsplit(".", 1)[1]) != m.layer:
+            errors.append(f"model.submodule {m.submodule!r} does not end in model.layer={m.layer}")
+        if not 0 <= m.layer < m.n_layers:
+            errors.append(f"model.layer={m.layer} is outside the model's {m.n_layers} layers")
+        try:
+            self.hook_name
+        except ValueError as ex:
+            errors.append(f"model: {ex}")
+        unknown = [a for a in t.architectures if a not in ARCHITECTURES]
+        if unknown:
+            errors.append(f"unknown training.architectures {unknown}; known: {sorted(ARCHITECTURES)}")
+        if len(set(t.architectures)) != len(t.architectures):
+            errors.append(f"training.architectures has duplicates: {t.architectures}")
+        if t.baselines not in ("train", "published"):
+            errors.append(f"training.baselines must be 'train' or 'published', got {t.baselines!r}")
+        if t.normalize_activations and "matryoshka_upstream" in t.architectures:
+            errors.append("dictionary_learning's Matryoshka SAE (matryoshka_upstream) has no scale_biases, so it "
+                          "cannot train with training.normalize_activations = true")
+        if t.group_by not in GROUPINGS:
+            errors.append(f"training.group_by must be one of {GROUPINGS}, got {t.group_by!r}")
+        steps = t.steps
+        if steps < 1:
+            errors.append(f"training.tokens={t.tokens} is less than one batch of {t.batch_size}")
+        for key in ("warmup_steps", "threshold_start_step"):
+            if not 0 <= getattr(t, key) < steps:
+                errors.append(f"training.{key}={getattr(t, key)} must be in [0, steps={steps})")
+        if "relu" in t.architectures and not 0 <= t.sparsity_warmup_steps < steps:
+            errors.append(f"training.sparsity_warmup_steps={t.sparsity_warmup_steps} must be in [0, steps={steps})")
+        if t.decay_start_fraction is not None:
+            if not 0 < t.decay_start_fraction < 1:
+                errors.append("training.decay_start_fraction must be in (0, 1) or absent")
+            elif int(steps * t.decay_start_fraction) <= t.warmup_steps:
+                errors.append("training: the lr decay would start before warm-up ends")
+        if not t.widths or any(w < 1 for w in t.widths):
+            errors.append(f"training.widths must be positive, got {t.widths}")
+        if not t.l0s or any(k < 1 for k in t.l0s):
+            errors.append(f"training.l0s must be positive, got {t.l0s}")
+        elif t.widths and max(t.l0s) > min(t.widths):
+            errors.append(f"training.l0s {t.l0s} exceed the smallest width {min(t.widths)}")
+        if "relu" in t.architectures and len(t.relu_l1_penalties) != len(t.l0s):
+            errors.append(
+                f"training.relu_l1_penalties needs one penalty per L0 ({len(t.l0s)}), got {len(t.relu_l1_penalties)}"
+            )
+        if any(a.startswith("matryoshka") for a in t.architectures):
+            fr = t.group_fractions
+            if not fr or any(f <= 0 for f in fr) or not math.isclose(sum(fr), 1.0, abs_tol=1e-6):
+                errors.append(f"training.group_fractions must be positive and sum to 1, got {fr}")
+            else:
+                for w in t.widths:
+                    sizes = [int(f * w) for f in fr[:-1]]
+                    if min(sizes + [w - sum(sizes)]) < 1:
+                        errors.append(f"training.group_fractions {fr} leave an empty group at width {w}")
+        if d.ctx_len < 2 or d.buffer_contexts < 1 or d.refresh_batch_size < 1:
+            errors.append("data.ctx_len, data.buffer_contexts and data.refresh_batch_size must be positive")
+        if d.buffer_contexts * (d.ctx_len - int(d.remove_bos)) < 2 * t.batch_size:
+            errors.append(
+                f"the activation buffer (data.buffer_contexts x ctx_len) must hold at least two batches of {t.batch_size}"
+            )
+        try:
+            evals = check_eval_names(e.evals)
+            for ev, ov in e.overrides.items():
+                if ev not in evals:
+                    raise SAEBenchError(f"evals.overrides has settings for {ev!r}, which is not in evals.evals {list(evals)}")
+            for ev in evals:
+                make_eval_config(ev, self.tl_model_name, llm_batch_size=e.llm_batch_size or 32,
+                                 llm_dtype=e.llm_dtype or "float32", overrides=e.overrides.get(ev))
+        except SAEBenchError as ex:
+            errors.append(f"evals: {ex}")
+        if e.llm_dtype is not None and e.llm_dtype not in _DTYPES:
+            errors.append(f"evals.llm_dtype must be one of {_DTYPES}, got {e.llm_dtype!r}")
+        if t.baselines == "published" and not self.published:
+            errors.append("training.baselines = 'published' needs [[published]] suites")
+        if errors:
+            where = f" in {self.source}" if self.source else ""
+            raise ConfigError(f"invalid benchmark configuration{where}:\n  - " + "\n  - ".join(errors))
+        return self
+
+
+def _build(cls: type, data: Mapping[str, Any], where: str) -> Any:
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"[{where}] must be a table, got {type(data).__name__}")
+    names = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(names) - {"source"})
+    if unknown:
+        raise ConfigError(f"unknown key(s) {unknown} in [{where}]; known: {sorted(n for n in names if n != 'source')}")
+    kwargs = {}
+    for key, value in data.items():
+        f = names[key]
+        sub = {"model": ModelConfig, "data": DataConfig, "training": TrainingConfig, "evals": EvalConfig,
+               "hardware": HardwareConfig}.get(key) if cls is BenchmarkConfig else None
+        if sub is not None:
+            value = _build(sub, value, key)
+        elif cls is BenchmarkConfig and key == "published":
+            value = [_build(PublishedSuite, v, f"published[{i}]") for i, v in enumerate(value)]
+        kwargs[key] = value
+    try:
+        return cls(**kwargs)
+    except TypeError as e:
+        raise ConfigError(f"[{where}]: {e}") from None
+
+
+def _set_dotted(data: dict, dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node = data
+    for k in keys[:-1]:
+        node = node.setdefault(k, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"--set {dotted}: {k} is not a table")
+    node[keys[-1]] = value
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    """``"training.tokens=1000000"`` -> ``("training.tokens", 1000000)`` (TOML values; bare words are strings)."""
+    key, sep, raw = item.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"--set expects KEY=VALUE, got {item!r}")
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw
+    return key.strip(), value
+
+
+def load_config(path: str | Path | None = None, overrides: Mapping[str, Any] | None = None,
+                validate: bool = True) -> BenchmarkConfig:
+    """Read a TOML config (``None``: the built-in paper settings), apply dotted ``overrides``
+    (``{"training.tokens": 10**6}``) and validate."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"no such config file: {path}")
+        try:
+            data = tomllib.loads(path.read_text())
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"{path} is not valid TOML: {e}") from None
+    for key, value in (overrides or {}).items():
+        _set_dotted(data, key, value)
+    cfg = _build(BenchmarkConfig, data, "top level")
+    cfg.source = str(path) if path is not None else None
+    return cfg.validate() if validate else cfg

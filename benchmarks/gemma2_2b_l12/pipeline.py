@@ -1,0 +1,303 @@
+"""Train, evaluate, report: the benchmark's one command.
+
+    run_benchmark(load_config("benchmarks/gemma2_2b_l12/config.toml"))
+
+1. Check the config and every existing result against it (nothing is loaded yet), print the plan
+   and the GPU memory / time estimates.
+2. Train each pending group of SAEs with dictionary_learning's ``trainSAE`` on an
+   ``ActivationBuffer`` over the nnsight ``LanguageModel`` (text streamed with
+   ``datasets.load_dataset``). A group is written to ``train/.<group>.partial`` and renamed to
+   ``train/<group>`` when every SAE of it is saved, so an interrupted group restarts from scratch
+   and finished groups are skipped.
+3. Run the SAEBench evals on every SAE with :func:`matryoshka_plugin.saebench.run_saebench`
+   (results that exist are skipped).
+4. Write ``report/comparison.md``, ``report/comparison.csv`` and ``report/<metric>_vs_l0.png``.
+
+Where the model and data come from is injectable: ``models`` (an object with
+``language_model(cfg)`` -> nnsight ``LanguageModel`` and ``hooked_transformer(cfg)`` ->
+TransformerLens ``HookedTransformer`` or None) and ``load_dataset`` (``datasets.load_dataset``'s
+signature, used for the training text and by SAEBench). The defaults load from the Hugging Face hub.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import shutil
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import torch
+
+from .config import BenchmarkConfig, ConfigError
+from .plan import (
+    Estimate,
+    Plan,
+    build_plan,
+    check_group_folder,
+    estimate,
+    format_plan,
+    group_spec,
+    plan_summary,
+    trainer_config,
+)
+from .report import write_report
+
+__all__ = ["HubModels", "BenchmarkResult", "run_benchmark", "prepare", "text_stream"]
+
+_TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class HubModels:
+    """Loads the model from the Hugging Face hub. ``google/gemma-2-2b`` is gated: accept its licence
+    on huggingface.co and log in (``huggingface-cli login`` or ``HF_TOKEN``) first."""
+
+    def language_model(self, cfg: BenchmarkConfig):
+        from nnsight import LanguageModel
+
+        return LanguageModel(cfg.model.name, dispatch=True, device_map=cfg.device,
+                             torch_dtype=_TORCH_DTYPES[cfg.model.dtype], tokenizer_kwargs={"padding_side": "right"})
+
+    def hooked_transformer(self, cfg: BenchmarkConfig):
+        return None  # run_saebench loads it with SAEBench's own call
+
+
+@dataclass
+class BenchmarkResult:
+    plan: Plan
+    estimate: Estimate
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    report_files: list[Path] = field(default_factory=list)
+    trained_groups: list[str] = field(default_factory=list)
+    eval_records: list[Any] = field(default_factory=list)
+
+
+def _json_dump_atomic(path: Path, obj: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2, default=str))
+    os.replace(tmp, path)
+
+
+def _resolved_eval_settings(cfg: BenchmarkConfig) -> dict[str, Any]:
+    from dataclasses import asdict
+
+    from matryoshka_plugin.saebench import default_llm_settings, make_eval_config
+
+    bs, dtype = default_llm_settings(cfg.tl_model_name)
+    e = cfg.evals
+    out = {}
+    for ev in e.evals:
+        c = make_eval_config(ev, cfg.tl_model_name, llm_batch_size=e.llm_batch_size or bs,
+                             llm_dtype=e.llm_dtype or dtype, random_seed=e.random_seed, overrides=e.overrides.get(ev))
+        d = dict(c) if isinstance(c, dict) else asdict(c)
+        out[ev] = {k: v for k, v in d.items() if k not in ("llm_batch_size", "sae_batch_size", "eval_batch_size_prompts")}
+    return json.loads(json.dumps(out, default=str))
+
+
+def _check_eval_settings(plan: Plan, force_evals: bool) -> None:
+    path = plan.eval_dir / "settings.json"
+    current = _resolved_eval_settings(plan.cfg)
+    if path.is_file() and not force_evals:
+        saved = json.loads(path.read_text())
+        changed = sorted(ev for ev in current if ev in saved and saved[ev] != current[ev])
+        if changed:
+            raise ConfigError(
+                f"the settings of eval(s) {changed} differ from those the results in {plan.eval_dir} were computed "
+                "with; pass --force-evals to recompute them, or use another run_dir"
+            )
+
+
+def _write_eval_settings(plan: Plan) -> None:
+    path = plan.eval_dir / "settings.json"
+    saved = json.loads(path.read_text()) if path.is_file() else {}
+    saved.update(_resolved_eval_settings(plan.cfg))
+    _json_dump_atomic(path, saved)
+
+
+def _check_existing_saes(plan: Plan) -> None:
+    """Trained groups, extra SAE folders and published SAEs must match the config's model and hook."""
+    from matryoshka_plugin.saebench import SAEBenchError, check_saes, describe_sae
+
+    cfg = plan.cfg
+    refs = []
+    for g in plan.groups:
+        if plan.group_done(g):
+            check_group_folder(plan, g)
+            refs += [describe_sae(s.location, s.name) for s in plan.groups[g]]
+    for s in plan.saes:
+        if s.source != "train":
+            try:
+                refs.append(describe_sae(s.location, s.name))
+            except SAEBenchError as e:
+                raise ConfigError(f"SAE {s.name!r}: {e}") from None
+    if refs:
+        try:
+            check_saes(refs, model_name=cfg.tl_model_name, hook_name=cfg.hook_name, evals=cfg.evals.evals)
+        except SAEBenchError as e:
+            raise ConfigError(str(e)) from None
+
+
+def _pending_evals(plan: Plan, force_evals: bool) -> dict[str, int]:
+    from matryoshka_plugin.saebench import read_result
+
+    return {ev: sum(1 for s in plan.saes if force_evals or read_result(plan.eval_dir, s.name, ev) is None)
+            for ev in plan.cfg.evals.evals}
+
+
+def prepare(cfg: BenchmarkConfig, force_evals: bool = False) -> tuple[Plan, Estimate, dict[str, int]]:
+    """Validate, build the plan, check existing results against it and estimate; loads nothing."""
+    cfg.validate()
+    plan = build_plan(cfg)
+    _check_existing_saes(plan)
+    _check_eval_settings(plan, force_evals)
+    pending = _pending_evals(plan, force_evals)
+    return plan, estimate(plan, pending), pending
+
+
+# ----------------------------------------------------------------------------------------------
+# Training
+# ----------------------------------------------------------------------------------------------
+
+
+def text_stream(cfg: BenchmarkConfig, load_dataset: Callable[..., Any] | None = None) -> Iterator[str]:
+    """Texts of ``cfg.data.dataset`` streamed with ``datasets.load_dataset``; starts over (with a
+    warning) when a finite data set runs out."""
+    if load_dataset is None:
+        from datasets import load_dataset
+    d = cfg.data
+    epoch = 0
+    while True:
+        ds = load_dataset(d.dataset, split=d.split, streaming=True)
+        n = 0
+        for row in ds:
+            if d.text_column not in row:
+                raise ConfigError(f"{d.dataset} has no column {d.text_column!r} (columns: {sorted(row)})")
+            text = row[d.text_column]
+            if isinstance(text, str) and text.strip():
+                n += 1
+                yield text
+        if n == 0:
+            raise ConfigError(f"{d.dataset} ({d.split}) yielded no text")
+        epoch += 1
+        if epoch == 1:
+            warnings.warn(f"{d.dataset} ran out after {n} texts; starting over", stacklevel=2)
+
+
+def resolve_submodule(lm: Any, path: str) -> Any:
+    obj = lm
+    for part in path.split("."):
+        obj = obj[int(part)] if part.isdigit() else getattr(obj, part)
+    return obj
+
+
+def train_group(plan: Plan, group: str, lm: Any, load_dataset: Callable | None, log: Callable[[str], None]) -> None:
+    from dictionary_learning.buffer import ActivationBuffer
+    from dictionary_learning.training import trainSAE
+
+    cfg = plan.cfg
+    specs = plan.groups[group]
+    final = plan.group_dir(group)
+    partial = final.with_name(f".{group}.partial")
+    shutil.rmtree(partial, ignore_errors=True)  # an interrupted attempt restarts from scratch
+    if final.exists():
+        shutil.rmtree(final)  # incomplete (no group.json or a missing ae.pt)
+    partial.mkdir(parents=True)
+    d, t = cfg.data, cfg.training
+    if d.remove_bos:
+        # ActivationBuffer drops position 0 as the BOS token: with left padding that would be a pad
+        # token (masked anyway) and the real BOS would stay in.
+        lm.tokenizer.padding_side = "right"
+    buffer = ActivationBuffer(
+        text_stream(cfg, load_dataset), lm, resolve_submodule(lm, cfg.model.submodule), d_submodule=cfg.model.d_model,
+        io=cfg.model.io, n_ctxs=int(d.buffer_contexts), ctx_len=d.ctx_len, refresh_batch_size=d.refresh_batch_size,
+        out_batch_size=t.batch_size, device=cfg.device, remove_bos=d.remove_bos,
+    )
+    configs = [trainer_config(cfg, s) for s in specs]
+    trainSAE(data=buffer, trainer_configs=configs, steps=t.steps, save_dir=str(partial),
+             normalize_activations=t.normalize_activations, device=cfg.device,
+             autocast_dtype=_TORCH_DTYPES[t.autocast_dtype])
+    for s in specs:
+        if not (partial / f"trainer_{s.index}" / "ae.pt").is_file():
+            raise RuntimeError(f"trainSAE finished without writing {partial}/trainer_{s.index}/ae.pt")
+    _json_dump_atomic(partial / "group.json", group_spec(cfg, specs))
+    os.replace(partial, final)
+    # Results of earlier SAEs with these names are stale now.
+    from matryoshka_plugin.saebench import remove_results
+
+    for s in specs:
+        for path in remove_results(plan.eval_dir, s.name):
+            log(f"removed stale result {path}")
+
+
+def _release_memory() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+# ----------------------------------------------------------------------------------------------
+# The command
+# ----------------------------------------------------------------------------------------------
+
+
+def run_benchmark(
+    cfg: BenchmarkConfig,
+    *,
+    models: Any = None,
+    load_dataset: Callable[..., Any] | None = None,
+    dry_run: bool = False,
+    skip_training: bool = False,
+    skip_evals: bool = False,
+    force_evals: bool = False,
+    log: Callable[[str], None] = print,
+) -> BenchmarkResult:
+    """Run (or with ``dry_run`` only plan) the benchmark; see the module docstring."""
+    plan, est, pending = prepare(cfg, force_evals=force_evals)
+    log(format_plan(plan, est, pending))
+    result = BenchmarkResult(plan, est)
+    if dry_run:
+        return result
+    models = models if models is not None else HubModels()
+    plan.run_dir.mkdir(parents=True, exist_ok=True)
+    _json_dump_atomic(plan.run_dir / "plan.json", plan_summary(plan, est))
+
+    todo = [] if skip_training else plan.pending_groups()
+    if todo:
+        lm = models.language_model(cfg)
+        for i, group in enumerate(todo, 1):
+            t0 = time.time()
+            log(f"[train {i}/{len(todo)}] {group}: {', '.join(s.name for s in plan.groups[group])}")
+            train_group(plan, group, lm, load_dataset, log)
+            _release_memory()
+            result.trained_groups.append(group)
+            log(f"[train {i}/{len(todo)}] {group} done in {(time.time() - t0) / 60:.1f} min")
+        del lm  # the evals load the TransformerLens model instead
+        _release_memory()
+
+    available = [s for s in plan.saes if s.source != "train" or plan.group_done(s.group)]
+    missing = [s.name for s in plan.saes if s not in available]
+    if missing:
+        log(f"not trained yet (skipped in evals and report): {', '.join(missing)}")
+    if not skip_evals and available:
+        from matryoshka_plugin.saebench import run_saebench
+
+        e = cfg.evals
+        _write_eval_settings(plan)
+        run = run_saebench(
+            {s.name: s.location for s in available}, plan.eval_dir, e.evals,
+            model_name=cfg.tl_model_name, hook_name=cfg.hook_name, device=cfg.device, llm_dtype=e.llm_dtype,
+            llm_batch_size=e.llm_batch_size, random_seed=e.random_seed, eval_overrides=e.overrides,
+            model=models.hooked_transformer(cfg), load_dataset=load_dataset, force=force_evals,
+        )
+        result.eval_records = run.records
+        for r in run.records:
+            if r.status == "not_evaluated":
+                log(f"note: {r.name} {r.eval}: {r.reason}")
+    result.rows, result.report_files = write_report(plan, available)
+    log(f"report: {', '.join(str(p) for p in result.report_files[:2])} and {len(result.report_files) - 2} plots")
+    return result

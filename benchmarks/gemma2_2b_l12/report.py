@@ -1,0 +1,178 @@
+"""The comparison table (markdown + CSV) and one plot per metric against L0, per architecture."""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
+__all__ = ["METRIC_LABELS", "PAPER_REFERENCE", "comparison_rows", "write_report"]
+
+# column -> (label, higher is better)
+METRIC_LABELS = {
+    "l0": ("L0 (measured)", None),
+    "explained_variance": ("Variance explained", True),
+    "mse": ("MSE", False),
+    "ce_loss_score": ("Loss recovered (CE score)", True),
+    "kl_div_score": ("KL-divergence score", True),
+    "absorption": ("Absorption (mean fraction)", False),
+    "full_absorption": ("Full absorption rate", False),
+    "split_features": ("Split features per letter", False),
+    "sparse_probing_top1": ("Sparse probing, top-1 latent accuracy", True),
+    "sparse_probing_llm": ("Probing accuracy on the LM (reference)", True),
+    "scr_top20": ("SCR, top-20 latents", True),
+    "tpp_top20": ("TPP, top-20 latents", True),
+}
+
+# Bussmann et al. (ICML 2025), Gemma-2-2B layer 12, at L0 40: Matryoshka vs BatchTopK.
+PAPER_REFERENCE = {
+    "l0": 40,
+    "explained_variance": {"matryoshka": 0.70, "batchtopk": 0.72},
+    "absorption": {"matryoshka": 0.05, "batchtopk": 0.49},
+}
+
+_ID_COLUMNS = ["name", "architecture", "source", "width", "target_l0", "l1_penalty", "absorption_status"]
+
+
+def comparison_rows(plan: Any, specs: Sequence[Any]) -> list[dict[str, Any]]:
+    """One row per SAE: identity columns and the headline metrics (None where not available)."""
+    from matryoshka_plugin.saebench import collect_results, headline_row
+
+    results = collect_results(plan.eval_dir, [s.name for s in specs], plan.cfg.evals.evals)
+    rows = []
+    for s in specs:
+        res = results.get(s.name, {})
+        absorption = res.get("absorption")
+        row = {
+            "name": s.name, "architecture": s.architecture, "source": s.source, "width": s.width,
+            "target_l0": s.k, "l1_penalty": s.l1_penalty,
+            "absorption_status": None if absorption is None else absorption["status"],
+            **headline_row(res),
+        }
+        rows.append(row)
+    rows.sort(key=lambda r: (r["width"] or 0, str(r["architecture"]), r["l0"] if r["l0"] is not None else math.inf,
+                             r["name"]))
+    return rows
+
+
+def _fmt(v: Any) -> str:
+    if v is None:
+        return "–"
+    if isinstance(v, float):
+        if v != v:
+            return "nan"
+        return f"{v:.1f}" if abs(v) >= 100 else f"{v:.3f}"
+    return str(v)
+
+
+def _markdown(rows: list[dict[str, Any]], metrics: list[str], plan: Any) -> str:
+    cfg = plan.cfg
+    header = ["SAE", "architecture", "width", "target L0"] + [METRIC_LABELS[m][0] for m in metrics]
+    lines = [
+        f"# Matryoshka vs standard SAEs: {cfg.model.name}, {cfg.hook_name}",
+        "",
+        f"SAEBench evals: {', '.join(cfg.evals.evals)}. L0 is measured by the core eval; "
+        "absorption: lower is better; all other scores: higher is better (except MSE).",
+        "",
+        "| " + " | ".join(header) + " |",
+        "|" + "|".join("---" for _ in header) + "|",
+    ]
+    for r in rows:
+        target = r["target_l0"] if r["target_l0"] is not None else (f"l1 {r['l1_penalty']:g}" if r["l1_penalty"] else "–")
+        cells = [r["name"], str(r["architecture"]), _fmt(r["width"]), str(target)]
+        for m in metrics:
+            if m in ("absorption", "full_absorption", "split_features") and r["absorption_status"] == "not_evaluated":
+                cells.append("n/e")
+            else:
+                cells.append(_fmt(r[m]))
+        lines.append("| " + " | ".join(cells) + " |")
+    if any(r["absorption_status"] == "not_evaluated" for r in rows):
+        lines += ["", "n/e: SAEBench computed no absorption score because too few first letters have a "
+                      "ground-truth probe above its F1 threshold (see evals/absorption/*_not_evaluated.json)."]
+    ref = PAPER_REFERENCE
+    lines += [
+        "",
+        f"Paper reference (Bussmann et al., ICML 2025; Gemma-2-2B layer 12, L0 {ref['l0']}): variance explained "
+        f"{ref['explained_variance']['matryoshka']:.2f} (Matryoshka) vs {ref['explained_variance']['batchtopk']:.2f} "
+        f"(BatchTopK); absorption {ref['absorption']['matryoshka']:.2f} vs {ref['absorption']['batchtopk']:.2f}.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def width_label(width: int) -> str:
+    return f"{width // 1000}k" if width >= 1000 else str(width)
+
+
+def _plot(rows: list[dict[str, Any]], metric: str, path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    series: dict[tuple[str, Any], list[tuple[float, float]]] = {}
+    for r in rows:
+        x = r["l0"] if r["l0"] is not None else r["target_l0"]
+        y = r[metric]
+        if x is None or y is None or not math.isfinite(float(y)):
+            continue
+        series.setdefault((str(r["architecture"]), r["width"]), []).append((float(x), float(y)))
+    fig, ax = plt.subplots(figsize=(6, 4.2))
+    archs = sorted({a for a, _ in series})
+    widths = sorted({w for _, w in series}, key=lambda w: (w is None, w or 0))
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    markers = ["o", "s", "^", "D", "v", "P"]
+    for (arch, width), pts in sorted(series.items(), key=lambda kv: (kv[0][0], kv[0][1] or 0)):
+        pts.sort()
+        xs, ys = zip(*pts)
+        label = f"{arch} {width_label(width)}" if isinstance(width, int) else arch
+        ax.plot(xs, ys, marker=markers[widths.index(width) % len(markers)], color=colors[archs.index(arch) % len(colors)],
+                linestyle="-" if widths.index(width) == 0 else "--", label=label.strip())
+    if series:
+        xs_all = [x for pts in series.values() for x, _ in pts]
+        if min(xs_all) > 0 and max(xs_all) / min(xs_all) > 3:
+            ax.set_xscale("log")
+        ax.legend(fontsize=8)
+    else:
+        ax.text(0.5, 0.5, "no results", ha="center", va="center", transform=ax.transAxes)
+    ax.set_xlabel("L0 (measured by the core eval; target L0 where missing)")
+    ax.set_ylabel(title)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def write_report(plan: Any, specs: Sequence[Any]) -> tuple[list[dict[str, Any]], list[Path]]:
+    """Write ``comparison.md``, ``comparison.csv`` and one ``<metric>_vs_l0.png`` per metric."""
+    from matryoshka_plugin.saebench import HEADLINE_METRICS
+
+    out = Path(plan.report_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = comparison_rows(plan, specs)
+    evals = set(plan.cfg.evals.evals)
+    metrics = [col for col, ev, _ in HEADLINE_METRICS if ev in evals]
+    md = out / "comparison.md"
+    tmp = md.with_name(".comparison.md.tmp")
+    tmp.write_text(_markdown(rows, metrics, plan))
+    os.replace(tmp, md)
+    csv_path = out / "comparison.csv"
+    tmp = csv_path.with_name(".comparison.csv.tmp")
+    with open(tmp, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=_ID_COLUMNS + [col for col, _, _ in HEADLINE_METRICS], extrasaction="ignore")
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: ("" if v is None else v) for k, v in r.items()})
+    os.replace(tmp, csv_path)
+    files = [md, csv_path]
+    for m in metrics:
+        if m == "l0":
+            continue
+        p = out / f"{m}_vs_l0.png"
+        _plot(rows, m, p, METRIC_LABELS[m][0])
+        files.append(p)
+    return rows, files

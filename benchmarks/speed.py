@@ -1,0 +1,221 @@
+"""Training-step speed and peak memory: this package's trainers vs dictionary_learning's.
+
+    python benchmarks/speed.py                      # CPU: d=2304, F=16384, k=80, B=2048
+    python benchmarks/speed.py --device cuda        # GPU: F=65536 by default
+    python benchmarks/speed.py --scaling            # also step time against F and k
+
+Every candidate runs in its own process on identical data (same seed), so peak memory is
+measured per trainer: peak RSS above the process's baseline on CPU, peak allocated memory on
+GPU. Times are ``trainer.update(step, x)`` wall-clock, the minimum and median over the timed
+steps after warm-up steps (numba compiles on the first call). The floor is one dense encoder
+matmul ``x @ W_enc + b_enc``. Prints a table and one JSON line of ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+CANDIDATES = {
+    "matmul": "one dense encoder matmul (floor)",
+    "ours_groups": "matryoshka_plugin MatryoshkaBatchTopK, 5 fixed groups",
+    "ours_every": "matryoshka_plugin MatryoshkaBatchTopK, every prefix",
+    "ours_groups_torch": "matryoshka_plugin MatryoshkaBatchTopK, 5 groups, plain torch backend",
+    "ours_log_sparsity": "matryoshka_plugin MatryoshkaLogSparsity, 10 Pareto prefixes (L0 set to k)",
+    "upstream_matryoshka": "dictionary_learning MatryoshkaBatchTopKTrainer, 5 groups",
+    "upstream_batchtopk": "dictionary_learning BatchTopKTrainer",
+}
+FRACTIONS = [1 / 32, 1 / 16, 1 / 8, 1 / 4, 17 / 32]
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def _sync(device: str) -> None:
+    import torch
+
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def worker(spec: dict) -> dict:
+    """Run one candidate; returns timings and peak memory."""
+    import torch
+
+    if spec["threads"]:
+        torch.set_num_threads(spec["threads"])
+    device, d, F, k, B = spec["device"], spec["d"], spec["dict_size"], spec["k"], spec["batch"]
+    dtype = getattr(torch, spec["dtype"])
+    gen = torch.Generator().manual_seed(0)
+    x = (torch.randn(B, d, generator=gen) * 4 + 1).to(device=device, dtype=dtype)
+    name = spec["name"]
+    common = dict(steps=10_000, activation_dim=d, dict_size=F, layer=12, lm_name="bench", device=device, seed=0)
+    _sync(device)
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+    base = _rss_mb()
+    if name == "matmul":
+        W = torch.randn(d, F, generator=gen).to(device=device, dtype=dtype)
+        b = torch.zeros(F, device=device, dtype=dtype)
+        step = lambda i: torch.addmm(b, x, W)  # noqa: E731
+    else:
+        if name.startswith("ours_log"):
+            from matryoshka_plugin import MatryoshkaLogSparsityTrainer
+
+            tr = MatryoshkaLogSparsityTrainer(target_l0=k, lr=1e-3, warmup_steps=1, **common)
+            with torch.no_grad():  # start at L0 ~ k, where a trained ReLU SAE sits
+                pre = (x.float() / tr.ae.input_scale()) @ tr.ae.W_enc
+                tr.ae.b_enc.copy_(-torch.quantile(pre[:256].float(), 1 - k / F, dim=0))
+        elif name.startswith("ours"):
+            from matryoshka_plugin import MatryoshkaBatchTopKTrainer
+
+            mode = dict(prefix_mode="every", group_fractions=None) if "every" in name else dict(group_fractions=FRACTIONS)
+            backend = "torch" if name.endswith("_torch") else "auto"
+            tr = MatryoshkaBatchTopKTrainer(k=k, warmup_steps=1, threshold_start_step=0, backend=backend, **mode, **common)
+        elif name == "upstream_matryoshka":
+            from dictionary_learning.trainers.matryoshka_batch_top_k import MatryoshkaBatchTopKTrainer
+
+            tr = MatryoshkaBatchTopKTrainer(k=k, group_fractions=FRACTIONS, warmup_steps=1, threshold_start_step=0, **common)
+        elif name == "upstream_batchtopk":
+            from dictionary_learning.trainers.batch_top_k import BatchTopKTrainer
+
+            tr = BatchTopKTrainer(k=k, warmup_steps=1, threshold_start_step=0, **common)
+        else:
+            raise ValueError(f"unknown candidate {name}")
+        step = lambda i: tr.update(i, x)  # noqa: E731
+    times = []
+    for i in range(spec["warmup"] + spec["steps"]):
+        _sync(device)
+        t0 = time.perf_counter()
+        step(i)
+        _sync(device)
+        if i >= spec["warmup"]:
+            times.append(time.perf_counter() - t0)
+    if device.startswith("cuda"):
+        peak = torch.cuda.max_memory_allocated() / 2**20
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - base
+    return {"name": name, "min_s": min(times), "median_s": statistics.median(times), "peak_mb": peak}
+
+
+def run_candidate(spec: dict) -> dict:
+    out = subprocess.run(
+        [sys.executable, __file__, "--worker", json.dumps(spec)], capture_output=True, text=True, check=False
+    )
+    if out.returncode != 0:
+        raise RuntimeError(f"{spec['name']} failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def machine() -> str:
+    import platform
+
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    desc = f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads"
+    if torch.cuda.is_available():
+        desc += f", GPU {torch.cuda.get_device_name()}"
+    return desc
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--d", type=int, default=2304)
+    p.add_argument("--dict-size", type=int, default=None, help="16384 on CPU, 65536 on GPU")
+    p.add_argument("--k", type=int, default=80)
+    p.add_argument("--batch", type=int, default=2048)
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="run the candidates this many times, interleaved, keeping each one's best "
+                        "(robust to background load)")
+    p.add_argument("--only", nargs="+", choices=list(CANDIDATES), default=None)
+    p.add_argument("--scaling", action="store_true", help="also time our step against F and k")
+    p.add_argument("--json", default=None, help="also write the results to this file")
+    p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.worker:
+        print(json.dumps(worker(json.loads(args.worker))))
+        return {}
+
+    from tqdm import tqdm
+
+    F = args.dict_size or (65536 if args.device.startswith("cuda") else 16384)
+    base = dict(device=args.device, d=args.d, dict_size=F, k=args.k, batch=args.batch, dtype=args.dtype,
+                steps=args.steps, warmup=args.warmup, threads=args.threads)
+    names = args.only or list(CANDIDATES)
+    results = {}
+    for _ in tqdm(range(args.rounds), desc="rounds", disable=args.rounds == 1):
+        for name in tqdm(names, desc="candidates", leave=False):
+            r = run_candidate({**base, "name": name})
+            best = results.get(name)
+            if best is None or r["min_s"] < best["min_s"]:
+                r["peak_mb"] = max(r["peak_mb"], best["peak_mb"]) if best else r["peak_mb"]
+                results[name] = r
+    print(f"\nMachine: {machine()}")
+    print(f"Shape: d={args.d}, F={F}, k={args.k}, B={args.batch}, {args.dtype}, {args.device}; "
+          f"{args.steps} timed steps after {args.warmup} warm-up steps, best of {args.rounds} round(s)\n")
+    print(f"| candidate | min s/step | median s/step | x floor | peak memory MB |")
+    print("|---|---|---|---|---|")
+    floor = results.get("matmul", {}).get("min_s")
+    for name, r in results.items():
+        rel = f"{r['min_s'] / floor:.2f}" if floor else "-"
+        print(f"| {CANDIDATES[name]} | {r['min_s']:.3f} | {r['median_s']:.3f} | {rel} | {r['peak_mb']:.0f} |")
+
+    def ratio(a, b):
+        if a in results and b in results:
+            return round(results[a]["min_s"] / results[b]["min_s"], 3)
+        return None
+
+    summary = {
+        "shape": {"d": args.d, "F": F, "k": args.k, "B": args.batch, "dtype": args.dtype, "device": args.device},
+        "machine": machine(),
+        "upstream_matryoshka_over_ours": ratio("upstream_matryoshka", "ours_groups"),
+        "upstream_batchtopk_over_ours": ratio("upstream_batchtopk", "ours_groups"),
+        "ours_over_matmul": ratio("ours_groups", "matmul"),
+        "every_over_groups": ratio("ours_every", "ours_groups"),
+        "peak_mb": {n: round(r["peak_mb"]) for n, r in results.items()},
+        "seconds": {n: round(r["min_s"], 4) for n, r in results.items()},
+    }
+    if "ours_groups" in results:
+        summary["tokens_per_s"] = round(args.batch / results["ours_groups"]["min_s"])
+    if args.scaling:
+        scaling = {"F": {}, "k": {}}
+        sizes = [F // 4, F // 2, F, F * 2]
+        ks = [args.k // 4, args.k // 2, args.k, args.k * 2]
+        jobs = [("F", s, {**base, "dict_size": s}) for s in sizes] + [("k", kk, {**base, "k": kk}) for kk in ks]
+        for axis, value, spec in tqdm(jobs, desc="scaling"):
+            ours = run_candidate({**spec, "name": "ours_groups"})["min_s"]
+            floor_s = run_candidate({**spec, "name": "matmul"})["min_s"]
+            scaling[axis][value] = {"ours_s": round(ours, 4), "matmul_s": round(floor_s, 4), "ratio": round(ours / floor_s, 2)}
+        print("\n| axis | value | ours s/step | matmul s | ours / matmul |\n|---|---|---|---|---|")
+        for axis, rows in scaling.items():
+            for value, r in rows.items():
+                print(f"| {axis} | {value} | {r['ours_s']:.3f} | {r['matmul_s']:.3f} | {r['ratio']:.2f} |")
+        summary["scaling"] = scaling
+    print("\n" + json.dumps(summary))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"summary": summary, "results": results}, f, indent=2)
+    return summary
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,106 @@
+"""The sparse encoder path of top-k SAEs: exact batch top-k selection and sparse gradients.
+
+A top-k SAE needs every pre-activation to choose the winners (one dense matmul), but only the
+chosen ``B*k`` entries carry gradient. :func:`encoder_entries` returns the chosen
+activations as a differentiable tensor whose backward touches only those entries:
+``dW_enc[:, f] += g * (x_b - b_dec)``, ``db_enc[f] += g``, ``db_dec = -W_enc @ db_enc``,
+at O(B k d) instead of a second dense matmul.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import kernels
+
+__all__ = ["batch_topk_select", "encoder_entries"]
+
+_SAMPLE = 1 << 18
+_GENERATORS: dict[str, torch.Generator] = {}
+
+
+def _generator(device: torch.device) -> torch.Generator:
+    key = str(device)
+    if key not in _GENERATORS:
+        _GENERATORS[key] = torch.Generator(device=device).manual_seed(0)
+    return _GENERATORS[key]
+
+
+@torch.no_grad()
+def batch_topk_select(scores: torch.Tensor, count: int) -> torch.Tensor:
+    """Flat indices (ascending) of the ``count`` largest entries of ``scores``.
+
+    Exact, like ``torch.topk`` over the flattened matrix, but instead of ranking all
+    ``B*n`` values it estimates a cut-off from a random sample, keeps the entries above it
+    (a little more than ``count``) and ranks only those; if the cut-off was too high it
+    falls back to the full ``torch.topk``. Ties at the boundary are broken arbitrarily, as
+    ``torch.topk`` does.
+    """
+    flat = scores.reshape(-1)
+    total = flat.numel()
+    if count >= total:
+        return torch.arange(total, device=flat.device)
+    if total >= 4 * _SAMPLE and count * 8 <= total:
+        pick = torch.randint(total, (_SAMPLE,), device=flat.device, generator=_generator(flat.device))
+        rank = min(_SAMPLE - 1, int(count / total * _SAMPLE * 1.3) + 64)
+        cutoff = torch.topk(flat[pick], rank + 1, sorted=True).values[-1]
+        candidates = torch.nonzero(flat > cutoff).squeeze(1)
+        if candidates.numel() >= count:
+            keep = torch.topk(flat[candidates], count, sorted=False).indices
+            return torch.sort(candidates[keep]).values
+    return torch.sort(torch.topk(flat, count, sorted=False).indices).values
+
+
+class _EncoderEntries(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, W_enc, b_enc, b_dec, rows, cols, values, backend):
+        ctx.save_for_backward(x, W_enc, b_dec, rows, cols, values)
+        ctx.backend = backend
+        return values.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, W_enc, b_dec, rows, cols, values = ctx.saved_tensors
+        need_x, need_w, need_be, need_bd = ctx.needs_input_grad[:4]
+        g = torch.where(values > 0, grad, torch.zeros_like(grad))  # ReLU'
+        n = W_enc.shape[1]
+        g_benc = torch.zeros(n, dtype=g.dtype, device=g.device).index_add_(0, cols, g)
+        g_bdec = -(W_enc @ g_benc) if need_bd else None
+        g_w = None
+        if need_w:
+            centred = (x - b_dec).detach()
+            # Accumulate in [n, d] (the transposed layout W_enc is stored in) and hand back the view.
+            g_wt = torch.zeros(n, x.shape[1], dtype=x.dtype, device=x.device)
+            if ctx.backend == "fused" and kernels.fused_supported(g_wt, centred, g):
+                kernels.segment_accumulate(g_wt, cols, g.contiguous(), rows, centred.contiguous())
+            else:
+                step = max(1, (1 << 22) // max(1, x.shape[1]))
+                for s in range(0, cols.numel(), step):
+                    e = min(cols.numel(), s + step)
+                    g_wt.index_add_(0, cols[s:e], g[s:e, None] * centred[rows[s:e]])
+            g_w = g_wt.T
+        g_x = None
+        if need_x:
+            g_x = torch.zeros_like(x).index_add_(0, rows, g[:, None] * W_enc.T[cols])
+        return g_x, g_w, g_benc if need_be else None, g_bdec, None, None, None, None
+
+
+def encoder_entries(
+    x: torch.Tensor,
+    W_enc: torch.Tensor,
+    b_enc: torch.Tensor,
+    b_dec: torch.Tensor,
+    rows: torch.Tensor,
+    cols: torch.Tensor,
+    values: torch.Tensor,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Differentiable ``relu((x - b_dec) @ W_enc + b_enc)[rows, cols]``.
+
+    ``values`` must hold those activations already (computed without autograd from the dense
+    pre-activations that selected the entries); only the backward is new: it is sparse.
+    """
+    from .prefix_loss import resolve_backend
+
+    resolved = resolve_backend(backend, x, W_enc) if backend != "torch" else "torch"
+    return _EncoderEntries.apply(x, W_enc, b_enc, b_dec, rows, cols, values, resolved)

@@ -1,0 +1,221 @@
+"""benchmarks/gemma2_2b_l12: the paper-settings plan (no model needed), bad input, and the whole
+pipeline end to end on a tiny local model: trainSAE + ActivationBuffer (nnsight), every SAEBench
+eval for real, the comparison table and plots, and resuming."""
+
+from __future__ import annotations
+
+import csv
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from saebench_local import LocalHub, tiny_models
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.gemma2_2b_l12 import DEFAULT_CONFIG, ConfigError, load_config, prepare, run_benchmark  # noqa: E402
+from benchmarks.gemma2_2b_l12.__main__ import main as cli  # noqa: E402
+
+TINY = DEFAULT_CONFIG.with_name("tiny.toml")
+
+
+class NoModels:
+    """A model source that must not be used."""
+
+    def language_model(self, cfg):
+        raise AssertionError("the language model was loaded")
+
+    def hooked_transformer(self, cfg):
+        raise AssertionError("the HookedTransformer was loaded")
+
+
+class EvalOnlyModels:
+    def __init__(self, models):
+        self.models = models
+
+    def language_model(self, cfg):
+        raise AssertionError("training ran again")
+
+    def hooked_transformer(self, cfg):
+        return self.models.hooked_transformer(cfg)
+
+
+def test_default_config_is_the_paper_settings(tmp_path):
+    cfg = load_config(DEFAULT_CONFIG, {"run_dir": str(tmp_path / "run")})
+    builtin = load_config(None, {"run_dir": str(tmp_path / "run")})
+    assert cfg.to_dict() == builtin.to_dict()  # the file spells out the built-in defaults
+    t = cfg.training
+    assert (cfg.model.name, cfg.model.submodule, cfg.tl_model_name, cfg.hook_name) == (
+        "google/gemma-2-2b", "model.layers.12", "gemma-2-2b", "blocks.12.hook_resid_post")
+    assert cfg.data.dataset == "monology/pile-uncopyrighted"
+    assert (t.tokens, t.batch_size, t.lr, t.widths, t.l0s) == (500_000_000, 2048, 3e-4, [16384, 65536],
+                                                              [20, 40, 80, 160, 320])
+    assert t.group_fractions == pytest.approx([1 / 32, 1 / 16, 1 / 8, 1 / 4, 17 / 32])
+    assert t.architectures == ["matryoshka", "batchtopk", "relu"] and t.steps == 244_140
+
+    lines = []
+    result = run_benchmark(cfg, models=NoModels(), dry_run=True, log=lines.append)
+    text = "\n".join(lines)
+    plan, est = result.plan, result.estimate
+    assert len(plan.saes) == 30 and len(plan.groups) == 6
+    assert {s.name for s in plan.groups["65k_matryoshka"]} == {f"matryoshka_65k_k{k}" for k in t.l0s}
+    assert "Estimated GPU memory" in text and "Estimated time" in text and "training peak" in text
+    assert 20 < est.train_peak_gb < 80 and 10 < est.eval_peak_gb < 40
+    assert 10 < est.pending_train_hours < 200 and 1 < est.pending_eval_hours < 50
+    assert not (tmp_path / "run").exists()  # a dry run writes nothing
+
+    cfg = load_config(DEFAULT_CONFIG, {"training.group_by": "width"})
+    assert load_config(DEFAULT_CONFIG).hardware.gpu_memory_gb == 80
+    _, est_width, _ = prepare(cfg)
+    assert est_width.train_peak_gb > est.train_peak_gb and est_width.notes  # grouping by width: too big for 80 GB
+
+
+def test_published_baselines_come_from_saelens(tmp_path):
+    cfg = load_config(DEFAULT_CONFIG, {"run_dir": str(tmp_path), "training.baselines": "published"})
+    plan, _, pending = prepare(cfg)
+    assert set(plan.groups) == {"16k_matryoshka", "65k_matryoshka"}
+    published = [s for s in plan.saes if s.source == "published"]
+    labels = {s.architecture for s in published}
+    assert labels == {"topk (SAEBench)", "relu (SAEBench)", "matryoshka (SAEBench)"}
+    assert "topk-saebench_16k_trainer_0" in {s.name for s in published}
+    assert all(s.location.startswith("saelens:") and "blocks.12.hook_resid_post__trainer_" in s.location
+               and "_step_" not in s.location for s in published)
+    assert pending["core"] == len(plan.saes)
+
+
+def test_cli_dry_run_and_bad_input(tmp_path, capsys):
+    assert cli(["--config", str(TINY), "--dry-run", "--run-dir", str(tmp_path / "r")]) == 0
+    out = capsys.readouterr().out
+    assert "matryoshka_256_k16, batchtopk_256_k16" in out and "Estimated GPU memory" in out
+
+    def error(*args):
+        assert cli(["--config", str(TINY), "--dry-run", "--run-dir", str(tmp_path / "r"), *args]) == 2
+        return capsys.readouterr().err
+
+    assert "unknown eval name(s) ['absorbtion']" in error("--set", 'evals.evals=["core", "absorbtion"]')
+    assert "unknown key(s) ['lr']" in error("--set", "model.lr=1")
+    assert "unknown training.architectures ['topk']" in error("--set", 'training.architectures=["topk"]')
+    assert "threshold_start_step=500 must be in [0, steps=200)" in error("--set", "training.threshold_start_step=500")
+    assert "no such config file" in error("--config", str(tmp_path / "nope.toml"))
+
+
+def test_bad_saes_are_rejected_before_any_loading(tmp_path):
+    base = {"run_dir": str(tmp_path / "run")}
+    with pytest.raises(ConfigError, match="no such SAE folder"):
+        run_benchmark(load_config(TINY, {**base, "evals.extra_saes": {"x": str(tmp_path / "missing")}}),
+                      models=NoModels(), log=lambda s: None)
+
+    def fake_trainer_folder(name, lm_name, submodule):
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / "config.json").write_text(json.dumps({
+            "trainer": {"dict_class": "BatchTopKSAE", "lm_name": lm_name, "submodule_name": submodule, "layer": 1,
+                        "activation_dim": 64, "dict_size": 256, "k": 16},
+            "buffer": {"io": "out"}}))
+        (folder / "ae.pt").write_bytes(b"")
+        return str(folder)
+
+    other_model = fake_trainer_folder("other_model", "EleutherAI/pythia-70m-deduped", "gpt_neox.layers.1")
+    with pytest.raises(ConfigError, match="model mismatch: the config asks for 'tiny-gpt2'"):
+        run_benchmark(load_config(TINY, {**base, "evals.extra_saes": {"x": other_model}}), models=NoModels(),
+                      log=lambda s: None)
+    other_hook = fake_trainer_folder("other_hook", "local/tiny-gpt2", "transformer.h.0")
+    with pytest.raises(ConfigError, match="hook mismatch: the config asks for 'blocks.1.hook_resid_post'"):
+        run_benchmark(load_config(TINY, {**base, "evals.extra_saes": {"x": other_hook}}), models=NoModels(),
+                      log=lambda s: None)
+    # A finished group trained with other settings is not silently reused.
+    cfg = load_config(TINY, base)
+    plan, _, _ = prepare(cfg)
+    group = plan.group_dir("all")
+    for s in plan.groups["all"]:
+        (group / f"trainer_{s.index}").mkdir(parents=True)
+        (group / f"trainer_{s.index}" / "ae.pt").write_bytes(b"")
+        (group / f"trainer_{s.index}" / "config.json").write_text(json.dumps({
+            "trainer": {"dict_class": "BatchTopKSAE", "lm_name": "local/tiny-gpt2", "submodule_name": "transformer.h.1",
+                        "layer": 1}, "buffer": {"io": "out"}}))
+    from benchmarks.gemma2_2b_l12.plan import group_spec
+
+    spec = group_spec(cfg, plan.groups["all"])
+    spec["trainers"][0]["lr"] = 1.0
+    (group / "group.json").write_text(json.dumps(spec))
+    with pytest.raises(ConfigError, match=r"trained with different settings \(trainers\[0\]\.lr"):
+        run_benchmark(load_config(TINY, base), models=NoModels(), log=lambda s: None)
+
+
+REQUIRED_FIELDS = {
+    "core": [("reconstruction_quality", "explained_variance"), ("sparsity", "l0"),
+             ("model_performance_preservation", "ce_loss_score"), ("model_behavior_preservation", "kl_div_score")],
+    "absorption": [("mean", "mean_absorption_fraction_score"), ("mean", "mean_full_absorption_score"),
+                   ("mean", "mean_num_split_features")],
+    "sparse_probing": [("llm", "llm_test_accuracy"), ("sae", "sae_top_1_test_accuracy"), ("sae", "sae_test_accuracy")],
+    "scr": [("scr_metrics", "scr_dir1_threshold_20"), ("scr_metrics", "scr_dir2_threshold_20")],
+    "tpp": [("tpp_metrics", "tpp_threshold_20_total_metric"), ("tpp_metrics", "tpp_threshold_2_total_metric")],
+}
+
+
+@pytest.mark.slow
+def test_end_to_end_on_a_tiny_model(tmp_path):
+    models, hub = tiny_models(), LocalHub()
+    run_dir = tmp_path / "run"
+    (run_dir / "train" / ".all.partial" / "trainer_0").mkdir(parents=True)  # debris of an interrupted run
+    cfg = load_config(TINY, {"run_dir": str(run_dir)})
+    lines = []
+    result = run_benchmark(cfg, models=models, load_dataset=hub.load_dataset, log=lines.append)
+    text = "\n".join(lines)
+    assert "Estimated GPU memory" in text and text.index("Estimated GPU memory") < text.index("[train 1/1]")
+    assert result.trained_groups == ["all"] and not (run_dir / "train" / ".all.partial").exists()
+    assert {"monology/pile-uncopyrighted", "LabHC/bias_in_bios", "fancyzhx/ag_news",
+            "Skylion007/openwebtext"} <= set(hub.calls)
+    names = ["matryoshka_256_k16", "batchtopk_256_k16"]
+    for i, name in enumerate(names):
+        trainer_cfg = json.loads((run_dir / "train" / "all" / f"trainer_{i}" / "config.json").read_text())["trainer"]
+        assert trainer_cfg["wandb_name"].startswith(name)
+    assert json.loads((run_dir / "train" / "all" / "trainer_0" / "config.json").read_text())["trainer"][
+        "trainer_class"] == "MatryoshkaBatchTopKTrainer"
+    assert json.loads((run_dir / "train" / "all" / "trainer_1" / "config.json").read_text())["trainer"][
+        "trainer_class"] == "BatchTopKTrainer"
+
+    # Every eval ran through SAEBench and wrote its result file with the expected metric fields.
+    assert sorted((r.name, r.eval, r.status) for r in result.eval_records) == sorted(
+        (n, ev, "done") for n in names for ev in REQUIRED_FIELDS)
+    for name in names:
+        for ev, fields in REQUIRED_FIELDS.items():
+            data = json.loads((run_dir / "evals" / ev / f"{name}_custom_sae_eval_results.json").read_text())
+            for group, key in fields:
+                assert key in data["eval_result_metrics"][group], (ev, group, key)
+            assert data["eval_config"]["model_name"] == "tiny-gpt2" or ev == "core"
+    assert torch.is_grad_enabled()  # SAEBench's SCR/TPP switch gradients off globally; the adapter restores them
+
+    # The comparison table lists both SAEs with their metrics; one plot per metric.
+    md = (run_dir / "report" / "comparison.md").read_text()
+    assert all(f"| {n} |" in md for n in names) and "variance explained 0.70 (Matryoshka) vs 0.72" in md
+    with open(run_dir / "report" / "comparison.csv") as f:
+        rows = {r["name"]: r for r in csv.DictReader(f)}
+    assert set(rows) == set(names)
+    assert (rows["matryoshka_256_k16"]["architecture"], rows["batchtopk_256_k16"]["architecture"]) == (
+        "matryoshka", "batchtopk")
+    for r in rows.values():
+        assert 4 < float(r["l0"]) < 40 and 0 < float(r["explained_variance"]) <= 1
+        for col in ("ce_loss_score", "absorption", "sparse_probing_top1", "tpp_top20"):
+            assert r[col] != "", col
+    for metric in ("explained_variance", "absorption", "sparse_probing_top1", "scr_top20", "tpp_top20", "ce_loss_score"):
+        png = run_dir / "report" / f"{metric}_vs_l0.png"
+        assert png.stat().st_size > 5000 and png.read_bytes()[:4] == b"\x89PNG"
+    print("\n" + md)
+
+    # Resuming: nothing is trained or evaluated again.
+    again = run_benchmark(load_config(TINY, {"run_dir": str(run_dir)}), models=EvalOnlyModels(models),
+                          load_dataset=hub.load_dataset, log=lambda s: None)
+    assert again.trained_groups == [] and {r.status for r in again.eval_records} == {"skipped"}
+    # An interrupted eval stage continues with what is missing.
+    (run_dir / "evals" / "tpp" / "batchtopk_256_k16_custom_sae_eval_results.json").unlink()
+    third = run_benchmark(load_config(TINY, {"run_dir": str(run_dir)}), models=EvalOnlyModels(models),
+                          load_dataset=hub.load_dataset, log=lambda s: None)
+    done = [(r.name, r.eval) for r in third.eval_records if r.status == "done"]
+    assert done == [("batchtopk_256_k16", "tpp")]
+    # Changed eval settings are refused instead of mixing results.
+    with pytest.raises(ConfigError, match=r"settings of eval\(s\) \['tpp'\] differ"):
+        run_benchmark(load_config(TINY, {"run_dir": str(run_dir), "evals.overrides.tpp.train_set_size": 100}),
+                      models=NoModels(), log=lambda s: None)
