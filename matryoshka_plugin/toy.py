@@ -47,7 +47,38 @@ class Feature:
     name: str = ""
 
 
-class ToyModel:
+class _ForestSampler:
+    """What every toy model shares, given ``sample``, ``sample_features`` and ``parent``."""
+
+    parent: list[int]
+
+    def sample(self, batch: int, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+    def sample_features(self, batch: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        raise NotImplementedError
+
+    def batches(self, batch: int, seed: int = 0, device: str | torch.device = "cpu") -> Iterator[torch.Tensor]:
+        """An endless iterator of activation batches (what ``trainSAE`` consumes)."""
+        gen = torch.Generator().manual_seed(seed)
+        while True:
+            yield self.sample(batch, gen)[1].to(device)
+
+    def parent_child_groups(self) -> list[tuple[int, list[int]]]:
+        """``(parent, [children])`` for every feature with children."""
+        groups: dict[int, list[int]] = {}
+        for i, p in enumerate(self.parent):
+            if p >= 0:
+                groups.setdefault(p, []).append(i)
+        return sorted(groups.items())
+
+    def expected_l0(self, n: int = 200_000, seed: int = 0) -> float:
+        """Mean number of active features per sample (Monte Carlo, fixed seed)."""
+        feats = self.sample_features(n, torch.Generator().manual_seed(seed))
+        return float((feats > 0).float().sum(1).mean())
+
+
+class ToyModel(_ForestSampler):
     """Samples ``(features [B, F], x [B, d])`` from a feature forest."""
 
     def __init__(self, roots: list[Feature], d: int, magnitude_noise: float = 0.05, seed: int = 0):
@@ -185,22 +216,6 @@ class ToyModel:
         acts = self.sample_features(batch, generator)
         return acts, acts @ self.directions
 
-    def batches(self, batch: int, seed: int = 0, device: str | torch.device = "cpu") -> Iterator[torch.Tensor]:
-        """An endless iterator of activation batches (what ``trainSAE`` consumes)."""
-        gen = torch.Generator().manual_seed(seed)
-        while True:
-            yield self.sample(batch, gen)[1].to(device)
-
-    def parent_child_groups(self) -> list[tuple[int, list[int]]]:
-        """``(parent, [children])`` for every feature with children."""
-        groups: dict[int, list[int]] = {}
-        for i, p in enumerate(self.parent):
-            if p >= 0:
-                groups.setdefault(p, []).append(i)
-        return sorted(groups.items())
-
-    def expected_l0(self, n: int = 200_000, seed: int = 0) -> float:
-        return float(self.sample_features(n, torch.Generator().manual_seed(seed)).sum(1).mean())
 
 
 # -- metrics -----------------------------------------------------------------------------------
@@ -363,7 +378,7 @@ def mixing_metrics(metrics: ToyMetrics, toy) -> MixingMetrics:
 # -- a larger hierarchy in superposition, built with sae_lens.synthetic --------------------------
 
 
-class SyntheticHierarchyToy:
+class SyntheticHierarchyToy(_ForestSampler):
     """A feature forest in superposition generated with ``sae_lens.synthetic``.
 
     ``generate_hierarchy`` builds ``n_roots`` trees (``branching`` children per node, down to
@@ -460,22 +475,6 @@ class SyntheticHierarchyToy:
     def sample(self, batch: int, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         feats = self.sample_features(batch, generator)
         return feats, self.feature_dict(feats).float()
-
-    def batches(self, batch: int, seed: int = 0, device: str | torch.device = "cpu") -> Iterator[torch.Tensor]:
-        gen = torch.Generator().manual_seed(seed)
-        while True:
-            yield self.sample(batch, gen)[1].to(device)
-
-    def parent_child_groups(self) -> list[tuple[int, list[int]]]:
-        groups: dict[int, list[int]] = {}
-        for i, p in enumerate(self.parent):
-            if p >= 0:
-                groups.setdefault(p, []).append(i)
-        return sorted(groups.items())
-
-    def expected_l0(self, n: int = 200_000, seed: int = 0) -> float:
-        feats = self.sample_features(n, torch.Generator().manual_seed(seed))
-        return float((feats > 0).float().sum(1).mean())
 
     def level_sizes(self) -> list[int]:
         """Number of tree features at each depth, then the singletons as a last level."""

@@ -176,27 +176,31 @@ def make_figures(out: Path, setups: dict[str, SetupConfig], seeds: list[int], re
 
 
 def tradeoff_figure(rows: list[dict[str, Any]], path: Path, dpi: int) -> Path:
-    """Parent-child mixing vs absorption on the hedging set-up, balance sweeps joined."""
-    points = []
+    """Parent-child mixing vs absorption on the hedging set-up: the balance-beta sweeps of both
+    families joined (beta = 1 is standard Matryoshka) and the non-Matryoshka references;
+    bars are standard errors of the mean over seeds."""
     by_key = {r["variant"]: r for r in rows}
+    references = ("vanilla", "vanilla_1", "btk/k1", "btk_1/k1", "up_btk/k1", "up_mbtk/k1", "mat_every")
 
     def series_of(key: str) -> str | None:
         spec = parse_variant(key.split("/")[0])
         if spec.prefix_mode == "groups" and spec.family in ("log", "btk"):
-            return "log-sparsity groups, beta sweep" if spec.family == "log" else f"BatchTopK groups, beta sweep ({key.split('/')[-1]})"
+            return "log-sparsity groups [1, 2], beta sweep" if spec.family == "log" else "BatchTopK groups [1, 2], beta sweep"
         return None
 
     def beta_of(key: str) -> float:
         spec = parse_variant(key.split("/")[0])
         return 1.0 if spec.balance_beta is None else spec.balance_beta
 
-    ordered = sorted(by_key, key=lambda k: (series_of(k) or "", -beta_of(k)))
-    for key in ordered:
-        r = by_key[key]
-        if math.isnan(r["mixing_parent_child"]):
+    points = []
+    for key in sorted(by_key, key=lambda k: (series_of(k) or "", -beta_of(k))):
+        r, series = by_key[key], series_of(key)
+        if math.isnan(r["mixing_parent_child"]) or (series is None and key not in references):
             continue
-        points.append({"label": key, "series": series_of(key), "x": r["absorption"], "x_std": r["absorption_std"],
-                       "y": r["mixing_parent_child"], "y_std": r["mixing_parent_child_std"]})
-    return plot_tradeoff(points, path, x="absorption (mean over seeds)",
-                         y="parent-child mixing: mean |cos(parent latent, child feature)|",
-                         title="Hedging set-up: mixing vs absorption", dpi=dpi)
+        sem = 1.0 / math.sqrt(max(r["seeds"], 1))
+        label = f"β={beta_of(key):g}" if series else key
+        points.append({"label": label, "series": series, "x": r["absorption"], "x_std": r["absorption_std"] * sem,
+                       "y": r["mixing_parent_child"], "y_std": r["mixing_parent_child_std"] * sem})
+    return plot_tradeoff(points, path, x="absorption (mean over seeds ± s.e.m.)",
+                         y="mean |cos(parent latent, child feature)|",
+                         title="Hedging set-up: parent-child mixing vs absorption", dpi=dpi)
