@@ -4,6 +4,8 @@ hedging critique, plus smoke runs of the loud-child and superposition set-ups.
 The full study is ``python -m benchmarks.toy.run`` (README, "Toy benchmarks").
 """
 
+import argparse
+import json
 import math
 import sys
 from pathlib import Path
@@ -14,6 +16,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: benchmarks/
 
 from benchmarks.toy.config import default_setups, merge_overrides, parse_variant  # noqa: E402
+from benchmarks.toy.run import build_config  # noqa: E402
 from benchmarks.toy.run import main as run_main  # noqa: E402
 from benchmarks.toy.train import train_and_evaluate  # noqa: E402
 
@@ -87,3 +90,25 @@ def test_runner_writes_tables_figures_and_resumes(tmp_path, capsys):
         assert (tmp_path / "figures" / fig).read_bytes()[:4] == b"\x89PNG"
     assert run_main(args + ["--no-figures"]) == 0
     assert "2 cached, 0 to train" in capsys.readouterr().out
+
+
+def _args(**kw):
+    base = dict(quick=False, config=None, setups=None, steps=None, variants=None, seeds=None)
+    return argparse.Namespace(**{**base, **kw})
+
+
+def test_config_file_overrides_and_selects(tmp_path):
+    cfg = tmp_path / "c.json"
+    cfg.write_text(json.dumps({"seeds": [3], "setups": {"hedging": {"steps": 7, "log": {"sparsity_coeff": 2.0}}}}))
+    setups, seeds = build_config(_args(config=str(cfg)))
+    assert list(setups) == ["hedging"] and seeds == [3]
+    assert setups["hedging"].steps == 7 and setups["hedging"].log == {"sparsity": "l1", "sparsity_coeff": 2.0}
+    setups, _ = build_config(_args(config=str(cfg), setups=["post_tree", "hedging"]))
+    assert list(setups) == ["post_tree", "hedging"]
+    cfg.write_text(json.dumps({"setups": {"nope": {}}}))
+    with pytest.raises(SystemExit, match="unknown set-up 'nope'"):
+        build_config(_args(config=str(cfg)))
+    with pytest.raises(ValueError, match="unknown variant 'mat_grops'"):
+        build_config(_args(variants=["mat_grops"]))
+    with pytest.raises(ValueError, match="must lie in"):
+        parse_variant("btk_groups_b1.5")

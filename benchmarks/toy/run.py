@@ -8,7 +8,8 @@ stopped. At the end ``results.csv`` (one row per run), ``summary.csv`` and ``res
 
 Settings: defaults in ``config.py``; ``--config file.json`` overrides them, e.g.
 ``{"seeds": [0, 1, 2], "setups": {"post_tree": {"steps": 40000, "log": {"sparsity": "l1"}}}}``;
-``--setups/--variants/--seeds/--steps`` override both.
+a config that names set-ups runs only those; ``--setups/--variants/--seeds/--steps`` override
+both.
 """
 
 from __future__ import annotations
@@ -45,6 +46,8 @@ def build_config(args: argparse.Namespace) -> tuple[dict[str, SetupConfig], list
             if name not in setups:
                 raise SystemExit(f"unknown set-up {name!r} in {args.config}; known: {sorted(setups)}")
             setups[name] = merge_overrides(setups[name], over)
+        if cfg.get("setups") and not args.setups:  # a config about some set-ups runs just those
+            setups = {n: setups[n] for n in cfg["setups"]}
     if args.setups:
         missing = [s for s in args.setups if s not in setups]
         if missing:
