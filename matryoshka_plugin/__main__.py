@@ -64,15 +64,21 @@ def _import(args: argparse.Namespace) -> int:
     return 0
 
 
+def _pairs(items: list[str], form: str) -> dict[str, str]:
+    """``["a=b", ...]`` -> ``{"a": "b", ...}``; anything without ``=`` is an error naming ``form``."""
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"expected {form}, got {item!r}")
+        out[key] = value
+    return out
+
+
 def _publish(args: argparse.Namespace) -> int:
     from .saelens import publish_to_huggingface
 
-    folders = {}
-    for item in args.saes:
-        sae_id, sep, folder = item.partition("=")
-        if not sep:
-            raise SystemExit(f"expected SAE_ID=FOLDER, got {item!r}")
-        folders[sae_id] = folder
+    folders = _pairs(args.saes, "SAE_ID=FOLDER")
     plan = publish_to_huggingface(
         folders, args.repo_id, revision=args.revision, dry_run=args.dry_run, staging_dir=args.staging_dir
     )
@@ -84,12 +90,7 @@ def _publish(args: argparse.Namespace) -> int:
 def _saebench(args: argparse.Namespace) -> int:
     from .saebench import EVAL_NAMES, run_saebench
 
-    saes = {}
-    for item in args.saes:
-        name, sep, source = item.partition("=")
-        if not sep:
-            raise SystemExit(f"expected NAME=SOURCE, got {item!r}")
-        saes[name] = source
+    saes = _pairs(args.saes, "NAME=SOURCE")
     run = run_saebench(
         saes, args.output_dir, args.evals or EVAL_NAMES, model_name=args.model_name, hook_name=args.hook_name,
         device=args.device, llm_dtype=args.llm_dtype, llm_batch_size=args.llm_batch_size, force=args.force,

@@ -39,8 +39,20 @@ def fused_supported(*tensors: torch.Tensor) -> bool:
     return all(t.device.type == "cpu" and t.dtype == dtype for t in tensors) and dtype in _DTYPES
 
 
-def _set_threads() -> None:
-    numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
+# Below this many multiply-adds a parallel region costs more than it saves: numba's worker
+# threads spin between regions and starve the rest of a small training step (measured on toy
+# shapes, B=200, d=20: 5x slower steps than the serial kernels).
+PARALLEL_MIN_WORK = 1 << 20
+
+
+def _kernel(parallel_fn, serial_fn, work: int):
+    """The parallel kernel with numba's threads matched to torch's, or the serial one where one
+    thread is allowed or the work is small."""
+    threads = max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
+    if threads == 1 or work < PARALLEL_MIN_WORK:
+        return serial_fn
+    numba.set_num_threads(threads)
+    return parallel_fn
 
 
 if HAS_NUMBA:
@@ -130,6 +142,11 @@ if HAS_NUMBA:
                     out[f, q] += cf * src[r, q]
 
 
+    # prange runs as range in a non-parallel compilation
+    _prefix_scan_serial = njit(fastmath=True, cache=True)(_prefix_scan.py_func)
+    _segment_accumulate_serial = njit(fastmath=True, cache=True)(_segment_accumulate.py_func)
+
+
 def group_by_latent(indices: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Row pointers ``[n + 1]`` and the entry order that groups ``indices`` by latent."""
     ptr, order = _group_by_latent(indices.numpy(), n)
@@ -140,9 +157,9 @@ def segment_accumulate(
     out: torch.Tensor, indices: torch.Tensor, coef: torch.Tensor, src_row: torch.Tensor, src: torch.Tensor
 ) -> None:
     """In place: ``out[indices[e]] += coef[e] * src[src_row[e]]`` for every entry ``e``."""
-    _set_threads()
     ptr, order = _group_by_latent(indices.numpy(), out.shape[0])
-    _segment_accumulate(out.numpy(), ptr, order, coef.numpy(), src_row.numpy(), src.numpy())
+    accumulate = _kernel(_segment_accumulate, _segment_accumulate_serial, indices.numel() * out.shape[1])
+    accumulate(out.numpy(), ptr, order, coef.numpy(), src_row.numpy(), src.numpy())
 
 
 def _token_chunks(offsets: np.ndarray, max_entries: int):
@@ -173,8 +190,10 @@ def _scaled_once(ctx, dW, s):
 class _FusedPrefixMSE(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, b_dec, values, indices, offsets, W_dec, cum, n, chunk_elements, consume):
-        _set_threads()
         batch, d = x.shape
+        work = indices.numel() * d
+        scan = _kernel(_prefix_scan, _prefix_scan_serial, work)
+        accumulate = _kernel(_segment_accumulate, _segment_accumulate_serial, work)
         need_x, need_b, need_v, _, _, need_w = ctx.needs_input_grad[:6]
         want = need_x or need_b or need_v or need_w
         xs, Ws = x.detach().contiguous(), W_dec.detach().contiguous()
@@ -194,12 +213,12 @@ class _FusedPrefixMSE(torch.autograd.Function):
             lo, hi = int(offs[t0]), int(offs[t1])
             if want and hi - lo > G.shape[0]:  # a single token longer than the chunk
                 G = torch.empty((hi - lo, d), dtype=xs.dtype)
-            _prefix_scan(*args, t0, t1, lo, want, G.numpy(), gvals.numpy(), resid.numpy(), G0.numpy(), loss_tok)
+            scan(*args, t0, t1, lo, want, G.numpy(), gvals.numpy(), resid.numpy(), G0.numpy(), loss_tok)
             if need_w and hi > lo:
                 # dW[p_l] += a_l * G_l, grouped by latent so each thread owns whole rows.
                 ptr, order = _group_by_latent(idx[lo:hi], n)
                 rows = np.arange(hi - lo, dtype=np.int64)
-                _segment_accumulate(dW.numpy(), ptr, order, vals.numpy()[lo:hi], rows, G.numpy())
+                accumulate(dW.numpy(), ptr, order, vals.numpy()[lo:hi], rows, G.numpy())
         scale = -2.0 / batch
         ctx.scale = scale
         ctx.save_for_backward(

@@ -14,7 +14,7 @@ import torch  # noqa: E402
 
 from .toy import ToyMetrics, ToyModel  # noqa: E402
 
-__all__ = ["plot_activations", "plot_decoder_cosine"]
+__all__ = ["plot_activations", "plot_decoder_cosine", "plot_tradeoff", "plot_seed_metrics"]
 
 
 def _ordered_latents(metrics: ToyMetrics, n_latents: int) -> list[int]:
@@ -31,6 +31,8 @@ def plot_activations(
     path: str | Path,
     n_rows: int = 80,
     seed: int = 7,
+    dpi: int = 120,
+    title: str | None = None,
 ) -> Path:
     """Ground-truth features vs each SAE's latents on one batch (all-zero rows dropped).
 
@@ -50,46 +52,132 @@ def plot_activations(
         cols = _ordered_latents(metrics[name], f.shape[1])
         panels.append((name, f[:, cols].numpy(), [str(c) for c in cols]))
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 6), squeeze=False)
-    for ax, (title, data, labels) in zip(axes[0], panels):
+    for ax, (panel_title, data, labels) in zip(axes[0], panels):
         vmax = max(float(np.percentile(data[data > 0], 99)) if (data > 0).any() else 1.0, 1e-6)
         ax.imshow(data, aspect="auto", cmap="viridis", vmin=0, vmax=vmax, interpolation="nearest")
-        ax.set_title(title)
+        ax.set_title(panel_title)
         ax.set_xticks(range(len(labels)))
         ax.set_xticklabels(labels, rotation=90, fontsize=6)
         ax.set_ylabel("sample")
     axes[0][0].set_xlabel("true feature")
     for ax in axes[0][1:]:
         ax.set_xlabel("latent (matched to the feature above)")
-    fig.suptitle("Feature vs latent activations: holes in a parent's column are absorption")
+    fig.suptitle(title or "Feature vs latent activations: holes in a parent's column are absorption")
     fig.tight_layout()
-    return _save(fig, path)
+    return _save(fig, path, dpi)
 
 
 def plot_decoder_cosine(
-    toy: ToyModel, metrics: Mapping[str, ToyMetrics], path: str | Path
+    toy: ToyModel, metrics: Mapping[str, ToyMetrics], path: str | Path, dpi: int = 120, annotate: bool | None = None
 ) -> Path:
-    """Heatmaps of decoder-row cosine with the true directions (latents in matched order)."""
+    """Heatmaps of decoder-row cosine with the true directions (latents in matched order).
+
+    ``annotate`` writes the values in the cells (default: when there are at most 6 features).
+    """
     names = list(metrics)
-    fig, axes = plt.subplots(1, len(names), figsize=(5.2 * len(names), 4.8), squeeze=False)
+    n_feat = len(toy.features)
+    if annotate is None:
+        annotate = n_feat <= 6
+    scale = 1.0 if n_feat > 6 else 0.6
+    fig, axes = plt.subplots(1, len(names), figsize=(5.2 * len(names) * scale, 4.8 * scale + 0.9), squeeze=False)
     labels = [f.name for f in toy.features]
     for ax, name in zip(axes[0], names):
         m = metrics[name]
         rows = _ordered_latents(m, m.decoder_cosine.shape[0])
         im = ax.imshow(m.decoder_cosine[rows], cmap="RdBu_r", vmin=-1, vmax=1, interpolation="nearest")
-        ax.set_title(f"{name}\nabsorption {m.absorption:.2f}, recovery {m.recovery:.3f}")
+        if scale < 1:
+            ax.set_title(f"{name}\nabsorption {m.absorption:.2f}\nrecovery {m.recovery:.3f}", fontsize=9)
+        else:
+            ax.set_title(f"{name}\nabsorption {m.absorption:.2f}, recovery {m.recovery:.3f}")
         ax.set_xticks(range(len(labels)))
         ax.set_xticklabels(labels, rotation=90, fontsize=6)
         ax.set_yticks(range(len(rows)))
         ax.set_yticklabels([str(r) for r in rows], fontsize=6)
         ax.set_xlabel("true feature")
         ax.set_ylabel("latent")
+        if annotate:
+            block = m.decoder_cosine[rows]
+            for r in range(block.shape[0]):
+                for c in range(block.shape[1]):
+                    ax.text(c, r, f"{block[r, c]:+.2f}", ha="center", va="center", fontsize=7,
+                            color="white" if abs(block[r, c]) > 0.6 else "black")
     fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8, label="cosine similarity")
-    return _save(fig, path)
+    return _save(fig, path, dpi)
 
 
-def _save(fig, path: str | Path) -> Path:
+def plot_tradeoff(
+    points: list[dict],
+    path: str | Path,
+    x: str = "absorption",
+    y: str = "mixing",
+    title: str = "",
+    dpi: int = 120,
+) -> Path:
+    """Mean ± std of two metrics per configuration; points sharing a ``"series"`` are joined
+    in list order (e.g. a balance-beta sweep).
+
+    Each point: ``{"label", "series" (or None), "x", "x_std", "y", "y_std"}``.
+    """
+    fig, ax = plt.subplots(figsize=(6.4, 4.6))
+    series: dict[str, list[dict]] = {}
+    for pt in points:
+        if pt.get("series"):
+            series.setdefault(pt["series"], []).append(pt)
+    colors = {}
+    for i, (name, pts) in enumerate(series.items()):
+        (line,) = ax.plot([p["x"] for p in pts], [p["y"] for p in pts], "-", alpha=0.6, label=name,
+                          color=f"C{i}")
+        colors[name] = line.get_color()
+    for pt in points:
+        color = colors.get(pt.get("series"), "black")
+        ax.errorbar(pt["x"], pt["y"], xerr=pt.get("x_std", 0.0), yerr=pt.get("y_std", 0.0), fmt="o", ms=4,
+                    capsize=2, color=color, ecolor=color, elinewidth=0.8, alpha=0.85)
+        ax.annotate(pt["label"], (pt["x"], pt["y"]), textcoords="offset points", xytext=(4, 3), fontsize=7,
+                    color=color)
+    ax.set_xlabel(x)
+    ax.set_ylabel(y)
+    if title:
+        ax.set_title(title, fontsize=10)
+    if series:
+        ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return _save(fig, path, dpi)
+
+
+def plot_seed_metrics(
+    values: Mapping[str, Mapping[str, list[float]]],
+    path: str | Path,
+    title: str = "",
+    dpi: int = 120,
+) -> Path:
+    """One panel per metric: every seed's value (dots) and the mean (bar) per variant.
+
+    ``values[metric][variant]`` is the list of per-seed values.
+    """
+    metrics = list(values)
+    variants = list(next(iter(values.values()))) if metrics else []
+    fig, axes = plt.subplots(len(metrics), 1, figsize=(max(6.0, 0.55 * len(variants) + 2), 2.1 * len(metrics)),
+                             squeeze=False, sharex=True)
+    for ax, metric in zip(axes[:, 0], metrics):
+        for i, v in enumerate(variants):
+            vals = [u for u in values[metric].get(v, []) if u is not None and np.isfinite(u)]
+            if vals:
+                ax.bar(i, float(np.mean(vals)), color="#9ecae1", width=0.7)
+                ax.plot([i] * len(vals), vals, "o", color="#08519c", ms=3)
+        ax.set_ylabel(metric, fontsize=8)
+        ax.grid(axis="y", alpha=0.3)
+    axes[-1, 0].set_xticks(range(len(variants)))
+    axes[-1, 0].set_xticklabels(variants, rotation=60, ha="right", fontsize=7)
+    if title:
+        axes[0, 0].set_title(title, fontsize=10)
+    fig.tight_layout()
+    return _save(fig, path, dpi)
+
+
+def _save(fig, path: str | Path, dpi: int = 120) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120, bbox_inches="tight")
+    fig.savefig(path, dpi=dpi, bbox_inches="tight")
     plt.close(fig)
     return path

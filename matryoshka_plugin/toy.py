@@ -3,7 +3,13 @@
 Features form a forest: a child can only fire when its parent fires (mutually exclusive
 children pick at most one). Each feature has a fixed direction (orthonormal when there are
 at most ``d`` features) and a fixed norm ``magnitude * (1 + N(0, magnitude_noise))``;
-activations are binary. ``ToyModel.post_tree()`` is the original Matryoshka post's tree.
+activations are binary. ``ToyModel.post_tree()`` is the original Matryoshka post's tree,
+``ToyModel.hedging_tree()`` the feature-hedging critique's parent with two children and
+``ToyModel.magnitude_tree()`` the large-magnitude-child counter-example from the post's
+comments. :class:`SyntheticHierarchyToy` builds a larger hierarchy in superposition with
+``sae_lens.synthetic`` and exposes the same interface, so :func:`evaluate_sae` and the plots
+work on all of them; :func:`mixing_metrics` measures the parent/child mixing the critique
+names and :func:`eval_sae_lens_synthetic` runs SAELens's own ground-truth evaluation.
 """
 
 from __future__ import annotations
@@ -15,7 +21,19 @@ import numpy as np
 import torch
 from scipy.optimize import linear_sum_assignment
 
-__all__ = ["Feature", "ToyModel", "ToyMetrics", "evaluate_sae", "decoder_directions", "match_latents"]
+__all__ = [
+    "Feature",
+    "ToyModel",
+    "ToyMetrics",
+    "evaluate_sae",
+    "decoder_directions",
+    "match_latents",
+    "MixingMetrics",
+    "mixing_metrics",
+    "SyntheticHierarchyToy",
+    "DecoderView",
+    "eval_sae_lens_synthetic",
+]
 
 
 @dataclass
@@ -29,7 +47,38 @@ class Feature:
     name: str = ""
 
 
-class ToyModel:
+class _ForestSampler:
+    """What every toy model shares, given ``sample``, ``sample_features`` and ``parent``."""
+
+    parent: list[int]
+
+    def sample(self, batch: int, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+    def sample_features(self, batch: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        raise NotImplementedError
+
+    def batches(self, batch: int, seed: int = 0, device: str | torch.device = "cpu") -> Iterator[torch.Tensor]:
+        """An endless iterator of activation batches (what ``trainSAE`` consumes)."""
+        gen = torch.Generator().manual_seed(seed)
+        while True:
+            yield self.sample(batch, gen)[1].to(device)
+
+    def parent_child_groups(self) -> list[tuple[int, list[int]]]:
+        """``(parent, [children])`` for every feature with children."""
+        groups: dict[int, list[int]] = {}
+        for i, p in enumerate(self.parent):
+            if p >= 0:
+                groups.setdefault(p, []).append(i)
+        return sorted(groups.items())
+
+    def expected_l0(self, n: int = 200_000, seed: int = 0) -> float:
+        """Mean number of active features per sample (Monte Carlo, fixed seed)."""
+        feats = self.sample_features(n, torch.Generator().manual_seed(seed))
+        return float((feats > 0).float().sum(1).mean())
+
+
+class ToyModel(_ForestSampler):
     """Samples ``(features [B, F], x [B, d])`` from a feature forest."""
 
     def __init__(self, roots: list[Feature], d: int, magnitude_noise: float = 0.05, seed: int = 0):
@@ -87,6 +136,62 @@ class ToyModel:
         roots += [Feature(singleton_prob, name=f"single{s}") for s in range(n_singletons)]
         return cls(roots, d, magnitude_noise, seed)
 
+    @classmethod
+    def hedging_tree(
+        cls,
+        d: int = 20,
+        parent_prob: float = 0.3,
+        child_probs: tuple[float, ...] = (0.4, 0.4),
+        exclusive: bool = True,
+        magnitude: float = 1.0,
+        magnitude_noise: float = 0.0,
+        n_copies: int = 1,
+        seed: int = 0,
+    ) -> "ToyModel":
+        """The feature-hedging critique's set-up: one parent and its children, all orthogonal.
+
+        Defaults: parent p = 0.3, two mutually exclusive children with conditional
+        probabilities 0.4 each (0.2: no child), magnitude 1, no magnitude noise, d = 20
+        (true features: 3; expected L0 0.54). ``n_copies`` independent copies of the tree
+        multiply the expected L0 (useful for BatchTopK, whose ``k`` is an integer >= 1).
+        """
+        roots = []
+        for i in range(n_copies):
+            tag = "" if n_copies == 1 else str(i)
+            kids = [Feature(c, magnitude=magnitude, name=f"child{tag}{'.' if tag else ''}{j}")
+                    for j, c in enumerate(child_probs)]
+            roots.append(Feature(parent_prob, kids, exclusive=exclusive and len(kids) > 1, magnitude=magnitude,
+                                 name=f"parent{tag}"))
+        return cls(roots, d, magnitude_noise, seed)
+
+    @classmethod
+    def magnitude_tree(
+        cls,
+        d: int = 20,
+        parent_prob: float = 0.3,
+        parent_magnitude: float = 2.0,
+        child_prob: float = 0.15,
+        child_magnitude: float = 10.0,
+        n_children: int = 1,
+        magnitude_noise: float = 0.0,
+        seed: int = 0,
+    ) -> "ToyModel":
+        """The counter-example from the post's comments: a child much louder than its parent.
+
+        ``parent_prob`` and ``child_prob`` are *marginal* firing probabilities (parent 0.3
+        with magnitude 2, child 0.15 with magnitude 10, so the child fires in half of the
+        parent's samples). With several children they are mutually exclusive, each with
+        marginal probability ``child_prob``.
+        """
+        if not 0 < parent_prob <= 1 or not 0 <= n_children * child_prob <= parent_prob:
+            raise ValueError(
+                f"need 0 < n_children * child_prob ({n_children} * {child_prob}) <= parent_prob ({parent_prob})"
+            )
+        cond = child_prob / parent_prob
+        kids = [Feature(cond, magnitude=child_magnitude, name=f"child{j}") for j in range(n_children)]
+        root = Feature(parent_prob, kids, exclusive=n_children > 1, magnitude=parent_magnitude, name="parent")
+        return cls([root], d, magnitude_noise, seed)
+
     # -- sampling -----------------------------------------------------------------------------
 
     def sample_features(self, batch: int, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -111,22 +216,6 @@ class ToyModel:
         acts = self.sample_features(batch, generator)
         return acts, acts @ self.directions
 
-    def batches(self, batch: int, seed: int = 0, device: str | torch.device = "cpu") -> Iterator[torch.Tensor]:
-        """An endless iterator of activation batches (what ``trainSAE`` consumes)."""
-        gen = torch.Generator().manual_seed(seed)
-        while True:
-            yield self.sample(batch, gen)[1].to(device)
-
-    def parent_child_groups(self) -> list[tuple[int, list[int]]]:
-        """``(parent, [children])`` for every feature with children."""
-        groups: dict[int, list[int]] = {}
-        for i, p in enumerate(self.parent):
-            if p >= 0:
-                groups.setdefault(p, []).append(i)
-        return sorted(groups.items())
-
-    def expected_l0(self, n: int = 200_000, seed: int = 0) -> float:
-        return float(self.sample_features(n, torch.Generator().manual_seed(seed)).sum(1).mean())
 
 
 # -- metrics -----------------------------------------------------------------------------------
@@ -152,11 +241,23 @@ class ToyMetrics(NamedTuple):
     """``matching[f]`` = latent matched to true feature ``f`` (-1 if none)."""
     decoder_cosine: np.ndarray
     """``[latents, features]`` cosine between decoder rows and true directions."""
+    absorption_best: float = float("nan")
+    """Like ``absorption`` but each parent is judged by the latent with the largest decoder
+    cosine to it (not one-to-one). Differs from ``absorption`` when Hungarian matching hands
+    a parent to another latent because some child has no latent of its own."""
+    absorption_best_per_parent: list[float] = []
+    """The same for each parent."""
 
 
 def decoder_directions(sae: torch.nn.Module) -> torch.Tensor:
-    """Unit-norm decoder rows ``[n_latents, d]`` of any SAE with ``W_dec [n, d]``."""
-    W = sae.W_dec.detach().float()
+    """Unit-norm decoder rows ``[n_latents, d]`` of any SAE with ``W_dec [n, d]`` (or, like
+    dictionary_learning's ``BatchTopKSAE``, a ``decoder`` linear layer with weight ``[d, n]``)."""
+    if hasattr(sae, "W_dec"):
+        W = sae.W_dec.detach().float()
+    elif hasattr(sae, "decoder") and hasattr(sae.decoder, "weight"):
+        W = sae.decoder.weight.detach().float().T
+    else:
+        raise TypeError(f"{type(sae).__name__} has neither W_dec nor decoder.weight")
     return W / W.norm(dim=1, keepdim=True).clamp_min(1e-12)
 
 
@@ -186,12 +287,13 @@ def evaluate_sae(
     cos = (decoder_directions(sae).cpu() @ toy.unit_directions.T).numpy()
     matching = match_latents(cos)
     fires = f > fire_threshold
-    per_parent = []
+    per_parent, per_parent_best = [], []
     for parent, children in toy.parent_child_groups():
         both = (feats[:, parent] > 0) & (feats[:, children] > 0).any(1)
         latent = matching[parent]
         if int(both.sum()) == 0:
             continue
+        per_parent_best.append(float((~fires[both, int(cos[:, parent].argmax())]).float().mean()))
         if latent < 0:
             per_parent.append(1.0)
             continue
@@ -207,4 +309,226 @@ def evaluate_sae(
         fvu=float((x - x_hat).pow(2).sum() / var),
         matching=matching,
         decoder_cosine=cos,
+        absorption_best=float(np.mean(per_parent_best)) if per_parent_best else float("nan"),
+        absorption_best_per_parent=per_parent_best,
     )
+
+
+# -- mixing (feature hedging) ------------------------------------------------------------------
+
+
+class MixingMetrics(NamedTuple):
+    """Decoder cosines between latents and *other* true features of the same family.
+
+    Feature hedging (Chanin) shows as a parent latent with positive cosine to its children's
+    features and child latents with negative cosine to their siblings' features.
+    """
+
+    parent_child: float
+    """Mean |cos(parent's matched latent, child feature)| over all (parent, child) pairs."""
+    parent_child_signed: float
+    """The same mean without the absolute value (hedging makes it positive)."""
+    sibling: float
+    """Mean |cos(child's matched latent, sibling feature)| over ordered sibling pairs."""
+    sibling_signed: float
+    """The same mean without the absolute value (hedging makes it negative)."""
+    child_parent_signed: float
+    """Mean cos(child's matched latent, parent feature)."""
+    per_parent: list[dict]
+    """For each parent: ``{"parent", "latent", "child_cos": [...], "sibling_cos": [[...]]}``."""
+
+
+def _nanmean(values: list[float]) -> float:
+    return float(np.mean(values)) if values else float("nan")
+
+
+def mixing_metrics(metrics: ToyMetrics, toy) -> MixingMetrics:
+    """Parent/child and sibling mixing of one SAE, from its decoder cosines and matching.
+
+    Pairs whose latent is unmatched (a narrow SAE has fewer latents than features) are
+    skipped; a summary with no pairs is NaN.
+    """
+    cos, match = metrics.decoder_cosine, metrics.matching
+    pc, sib, cp, per_parent = [], [], [], []
+    for parent, children in toy.parent_child_groups():
+        lat = match[parent]
+        child_cos = [float(cos[lat, c]) for c in children] if lat >= 0 else []
+        pc += child_cos
+        sibling_cos = []
+        for c in children:
+            lc = match[c]
+            if lc < 0:
+                sibling_cos.append([])
+                continue
+            row = [float(cos[lc, s]) for s in children if s != c]
+            sibling_cos.append(row)
+            sib += row
+            cp.append(float(cos[lc, parent]))
+        per_parent.append({"parent": parent, "latent": lat, "child_cos": child_cos, "sibling_cos": sibling_cos})
+    return MixingMetrics(
+        parent_child=_nanmean([abs(v) for v in pc]),
+        parent_child_signed=_nanmean(pc),
+        sibling=_nanmean([abs(v) for v in sib]),
+        sibling_signed=_nanmean(sib),
+        child_parent_signed=_nanmean(cp),
+        per_parent=per_parent,
+    )
+
+
+# -- a larger hierarchy in superposition, built with sae_lens.synthetic --------------------------
+
+
+class SyntheticHierarchyToy(_ForestSampler):
+    """A feature forest in superposition generated with ``sae_lens.synthetic``.
+
+    ``generate_hierarchy`` builds ``n_roots`` trees (``branching`` children per node, down to
+    ``max_depth``; a share ``mutually_exclusive_portion`` of parents get mutually exclusive
+    children), ``n_singletons`` independent features follow, ``ActivationGenerator`` samples
+    them (roots with ``root_prob``, deeper features with ``child_prob`` given their parent,
+    singletons with ``singleton_prob``; magnitudes ``1 + N(0, magnitude_std)``), and a
+    ``FeatureDictionary`` (random unit vectors, orthogonalised as far as ``d`` allows) maps
+    them to ``d`` dimensions. Same interface as :class:`ToyModel` (``sample``, ``batches``,
+    ``parent_child_groups``, ``unit_directions``, ``features``, ``expected_l0``).
+    """
+
+    def __init__(
+        self,
+        d: int = 24,
+        n_roots: int = 4,
+        branching: int | tuple[int, int] = (2, 3),
+        max_depth: int = 2,
+        n_singletons: int = 8,
+        root_prob: float = 0.15,
+        child_prob: float = 0.3,
+        singleton_prob: float = 0.05,
+        mutually_exclusive_portion: float = 0.5,
+        magnitude_std: float = 0.05,
+        seed: int = 0,
+    ):
+        from sae_lens.synthetic import (
+            ActivationGenerator,
+            FeatureDictionary,
+            HierarchyConfig,
+            generate_hierarchy,
+            orthogonal_initializer,
+        )
+
+        cfg = HierarchyConfig(
+            total_root_nodes=n_roots,
+            branching_factor=branching,
+            max_depth=max_depth,
+            mutually_exclusive_portion=mutually_exclusive_portion,
+        )
+        # Feature indices are handed out breadth-first until the budget runs out; a budget
+        # this large never runs out, so the tree does not depend on it.
+        self.hierarchy = generate_hierarchy(10**9, cfg, seed=seed)
+        n_tree = len(self.hierarchy.feature_indices_used)
+        self.n_features = n_tree + n_singletons
+        self.d = d
+        self.parent = [-1] * self.n_features
+        self.depth = [0] * self.n_features
+        probs = torch.full((self.n_features,), float(singleton_prob))
+        names = [f"single{i - n_tree}" for i in range(self.n_features)]
+        nodes: dict[int, Feature] = {}
+
+        def visit(node, parent: int, depth: int, name: str) -> Feature:
+            i = node.feature_index
+            self.parent[i], self.depth[i] = parent, depth
+            probs[i] = root_prob if depth == 0 else child_prob
+            names[i] = name
+            kids = [visit(c, i, depth + 1, f"{name}.{j}") for j, c in enumerate(node.children)]
+            nodes[i] = Feature(float(probs[i]), kids, bool(node.mutually_exclusive_children), 1.0, name)
+            return nodes[i]
+
+        for r, root in enumerate(self.hierarchy.roots):
+            visit(root, -1, 0, f"r{r}")
+        self.features = [nodes.get(i) or Feature(float(probs[i]), name=names[i]) for i in range(self.n_features)]
+        self.roots = [nodes[root.feature_index] for root in self.hierarchy.roots]
+        self.activation_generator = ActivationGenerator(
+            self.n_features,
+            probs,
+            std_firing_magnitudes=float(magnitude_std),
+            mean_firing_magnitudes=1.0,
+            modify_activations=self.hierarchy.modifier,
+        )
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            self.feature_dict = FeatureDictionary(
+                self.n_features, d, initializer=orthogonal_initializer(), seed=seed
+            )
+        self.feature_dict.requires_grad_(False)
+        self.unit_directions = self.feature_dict.feature_vectors.detach().float().clone()
+        self.directions = self.unit_directions  # magnitudes live in the activations
+
+    @torch.no_grad()
+    def sample_features(self, batch: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Feature activations ``[batch, F]`` (sae_lens draws from the global RNG; a seed
+        taken from ``generator`` makes it reproducible without touching the global state)."""
+        if generator is None:
+            return self.activation_generator.sample(batch)
+        seed = int(torch.randint(0, 2**62, (1,), generator=generator))
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return self.activation_generator.sample(batch)
+
+    @torch.no_grad()
+    def sample(self, batch: int, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        feats = self.sample_features(batch, generator)
+        return feats, self.feature_dict(feats).float()
+
+    def level_sizes(self) -> list[int]:
+        """Number of tree features at each depth, then the singletons as a last level."""
+        tree = [dep for i, dep in enumerate(self.depth) if self.parent[i] >= 0 or self.features[i].children]
+        sizes = [tree.count(k) for k in range(max(tree) + 1)] if tree else []
+        singles = self.n_features - sum(sizes)
+        return sizes + ([singles] if singles else [])
+
+    def superposition(self) -> float:
+        """Largest |cosine| between two distinct feature directions."""
+        g = (self.unit_directions @ self.unit_directions.T).abs()
+        g.fill_diagonal_(0)
+        return float(g.max())
+
+
+class DecoderView(torch.nn.Module):
+    """Any SAE seen as ``encode``/``decode`` plus unit-norm ``W_dec [n, d]`` (what SAELens's
+    synthetic-data evaluation reads)."""
+
+    def __init__(self, sae: torch.nn.Module):
+        super().__init__()
+        self.sae = sae
+
+    @property
+    def W_dec(self) -> torch.Tensor:
+        return decoder_directions(self.sae)
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        return self.sae.encode(x)
+
+    def decode(self, f: torch.Tensor) -> torch.Tensor:
+        return self.sae.decode(f)
+
+
+@torch.no_grad()
+def eval_sae_lens_synthetic(
+    sae: torch.nn.Module, toy: SyntheticHierarchyToy, n_samples: int = 20_000, seed: int = 1234
+) -> dict[str, float]:
+    """``sae_lens.synthetic.eval_sae_on_synthetic_data`` (MCC, uniqueness, classification
+    precision/recall/F1, explained variance, shrinkage, dead latents, L0), flattened."""
+    from sae_lens.synthetic import eval_sae_on_synthetic_data
+
+    view = DecoderView(sae)
+    was_training = sae.training
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        res = eval_sae_on_synthetic_data(
+            view, toy.feature_dict, toy.activation_generator, num_samples=n_samples, batch_size=n_samples
+        )
+    sae.train(was_training)
+    out = {}
+    for k, v in res.to_dict().items():
+        if isinstance(v, dict):
+            out.update({f"{k}_{kk}": float(vv) for kk, vv in v.items()})
+        else:
+            out[k] = float(v)
+    return out

@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from matryoshka_plugin import kernels
 from matryoshka_plugin.kernels import HAS_NUMBA
 from matryoshka_plugin.prefix_loss import prefix_mse, sparse_decode, sparse_from_dense, sparse_from_flat
 from matryoshka_plugin.prefixes import PrefixWeights
@@ -33,6 +34,21 @@ def random_problem(B=7, n=17, d=6, density=0.35, seed=0):
     return x, f, W, b
 
 
+@pytest.fixture(params=["serial", "parallel"])
+def kernel_path(request, monkeypatch):
+    """Run the numba kernels serially (small work, the default here) or force the parallel
+    compilation with two threads (what large batches use)."""
+    if request.param == "parallel":
+        monkeypatch.setattr(kernels, "PARALLEL_MIN_WORK", 0)
+        threads = torch.get_num_threads()
+        torch.set_num_threads(2)
+        yield request.param
+        torch.set_num_threads(threads)
+    else:
+        monkeypatch.setattr(kernels, "PARALLEL_MIN_WORK", 1 << 62)
+        yield request.param
+
+
 N = 17
 WEIGHTS = {
     "groups": PrefixWeights.fixed_groups([2, 5, 10]),
@@ -49,7 +65,7 @@ WEIGHTS = {
 @pytest.mark.parametrize("name", list(WEIGHTS))
 @pytest.mark.parametrize("chunk", [1, 10_000])
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_loss_and_gradients_match_brute_force(name, chunk, backend):
+def test_loss_and_gradients_match_brute_force(name, chunk, backend, kernel_path):
     weights = WEIGHTS[name]
     x, f, W, b = random_problem(n=N)
     ref = brute_force(x, f, W, b, weights)
@@ -86,7 +102,7 @@ def test_float32_matches_float64(backend):
 
 @pytest.mark.skipif(not HAS_NUMBA, reason="numba not installed")
 @pytest.mark.parametrize("name", ["groups", "every", "pareto_expected", "balanced", "pareto_sample"])
-def test_fused_matches_torch_reference_in_float32(name):
+def test_fused_matches_torch_reference_in_float32(name, kernel_path):
     """The fused kernel against the plain implementation at a realistic sparsity, fp32."""
     g = torch.Generator().manual_seed(1)
     B, n, d, k = 96, 512, 64, 12

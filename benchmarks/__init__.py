@@ -1,0 +1,1 @@
+"""Reproducible benchmarks of matryoshka_plugin (not part of the installed package)."""

@@ -1,0 +1,206 @@
+"""Tables and figures from the cached runs."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from matryoshka_plugin.plots import plot_activations, plot_decoder_cosine, plot_seed_metrics, plot_tradeoff
+from matryoshka_plugin.toy import evaluate_sae
+
+from .config import SetupConfig, parse_variant
+
+# (record key, column title, decimals)
+COLUMNS = [
+    ("absorption", "absorption", 3),
+    ("absorption_best", "absorption (best-cosine latent)", 3),
+    ("recovery", "recovery", 3),
+    ("mixing_parent_child", "parent-child mixing", 3),
+    ("mixing_parent_child_signed", "parent→child cos", 3),
+    ("mixing_sibling_signed", "child→sibling cos", 3),
+    ("l0", "L0", 3),
+    ("fvu", "FVU", 4),
+    ("dead_latents", "dead", 1),
+]
+SAELENS_COLUMNS = [
+    ("saelens_mcc", "MCC", 3),
+    ("saelens_classification_f1_score", "F1", 3),
+    ("saelens_uniqueness", "uniqueness", 3),
+    ("saelens_explained_variance", "expl. var.", 3),
+]
+CLEAN = 0.01  # a seed counts as free of absorption at or below this rate
+
+
+def load_records(out: Path, setups: dict[str, SetupConfig], seeds: list[int]) -> list[dict[str, Any]]:
+    from .run import jobs_for, run_path
+
+    records = []
+    for setup, variant, k, seed in jobs_for(setups, seeds):
+        path = run_path(out, setup.name, variant, k, seed)
+        if path.is_file():
+            records.append(json.loads(path.read_text()))
+    return records
+
+
+def variant_key(rec: dict[str, Any]) -> str:
+    return rec["variant"] if rec.get("k") is None else f"{rec['variant']}/k{rec['k']}"
+
+
+def _stats(values: list[Any]) -> tuple[float, float, int]:
+    vals = [float(v) for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
+    if not vals:
+        return float("nan"), float("nan"), 0
+    return float(np.mean(vals)), float(np.std(vals, ddof=1)) if len(vals) > 1 else 0.0, len(vals)
+
+
+def summarise(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per (set-up, variant/k): mean and sample std over seeds of every column."""
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for r in records:
+        groups.setdefault((r["setup"], variant_key(r)), []).append(r)
+    rows = []
+    for (setup, key), recs in groups.items():
+        row: dict[str, Any] = {"setup": setup, "variant": key, "seeds": len(recs),
+                               "steps": recs[0]["trainer"]["steps"],
+                               "clean_seeds": sum(1 for r in recs if r["absorption"] is not None and r["absorption"] <= CLEAN)}
+        for col, _, _ in COLUMNS + SAELENS_COLUMNS:
+            mean, std, n = _stats([r.get(col) for r in recs])
+            row[col], row[col + "_std"] = mean, std
+        row["train_seconds"] = float(np.mean([r["train_seconds"] for r in recs]))
+        rows.append(row)
+    return rows
+
+
+def _fmt(mean: float, std: float, dec: int) -> str:
+    if math.isnan(mean):
+        return "–"
+    return f"{mean:.{dec}f} ± {std:.{dec}f}"
+
+
+def markdown(rows: list[dict[str, Any]], setups: dict[str, SetupConfig], true_l0: dict[str, float]) -> str:
+    lines = []
+    for name, setup in setups.items():
+        sub = [r for r in rows if r["setup"] == name]
+        if not sub:
+            continue
+        cols = COLUMNS + (SAELENS_COLUMNS if setup.builder == "synthetic_hierarchy" else [])
+        lines.append(f"### {setup.title}\n")
+        lines.append(f"{setup.steps} steps, batch {setup.batch_size}, true L0 {true_l0.get(name, float('nan')):.3f}; "
+                     f"mean ± std over {max(r['seeds'] for r in sub)} seeds; 'clean' = seeds with absorption ≤ {CLEAN:.0%}.\n")
+        head = ["SAE", "clean"] + [title for _, title, _ in cols]
+        lines.append("| " + " | ".join(head) + " |")
+        lines.append("|" + "---|" * len(head))
+        for r in sub:
+            cells = [f"`{r['variant']}`", f"{r['clean_seeds']}/{r['seeds']}"]
+            cells += [_fmt(r[c], r[c + "_std"], d) for c, _, d in cols]
+            lines.append("| " + " | ".join(cells) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def write_reports(out: Path, setups: dict[str, SetupConfig], seeds: list[int], figures: bool = True,
+                  figures_dir: Path | None = None, dpi: int = 110) -> list[Path]:
+    from .train import build_toy
+
+    records = load_records(out, setups, seeds)
+    written = []
+    flat_keys = ["setup", "variant", "k", "seed", "absorption", "absorption_best", "recovery", "mean_max_cosine", "l0", "fvu",
+                 "mixing_parent_child", "mixing_parent_child_signed", "mixing_sibling", "mixing_sibling_signed",
+                 "mixing_child_parent_signed", "dead_latents", "train_seconds", "final_sparsity_coeff"]
+    extra = sorted({k for r in records for k in r if k.startswith("saelens_")})
+    with open(out / "results.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(flat_keys + ["absorption_per_parent"] + extra)
+        for r in records:
+            w.writerow([r.get(k) for k in flat_keys] + [json.dumps(r["absorption_per_parent"])] + [r.get(k) for k in extra])
+    written.append(out / "results.csv")
+    rows = summarise(records)
+    with open(out / "summary.csv", "w", newline="") as f:
+        if rows:
+            w = csv.DictWriter(f, fieldnames=list(rows[0]))
+            w.writeheader()
+            w.writerows(rows)
+    written.append(out / "summary.csv")
+    true_l0 = {name: build_toy(s).true_l0 for name, s in setups.items()}
+    (out / "results.md").write_text(markdown(rows, setups, true_l0) + "\n")
+    written.append(out / "results.md")
+    if figures and records:
+        written += make_figures(out, setups, seeds, records, rows, figures_dir or out / "figures", dpi)
+    return written
+
+
+def _load_run(out: Path, setup: str, key: str, seed: int):
+    from .run import run_path
+    from .train import load_sae
+
+    variant, _, k = key.partition("/k")
+    path = run_path(out, setup, variant, int(k) if k else None, seed).with_suffix(".pt")
+    if not path.is_file():
+        return None
+    return load_sae(torch.load(path, weights_only=False))
+
+
+def make_figures(out: Path, setups: dict[str, SetupConfig], seeds: list[int], records, rows,
+                 fig_dir: Path, dpi: int) -> list[Path]:
+    from .train import build_toy
+
+    written = []
+    for name, setup in setups.items():
+        toy = build_toy(setup)
+        keys = setup.figure_variants or []
+        saes, metrics = {}, {}
+        for key in keys:
+            sae = _load_run(out, name, key, seeds[0])
+            if sae is not None:
+                saes[key] = sae
+                metrics[key] = evaluate_sae(sae, toy, n_samples=setup.eval_samples)
+        if saes:
+            written.append(plot_activations(toy, saes, metrics, fig_dir / f"{name}_activations.png", dpi=dpi,
+                                            title=f"{setup.title}: ground truth vs latents (seed {seeds[0]})"))
+            written.append(plot_decoder_cosine(toy, metrics, fig_dir / f"{name}_decoder_cosine.png", dpi=dpi))
+        sub = [r for r in records if r["setup"] == name]
+        if sub:
+            order = list(dict.fromkeys(variant_key(r) for r in sub))
+            vals = {m: {v: [r.get(m) for r in sub if variant_key(r) == v] for v in order}
+                    for m in ("absorption", "recovery", "mixing_parent_child", "l0")}
+            written.append(plot_seed_metrics(vals, fig_dir / f"{name}_seeds.png", title=setup.title, dpi=dpi))
+        if name == "hedging":
+            written.append(tradeoff_figure([r for r in rows if r["setup"] == name], fig_dir / "hedging_tradeoff.png", dpi))
+    return written
+
+
+def tradeoff_figure(rows: list[dict[str, Any]], path: Path, dpi: int) -> Path:
+    """Parent-child mixing vs absorption on the hedging set-up: the balance-beta sweeps of both
+    families joined (beta = 1 is standard Matryoshka) and the non-Matryoshka references;
+    bars are standard errors of the mean over seeds."""
+    by_key = {r["variant"]: r for r in rows}
+    references = ("vanilla", "vanilla_1", "btk/k1", "btk_1/k1", "up_btk/k1", "up_mbtk/k1", "mat_every")
+
+    def series_of(key: str) -> str | None:
+        spec = parse_variant(key.split("/")[0])
+        if spec.prefix_mode == "groups" and spec.family in ("log", "btk"):
+            return "log-sparsity groups [1, 2], beta sweep" if spec.family == "log" else "BatchTopK groups [1, 2], beta sweep"
+        return None
+
+    def beta_of(key: str) -> float:
+        spec = parse_variant(key.split("/")[0])
+        return 1.0 if spec.balance_beta is None else spec.balance_beta
+
+    points = []
+    for key in sorted(by_key, key=lambda k: (series_of(k) or "", -beta_of(k))):
+        r, series = by_key[key], series_of(key)
+        if math.isnan(r["mixing_parent_child"]) or (series is None and key not in references):
+            continue
+        sem = 1.0 / math.sqrt(max(r["seeds"], 1))
+        label = f"β={beta_of(key):g}" if series else key
+        points.append({"label": label, "series": series, "x": r["absorption"], "x_std": r["absorption_std"] * sem,
+                       "y": r["mixing_parent_child"], "y_std": r["mixing_parent_child_std"] * sem})
+    return plot_tradeoff(points, path, x="absorption (mean over seeds ± s.e.m.)",
+                         y="mean |cos(parent latent, child feature)|",
+                         title="Hedging set-up: parent-child mixing vs absorption", dpi=dpi)

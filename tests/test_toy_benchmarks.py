@@ -1,0 +1,114 @@
+"""Reduced toy benchmarks on CPU: the headline directions of the Matryoshka post and the
+hedging critique, plus smoke runs of the loud-child and superposition set-ups.
+
+The full study is ``python -m benchmarks.toy.run`` (README, "Toy benchmarks").
+"""
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: benchmarks/
+
+from benchmarks.toy.config import default_setups, merge_overrides, parse_variant  # noqa: E402
+from benchmarks.toy.run import build_config  # noqa: E402
+from benchmarks.toy.run import main as run_main  # noqa: E402
+from benchmarks.toy.train import train_and_evaluate  # noqa: E402
+
+SETUPS = default_setups()
+
+
+def reduced(name, **over):
+    return merge_overrides(SETUPS[name], {"eval_samples": 10_000, **over})
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+# Reduced settings, checked over seeds 0-9 (see the README's toy-benchmark section).
+POST_STEPS = 3000
+HEDGE_STEPS = 1500
+
+
+def test_post_tree_vanilla_absorbs_and_matryoshka_does_not():
+    setup = reduced("post_tree", steps=POST_STEPS)
+    vanilla, _ = train_and_evaluate(setup, "vanilla", seed=0)
+    matryoshka, _ = train_and_evaluate(setup, "mat_every", seed=0)
+    print(f"vanilla absorption {vanilla['absorption']:.3f}, matryoshka {matryoshka['absorption']:.3f}")
+    assert vanilla["absorption"] >= 0.5
+    assert matryoshka["absorption"] <= 0.05
+    assert matryoshka["l0"] > vanilla["l0"]  # keeping parents whole costs L0
+
+
+def test_one_latent_sae_hedges_and_matryoshka_inherits_it():
+    setup = reduced("hedging", steps=HEDGE_STEPS)
+    one, _ = train_and_evaluate(setup, "vanilla_1", seed=0)
+    (group,) = one["mixing_per_parent"]
+    assert one["matching"][0] == 0  # the single latent is the parent's
+    child_cos = group["child_cos"]
+    print(f"1-latent SAE: cos with parent {one['recovery']:.3f}, with children {child_cos}")
+    assert one["recovery"] > 0.7
+    assert all(c > 0.15 for c in child_cos)  # hedging: the children leak into the parent latent
+    mat, _ = train_and_evaluate(setup, "mat_groups", seed=0)
+    print(f"Matryoshka [1, 3]: parent->child {mat['mixing_parent_child_signed']:.3f}, "
+          f"child->sibling {mat['mixing_sibling_signed']:.3f}, absorption {mat['absorption']:.3f}")
+    assert mat["absorption"] <= 0.05
+    assert mat["mixing_parent_child_signed"] > 0.15 and mat["mixing_sibling_signed"] < -0.15
+
+
+@pytest.mark.parametrize("name, variant, k", [("magnitude", "mat_pareto", None), ("hierarchy", "btk_groups", 2)])
+def test_other_setups_run_and_measure(name, variant, k):
+    setup = reduced(name, steps=400, eval_samples=5_000)
+    rec, sae = train_and_evaluate(setup, variant, seed=0, k=k)
+    for key in ("absorption", "recovery", "l0", "fvu", "mixing_parent_child"):
+        assert rec[key] is not None and math.isfinite(rec[key]), key
+    assert 0.0 <= rec["absorption"] <= 1.0 and -1.0 <= rec["recovery"] <= 1.0
+    if name == "hierarchy":
+        assert 0.0 < rec["saelens_mcc"] <= 1.0 and rec["saelens_true_l0"] > 1.0
+        assert len(rec["absorption_per_parent"]) > 5  # parents at two levels
+
+
+def test_runner_writes_tables_figures_and_resumes(tmp_path, capsys):
+    args = ["--setups", "hedging", "--variants", "vanilla_1", "mat_groups", "--seeds", "0", "--steps", "150",
+            "--out", str(tmp_path)]
+    assert run_main(args) == 0
+    assert "2 to train" in capsys.readouterr().out
+    table = (tmp_path / "results.md").read_text()
+    assert "`vanilla_1`" in table and "`mat_groups`" in table
+    assert (tmp_path / "results.csv").read_text().count("\n") == 3
+    for fig in ("hedging_activations.png", "hedging_decoder_cosine.png", "hedging_tradeoff.png"):
+        assert (tmp_path / "figures" / fig).read_bytes()[:4] == b"\x89PNG"
+    assert run_main(args + ["--no-figures"]) == 0
+    assert "2 cached, 0 to train" in capsys.readouterr().out
+
+
+def _args(**kw):
+    base = dict(quick=False, config=None, setups=None, steps=None, variants=None, seeds=None)
+    return argparse.Namespace(**{**base, **kw})
+
+
+def test_config_file_overrides_and_selects(tmp_path):
+    cfg = tmp_path / "c.json"
+    cfg.write_text(json.dumps({"seeds": [3], "setups": {"hedging": {"steps": 7, "log": {"sparsity_coeff": 2.0}}}}))
+    setups, seeds = build_config(_args(config=str(cfg)))
+    assert list(setups) == ["hedging"] and seeds == [3]
+    assert setups["hedging"].steps == 7 and setups["hedging"].log == {"sparsity": "l1", "sparsity_coeff": 2.0}
+    setups, _ = build_config(_args(config=str(cfg), setups=["post_tree", "hedging"]))
+    assert list(setups) == ["post_tree", "hedging"]
+    cfg.write_text(json.dumps({"setups": {"nope": {}}}))
+    with pytest.raises(SystemExit, match="unknown set-up 'nope'"):
+        build_config(_args(config=str(cfg)))
+    with pytest.raises(ValueError, match="unknown variant 'mat_grops'"):
+        build_config(_args(variants=["mat_grops"]))
+    with pytest.raises(ValueError, match="must lie in"):
+        parse_variant("btk_groups_b1.5")
