@@ -11,8 +11,9 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import IO, Any, Callable, Iterable, Iterator
 
 import torch
 
@@ -25,7 +26,9 @@ __all__ = [
     "DICTIONARY_CLASSES",
     "read_state_dict",
     "read_config",
+    "atomic_open",
     "atomic_torch_save",
+    "atomic_write_json",
     "CheckpointError",
 ]
 
@@ -144,17 +147,17 @@ _UPSTREAM_CLASSES = {
 }
 
 
-def atomic_torch_save(obj: Any, path: str | Path) -> None:
-    """``torch.save`` to a temporary file in the same folder, then rename over ``path``.
-
-    An interrupted save never leaves a truncated file where a good one was.
-    """
+@contextmanager
+def atomic_open(path: str | Path, mode: str = "w", **kwargs: Any) -> Iterator[IO[Any]]:
+    """``open`` a temporary file beside ``path``; on success flush it to disk and rename it
+    over ``path``, on any error (or interrupt) delete it. Readers see the old file or the
+    complete new one, never a truncated one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
+        with os.fdopen(fd, mode, **kwargs) as f:
+            yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -162,3 +165,15 @@ def atomic_torch_save(obj: Any, path: str | Path) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def atomic_torch_save(obj: Any, path: str | Path) -> None:
+    """``torch.save`` through :func:`atomic_open`."""
+    with atomic_open(path, "wb") as f:
+        torch.save(obj, f)
+
+
+def atomic_write_json(obj: Any, path: str | Path, *, indent: int = 2, default: Callable[[Any], Any] | None = None) -> None:
+    """``json.dump`` through :func:`atomic_open`."""
+    with atomic_open(path) as f:
+        json.dump(obj, f, indent=indent, default=default)

@@ -65,14 +65,12 @@ Run one ``run_saebench`` at a time per process.
 from __future__ import annotations
 
 import contextlib
-import copy
 import dataclasses
 import functools
 import hashlib
 import inspect
 import json
 import logging
-import math
 import os
 import re
 import shutil
@@ -83,6 +81,7 @@ from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import torch
 
+from .checkpoints import atomic_write_json
 from .errors import CheckpointError
 
 __all__ = [
@@ -787,16 +786,6 @@ def _publish_result(staged: Path, final: Path) -> None:
     os.replace(staged, final)
 
 
-def _write_json_atomic(path: Path, obj: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, default=str)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def _run_absorption(cfg: Any, name: str, sae: Any, device: str, staging: Path, artifacts: Path,
                     output_dir: Path) -> EvalRecord:
     import sae_bench.evals.absorption.main as absorption_main
@@ -837,7 +826,7 @@ def _run_absorption(cfg: Any, name: str, sae: Any, device: str, staging: Path, a
         "represent first letters well enough at this layer, so SAEBench computes no absorption score"
     )
     ne = _not_evaluated_path(output_dir, name)
-    _write_json_atomic(ne, {
+    atomic_write_json({
         "status": "not_evaluated",
         "eval_type_id": "absorption_first_letter",
         "sae_name": name,
@@ -845,7 +834,7 @@ def _run_absorption(cfg: Any, name: str, sae: Any, device: str, staging: Path, a
         "letters_with_good_probe": good,
         "probe_f1_per_letter": per_letter,
         "eval_config": dataclasses.asdict(cfg),
-    })
+    }, ne, default=str)
     log.warning("absorption for %s: %s", name, reason)
     return EvalRecord(name, "absorption", "not_evaluated", str(ne), reason=reason)
 

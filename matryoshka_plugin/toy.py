@@ -27,6 +27,7 @@ __all__ = [
     "ToyMetrics",
     "evaluate_sae",
     "decoder_directions",
+    "decoder_weight",
     "match_latents",
     "MixingMetrics",
     "mixing_metrics",
@@ -217,7 +218,6 @@ class ToyModel(_ForestSampler):
         return acts, acts @ self.directions
 
 
-
 # -- metrics -----------------------------------------------------------------------------------
 
 
@@ -249,15 +249,19 @@ class ToyMetrics(NamedTuple):
     """The same for each parent."""
 
 
-def decoder_directions(sae: torch.nn.Module) -> torch.Tensor:
-    """Unit-norm decoder rows ``[n_latents, d]`` of any SAE with ``W_dec [n, d]`` (or, like
+def decoder_weight(sae: torch.nn.Module) -> torch.Tensor:
+    """Decoder rows ``[n_latents, d]`` (detached) of any SAE with ``W_dec [n, d]`` (or, like
     dictionary_learning's ``BatchTopKSAE``, a ``decoder`` linear layer with weight ``[d, n]``)."""
     if hasattr(sae, "W_dec"):
-        W = sae.W_dec.detach().float()
-    elif hasattr(sae, "decoder") and hasattr(sae.decoder, "weight"):
-        W = sae.decoder.weight.detach().float().T
-    else:
-        raise TypeError(f"{type(sae).__name__} has neither W_dec nor decoder.weight")
+        return sae.W_dec.detach()
+    if hasattr(sae, "decoder") and hasattr(sae.decoder, "weight"):
+        return sae.decoder.weight.detach().T
+    raise TypeError(f"{type(sae).__name__} has neither W_dec nor decoder.weight")
+
+
+def decoder_directions(sae: torch.nn.Module) -> torch.Tensor:
+    """Unit-norm decoder rows ``[n_latents, d]`` in float32 (see :func:`decoder_weight`)."""
+    W = decoder_weight(sae).float()
     return W / W.norm(dim=1, keepdim=True).clamp_min(1e-12)
 
 
@@ -282,8 +286,9 @@ def evaluate_sae(
     gen = torch.Generator().manual_seed(seed)
     feats, x = toy.sample(n_samples, gen)
     dev = next(sae.parameters()).device
-    f = sae.encode(x.to(dev)).float().cpu()
-    x_hat = sae.decode(sae.encode(x.to(dev))).float().cpu()
+    z = sae.encode(x.to(dev))
+    f = z.float().cpu()
+    x_hat = sae.decode(z).float().cpu()
     cos = (decoder_directions(sae).cpu() @ toy.unit_directions.T).numpy()
     matching = match_latents(cos)
     fires = f > fire_threshold

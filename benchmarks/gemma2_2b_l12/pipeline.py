@@ -77,10 +77,9 @@ class BenchmarkResult:
 
 
 def _json_dump_atomic(path: Path, obj: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=str))
-    os.replace(tmp, path)
+    from matryoshka_plugin.checkpoints import atomic_write_json  # lazy, like the other package imports here
+
+    atomic_write_json(obj, path, default=str)
 
 
 def _resolved_eval_settings(cfg: BenchmarkConfig) -> dict[str, Any]:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import csv
 import math
-import os
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -111,6 +110,8 @@ def _plot(rows: list[dict[str, Any]], metric: str, path: Path, title: str) -> No
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from matryoshka_plugin.checkpoints import atomic_open
+
     series: dict[tuple[str, Any], list[tuple[float, float]]] = {}
     for r in rows:
         x = r["l0"] if r["l0"] is not None else r["target_l0"]
@@ -141,14 +142,14 @@ def _plot(rows: list[dict[str, Any]], metric: str, path: Path, title: str) -> No
     ax.set_title(title)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=120)
+    with atomic_open(path, "wb") as f:
+        fig.savefig(f, format="png", dpi=120)
     plt.close(fig)
-    os.replace(tmp, path)
 
 
 def write_report(plan: Any, specs: Sequence[Any]) -> tuple[list[dict[str, Any]], list[Path]]:
     """Write ``comparison.md``, ``comparison.csv`` and one ``<metric>_vs_l0.png`` per metric."""
+    from matryoshka_plugin.checkpoints import atomic_open
     from matryoshka_plugin.saebench import HEADLINE_METRICS
 
     out = Path(plan.report_dir)
@@ -157,17 +158,14 @@ def write_report(plan: Any, specs: Sequence[Any]) -> tuple[list[dict[str, Any]],
     evals = set(plan.cfg.evals.evals)
     metrics = [col for col, ev, _ in HEADLINE_METRICS if ev in evals]
     md = out / "comparison.md"
-    tmp = md.with_name(".comparison.md.tmp")
-    tmp.write_text(_markdown(rows, metrics, plan))
-    os.replace(tmp, md)
+    with atomic_open(md) as f:
+        f.write(_markdown(rows, metrics, plan))
     csv_path = out / "comparison.csv"
-    tmp = csv_path.with_name(".comparison.csv.tmp")
-    with open(tmp, "w", newline="") as f:
+    with atomic_open(csv_path, newline="") as f:
         w = csv.DictWriter(f, fieldnames=_ID_COLUMNS + [col for col, _, _ in HEADLINE_METRICS], extrasaction="ignore")
         w.writeheader()
         for r in rows:
             w.writerow({k: ("" if v is None else v) for k, v in r.items()})
-    os.replace(tmp, csv_path)
     files = [md, csv_path]
     for m in metrics:
         if m == "l0":

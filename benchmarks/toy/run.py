@@ -109,25 +109,25 @@ def _worker_init() -> None:
 
 
 def _run_one(job: tuple[SetupConfig, str, int | None, int, str, dict]) -> tuple[str, float, int]:
+    from matryoshka_plugin.checkpoints import atomic_torch_save, atomic_write_json
+
     from .train import sae_blob, train_and_evaluate
 
     setup, variant, k, seed, out, fp = job
     path = run_path(Path(out), setup.name, variant, k, seed)
-    path.parent.mkdir(parents=True, exist_ok=True)
     record, sae = train_and_evaluate(setup, variant, seed, k)
     record["fingerprint"] = fp
-    tmp = path.with_suffix(".pt.tmp")
-    torch.save(sae_blob(sae), tmp)
-    os.replace(tmp, path.with_suffix(".pt"))
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(record, indent=1))
-    os.replace(tmp, path)
+    # The SAE first: a run counts as cached only once its JSON exists.
+    atomic_torch_save(sae_blob(sae), path.with_suffix(".pt"))
+    atomic_write_json(record, path, indent=1)
     return str(path), record["train_seconds"], setup.steps
 
 
 def remeasure(out: Path, jobs) -> None:
     """Recompute the metrics of cached runs from their stored SAEs (training is untouched)."""
     from tqdm.auto import tqdm
+
+    from matryoshka_plugin.checkpoints import atomic_write_json
 
     from .train import build_toy, load_sae, measure
 
@@ -136,9 +136,7 @@ def remeasure(out: Path, jobs) -> None:
         record = json.loads(path.read_text())
         sae = load_sae(torch.load(path.with_suffix(".pt"), weights_only=False))
         record.update(measure(sae, build_toy(setup), setup))
-        tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(record, indent=1))
-        os.replace(tmp, path)
+        atomic_write_json(record, path, indent=1)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict
 from typing import Any
 
 import torch
@@ -12,6 +11,7 @@ import torch
 from matryoshka_plugin.toy import (
     SyntheticHierarchyToy,
     ToyModel,
+    decoder_weight,
     eval_sae_lens_synthetic,
     evaluate_sae,
     mixing_metrics,
@@ -213,7 +213,7 @@ def _dead_latents(sae, toy, n: int = 20_000) -> int:
 def sae_blob(sae: torch.nn.Module) -> dict[str, Any]:
     """What :func:`load_sae` needs to rebuild ``sae``."""
     cls = type(sae)
-    n, d = decoder_shape(sae)
+    n, d = decoder_weight(sae).shape
     init: dict[str, Any] = {"activation_dim": d, "dict_size": n}
     if hasattr(sae, "k"):
         init["k"] = int(sae.k)
@@ -221,12 +221,6 @@ def sae_blob(sae: torch.nn.Module) -> dict[str, Any]:
         init["group_sizes"] = [int(s) for s in sae.group_sizes.tolist()]
     return {"class": f"{cls.__module__}:{cls.__qualname__}", "init": init,
             "state_dict": {k: v.detach().cpu().clone() for k, v in sae.state_dict().items()}}
-
-
-def decoder_shape(sae) -> tuple[int, int]:
-    if hasattr(sae, "W_dec"):
-        return tuple(sae.W_dec.shape)
-    return tuple(sae.decoder.weight.T.shape)
 
 
 def load_sae(blob: dict[str, Any]) -> torch.nn.Module:
