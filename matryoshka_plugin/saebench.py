@@ -221,7 +221,7 @@ def describe_sae(source: Any, name: str | None = None) -> SAERef:
     ``"saelens:RELEASE:SAE_ID"``, or a SAELens ``SAE`` object. Raises :class:`SAEBenchError` or
     :class:`~matryoshka_plugin.CheckpointError` (missing folders, unreadable configs).
     """
-    from .saelens import tl_hook_name, tl_model_name
+    from .hook_names import tl_hook_name, tl_model_name
 
     release = _parse_release_spec(source)
     if release is not None:

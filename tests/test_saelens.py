@@ -42,7 +42,8 @@ from matryoshka_plugin import (
     register_saelens_architecture,
 )
 from matryoshka_plugin.__main__ import main
-from matryoshka_plugin.saelens import MATRYOSHKA_ARCHITECTURE, tl_hook_name, tl_model_name
+from matryoshka_plugin.hook_names import tl_hook_name, tl_model_name
+from matryoshka_plugin.saelens import MATRYOSHKA_ARCHITECTURE
 
 D, N, K = 24, 48, 4
 TOL = 1e-5

@@ -154,13 +154,13 @@ class BenchmarkConfig:
 
     @property
     def tl_model_name(self) -> str:
-        from matryoshka_plugin.saelens import tl_model_name
+        from matryoshka_plugin.hook_names import tl_model_name
 
         return self.model.tl_name or str(tl_model_name(self.model.name))
 
     @property
     def hook_name(self) -> str:
-        from matryoshka_plugin.saelens import tl_hook_name
+        from matryoshka_plugin.hook_names import tl_hook_name
 
         return tl_hook_name(self.model.submodule, self.model.io, self.model.layer, self.model.name)
 
