@@ -16,6 +16,7 @@ from dictionary_learning.training import trainSAE
 
 from .checkpoints import load_dictionary
 from .plots import plot_activations, plot_decoder_cosine
+from .threads import cpu_threads, threads_for
 from .toy import ToyMetrics, ToyModel, evaluate_sae
 from .trainers import MatryoshkaLogSparsityTrainer
 
@@ -48,12 +49,18 @@ class DemoConfig:
 
 
 def run_demo(cfg: DemoConfig) -> dict[str, ToyMetrics]:
+    """Train, evaluate and plot the demo's SAEs; returns their metrics by name."""
+    # Toy shapes: data generation and evaluation run faster on one thread too (threads.py).
+    with cpu_threads(threads_for(cfg.batch_size * cfg.d * cfg.dict_size)):
+        return _run_demo(cfg)
+
+
+def _run_demo(cfg: DemoConfig) -> dict[str, ToyMetrics]:
     unknown = [s for s in cfg.saes if s not in DEMO_SAES]
     if unknown:
         raise ValueError(f"unknown demo SAE(s) {unknown}; choose from {list(DEMO_SAES)}")
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
     toy = ToyModel.post_tree(d=cfg.d, seed=cfg.seed)
     configs = [
         dict(

@@ -26,6 +26,7 @@ from ..prefix_loss import BACKENDS, SparseLatents, prefix_mse
 from ..prefixes import PrefixSampler, group_sizes_from_fractions
 from ..sae import MatryoshkaBatchTopKSAE
 from ..sparse_encoder import encoder_entries
+from ..threads import threads_by_work
 from .common import (
     LossLog,
     MatryoshkaTrainerBase,
@@ -168,6 +169,7 @@ class MatryoshkaBatchTopKTrainer(MatryoshkaTrainerBase):
         stats = {"since": since, "dead": dead, "pre_norm_auxk": pre_norm_auxk}
         return loss, latents, recon, post_relu, parts, stats
 
+    @threads_by_work
     def loss(self, x: torch.Tensor, step: int | None = None, logging: bool = False):
         """The training loss on ``x`` without changing any state (threshold, counters, RNG).
 
@@ -193,6 +195,7 @@ class MatryoshkaBatchTopKTrainer(MatryoshkaTrainerBase):
         else:
             thr.mul_(self.threshold_beta).add_((1 - self.threshold_beta) * smallest)
 
+    @threads_by_work
     def update(self, step: int, x: torch.Tensor) -> float:
         x = self._prepare(x, step)
         if not self._b_dec_initialised:

@@ -21,6 +21,7 @@ from ..prefix_loss import BACKENDS, prefix_mse, sparse_from_dense
 from ..prefixes import PrefixSampler, group_sizes_from_fractions
 from ..sae import MatryoshkaLogSparsitySAE
 from ..sparsity import SPARSITY_KINDS, L0Controller, sparsity_penalty
+from ..threads import threads_by_work
 from .common import (
     LossLog,
     MatryoshkaTrainerBase,
@@ -167,6 +168,7 @@ class MatryoshkaLogSparsityTrainer(MatryoshkaTrainerBase):
         self._check_loss(loss, step, parts)
         return loss, parts
 
+    @threads_by_work
     def loss(self, x: torch.Tensor, step: int | None = None, logging: bool = False):
         """The training loss on ``x`` without changing any state (controller, EMAs, RNG).
 
@@ -195,6 +197,7 @@ class MatryoshkaLogSparsityTrainer(MatryoshkaTrainerBase):
         else:
             self.ae.input_norm.mul_(self.input_norm_decay).add_((1 - self.input_norm_decay) * mean_norm)
 
+    @threads_by_work
     def update(self, step: int, x: torch.Tensor) -> float:
         x = self._prepare(x, step)
         saved = (self.ae.input_norm.clone(), self._input_norm_initialised, self.controller.coefficient)
