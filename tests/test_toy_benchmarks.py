@@ -97,7 +97,7 @@ def test_runs_are_trainsae_folders_that_load_and_remeasure_identically(tmp_path,
     ``load_dictionary`` reads; re-measuring the loaded SAEs reproduces the stored metrics."""
     from matryoshka_plugin import load_dictionary
 
-    args = ["--setups", "hedging", "--variants", "mat_groups", "up_btk", "--seeds", "0", "--steps", "100",
+    args = ["--setups", "hedging", "--variants", "mat_groups", "up_btk", "--seeds", "0", "--steps", "150",
             "--out", str(tmp_path), "--no-figures"]
     assert run_main(args) == 0
     runs = {v: tmp_path / "runs" / "hedging" / v / "seed0" for v in ("mat_groups", "up_btk_k1")}
