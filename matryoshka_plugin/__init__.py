@@ -12,7 +12,7 @@ Importing the package registers the SAELens architecture ``matryoshka_jumprelu``
 
 from .checkpoints import load_dictionary, register_dictionary_class
 from .errors import ActivationError, CheckpointError, TrainingError
-from .prefix_loss import PrefixLoss, SparseLatents, prefix_mse
+from .prefix_loss import PrefixLoss, prefix_mse
 from .prefixes import PrefixSampler, PrefixWeights
 from .sae import MatryoshkaBatchTopKSAE, MatryoshkaLogSparsitySAE
 from .saelens import (
@@ -25,6 +25,7 @@ from .saelens import (
     register_saelens_architecture,
 )
 from .saebench import SAEBenchError, run_saebench
+from .sparse_latents import SparseLatents
 from .trainers import MatryoshkaBatchTopKTrainer, MatryoshkaLogSparsityTrainer
 
 __version__ = "0.1.0"

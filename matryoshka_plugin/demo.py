@@ -15,9 +15,9 @@ import torch
 from dictionary_learning.training import trainSAE
 
 from .checkpoints import load_dictionary
-from .plots import plot_activations, plot_decoder_cosine
 from .threads import cpu_threads, threads_for
 from .toy import ToyMetrics, ToyModel, evaluate_sae
+from .toy.plots import plot_activations, plot_decoder_cosine
 from .trainers import MatryoshkaLogSparsityTrainer
 
 __all__ = ["DemoConfig", "run_demo", "format_table"]

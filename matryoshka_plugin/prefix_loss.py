@@ -17,74 +17,25 @@ Two implementations share this module's entry point :func:`prefix_mse`:
 * ``"torch"``: plain tensor operations over a padded ``[rows, K, d]`` layout, in chunks.
   It runs on any device and dtype and is the reference the fast kernels are tested against.
 * ``"fused"``: one pass per token that accumulates the loss and all gradients without a
-  ``[B, K, d]`` tensor (``kernels.py``: numba on CPU; ``kernels_triton.py``: Triton on CUDA).
+  ``[B, K, d]`` tensor (``kernels/``: numba on CPU, Triton on CUDA).
+
+The active latents come as :class:`~.sparse_latents.SparseLatents`.
 """
 
 from __future__ import annotations
 
-import os
 from typing import NamedTuple
 
 import torch
 
+from .kernels import fused_prefix_mse, resolve_backend
 from .prefixes import PrefixWeights
+from .sparse_latents import SparseLatents
 
-__all__ = [
-    "SparseLatents",
-    "PrefixLoss",
-    "prefix_mse",
-    "sparse_from_dense",
-    "sparse_from_flat",
-    "sparse_decode",
-    "BACKENDS",
-]
-
-BACKENDS = ("auto", "torch", "fused")
+__all__ = ["PrefixLoss", "prefix_mse", "segment_weights"]
 
 # Elements of one [rows, K, d] working tensor of the torch implementation.
 DEFAULT_CHUNK_ELEMENTS = 1 << 23
-
-
-class SparseLatents(NamedTuple):
-    """Active latents of a batch in compressed-row (CSR) form, sorted by latent within a row."""
-
-    values: torch.Tensor
-    """``[N]`` activations of the active entries. Carries the encoder's autograd graph."""
-    indices: torch.Tensor
-    """``[N]`` int64 latent index of each entry, ascending within each row."""
-    offsets: torch.Tensor
-    """``[B + 1]`` int64 row pointers: row ``b`` owns entries ``offsets[b]:offsets[b + 1]``."""
-    n_latents: int
-    """Dictionary size ``n``."""
-
-    @property
-    def batch_size(self) -> int:
-        return self.offsets.numel() - 1
-
-    def rows(self) -> torch.Tensor:
-        """``[N]`` row of each entry."""
-        counts = self.offsets[1:] - self.offsets[:-1]
-        return torch.repeat_interleave(torch.arange(self.batch_size, device=counts.device), counts)
-
-    def to_dense(self) -> torch.Tensor:
-        """``[B, n]`` dense latents (differentiable in ``values``)."""
-        dense = self.values.new_zeros(self.batch_size, self.n_latents)
-        return dense.index_put((self.rows(), self.indices), self.values)
-
-    def padded(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """``([B, K], [B, K])`` values and indices, ``K`` = the longest row. Padding slots hold
-        value 0 and repeat the row's last index (0 for an empty row), keeping rows sorted."""
-        counts = self.offsets[1:] - self.offsets[:-1]
-        k_max = max(int(counts.max()) if counts.numel() else 0, 1)
-        rows = self.rows()
-        pos = torch.arange(rows.numel(), device=rows.device) - self.offsets[:-1][rows]
-        idx = torch.zeros(self.batch_size, k_max, dtype=torch.long, device=rows.device)
-        idx[rows, pos] = self.indices
-        filled = torch.arange(k_max, device=rows.device)[None, :] < counts[:, None]
-        last = idx.gather(1, (counts - 1).clamp_min(0)[:, None])
-        idx = torch.where(filled, idx, last)
-        vals = self.values.new_zeros(self.batch_size, k_max).index_put((rows, pos), self.values)
-        return vals, idx
 
 
 class PrefixLoss(NamedTuple):
@@ -94,48 +45,6 @@ class PrefixLoss(NamedTuple):
     """Scalar ``sum_m lam[m] * mean_b ||x - xhat_m||^2`` (differentiable)."""
     residual: torch.Tensor
     """``[B, d]`` residual of the full SAE, ``x - xhat_n`` (detached)."""
-
-
-def _offsets_from_rows(rows: torch.Tensor, batch: int) -> torch.Tensor:
-    counts = torch.bincount(rows, minlength=batch)
-    offsets = torch.zeros(batch + 1, dtype=torch.long, device=rows.device)
-    torch.cumsum(counts, 0, out=offsets[1:])
-    return offsets
-
-
-def sparse_from_flat(
-    flat_index: torch.Tensor, values: torch.Tensor, batch: int, n_latents: int, presorted: bool = False
-) -> SparseLatents:
-    """Build :class:`SparseLatents` from entries of a flattened ``[B, n]`` matrix.
-
-    ``flat_index`` indexes ``row * n + latent``; ``values`` align with it. Pass
-    ``presorted=True`` when ``flat_index`` is already ascending.
-    """
-    if not presorted:
-        order = torch.argsort(flat_index)
-        flat_index, values = flat_index[order], values[order]
-    rows = torch.div(flat_index, n_latents, rounding_mode="floor")
-    cols = flat_index - rows * n_latents
-    return SparseLatents(values, cols, _offsets_from_rows(rows, batch), n_latents)
-
-
-def sparse_from_dense(f: torch.Tensor) -> SparseLatents:
-    """Non-zero entries of dense latents ``f [B, n]`` (gradients flow back into ``f``)."""
-    batch, n = f.shape
-    rows, cols = torch.nonzero(f.detach(), as_tuple=True)  # row-major, so already sorted
-    return SparseLatents(f[rows, cols], cols, _offsets_from_rows(rows, batch), n)
-
-
-def sparse_decode(latents: SparseLatents, W_dec: torch.Tensor, b_dec: torch.Tensor) -> torch.Tensor:
-    """``x_hat = sum_entries value * W_dec[index] + b_dec`` without a dense ``[B, n]`` matmul."""
-    out = torch.nn.functional.embedding_bag(
-        latents.indices,
-        W_dec,
-        offsets=latents.offsets[:-1],
-        per_sample_weights=latents.values.to(W_dec.dtype),
-        mode="sum",
-    )
-    return out + b_dec
 
 
 # -- the torch reference implementation -----------------------------------------------------
@@ -213,30 +122,6 @@ def _torch_prefix_mse(x, latents, W_dec, b_dec, cum, chunk_elements):
     return _TorchPrefixMSE.apply(x, b_dec, values, indices, W_dec, cum, latents.n_latents, chunk_elements)
 
 
-def resolve_backend(backend: str, *tensors: torch.Tensor) -> str:
-    """``"fused"`` where a fused kernel exists for these tensors, else ``"torch"``.
-
-    The environment variable ``MATRYOSHKA_BACKEND`` overrides ``"auto"``.
-    """
-    if backend not in BACKENDS:
-        raise ValueError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
-    if backend == "auto":
-        backend = os.environ.get("MATRYOSHKA_BACKEND", "auto")
-        if backend not in BACKENDS:
-            raise ValueError(f"MATRYOSHKA_BACKEND={backend!r} is not one of {BACKENDS}")
-    from . import kernels, kernels_triton
-
-    supported = kernels.fused_supported(*tensors) or kernels_triton.triton_supported(*tensors)
-    if backend == "fused" and not supported:
-        raise ValueError(
-            "no fused kernel for these tensors (CPU needs numba and float32/float64, CUDA needs "
-            "triton and float32/bfloat16/float16); use backend='torch'"
-        )
-    if backend == "auto":
-        return "fused" if supported else "torch"
-    return backend
-
-
 def prefix_mse(
     x: torch.Tensor,
     latents: SparseLatents,
@@ -251,8 +136,9 @@ def prefix_mse(
 
     Args:
         x: ``[B, d]`` targets.
-        latents: active latents (``values`` differentiable), e.g. from :func:`sparse_from_dense`,
-            :func:`sparse_from_flat` or an SAE's training encoder.
+        latents: active latents (``values`` differentiable), e.g. from
+            ``sparse_latents.sparse_from_dense``, ``sparse_latents.sparse_from_flat`` or an SAE's
+            training encoder.
         W_dec: ``[n, d]`` decoder rows (norms are not assumed).
         b_dec: ``[d]`` decoder bias.
         weights: prefix weights over ``m = 0..n``.
@@ -273,14 +159,7 @@ def prefix_mse(
     x = x.to(W_dec.dtype)
     latents = latents._replace(values=latents.values.to(W_dec.dtype))
     if resolve_backend(backend, x, W_dec, b_dec) == "fused":
-        if x.device.type == "cuda":
-            from .kernels_triton import triton_prefix_mse
-
-            loss, residual = triton_prefix_mse(x, latents, W_dec, b_dec, cum, consume=consume_grads)
-        else:
-            from .kernels import fused_prefix_mse
-
-            loss, residual = fused_prefix_mse(x, latents, W_dec, b_dec, cum, chunk_elements, consume_grads)
+        loss, residual = fused_prefix_mse(x, latents, W_dec, b_dec, cum, chunk_elements, consume_grads)
     else:
         loss, residual = _torch_prefix_mse(x, latents, W_dec, b_dec, cum, chunk_elements)
     return PrefixLoss(loss, residual)

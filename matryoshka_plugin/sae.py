@@ -22,8 +22,8 @@ import torch
 import torch.nn as nn
 from dictionary_learning.dictionary import Dictionary
 
-from .prefix_loss import SparseLatents, sparse_decode, sparse_from_flat
 from .sparse_encoder import batch_topk_select, encoder_entries
+from .sparse_latents import SparseLatents, sparse_decode, sparse_from_flat
 
 __all__ = ["MatryoshkaBatchTopKSAE", "MatryoshkaLogSparsitySAE"]
 

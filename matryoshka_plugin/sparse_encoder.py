@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from . import kernels
+from .kernels import numba_supported, resolve_backend
 
 __all__ = ["batch_topk_select", "encoder_entries"]
 
@@ -71,8 +71,10 @@ class _EncoderEntries(torch.autograd.Function):
             centred = (x - b_dec).detach()
             # Accumulate in [n, d] (the transposed layout W_enc is stored in) and hand back the view.
             g_wt = torch.zeros(n, x.shape[1], dtype=x.dtype, device=x.device)
-            if ctx.backend == "fused" and kernels.fused_supported(g_wt, centred, g):
-                kernels.segment_accumulate(g_wt, cols, g.contiguous(), rows, centred.contiguous())
+            if ctx.backend == "fused" and numba_supported(g_wt, centred, g):
+                from .kernels.numba import segment_accumulate
+
+                segment_accumulate(g_wt, cols, g.contiguous(), rows, centred.contiguous())
             else:
                 step = max(1, (1 << 22) // max(1, x.shape[1]))
                 for s in range(0, cols.numel(), step):
@@ -100,7 +102,5 @@ def encoder_entries(
     ``values`` must hold those activations already (computed without autograd from the dense
     pre-activations that selected the entries); only the backward is new: it is sparse.
     """
-    from .prefix_loss import resolve_backend
-
     resolved = resolve_backend(backend, x, W_enc) if backend != "torch" else "torch"
     return _EncoderEntries.apply(x, W_enc, b_enc, b_dec, rows, cols, values, resolved)

@@ -24,9 +24,10 @@ except ImportError:
 CHECK = textwrap.dedent(
     """
     import sys, torch
-    from matryoshka_plugin.prefix_loss import prefix_mse, sparse_from_flat
+    from matryoshka_plugin.kernels.triton import triton_prefix_mse
+    from matryoshka_plugin.prefix_loss import prefix_mse
     from matryoshka_plugin.prefixes import PrefixWeights
-    from matryoshka_plugin.kernels_triton import triton_prefix_mse
+    from matryoshka_plugin.sparse_latents import sparse_from_flat
 
     device, dtype = sys.argv[1], getattr(torch, sys.argv[2])
     g = torch.Generator().manual_seed(0)

@@ -1,12 +1,17 @@
 """The sparse prefix loss against a brute-force decode of every prefix (loss and gradients)."""
 
+import subprocess
+import sys
+
 import pytest
 import torch
 
-from matryoshka_plugin import kernels
-from matryoshka_plugin.kernels import HAS_NUMBA
-from matryoshka_plugin.prefix_loss import prefix_mse, sparse_decode, sparse_from_dense, sparse_from_flat
+from matryoshka_plugin.kernels import numba_available
+from matryoshka_plugin.prefix_loss import prefix_mse
 from matryoshka_plugin.prefixes import PrefixWeights
+from matryoshka_plugin.sparse_latents import sparse_decode, sparse_from_dense, sparse_from_flat
+
+HAS_NUMBA = numba_available()
 
 BACKENDS = ["torch"] + (["fused"] if HAS_NUMBA else [])
 
@@ -38,6 +43,11 @@ def random_problem(B=7, n=17, d=6, density=0.35, seed=0):
 def kernel_path(request, monkeypatch):
     """Run the numba kernels serially (small work, the default here) or force the parallel
     compilation with two threads (what large batches use)."""
+    if not HAS_NUMBA:
+        yield request.param
+        return
+    from matryoshka_plugin.kernels import numba as kernels
+
     if request.param == "parallel":
         monkeypatch.setattr(kernels, "PARALLEL_MIN_WORK", 0)
         threads = torch.get_num_threads()
@@ -176,3 +186,23 @@ def test_consume_grads_allows_exactly_one_backward(backend):
     if backend == "fused":
         with pytest.raises(RuntimeError, match="one backward pass"):
             out.loss.backward()
+
+
+def test_kernel_libraries_load_only_when_a_kernel_runs():
+    """Importing the package (and its toy models) loads neither numba, triton nor matplotlib;
+    the first fused CPU loss loads numba."""
+    code = (
+        "import sys, torch, matryoshka_plugin, matryoshka_plugin.toy\n"
+        "libs = lambda: sorted(m for m in ('numba', 'triton', 'matplotlib') if m in sys.modules)\n"
+        "print(libs())\n"
+        "from matryoshka_plugin import PrefixWeights, prefix_mse\n"
+        "from matryoshka_plugin.sparse_latents import sparse_from_dense\n"
+        "f = torch.eye(3)\n"
+        "prefix_mse(f, sparse_from_dense(f), f, torch.zeros(3), PrefixWeights.every_prefix(3))\n"
+        "print(libs())\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-3000:]
+    before, after = out.stdout.strip().splitlines()[-2:]
+    assert before == "[]"
+    assert after == ("['numba']" if HAS_NUMBA else "[]")

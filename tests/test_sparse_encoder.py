@@ -3,9 +3,10 @@
 import pytest
 import torch
 
-from matryoshka_plugin.kernels import HAS_NUMBA
+from matryoshka_plugin.kernels import numba_available
 from matryoshka_plugin.sparse_encoder import batch_topk_select, encoder_entries
 
+HAS_NUMBA = numba_available()
 BACKENDS = ["torch"] + (["fused"] if HAS_NUMBA else [])
 
 

@@ -92,6 +92,29 @@ def test_runner_writes_tables_figures_and_resumes(tmp_path, capsys):
     assert "2 cached, 0 to train" in capsys.readouterr().out
 
 
+def test_runs_are_trainsae_folders_that_load_and_remeasure_identically(tmp_path, capsys):
+    """Each run's SAE is a trainSAE ``trainer_0`` folder (ours and upstream's classes) that
+    ``load_dictionary`` reads; re-measuring the loaded SAEs reproduces the stored metrics."""
+    from matryoshka_plugin import load_dictionary
+
+    args = ["--setups", "hedging", "--variants", "mat_groups", "up_btk", "--seeds", "0", "--steps", "150",
+            "--out", str(tmp_path), "--no-figures"]
+    assert run_main(args) == 0
+    runs = {v: tmp_path / "runs" / "hedging" / v / "seed0" for v in ("mat_groups", "up_btk_k1")}
+    records = {v: json.loads((d / "record.json").read_text()) for v, d in runs.items()}
+    for v, d in runs.items():
+        config = json.loads((d / "trainer_0" / "config.json").read_text())
+        assert set(config) == {"trainer", "buffer"} and config["buffer"]["seed"] == 10_000
+        sae, cfg = load_dictionary(d / "trainer_0")
+        assert cfg == config and sae.dict_size == records[v]["trainer"]["dict_size"]
+    assert type(load_dictionary(runs["up_btk_k1"] / "trainer_0")[0]).__module__.startswith("dictionary_learning")
+    capsys.readouterr()
+    assert run_main(args + ["--remeasure"]) == 0
+    assert "2 cached, 0 to train" in capsys.readouterr().out
+    for v, d in runs.items():
+        assert json.loads((d / "record.json").read_text()) == records[v]
+
+
 def _args(**kw):
     base = dict(quick=False, config=None, setups=None, steps=None, variants=None, seeds=None)
     return argparse.Namespace(**{**base, **kw})

@@ -265,9 +265,9 @@ MODES = [
 @pytest.mark.parametrize("mode", MODES, ids=lambda m: "-".join(f"{k}={v}" for k, v in m.items() if v is not None))
 def test_fused_training_path_matches_reference(mode):
     """Fused kernels vs plain torch: loss and every gradient (fp32), dead latents included."""
-    from matryoshka_plugin.kernels import HAS_NUMBA
+    from matryoshka_plugin.kernels import numba_available
 
-    if not HAS_NUMBA:
+    if not numba_available():
         pytest.skip("numba not installed")
     trainers = [btk(backend=b, top_k_aux=8, dead_feature_threshold=1, **mode) for b in ("torch", "fused")]
     trainers[1].ae.load_state_dict(trainers[0].ae.state_dict())

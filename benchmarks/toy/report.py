@@ -9,10 +9,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
-from matryoshka_plugin.plots import plot_activations, plot_decoder_cosine, plot_seed_metrics, plot_tradeoff
 from matryoshka_plugin.toy import evaluate_sae
+from matryoshka_plugin.toy.plots import plot_activations, plot_decoder_cosine, plot_seed_metrics, plot_tradeoff
 
 from .config import SetupConfig, parse_variant
 
@@ -38,11 +37,11 @@ CLEAN = 0.01  # a seed counts as free of absorption at or below this rate
 
 
 def load_records(out: Path, setups: dict[str, SetupConfig], seeds: list[int]) -> list[dict[str, Any]]:
-    from .run import jobs_for, run_path
+    from .run import RECORD, jobs_for, run_dir
 
     records = []
     for setup, variant, k, seed in jobs_for(setups, seeds):
-        path = run_path(out, setup.name, variant, k, seed)
+        path = run_dir(out, setup.name, variant, k, seed) / RECORD
         if path.is_file():
             records.append(json.loads(path.read_text()))
     return records
@@ -136,14 +135,14 @@ def write_reports(out: Path, setups: dict[str, SetupConfig], seeds: list[int], f
 
 
 def _load_run(out: Path, setup: str, key: str, seed: int):
-    from .run import run_path
+    from .run import SAE_FOLDER, run_dir
     from .train import load_sae
 
     variant, _, k = key.partition("/k")
-    path = run_path(out, setup, variant, int(k) if k else None, seed).with_suffix(".pt")
-    if not path.is_file():
+    folder = run_dir(out, setup, variant, int(k) if k else None, seed) / SAE_FOLDER
+    if not (folder / "ae.pt").is_file():
         return None
-    return load_sae(torch.load(path, weights_only=False))
+    return load_sae(folder)
 
 
 def make_figures(out: Path, setups: dict[str, SetupConfig], seeds: list[int], records, rows,

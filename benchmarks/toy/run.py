@@ -1,9 +1,10 @@
 """Run the toy benchmarks: ``python -m benchmarks.toy.run [--quick] [--out DIR] ...``.
 
-Every (set-up, variant, k, seed) run is cached as ``DIR/runs/<setup>/<variant>/seed<s>.json``
-(metrics and the exact settings) next to ``.pt`` (the trained SAE). A rerun skips runs whose
-cached settings match and retrains the others, so an interrupted benchmark resumes where it
-stopped. At the end ``results.csv`` (one row per run), ``summary.csv`` and ``results.md``
+Every (set-up, variant, k, seed) run is cached in its folder ``DIR/runs/<setup>/<variant>/seed<s>/``:
+``trainer_0/`` holds the trained SAE as ``trainSAE`` saves it (``ae.pt`` + ``config.json``; load
+it with ``matryoshka_plugin.load_dictionary``) and ``record.json`` its metrics and the exact
+settings. A rerun skips runs whose cached settings match and retrains the others, so an
+interrupted benchmark resumes where it stopped. At the end ``results.csv`` (one row per run), ``summary.csv`` and ``results.md``
 (mean ± std over seeds) and the figures under ``DIR/figures`` are (re)written.
 
 Settings: defaults in ``config.py``; ``--config file.json`` overrides them, e.g.
@@ -76,10 +77,15 @@ def jobs_for(setups: dict[str, SetupConfig], seeds: list[int]) -> list[tuple[Set
     return jobs
 
 
-def run_path(out: Path, setup: str, variant: str, k: int | None, seed: int) -> Path:
+RECORD = "record.json"  # a run's metrics and settings, beside its trainer_0/ folder
+SAE_FOLDER = "trainer_0"
+
+
+def run_dir(out: Path, setup: str, variant: str, k: int | None, seed: int) -> Path:
+    """The folder of one run: a ``trainSAE`` save_dir (``trainer_0/``) plus ``record.json``."""
     from .train import run_key
 
-    return out / "runs" / setup / run_key(variant, k).replace("/", "_") / f"seed{seed}.json"
+    return out / "runs" / setup / run_key(variant, k).replace("/", "_") / f"seed{seed}"
 
 
 def fingerprint(setup: SetupConfig, variant: str, k: int | None, seed: int) -> dict[str, Any]:
@@ -94,11 +100,12 @@ def fingerprint(setup: SetupConfig, variant: str, k: int | None, seed: int) -> d
                                   "batch_size": setup.batch_size, "eval_samples": setup.eval_samples}))
 
 
-def is_cached(path: Path, fp: dict[str, Any]) -> bool:
-    if not path.is_file() or not path.with_suffix(".pt").is_file():
+def is_cached(folder: Path, fp: dict[str, Any]) -> bool:
+    sae = folder / SAE_FOLDER
+    if not (folder / RECORD).is_file() or not (sae / "ae.pt").is_file() or not (sae / "config.json").is_file():
         return False
     try:
-        return json.loads(path.read_text()).get("fingerprint") == fp
+        return json.loads((folder / RECORD).read_text()).get("fingerprint") == fp
     except (OSError, json.JSONDecodeError):
         return False
 
@@ -109,18 +116,19 @@ def _worker_init() -> None:
 
 
 def _run_one(job: tuple[SetupConfig, str, int | None, int, str, dict]) -> tuple[str, float, int]:
-    from matryoshka_plugin.checkpoints import atomic_torch_save, atomic_write_json
+    from matryoshka_plugin.checkpoints import atomic_write_json
 
-    from .train import sae_blob, train_and_evaluate
+    from .train import train_and_evaluate
 
     setup, variant, k, seed, out, fp = job
-    path = run_path(Path(out), setup.name, variant, k, seed)
-    record, sae = train_and_evaluate(setup, variant, seed, k)
+    folder = run_dir(Path(out), setup.name, variant, k, seed)
+    # A run counts as cached only once its record exists: drop a stale one, save the SAE, then
+    # write the record.
+    (folder / RECORD).unlink(missing_ok=True)
+    record, _ = train_and_evaluate(setup, variant, seed, k, save_dir=folder)
     record["fingerprint"] = fp
-    # The SAE first: a run counts as cached only once its JSON exists.
-    atomic_torch_save(sae_blob(sae), path.with_suffix(".pt"))
-    atomic_write_json(record, path, indent=1)
-    return str(path), record["train_seconds"], setup.steps
+    atomic_write_json(record, folder / RECORD, indent=1)
+    return str(folder), record["train_seconds"], setup.steps
 
 
 def remeasure(out: Path, jobs) -> None:
@@ -132,11 +140,11 @@ def remeasure(out: Path, jobs) -> None:
     from .train import build_toy, load_sae, measure
 
     for setup, variant, k, seed in tqdm(jobs, desc="remeasuring", file=sys.stdout, mininterval=2.0):
-        path = run_path(out, setup.name, variant, k, seed)
-        record = json.loads(path.read_text())
-        sae = load_sae(torch.load(path.with_suffix(".pt"), weights_only=False))
+        folder = run_dir(out, setup.name, variant, k, seed)
+        record = json.loads((folder / RECORD).read_text())
+        sae = load_sae(folder / SAE_FOLDER)
         record.update(measure(sae, build_toy(setup), setup))
-        atomic_write_json(record, path, indent=1)
+        atomic_write_json(record, folder / RECORD, indent=1)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -170,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
     pending = []
     for setup, variant, k, seed in jobs:
         fp = fingerprint(setup, variant, k, seed)
-        if args.retrain or not is_cached(run_path(out, setup.name, variant, k, seed), fp):
+        if args.retrain or not is_cached(run_dir(out, setup.name, variant, k, seed), fp):
             pending.append((setup, variant, k, seed, str(out), fp))
     print(f"{len(jobs)} runs over {len(setups)} set-up(s) x seeds {seeds}: {len(jobs) - len(pending)} cached, "
           f"{len(pending)} to train -> {out}", flush=True)
@@ -181,9 +189,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.jobs > 1:
             ctx = mp.get_context("spawn")
             with ctx.Pool(args.jobs, initializer=_worker_init) as pool:
-                for path, _, steps in pool.imap_unordered(_run_one, pending):
+                for folder, _, steps in pool.imap_unordered(_run_one, pending):
                     bar.update(steps)
-                    bar.set_postfix_str(Path(path).parent.name, refresh=False)
+                    bar.set_postfix_str(Path(folder).parent.name, refresh=False)
         else:
             _worker_init()
             for job in pending:

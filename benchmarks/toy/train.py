@@ -1,17 +1,23 @@
-"""Train and evaluate one SAE on one toy set-up (one seed): the unit the runner caches."""
+"""Train and evaluate one SAE on one toy set-up (one seed): the unit the runner caches.
+
+A trained SAE is saved as ``trainSAE`` saves one: ``<save_dir>/trainer_0/ae.pt`` and
+``config.json`` (``{"trainer": trainer.config, "buffer": ...}``), which
+``matryoshka_plugin.load_dictionary`` reads back.
+"""
 
 from __future__ import annotations
 
 import math
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
 
+from matryoshka_plugin.checkpoints import atomic_torch_save, atomic_write_json, load_dictionary
 from matryoshka_plugin.toy import (
     SyntheticHierarchyToy,
     ToyModel,
-    decoder_weight,
     eval_sae_lens_synthetic,
     evaluate_sae,
     mixing_metrics,
@@ -138,9 +144,10 @@ def _check_upstream_groups(tr, kw) -> None:
 
 
 def train_and_evaluate(setup: SetupConfig, variant: str, seed: int, k: int | None = None,
-                       progress=None) -> tuple[dict[str, Any], torch.nn.Module]:
+                       progress=None, save_dir: str | Path | None = None) -> tuple[dict[str, Any], torch.nn.Module]:
     """Train one SAE with a plain ``trainer.update(step, x)`` loop (what ``trainSAE`` does
-    without logging or saving) and measure it. Returns ``(record, sae)``."""
+    without logging) and measure it. With ``save_dir`` the SAE is saved as ``trainSAE`` saves
+    it (:func:`save_trainer`). Returns ``(record, sae)``."""
     spec = parse_variant(variant)
     toy = build_toy(setup)
     kw = trainer_kwargs(setup, spec, seed, k if spec.uses_k else None, toy)
@@ -157,6 +164,8 @@ def train_and_evaluate(setup: SetupConfig, variant: str, seed: int, k: int | Non
             progress(500)
     train_s = time.perf_counter() - t0
     sae = trainer.ae.eval()
+    if save_dir is not None:
+        save_trainer(trainer, Path(save_dir) / "trainer_0", buffer_config(setup, seed))
     record = {
         "setup": setup.name,
         "variant": variant,
@@ -207,33 +216,24 @@ def _dead_latents(sae, toy, n: int = 20_000) -> int:
     return int((f.ne(0).sum(0) == 0).sum())
 
 
-# -- storing trained SAEs (for figures without retraining) -------------------------------------
+# -- storing trained SAEs as trainSAE does (for figures and re-measuring without retraining) ---
 
 
-def sae_blob(sae: torch.nn.Module) -> dict[str, Any]:
-    """What :func:`load_sae` needs to rebuild ``sae``."""
-    cls = type(sae)
-    n, d = decoder_weight(sae).shape
-    init: dict[str, Any] = {"activation_dim": d, "dict_size": n}
-    if hasattr(sae, "k"):
-        init["k"] = int(sae.k)
-    if hasattr(sae, "group_sizes"):
-        init["group_sizes"] = [int(s) for s in sae.group_sizes.tolist()]
-    return {"class": f"{cls.__module__}:{cls.__qualname__}", "init": init,
-            "state_dict": {k: v.detach().cpu().clone() for k, v in sae.state_dict().items()}}
+def buffer_config(setup: SetupConfig, seed: int) -> dict[str, Any]:
+    """The activation stream of a run, in place of ``trainSAE``'s ``data.config``."""
+    return {"toy": dict(setup.toy, builder=setup.builder), "batch_size": setup.batch_size, "seed": 10_000 + seed}
 
 
-def load_sae(blob: dict[str, Any]) -> torch.nn.Module:
-    import importlib
+def save_trainer(trainer, folder: Path, buffer: dict[str, Any]) -> None:
+    """``folder/ae.pt`` (the SAE's state dict on CPU) and ``folder/config.json`` (``{"trainer":
+    trainer.config, "buffer": buffer}``), as ``trainSAE`` writes a ``trainer_i`` folder; each
+    file is replaced atomically."""
+    state = {key: v.detach().cpu() for key, v in trainer.ae.state_dict().items()}
+    atomic_torch_save(state, folder / "ae.pt")
+    atomic_write_json({"trainer": trainer.config, "buffer": buffer}, folder / "config.json", indent=4)
 
-    module, name = blob["class"].split(":")
-    cls = getattr(importlib.import_module(module), name)
-    init = dict(blob["init"])
-    args = [init.pop("activation_dim"), init.pop("dict_size")]
-    if "k" in init:
-        args.append(init.pop("k"))
-    if "group_sizes" in init:
-        args.append(init.pop("group_sizes"))
-    sae = cls(*args)
-    sae.load_state_dict(blob["state_dict"])
+
+def load_sae(folder: str | Path) -> torch.nn.Module:
+    """The SAE of a ``trainer_0`` folder written by :func:`save_trainer` (or ``trainSAE``)."""
+    sae, _ = load_dictionary(folder)
     return sae.eval()

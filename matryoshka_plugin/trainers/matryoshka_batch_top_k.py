@@ -22,10 +22,12 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from ..prefix_loss import BACKENDS, SparseLatents, prefix_mse
+from ..kernels import BACKENDS
+from ..prefix_loss import prefix_mse
 from ..prefixes import PrefixSampler, group_sizes_from_fractions
 from ..sae import MatryoshkaBatchTopKSAE
 from ..sparse_encoder import encoder_entries
+from ..sparse_latents import SparseLatents
 from ..threads import threads_by_work
 from .common import (
     LossLog,

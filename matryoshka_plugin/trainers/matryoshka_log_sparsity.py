@@ -17,9 +17,11 @@ from typing import Sequence
 
 import torch
 
-from ..prefix_loss import BACKENDS, prefix_mse, sparse_from_dense
+from ..kernels import BACKENDS
+from ..prefix_loss import prefix_mse
 from ..prefixes import PrefixSampler, group_sizes_from_fractions
 from ..sae import MatryoshkaLogSparsitySAE
+from ..sparse_latents import sparse_from_dense
 from ..sparsity import SPARSITY_KINDS, L0Controller, sparsity_penalty
 from ..threads import threads_by_work
 from .common import (

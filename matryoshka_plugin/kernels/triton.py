@@ -1,4 +1,4 @@
-"""Fused GPU kernel (Triton) for the all-prefix loss; the CUDA counterpart of ``kernels.py``.
+"""Fused GPU kernel (Triton) for the all-prefix loss; the CUDA counterpart of :mod:`.numba`.
 
 One program per (token, tile of ``d``) runs the forward residual scan over the token's
 active latents and, when gradients are wanted, the reverse suffix scan, adding its share of
@@ -8,80 +8,64 @@ accumulation are float32 whatever the input dtype (bf16 is supported); ``cum`` s
 for the segment weights' differences.
 
 Validated against the torch reference in Triton's interpreter (``TRITON_INTERPRET=1``) on CPU
-tensors; run ``tests/test_kernels_triton.py`` on a CUDA machine to check it there.
+tensors; run ``tests/test_kernels_triton.py`` on a CUDA machine to check it there. Importing
+this module imports triton (``kernels.triton_available`` asks).
 """
 
 from __future__ import annotations
 
 import torch
+import triton
+import triton.language as tl
 
-from .kernels import _scaled_once
+from ..sparse_latents import SparseLatents
+from . import scale_grad_once
 
-try:
-    import triton
-    import triton.language as tl
-
-    HAS_TRITON = True
-except ImportError:  # pragma: no cover - CPU installs have no triton
-    HAS_TRITON = False
-
-__all__ = ["HAS_TRITON", "triton_supported", "triton_prefix_mse"]
-
-_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+__all__ = ["triton_prefix_mse"]
 
 
-def triton_supported(*tensors: torch.Tensor) -> bool:
-    """Whether the Triton kernel handles these tensors (CUDA, one float dtype)."""
-    if not HAS_TRITON or not tensors:
-        return False
-    dtype = tensors[0].dtype
-    return all(t.device.type == "cuda" and t.dtype == dtype for t in tensors) and dtype in _DTYPES
-
-
-if HAS_TRITON:
-
-    @triton.jit
-    def _prefix_kernel(
-        x_ptr, b_ptr, vals_ptr, idx_ptr, off_ptr, W_ptr, cum_ptr, n, d, n_tiles, scale,
-        loss_ptr, resid_ptr, gvals_ptr, dW_ptr, G0_ptr,
-        WANT_GRAD: tl.constexpr, BLOCK_D: tl.constexpr,
-    ):
-        t = tl.program_id(0)
-        tile = tl.program_id(1)
-        cols = tile * BLOCK_D + tl.arange(0, BLOCK_D)
-        mask = cols < d
-        s = tl.load(off_ptr + t)
-        e = tl.load(off_ptr + t + 1)
-        r = tl.load(x_ptr + t * d + cols, mask=mask, other=0.0).to(tl.float32)
-        r -= tl.load(b_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-        acc = tl.sum(r * 0.0, axis=0)
-        prev = s * 0 - 1
-        for j in range(s, e):
+@triton.jit
+def _prefix_kernel(
+    x_ptr, b_ptr, vals_ptr, idx_ptr, off_ptr, W_ptr, cum_ptr, n, d, n_tiles, scale,
+    loss_ptr, resid_ptr, gvals_ptr, dW_ptr, G0_ptr,
+    WANT_GRAD: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    t = tl.program_id(0)
+    tile = tl.program_id(1)
+    cols = tile * BLOCK_D + tl.arange(0, BLOCK_D)
+    mask = cols < d
+    s = tl.load(off_ptr + t)
+    e = tl.load(off_ptr + t + 1)
+    r = tl.load(x_ptr + t * d + cols, mask=mask, other=0.0).to(tl.float32)
+    r -= tl.load(b_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    acc = tl.sum(r * 0.0, axis=0)
+    prev = s * 0 - 1
+    for j in range(s, e):
+        p = tl.load(idx_ptr + j)
+        c = (tl.load(cum_ptr + p + 1) - tl.load(cum_ptr + prev + 1)).to(tl.float32)
+        a = tl.load(vals_ptr + j).to(tl.float32)
+        w = tl.load(W_ptr + p * d + cols, mask=mask, other=0.0).to(tl.float32)
+        acc += c * tl.sum(r * r, axis=0)
+        r -= a * w
+        prev = p
+    c_last = (tl.load(cum_ptr + n + 1) - tl.load(cum_ptr + prev + 1)).to(tl.float32)
+    acc += c_last * tl.sum(r * r, axis=0)
+    tl.store(loss_ptr + t * n_tiles + tile, acc)
+    tl.store(resid_ptr + t * d + cols, r, mask=mask)
+    if WANT_GRAD:
+        g = c_last * r
+        for jj in range(0, e - s):
+            j = e - 1 - jj
             p = tl.load(idx_ptr + j)
-            c = (tl.load(cum_ptr + p + 1) - tl.load(cum_ptr + prev + 1)).to(tl.float32)
+            pp = tl.load(idx_ptr + j - 1, mask=j > s, other=-1)
+            c = (tl.load(cum_ptr + p + 1) - tl.load(cum_ptr + pp + 1)).to(tl.float32)
             a = tl.load(vals_ptr + j).to(tl.float32)
             w = tl.load(W_ptr + p * d + cols, mask=mask, other=0.0).to(tl.float32)
-            acc += c * tl.sum(r * r, axis=0)
-            r -= a * w
-            prev = p
-        c_last = (tl.load(cum_ptr + n + 1) - tl.load(cum_ptr + prev + 1)).to(tl.float32)
-        acc += c_last * tl.sum(r * r, axis=0)
-        tl.store(loss_ptr + t * n_tiles + tile, acc)
-        tl.store(resid_ptr + t * d + cols, r, mask=mask)
-        if WANT_GRAD:
-            g = c_last * r
-            for jj in range(0, e - s):
-                j = e - 1 - jj
-                p = tl.load(idx_ptr + j)
-                pp = tl.load(idx_ptr + j - 1, mask=j > s, other=-1)
-                c = (tl.load(cum_ptr + p + 1) - tl.load(cum_ptr + pp + 1)).to(tl.float32)
-                a = tl.load(vals_ptr + j).to(tl.float32)
-                w = tl.load(W_ptr + p * d + cols, mask=mask, other=0.0).to(tl.float32)
-                tl.atomic_add(gvals_ptr + j, scale * tl.sum(w * g, axis=0))
-                tl.atomic_add(dW_ptr + p * d + cols, (scale * a) * g, mask=mask)
-                r += a * w  # r_{l-1} = r_l + a_l w_l
-                g += c * r
-            tl.store(G0_ptr + t * d + cols, g, mask=mask)
+            tl.atomic_add(gvals_ptr + j, scale * tl.sum(w * g, axis=0))
+            tl.atomic_add(dW_ptr + p * d + cols, (scale * a) * g, mask=mask)
+            r += a * w  # r_{l-1} = r_l + a_l w_l
+            g += c * r
+        tl.store(G0_ptr + t * d + cols, g, mask=mask)
 
 
 class _TritonPrefixMSE(torch.autograd.Function):
@@ -126,12 +110,21 @@ class _TritonPrefixMSE(torch.autograd.Function):
         g_x = (-ctx.scale * g * G0).to(G0.dtype) if G0 is not None else None
         g_b = (ctx.scale * g * g0sum).to(g0sum.dtype) if g0sum is not None else None
         g_v = (g * gvals).to(gvals.dtype) if gvals is not None else None
-        g_w = _scaled_once(ctx, dW, g.to(dW.dtype)) if dW is not None else None
+        g_w = scale_grad_once(ctx, dW, g.to(dW.dtype)) if dW is not None else None
         return g_x, g_b, g_v, None, None, g_w, None, None, None, None
 
 
-def triton_prefix_mse(x, latents, W_dec, b_dec, cum, block_d: int = 256, consume: bool = False):
-    """Triton evaluation of ``prefix_loss.prefix_mse`` (same arguments and outputs)."""
+def triton_prefix_mse(
+    x: torch.Tensor,
+    latents: SparseLatents,
+    W_dec: torch.Tensor,
+    b_dec: torch.Tensor,
+    cum: torch.Tensor,
+    block_d: int = 256,
+    consume: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(loss, residual)`` of ``prefix_loss.prefix_mse`` on CUDA tensors; ``cum`` is the prefix
+    weights' cumulative sums, ``block_d`` the tile of ``d`` one program handles."""
     return _TritonPrefixMSE.apply(
         x, b_dec, latents.values, latents.indices, latents.offsets, W_dec,
         cum.double().contiguous(), latents.n_latents, block_d, consume,

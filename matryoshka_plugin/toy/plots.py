@@ -1,18 +1,22 @@
-"""Figures for toy models: activations with absorption holes, decoder-cosine heatmaps."""
+"""Figures for toy models: activations with absorption holes, decoder-cosine heatmaps,
+metric trade-offs and per-seed spreads.
+
+Figures are built as ``matplotlib.figure.Figure`` objects and written to files, never shown,
+so no pyplot backend is chosen or needed (this works headless and leaves the caller's
+matplotlib state alone).
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Mapping
 
-import matplotlib
+import numpy as np
+import torch
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-
-from .toy import ToyMetrics, ToyModel  # noqa: E402
+from .metrics import ToyMetrics
+from .models import SyntheticHierarchyToy, ToyModel
 
 __all__ = ["plot_activations", "plot_decoder_cosine", "plot_tradeoff", "plot_seed_metrics"]
 
@@ -25,7 +29,7 @@ def _ordered_latents(metrics: ToyMetrics, n_latents: int) -> list[int]:
 
 @torch.no_grad()
 def plot_activations(
-    toy: ToyModel,
+    toy: ToyModel | SyntheticHierarchyToy,
     saes: Mapping[str, torch.nn.Module],
     metrics: Mapping[str, ToyMetrics],
     path: str | Path,
@@ -51,7 +55,7 @@ def plot_activations(
         f = sae.encode(x.to(dev)).float().cpu()
         cols = _ordered_latents(metrics[name], f.shape[1])
         panels.append((name, f[:, cols].numpy(), [str(c) for c in cols]))
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 6), squeeze=False)
+    fig, axes = _subplots(1, len(panels), figsize=(4.2 * len(panels), 6), squeeze=False)
     for ax, (panel_title, data, labels) in zip(axes[0], panels):
         vmax = max(float(np.percentile(data[data > 0], 99)) if (data > 0).any() else 1.0, 1e-6)
         ax.imshow(data, aspect="auto", cmap="viridis", vmin=0, vmax=vmax, interpolation="nearest")
@@ -68,7 +72,11 @@ def plot_activations(
 
 
 def plot_decoder_cosine(
-    toy: ToyModel, metrics: Mapping[str, ToyMetrics], path: str | Path, dpi: int = 120, annotate: bool | None = None
+    toy: ToyModel | SyntheticHierarchyToy,
+    metrics: Mapping[str, ToyMetrics],
+    path: str | Path,
+    dpi: int = 120,
+    annotate: bool | None = None,
 ) -> Path:
     """Heatmaps of decoder-row cosine with the true directions (latents in matched order).
 
@@ -79,7 +87,7 @@ def plot_decoder_cosine(
     if annotate is None:
         annotate = n_feat <= 6
     scale = 1.0 if n_feat > 6 else 0.6
-    fig, axes = plt.subplots(1, len(names), figsize=(5.2 * len(names) * scale, 4.8 * scale + 0.9), squeeze=False)
+    fig, axes = _subplots(1, len(names), figsize=(5.2 * len(names) * scale, 4.8 * scale + 0.9), squeeze=False)
     labels = [f.name for f in toy.features]
     for ax, name in zip(axes[0], names):
         m = metrics[name]
@@ -118,7 +126,7 @@ def plot_tradeoff(
 
     Each point: ``{"label", "series" (or None), "x", "x_std", "y", "y_std"}``.
     """
-    fig, ax = plt.subplots(figsize=(6.4, 4.6))
+    fig, ax = _subplots(figsize=(6.4, 4.6))
     series: dict[str, list[dict]] = {}
     for pt in points:
         if pt.get("series"):
@@ -157,7 +165,7 @@ def plot_seed_metrics(
     """
     metrics = list(values)
     variants = list(next(iter(values.values()))) if metrics else []
-    fig, axes = plt.subplots(len(metrics), 1, figsize=(max(6.0, 0.55 * len(variants) + 2), 2.1 * len(metrics)),
+    fig, axes = _subplots(len(metrics), 1, figsize=(max(6.0, 0.55 * len(variants) + 2), 2.1 * len(metrics)),
                              squeeze=False, sharex=True)
     for ax, metric in zip(axes[:, 0], metrics):
         for i, v in enumerate(variants):
@@ -175,9 +183,14 @@ def plot_seed_metrics(
     return _save(fig, path, dpi)
 
 
-def _save(fig, path: str | Path, dpi: int = 120) -> Path:
+def _subplots(nrows: int = 1, ncols: int = 1, figsize: tuple[float, float] | None = None, **kwargs):
+    """``pyplot.subplots`` without pyplot: a new ``Figure`` and its axes."""
+    fig = Figure(figsize=figsize)
+    return fig, fig.subplots(nrows, ncols, **kwargs)
+
+
+def _save(fig: Figure, path: str | Path, dpi: int = 120) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=dpi, bbox_inches="tight")
-    plt.close(fig)
     return path

@@ -1,6 +1,6 @@
 """Fused CPU kernels (numba) for the sparse training path.
 
-* :func:`fused_prefix_mse` — the all-prefix loss of ``prefix_loss`` in one forward and one
+* :func:`numba_prefix_mse` — the all-prefix loss of ``prefix_loss`` in one forward and one
   backward scan per token, computing the loss and every gradient in the same call, in
   chunks of tokens, so no ``[B, K, d]`` tensor ever exists. Decoder-row gradients are
   accumulated race-free: entries are grouped by latent (counting sort) and each thread owns
@@ -8,36 +8,21 @@
 * :func:`segment_accumulate` — ``out[f] += sum_e coef[e] * src[src_row[e]]`` over the entries
   ``e`` of latent ``f``; the encoder's sparse weight gradient uses it.
 
-Each kernel has a plain torch counterpart (``prefix_loss._TorchPrefixMSE``,
-``sparse_encoder``) that the tests compare it with. Without numba (or for tensors it does
-not cover: GPU, bf16) those torch implementations run instead.
+Each kernel is compiled twice, parallel and serial; :data:`PARALLEL_MIN_WORK` decides which
+one a call runs. Importing this module imports numba (``kernels.numba_available`` asks).
 """
 
 from __future__ import annotations
 
+import numba
 import numpy as np
 import torch
+from numba import njit, prange
 
-try:  # numba is optional: the torch implementations cover every case
-    import numba
-    from numba import njit, prange
+from ..sparse_latents import SparseLatents
+from . import scale_grad_once
 
-    HAS_NUMBA = True
-except ImportError:  # pragma: no cover - exercised only where numba is missing
-    HAS_NUMBA = False
-
-__all__ = ["HAS_NUMBA", "fused_supported", "fused_prefix_mse", "segment_accumulate", "group_by_latent"]
-
-_DTYPES = (torch.float32, torch.float64)
-
-
-def fused_supported(*tensors: torch.Tensor) -> bool:
-    """Whether the numba kernels handle these tensors (CPU, one float32/float64 dtype)."""
-    if not HAS_NUMBA or not tensors:
-        return False
-    dtype = tensors[0].dtype
-    return all(t.device.type == "cpu" and t.dtype == dtype for t in tensors) and dtype in _DTYPES
-
+__all__ = ["PARALLEL_MIN_WORK", "numba_prefix_mse", "segment_accumulate", "group_by_latent"]
 
 # Below this many multiply-adds a parallel region costs more than it saves: numba's worker
 # threads spin between regions and starve the rest of a small training step (measured on toy
@@ -55,96 +40,96 @@ def _kernel(parallel_fn, serial_fn, work: int):
     return parallel_fn
 
 
-if HAS_NUMBA:
+@njit(parallel=True, fastmath=True, cache=True)
+def _prefix_scan(x, b, vals, idx, offsets, W, cum, n, t0, t1, base, want_grad, G, gvals, resid, G0, loss_tok):
+    """Tokens ``t0..t1``: loss, final residual and (if ``want_grad``) per-entry suffix sums.
 
-    @njit(parallel=True, fastmath=True, cache=True)
-    def _prefix_scan(x, b, vals, idx, offsets, W, cum, n, t0, t1, base, want_grad, G, gvals, resid, G0, loss_tok):
-        """Tokens ``t0..t1``: loss, final residual and (if ``want_grad``) per-entry suffix sums.
-
-        ``G[j - base]`` receives ``G_l`` for entry ``j``; ``gvals[j]`` receives ``<w_{p_l}, G_l>``;
-        ``G0[t]`` receives ``G_0``. Scaling by ``-2/B`` happens outside.
-        """
-        d = x.shape[1]
-        for t in prange(t0, t1):
-            s = offsets[t]
-            e = offsets[t + 1]
-            r = np.empty(d, dtype=x.dtype)
-            for q in range(d):
-                r[q] = x[t, q] - b[q]
-            acc = 0.0
-            prev = -1
-            for j in range(s, e):
-                p = idx[j]
-                c = cum[p + 1] - cum[prev + 1]
-                a = vals[j]
-                sq = 0.0
-                for q in range(d):
-                    rq = r[q]
-                    sq += rq * rq
-                    r[q] = rq - a * W[p, q]
-                acc += c * sq
-                prev = p
-            c_last = cum[n + 1] - cum[prev + 1]
+    ``G[j - base]`` receives ``G_l`` for entry ``j``; ``gvals[j]`` receives ``<w_{p_l}, G_l>``;
+    ``G0[t]`` receives ``G_0``. Scaling by ``-2/B`` happens outside.
+    """
+    d = x.shape[1]
+    for t in prange(t0, t1):
+        s = offsets[t]
+        e = offsets[t + 1]
+        r = np.empty(d, dtype=x.dtype)
+        for q in range(d):
+            r[q] = x[t, q] - b[q]
+        acc = 0.0
+        prev = -1
+        for j in range(s, e):
+            p = idx[j]
+            c = cum[p + 1] - cum[prev + 1]
+            a = vals[j]
             sq = 0.0
             for q in range(d):
-                sq += r[q] * r[q]
-                resid[t, q] = r[q]
-            loss_tok[t] = acc + c_last * sq
-            if not want_grad:
-                continue
-            g = np.empty(d, dtype=x.dtype)
+                rq = r[q]
+                sq += rq * rq
+                r[q] = rq - a * W[p, q]
+            acc += c * sq
+            prev = p
+        c_last = cum[n + 1] - cum[prev + 1]
+        sq = 0.0
+        for q in range(d):
+            sq += r[q] * r[q]
+            resid[t, q] = r[q]
+        loss_tok[t] = acc + c_last * sq
+        if not want_grad:
+            continue
+        g = np.empty(d, dtype=x.dtype)
+        for q in range(d):
+            g[q] = c_last * r[q]
+        for j in range(e - 1, s - 1, -1):
+            p = idx[j]
+            a = vals[j]
+            pp = idx[j - 1] if j > s else -1
+            c = cum[p + 1] - cum[pp + 1]
+            row = j - base
+            dot = 0.0
             for q in range(d):
-                g[q] = c_last * r[q]
-            for j in range(e - 1, s - 1, -1):
-                p = idx[j]
-                a = vals[j]
-                pp = idx[j - 1] if j > s else -1
-                c = cum[p + 1] - cum[pp + 1]
-                row = j - base
-                dot = 0.0
-                for q in range(d):
-                    gq = g[q]
-                    w = W[p, q]
-                    dot += w * gq
-                    G[row, q] = gq
-                    rq = r[q] + a * w  # r_{l-1} = r_l + a_l w_l
-                    r[q] = rq
-                    g[q] = gq + c * rq
-                gvals[j] = dot
+                gq = g[q]
+                w = W[p, q]
+                dot += w * gq
+                G[row, q] = gq
+                rq = r[q] + a * w  # r_{l-1} = r_l + a_l w_l
+                r[q] = rq
+                g[q] = gq + c * rq
+            gvals[j] = dot
+        for q in range(d):
+            G0[t, q] = g[q]
+
+
+@njit(cache=True)
+def _group_by_latent(idx, n):
+    """Stable counting sort of entries by latent: ``order`` and row pointers ``ptr [n+1]``."""
+    ptr = np.zeros(n + 1, dtype=np.int64)
+    for i in range(idx.size):
+        ptr[idx[i] + 1] += 1
+    for f in range(n):
+        ptr[f + 1] += ptr[f]
+    fill = ptr[:-1].copy()
+    order = np.empty(idx.size, dtype=np.int64)
+    for i in range(idx.size):
+        f = idx[i]
+        order[fill[f]] = i
+        fill[f] += 1
+    return ptr, order
+
+
+@njit(parallel=True, fastmath=True, cache=True)
+def _segment_accumulate(out, ptr, order, coef, src_row, src):
+    d = out.shape[1]
+    for f in prange(out.shape[0]):
+        for k in range(ptr[f], ptr[f + 1]):
+            i = order[k]
+            cf = coef[i]
+            r = src_row[i]
             for q in range(d):
-                G0[t, q] = g[q]
-
-    @njit(cache=True)
-    def _group_by_latent(idx, n):
-        """Stable counting sort of entries by latent: ``order`` and row pointers ``ptr [n+1]``."""
-        ptr = np.zeros(n + 1, dtype=np.int64)
-        for i in range(idx.size):
-            ptr[idx[i] + 1] += 1
-        for f in range(n):
-            ptr[f + 1] += ptr[f]
-        fill = ptr[:-1].copy()
-        order = np.empty(idx.size, dtype=np.int64)
-        for i in range(idx.size):
-            f = idx[i]
-            order[fill[f]] = i
-            fill[f] += 1
-        return ptr, order
-
-    @njit(parallel=True, fastmath=True, cache=True)
-    def _segment_accumulate(out, ptr, order, coef, src_row, src):
-        d = out.shape[1]
-        for f in prange(out.shape[0]):
-            for k in range(ptr[f], ptr[f + 1]):
-                i = order[k]
-                cf = coef[i]
-                r = src_row[i]
-                for q in range(d):
-                    out[f, q] += cf * src[r, q]
+                out[f, q] += cf * src[r, q]
 
 
-    # prange runs as range in a non-parallel compilation
-    _prefix_scan_serial = njit(fastmath=True, cache=True)(_prefix_scan.py_func)
-    _segment_accumulate_serial = njit(fastmath=True, cache=True)(_segment_accumulate.py_func)
+# prange runs as range in a non-parallel compilation
+_prefix_scan_serial = njit(fastmath=True, cache=True)(_prefix_scan.py_func)
+_segment_accumulate_serial = njit(fastmath=True, cache=True)(_segment_accumulate.py_func)
 
 
 def group_by_latent(indices: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -174,20 +159,7 @@ def _token_chunks(offsets: np.ndarray, max_entries: int):
         t0 = t1
 
 
-def _scaled_once(ctx, dW, s):
-    """``s * dW``; with ``consume`` the saved [n, d] buffer is scaled in place instead, which
-    saves a decoder-sized copy but allows only one backward pass (trainers need only one)."""
-    if dW is None:
-        return None
-    if not ctx.consume:
-        return dW * s
-    if ctx.used:
-        raise RuntimeError("this prefix loss was built with consume_grads=True: one backward pass only")
-    ctx.used = True
-    return dW.mul_(s)
-
-
-class _FusedPrefixMSE(torch.autograd.Function):
+class _NumbaPrefixMSE(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, b_dec, values, indices, offsets, W_dec, cum, n, chunk_elements, consume):
         batch, d = x.shape
@@ -241,13 +213,23 @@ class _FusedPrefixMSE(torch.autograd.Function):
         g_x = -s * G0 if G0 is not None else None
         g_b = s * g0sum if g0sum is not None else None
         g_v = s * gvals if gvals is not None else None
-        g_w = _scaled_once(ctx, dW, s)
+        g_w = scale_grad_once(ctx, dW, s)
         return g_x, g_b, g_v, None, None, g_w, None, None, None, None
 
 
-def fused_prefix_mse(x, latents, W_dec, b_dec, cum, chunk_elements, consume=False):
-    """Fused CPU evaluation of ``prefix_loss.prefix_mse`` (same arguments, same outputs)."""
-    return _FusedPrefixMSE.apply(
+def numba_prefix_mse(
+    x: torch.Tensor,
+    latents: SparseLatents,
+    W_dec: torch.Tensor,
+    b_dec: torch.Tensor,
+    cum: torch.Tensor,
+    chunk_elements: int,
+    consume: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(loss, residual)`` of ``prefix_loss.prefix_mse`` on CPU tensors; ``latents`` is a
+    ``SparseLatents``, ``cum`` the prefix weights' cumulative sums, ``chunk_elements`` the size
+    of one ``[entries, d]`` working buffer."""
+    return _NumbaPrefixMSE.apply(
         x,
         b_dec,
         latents.values,
