@@ -12,6 +12,7 @@ from conftest import cycle  # noqa: F401  (conftest sets the offline environment
 from saebench_local import HF_NAME, MODEL_NAME, LocalHub, tiny_models, web_text
 
 import matryoshka_plugin.saebench as sb
+import matryoshka_plugin.saebench.run as sb_run
 from matryoshka_plugin import CheckpointError, MatryoshkaBatchTopKTrainer, export_to_saelens
 from matryoshka_plugin.saebench import (
     EVAL_NAMES,
@@ -57,7 +58,7 @@ def no_model_loading(monkeypatch):
     def refuse(*a, **kw):
         raise AssertionError("the adapter tried to load a model")
 
-    monkeypatch.setattr(sb, "_load_model", refuse)
+    monkeypatch.setattr(sb_run, "_load_model", refuse)
 
 
 def test_describe_reads_metadata_of_every_kind(trained):
