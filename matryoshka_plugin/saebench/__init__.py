@@ -69,7 +69,6 @@ made to SAEBench's behaviour), ``runners`` (one runner per eval), ``run`` (the r
 this package imports none of SAEBench, SAELens or TransformerLens; they load on first use.
 """
 
-
 from .configs import EVAL_NAMES, EvalConfig, check_eval_names, default_llm_settings, make_eval_config
 from .errors import SAEBenchError
 from .references import SAERef, check_saes, describe_sae
