@@ -12,6 +12,7 @@ from conftest import cycle  # noqa: F401  (conftest sets the offline environment
 from saebench_local import HF_NAME, MODEL_NAME, LocalHub, tiny_models, web_text
 
 import matryoshka_plugin.saebench as sb
+import matryoshka_plugin.saebench.run as sb_run
 from matryoshka_plugin import CheckpointError, MatryoshkaBatchTopKTrainer, export_to_saelens
 from matryoshka_plugin.saebench import (
     EVAL_NAMES,
@@ -57,7 +58,7 @@ def no_model_loading(monkeypatch):
     def refuse(*a, **kw):
         raise AssertionError("the adapter tried to load a model")
 
-    monkeypatch.setattr(sb, "_load_model", refuse)
+    monkeypatch.setattr(sb_run, "_load_model", refuse)
 
 
 def test_describe_reads_metadata_of_every_kind(trained):
@@ -185,3 +186,13 @@ def test_eval_configs_fill_what_saebench_leaves_unset():
     with pytest.raises(SAEBenchError, match="min_feats_for_eval >= 2"):
         sb.make_eval_config("absorption", "x", llm_batch_size=1, llm_dtype="float32",
                             overrides={"min_feats_for_eval": 1})
+
+
+def test_importing_the_adapter_loads_no_saebench():
+    """SAEBench is loaded where it is used, on the first run, not by ``import matryoshka_plugin.saebench``."""
+    import subprocess
+    import sys
+
+    code = "import sys, matryoshka_plugin.saebench; print(sorted(m for m in sys.modules if m.startswith('sae_bench')))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"

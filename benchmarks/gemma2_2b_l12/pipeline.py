@@ -83,8 +83,6 @@ def _json_dump_atomic(path: Path, obj: Any) -> None:
 
 
 def _resolved_eval_settings(cfg: BenchmarkConfig) -> dict[str, Any]:
-    from dataclasses import asdict
-
     from matryoshka_plugin.saebench import default_llm_settings, make_eval_config
 
     bs, dtype = default_llm_settings(cfg.tl_model_name)
@@ -93,8 +91,8 @@ def _resolved_eval_settings(cfg: BenchmarkConfig) -> dict[str, Any]:
     for ev in e.evals:
         c = make_eval_config(ev, cfg.tl_model_name, llm_batch_size=e.llm_batch_size or bs,
                              llm_dtype=e.llm_dtype or dtype, random_seed=e.random_seed, overrides=e.overrides.get(ev))
-        d = dict(c) if isinstance(c, dict) else asdict(c)
-        out[ev] = {k: v for k, v in d.items() if k not in ("llm_batch_size", "sae_batch_size", "eval_batch_size_prompts")}
+        batch_sizes = ("llm_batch_size", "sae_batch_size", "eval_batch_size_prompts")
+        out[ev] = {k: v for k, v in c.to_dict().items() if k not in batch_sizes}
     return json.loads(json.dumps(out, default=str))
 
 

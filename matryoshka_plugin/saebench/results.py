@@ -1,0 +1,209 @@
+"""Result files and records: where each outcome lives, reading it back, and the comparison rows.
+
+Results are SAEBench's own JSON files in SAEBench's layout,
+``<output_dir>/<eval>/<name>_custom_sae_eval_results.json``, plus
+``<output_dir>/absorption/<name>_custom_sae_absorption_not_evaluated.json`` when SAEBench's
+absorption eval computes no score (see :func:`write_not_evaluated`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterable, Mapping
+
+from ..checkpoints import atomic_write_json
+from ..errors import CheckpointError
+from .configs import EVAL_NAMES
+
+if TYPE_CHECKING:
+    from .references import SAERef
+
+RESULT_SUFFIX = "_custom_sae_eval_results.json"
+NOT_EVALUATED_SUFFIX = "_custom_sae_absorption_not_evaluated.json"
+
+# The columns of comparison tables: (column, eval, key in the flattened metrics). SCR/TPP use the
+# top-20 ablation, sparse probing the top-1 latent, as in SAEBench's figures.
+HEADLINE_METRICS: tuple[tuple[str, str, str], ...] = (
+    ("l0", "core", "sparsity.l0"),
+    ("explained_variance", "core", "reconstruction_quality.explained_variance"),
+    ("mse", "core", "reconstruction_quality.mse"),
+    ("ce_loss_score", "core", "model_performance_preservation.ce_loss_score"),
+    ("kl_div_score", "core", "model_behavior_preservation.kl_div_score"),
+    ("absorption", "absorption", "mean.mean_absorption_fraction_score"),
+    ("full_absorption", "absorption", "mean.mean_full_absorption_score"),
+    ("split_features", "absorption", "mean.mean_num_split_features"),
+    ("sparse_probing_top1", "sparse_probing", "sae.sae_top_1_test_accuracy"),
+    ("sparse_probing_llm", "sparse_probing", "llm.llm_test_accuracy"),
+    ("scr_top20", "scr", "scr_metrics.scr_metric_threshold_20"),
+    ("tpp_top20", "tpp", "tpp_metrics.tpp_threshold_20_total_metric"),
+)
+
+
+def read_json(path: Path) -> Any:
+    """The JSON in ``path``; raises :class:`~matryoshka_plugin.CheckpointError` when it is unreadable."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path} is not readable JSON (truncated or corrupt?): {e}") from None
+
+
+def result_path(output_dir: str | Path, name: str, eval_name: str) -> Path:
+    """Where SAEBench's result JSON for SAE ``name`` and ``eval_name`` lives."""
+    return Path(output_dir) / eval_name / f"{name}{RESULT_SUFFIX}"
+
+
+def not_evaluated_path(output_dir: str | Path, name: str) -> Path:
+    """Where the record of an absorption eval without a score lives."""
+    return Path(output_dir) / "absorption" / f"{name}{NOT_EVALUATED_SUFFIX}"
+
+
+def outcome_paths(output_dir: str | Path, name: str, eval_name: str) -> list[Path]:
+    """Every file that can hold the outcome of ``eval_name`` for SAE ``name``."""
+    paths = [result_path(output_dir, name, eval_name)]
+    if eval_name == "absorption":
+        paths.append(not_evaluated_path(output_dir, name))
+    return paths
+
+
+def remove_results(output_dir: str | Path, name: str) -> list[Path]:
+    """Delete every eval result of SAE ``name`` (e.g. after retraining it); returns what was removed."""
+    removed = []
+    for ev in EVAL_NAMES:
+        for p in outcome_paths(output_dir, name, ev):
+            if p.is_file():
+                p.unlink()
+                removed.append(p)
+    return removed
+
+
+def publish_result(staged: Path, final: Path) -> None:
+    """Check the JSON SAEBench wrote to ``staged`` and move it to ``final`` atomically."""
+    data = read_json(staged)
+    if not isinstance(data, dict) or "eval_result_metrics" not in data:
+        raise RuntimeError(f"SAEBench wrote {staged} without eval_result_metrics")
+    final.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(staged, final)
+
+
+def write_not_evaluated(output_dir: Path, name: str, reason: str, per_letter: Mapping[str, float],
+                        good: list[str], eval_config: Mapping[str, Any]) -> Path:
+    """Record (atomically) why SAEBench's absorption eval computed no score for SAE ``name``;
+    ``per_letter`` is the ground-truth probe F1 of every first letter, ``good`` the letters that pass."""
+    path = not_evaluated_path(output_dir, name)
+    atomic_write_json({
+        "status": "not_evaluated",
+        "eval_type_id": "absorption_first_letter",
+        "sae_name": name,
+        "reason": reason,
+        "letters_with_good_probe": good,
+        "probe_f1_per_letter": dict(per_letter),
+        "eval_config": dict(eval_config),
+    }, path, default=str)
+    return path
+
+
+def flatten_metrics(eval_result_metrics: Mapping[str, Any], prefix: str = "") -> dict[str, float]:
+    """``{"sparsity": {"l0": 40}}`` -> ``{"sparsity.l0": 40.0}`` (numbers only)."""
+    out: dict[str, float] = {}
+    for key, value in eval_result_metrics.items():
+        k = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            out.update(flatten_metrics(value, k + "."))
+        elif isinstance(value, (int, float)) and not isinstance(value, bool) and value is not None:
+            out[k] = float(value)
+    return out
+
+
+def read_result(output_dir: str | Path, name: str, eval_name: str) -> dict | None:
+    """``{"status", "metrics", "path"}`` for one SAE and eval, or None when it has not run.
+
+    ``status`` is ``"done"`` (``metrics``: SAEBench's ``eval_result_metrics`` flattened) or
+    ``"not_evaluated"`` (absorption without enough first-letter probes; ``metrics`` empty and
+    ``reason`` set).
+    """
+    path = result_path(output_dir, name, eval_name)
+    if path.is_file():
+        data = read_json(path)
+        return {"status": "done", "metrics": flatten_metrics(data.get("eval_result_metrics") or {}), "path": str(path)}
+    if eval_name == "absorption":
+        ne = not_evaluated_path(output_dir, name)
+        if ne.is_file():
+            data = read_json(ne)
+            return {"status": "not_evaluated", "metrics": {}, "path": str(ne), "reason": data.get("reason")}
+    return None
+
+
+def collect_results(output_dir: str | Path, names: Iterable[str] | None = None,
+                    evals: Iterable[str] = EVAL_NAMES) -> dict[str, dict[str, dict]]:
+    """``{sae name: {eval: read_result(...)}}`` for every result found under ``output_dir``."""
+    output_dir = Path(output_dir)
+    if names is None:
+        found = set()
+        for ev in evals:
+            for suffix in (RESULT_SUFFIX, NOT_EVALUATED_SUFFIX):
+                for p in (output_dir / ev).glob(f"*{suffix}"):
+                    found.add(p.name[: -len(suffix)])
+        names = sorted(found)
+    out: dict[str, dict[str, dict]] = {}
+    for name in names:
+        out[name] = {ev: r for ev in evals if (r := read_result(output_dir, name, ev)) is not None}
+    return out
+
+
+def headline_row(results: Mapping[str, Mapping[str, Any]]) -> dict[str, float | None]:
+    """The :data:`HEADLINE_METRICS` of one SAE from its ``collect_results`` entry (None where missing)."""
+    row: dict[str, float | None] = {}
+    for column, ev, key in HEADLINE_METRICS:
+        r = results.get(ev)
+        row[column] = None if r is None else r["metrics"].get(key)
+    return row
+
+
+@dataclass
+class EvalRecord:
+    """What one eval of one SAE did in a :func:`~matryoshka_plugin.saebench.run_saebench` call."""
+
+    name: str
+    """The SAE's name."""
+    eval: str
+    """The eval's name (one of ``EVAL_NAMES``)."""
+    status: str
+    """``"done"``, ``"skipped"`` (its result existed) or ``"not_evaluated"`` (absorption, too few
+    first letters with a good probe)."""
+    path: str
+    """The result file (or the not-evaluated record)."""
+    seconds: float = 0.0
+    """Wall time of the eval; 0 when skipped."""
+    metrics: dict[str, float] = field(default_factory=dict)
+    """SAEBench's ``eval_result_metrics``, flattened (``"sparsity.l0"``); empty when not evaluated."""
+    reason: str | None = None
+    """Why absorption computed no score (status ``"not_evaluated"``)."""
+
+
+@dataclass
+class SAEBenchRun:
+    """What :func:`~matryoshka_plugin.saebench.run_saebench` returns."""
+
+    output_dir: Path
+    """Where the results are."""
+    model_name: str
+    """The TransformerLens model the SAEs were evaluated on."""
+    saes: list[SAERef]
+    """The SAEs, as handed to SAEBench (trainer folders as their SAELens exports)."""
+    evals: tuple[str, ...]
+    """The evals asked for, in canonical order."""
+    records: list[EvalRecord] = field(default_factory=list)
+    """One per (SAE, eval) pair, in the order they ran or were skipped."""
+
+    def results(self) -> dict[str, dict[str, dict]]:
+        """:func:`collect_results` for this run's SAEs and evals."""
+        return collect_results(self.output_dir, [r.name for r in self.saes], self.evals)
+
+    def rows(self) -> list[dict[str, Any]]:
+        """One row per SAE: name, architecture, k, d_sae and the headline metrics."""
+        res = self.results()
+        return [{"name": r.name, "architecture": r.architecture, "k": r.k, "d_sae": r.d_sae,
+                 **headline_row(res.get(r.name, {}))} for r in self.saes]
