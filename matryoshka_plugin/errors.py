@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["ActivationError", "TrainingError", "CheckpointError", "check_activations"]
+__all__ = ["ActivationError", "TrainingError", "CheckpointError", "SAEBenchError", "check_activations"]
 
 
 class ActivationError(ValueError):
@@ -17,6 +17,10 @@ class TrainingError(RuntimeError):
 
 class CheckpointError(ValueError):
     """A checkpoint or SAE folder is missing, incomplete, corrupt or of an unknown kind."""
+
+
+class SAEBenchError(ValueError):
+    """Bad input for an SAEBench run, reported before any expensive work."""
 
 
 def _where(step: int | None) -> str:

@@ -70,7 +70,7 @@ this package imports none of SAEBench, SAELens or TransformerLens; they load on 
 """
 
 from .configs import EVAL_NAMES, EvalConfig, check_eval_names, default_llm_settings, make_eval_config
-from .errors import SAEBenchError
+from ..errors import SAEBenchError
 from .references import SAERef, check_saes, describe_sae
 from .results import (
     HEADLINE_METRICS,

@@ -15,7 +15,7 @@ import json
 from dataclasses import dataclass
 from typing import Any, Iterable, Mapping
 
-from .errors import SAEBenchError
+from ..errors import SAEBenchError
 
 EVAL_NAMES = ("core", "absorption", "sparse_probing", "scr", "tpp")
 

@@ -19,7 +19,7 @@ from typing import Any, Callable, Iterator
 
 import torch
 
-from .errors import SAEBenchError
+from ..errors import SAEBenchError
 
 # The eval modules that call HookedTransformer.from_pretrained_no_processing themselves.
 _EVAL_MODULES = (

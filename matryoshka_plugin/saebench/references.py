@@ -20,8 +20,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import torch
 
-from ..errors import CheckpointError
-from .errors import SAEBenchError
+from ..errors import CheckpointError, SAEBenchError
 from .results import read_json
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")

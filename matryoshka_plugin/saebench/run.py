@@ -11,7 +11,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 import torch
 
 from .configs import EVAL_NAMES, check_eval_names, default_llm_settings, make_eval_config
-from .errors import SAEBenchError
+from ..errors import SAEBenchError
 from .patches import grad_mode_restored, model_and_datasets
 from .references import SAERef, check_saes, describe_sae, load_sae, named_sources, prepare_sae
 from .results import EvalRecord, SAEBenchRun, outcome_paths, read_result
