@@ -21,6 +21,7 @@ from typing import Any, Iterable, Mapping, Sequence
 import torch
 
 from ..errors import CheckpointError, SAEBenchError
+from ..registry import architecture_for
 from .results import read_json
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
@@ -64,14 +65,8 @@ class SAERef:
 
 def training_architecture(trainer_cfg: Mapping[str, Any]) -> str:
     """The training architecture of a ``trainSAE`` folder, from its ``config["trainer"]``."""
-    dict_class = str(trainer_cfg.get("dict_class", ""))
-    return {
-        "MatryoshkaBatchTopKSAE": "matryoshka_batchtopk",
-        "MatryoshkaLogSparsitySAE": "matryoshka_log_sparsity",
-        "BatchTopKSAE": "batchtopk",
-        "AutoEncoderTopK": "topk",
-        "AutoEncoder": "standard",
-    }.get(dict_class, dict_class or "unknown")
+    arch = architecture_for(trainer_cfg)
+    return arch.label if arch is not None else str(trainer_cfg.get("dict_class", "")) or "unknown"
 
 
 def _check_name(name: str) -> str:

@@ -13,6 +13,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
+from ..registry import architecture_of, decoder_rows
 from .models import SyntheticHierarchyToy, ToyModel
 
 __all__ = [
@@ -57,13 +58,9 @@ class ToyMetrics(NamedTuple):
 
 
 def decoder_weight(sae: torch.nn.Module) -> torch.Tensor:
-    """Decoder rows ``[n_latents, d]`` (detached) of any SAE with ``W_dec [n, d]`` (or, like
-    dictionary_learning's ``BatchTopKSAE``, a ``decoder`` linear layer with weight ``[d, n]``)."""
-    if hasattr(sae, "W_dec"):
-        return sae.W_dec.detach()
-    if hasattr(sae, "decoder") and hasattr(sae.decoder, "weight"):
-        return sae.decoder.weight.detach().T
-    raise TypeError(f"{type(sae).__name__} has neither W_dec nor decoder.weight")
+    """Decoder rows ``[n_latents, d]`` (detached) of any registered SAE (see ``registry``)."""
+    arch = architecture_of(sae)
+    return arch.decoder(sae) if arch is not None else decoder_rows(sae)
 
 
 def decoder_directions(sae: torch.nn.Module) -> torch.Tensor:

@@ -1,0 +1,154 @@
+"""One architecture registry: everything the package knows about a dictionary class.
+
+A ``trainer_i`` folder names its SAE class in ``config["trainer"]["dict_class"]``. Loading it
+(:func:`~matryoshka_plugin.load_dictionary`), exporting it to SAELens, labelling it in SAEBench
+records and reading its decoder rows all look the class up here, so a new SAE class needs one
+:func:`register_architecture` call (SAELens' ``register_sae_class`` is the model).
+
+dictionary_learning and this package both have a class named ``MatryoshkaBatchTopKSAE``, so
+entries are keyed by name *and* origin: a folder written by this package's trainers carries
+``"package": "matryoshka_plugin"`` in its trainer config; any other folder naming an
+upstream class is dictionary_learning's.
+
+This module is a leaf: it imports no SAE code, SAELens or dictionary_learning. Built-in
+entries point at their loaders and converters by import path, resolved on first call.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import torch
+
+__all__ = [
+    "PACKAGE_MARK",
+    "Architecture",
+    "register_architecture",
+    "unregister_architecture",
+    "architecture_for",
+    "architecture_of",
+    "architectures",
+    "decoder_rows",
+]
+
+PACKAGE_MARK = "matryoshka_plugin"
+
+Loader = Callable[[Path, Mapping[str, Any], Any], torch.nn.Module]
+"""``(weights_path, trainer_config, device) -> module``."""
+Converter = Callable[[torch.nn.Module, Mapping[str, Any]], Any]
+"""``(module, trainer_config) -> SAELensWeights`` (see ``matryoshka_plugin.saelens``)."""
+
+
+def decoder_rows(sae: torch.nn.Module) -> torch.Tensor:
+    """Decoder rows ``[n_latents, d]`` (detached) of an SAE with ``W_dec [n, d]`` or, like
+    dictionary_learning's ``AutoEncoder`` family, a ``decoder`` linear layer (weight ``[d, n]``)."""
+    if hasattr(sae, "W_dec"):
+        return sae.W_dec.detach()
+    if hasattr(sae, "decoder") and hasattr(sae.decoder, "weight"):
+        return sae.decoder.weight.detach().T
+    raise TypeError(f"{type(sae).__name__} has neither W_dec nor decoder.weight")
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """One dictionary class and what the package does with it."""
+
+    dict_class: str
+    """The class name ``trainSAE`` writes as ``config["trainer"]["dict_class"]``."""
+    label: str
+    """Training-architecture label in SAELens metadata and SAEBench records (``"batchtopk"``)."""
+    upstream: bool = False
+    """A dictionary_learning class: its folders load through dictionary_learning's loader."""
+    load: Loader | None = None
+    """Builds the module from a weights file; ``None`` for upstream classes."""
+    to_saelens: Converter | None = None
+    """Stock-SAELens weights reproducing the module; ``None`` where export is unsupported."""
+    decoder: Callable[[torch.nn.Module], torch.Tensor] = decoder_rows
+    """Decoder rows ``[n_latents, d]`` of a module of this class."""
+
+    @property
+    def key(self) -> tuple[bool, str]:
+        return self.upstream, self.dict_class
+
+
+_REGISTRY: dict[tuple[bool, str], Architecture] = {}
+
+
+def register_architecture(arch: Architecture) -> Architecture:
+    """Register ``arch``. Registering an equal entry again is harmless; a different entry for a
+    taken (name, origin) raises ``ValueError``."""
+    old = _REGISTRY.get(arch.key)
+    if old is not None and old != arch:
+        origin = "dictionary_learning" if arch.upstream else "this package"
+        raise ValueError(f"dictionary class {arch.dict_class!r} ({origin}) is already registered")
+    _REGISTRY[arch.key] = arch
+    return arch
+
+
+def unregister_architecture(dict_class: str, upstream: bool = False) -> None:
+    """Remove an entry (tests and plugins that register temporarily)."""
+    _REGISTRY.pop((upstream, dict_class), None)
+
+
+def architectures() -> list[Architecture]:
+    """Every registered entry, this package's first."""
+    return sorted(_REGISTRY.values(), key=lambda a: (a.upstream, a.dict_class))
+
+
+def _is_ours(trainer_cfg: Mapping[str, Any]) -> bool:
+    name = str(trainer_cfg.get("dict_class", ""))
+    return trainer_cfg.get("package") == PACKAGE_MARK or (True, name) not in _REGISTRY
+
+
+def architecture_for(trainer_cfg: Mapping[str, Any]) -> Architecture | None:
+    """The entry for a trainer config (``config["trainer"]``), or ``None`` if unregistered."""
+    name = str(trainer_cfg.get("dict_class", ""))
+    return _REGISTRY.get((not _is_ours(trainer_cfg), name))
+
+
+def architecture_of(module: torch.nn.Module) -> Architecture | None:
+    """The entry for a module's class (dictionary_learning's classes by their module path)."""
+    cls = type(module)
+    upstream = cls.__module__.split(".")[0] == "dictionary_learning"
+    return _REGISTRY.get((upstream, cls.__name__))
+
+
+def _lazy(path: str) -> Callable[..., Any]:
+    """``"module:function"`` called on first use: keeps this module free of heavy imports."""
+    module, name = path.split(":")
+
+    def call(*args: Any, **kwargs: Any) -> Any:
+        return getattr(importlib.import_module(module), name)(*args, **kwargs)
+
+    call.__qualname__ = call.__name__ = name
+    call.__module__ = module
+    return call
+
+
+def _builtin(dict_class: str, label: str, upstream: bool, load: str | None, convert: str | None) -> None:
+    register_architecture(
+        Architecture(
+            dict_class,
+            label,
+            upstream,
+            _lazy(load) if load else None,
+            _lazy(convert) if convert else None,
+        )
+    )
+
+
+_CONVERT = "matryoshka_plugin.saelens.convert"
+_builtin("MatryoshkaBatchTopKSAE", "matryoshka_batchtopk", False,
+         "matryoshka_plugin.sae:load_matryoshka_batch_topk", f"{_CONVERT}:matryoshka_batch_topk")
+_builtin("MatryoshkaLogSparsitySAE", "matryoshka_log_sparsity", False,
+         "matryoshka_plugin.sae:load_matryoshka_log_sparsity", f"{_CONVERT}:matryoshka_log_sparsity")
+_builtin("MatryoshkaBatchTopKSAE", "matryoshka_batchtopk", True, None, f"{_CONVERT}:matryoshka_batch_topk")
+_builtin("BatchTopKSAE", "batchtopk", True, None, f"{_CONVERT}:batch_topk")
+_builtin("AutoEncoderTopK", "topk", True, None, f"{_CONVERT}:top_k")
+_builtin("AutoEncoder", "standard", True, None, f"{_CONVERT}:standard")
+_builtin("AutoEncoderNew", "AutoEncoderNew", True, None, None)
+_builtin("GatedAutoEncoder", "GatedAutoEncoder", True, None, None)
+_builtin("JumpReluAutoEncoder", "JumpReluAutoEncoder", True, None, None)
