@@ -7,51 +7,88 @@
     matryoshka_plugin.export_to_saelens("runs/x/trainer_0", "saelens/x")  # stock SAELens folder
     matryoshka_plugin.run_saebench({"x": "runs/x/trainer_0"}, "eval_results")  # SAEBench's evals
 
-Importing the package registers the SAELens architecture ``matryoshka_jumprelu``.
+The public names load on first use: ``import matryoshka_plugin`` imports neither torch nor
+dictionary_learning, nnsight, SAELens or SAEBench. It does register the SAELens architecture
+``matryoshka_jumprelu``: at once if SAELens is already imported, otherwise the moment SAELens is
+imported, so ``SAE.load_from_disk`` always finds it.
 """
 
-from .checkpoints import load_dictionary, register_dictionary_class
-from .errors import ActivationError, CheckpointError, TrainingError
-from .prefix_loss import PrefixLoss, prefix_mse
-from .prefixes import PrefixSampler, PrefixWeights
-from .sae import MatryoshkaBatchTopKSAE, MatryoshkaLogSparsitySAE
-from .saelens import (
-    MatryoshkaJumpReLUSAE,
-    MatryoshkaJumpReLUSAEConfig,
-    export_to_saelens,
-    import_from_saelens,
-    load_matryoshka_saelens,
-    publish_to_huggingface,
-    register_saelens_architecture,
-)
-from .saebench import SAEBenchError, run_saebench
-from .sparse_latents import SparseLatents
-from .trainers import MatryoshkaBatchTopKTrainer, MatryoshkaLogSparsityTrainer
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+from .import_hooks import when_imported
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "MatryoshkaBatchTopKTrainer",
-    "MatryoshkaLogSparsityTrainer",
-    "MatryoshkaBatchTopKSAE",
-    "MatryoshkaLogSparsitySAE",
-    "load_dictionary",
-    "register_dictionary_class",
-    "export_to_saelens",
-    "import_from_saelens",
-    "load_matryoshka_saelens",
-    "publish_to_huggingface",
-    "register_saelens_architecture",
-    "MatryoshkaJumpReLUSAE",
-    "MatryoshkaJumpReLUSAEConfig",
-    "run_saebench",
-    "SAEBenchError",
-    "PrefixWeights",
-    "PrefixSampler",
-    "prefix_mse",
-    "PrefixLoss",
-    "SparseLatents",
-    "ActivationError",
-    "CheckpointError",
-    "TrainingError",
-]
+# public name -> the module that defines it
+_EXPORTS = {
+    "MatryoshkaBatchTopKTrainer": "trainers",
+    "MatryoshkaLogSparsityTrainer": "trainers",
+    "MatryoshkaBatchTopKSAE": "sae",
+    "MatryoshkaLogSparsitySAE": "sae",
+    "load_dictionary": "checkpoints",
+    "register_dictionary_class": "checkpoints",
+    "Architecture": "registry",
+    "register_architecture": "registry",
+    "export_to_saelens": "saelens",
+    "import_from_saelens": "saelens",
+    "load_matryoshka_saelens": "saelens",
+    "publish_to_huggingface": "saelens",
+    "register_saelens_architecture": "saelens",
+    "MatryoshkaJumpReLUSAE": "saelens",
+    "MatryoshkaJumpReLUSAEConfig": "saelens",
+    "run_saebench": "saebench",
+    "PrefixWeights": "prefixes",
+    "PrefixSampler": "prefixes",
+    "prefix_mse": "prefix_loss",
+    "PrefixLoss": "prefix_loss",
+    "SparseLatents": "sparse_latents",
+    "ActivationError": "errors",
+    "CheckpointError": "errors",
+    "TrainingError": "errors",
+    "SAEBenchError": "errors",
+}
+
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'matryoshka_plugin' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
+
+
+def _register_saelens() -> None:
+    importlib.import_module(".saelens", __name__).register_saelens_architecture()
+
+
+when_imported("sae_lens", _register_saelens)
+
+if TYPE_CHECKING:  # static analysers and IDEs see the real names
+    from .checkpoints import load_dictionary, register_dictionary_class
+    from .errors import ActivationError, CheckpointError, SAEBenchError, TrainingError
+    from .prefix_loss import PrefixLoss, prefix_mse
+    from .prefixes import PrefixSampler, PrefixWeights
+    from .registry import Architecture, register_architecture
+    from .sae import MatryoshkaBatchTopKSAE, MatryoshkaLogSparsitySAE
+    from .saebench import run_saebench
+    from .saelens import (
+        MatryoshkaJumpReLUSAE,
+        MatryoshkaJumpReLUSAEConfig,
+        export_to_saelens,
+        import_from_saelens,
+        load_matryoshka_saelens,
+        publish_to_huggingface,
+        register_saelens_architecture,
+    )
+    from .sparse_latents import SparseLatents
+    from .trainers import MatryoshkaBatchTopKTrainer, MatryoshkaLogSparsityTrainer

@@ -1,0 +1,60 @@
+"""Import cost and the SAELens registration that importing the package promises."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+
+HEAVY = ["torch", "sae_lens", "sae_bench", "nnsight", "dictionary_learning", "transformer_lens", "numba",
+         "matplotlib", "transformers"]
+
+
+def run(code: str) -> dict:
+    out = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True,
+                         timeout=600, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_import_loads_no_heavy_library_and_registers_saelens_on_its_import():
+    got = run(f"""
+        import json, sys
+        import matryoshka_plugin
+        loaded = [m for m in {HEAVY!r} if m in sys.modules]
+        from sae_lens.registry import SAE_CLASS_REGISTRY
+        from sae_lens import SAE
+        cls = SAE_CLASS_REGISTRY.get("matryoshka_jumprelu", (None,))[0]
+        print(json.dumps({{"loaded": loaded, "cls": getattr(cls, "__qualname__", None),
+                          "public": sorted(n for n in matryoshka_plugin.__all__
+                                           if getattr(matryoshka_plugin, n, None) is None)}}))
+    """)
+    assert got["loaded"] == []
+    assert got["cls"] == "MatryoshkaJumpReLUSAE"
+    assert got["public"] == []  # every public name resolves
+
+
+def test_registers_at_once_when_saelens_came_first():
+    got = run("""
+        import json
+        import sae_lens
+        from sae_lens.registry import SAE_CLASS_REGISTRY
+        before = "matryoshka_jumprelu" in SAE_CLASS_REGISTRY
+        import matryoshka_plugin
+        print(json.dumps({"before": before, "after": "matryoshka_jumprelu" in SAE_CLASS_REGISTRY}))
+    """)
+    assert got == {"before": False, "after": True}
+
+
+def test_cli_help_does_not_import_the_libraries():
+    got = run(f"""
+        import json, sys, contextlib, io
+        from matryoshka_plugin.__main__ import main
+        with contextlib.redirect_stdout(io.StringIO()):
+            try:
+                main(["--help"])
+            except SystemExit:
+                pass
+        print(json.dumps({{"loaded": [m for m in {HEAVY!r} if m in sys.modules]}}))
+    """)
+    assert got["loaded"] == []
