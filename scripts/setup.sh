@@ -235,7 +235,7 @@ if [ "$KEPT" != 0 ]; then
 fi
 
 if [ "$installed" = 1 ]; then DEPS_DONE="the locked set"; else DEPS_DONE="resolution"; fi
-log "summary: torch $TORCH_VERSION ($TORCH_BUILD build; ${TORCH_SOURCE:-kept}), dependencies by \
+log "summary: torch $TORCH_VERSION ($TORCH_BUILD build; ${TORCH_SOURCE:-$TORCH_ACTION}), dependencies by \
 $DEPS_DONE, removed: ${REMOVED:-nothing}"
 
 "$PY" - <<'PY'

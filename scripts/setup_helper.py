@@ -94,21 +94,29 @@ def _requirement_parser():
     return Requirement
 
 
-def _dependencies(dist) -> list[str]:
-    """Names this distribution requires here (markers evaluated, extras left out)."""
+def _requirements(dist, extras: frozenset[str] = frozenset()) -> list[tuple[str, frozenset[str]]]:
+    """(name, extras) this distribution requires here, with the given extras of it requested.
+
+    Extras matter: PyPI's torch asks for cuda-toolkit[cublas,cudart,...], and the CUDA
+    libraries come only through those extras.
+    """
     requirement = _requirement_parser()
-    names = []
+    out = []
     for line in dist.requires or []:
         if requirement is not None:
             req = requirement(line)
-            if req.marker is not None and not req.marker.evaluate({"extra": ""}):
+            if req.marker is not None and not any(
+                    req.marker.evaluate({"extra": e}) for e in ("", *sorted(extras))):
                 continue
-            names.append(_normalize(req.name))
-        else:
-            if "extra ==" in line or "extra==" in line:
+            out.append((_normalize(req.name), frozenset(req.extras)))
+        else:  # markers other than extras are not evaluated: keeping too much is safe
+            wanted = re.search(r"extra\s*==\s*['\"]([^'\"]+)['\"]", line)
+            if wanted and wanted.group(1) not in extras:
                 continue
-            names.append(_normalize(re.match(r"[A-Za-z0-9._-]+", line).group(0)))
-    return names
+            m = re.match(r"\s*([A-Za-z0-9._-]+)\s*(?:\[([^\]]*)\])?", line)
+            req_extras = frozenset(e.strip() for e in (m.group(2) or "").split(",") if e.strip())
+            out.append((_normalize(m.group(1)), req_extras))
+    return out
 
 
 def _installed():
@@ -118,17 +126,30 @@ def _installed():
             if d.metadata["Name"]}
 
 
-def torch_closure(installed) -> set[str]:
-    """torch and everything it depends on, transitively: the libraries it links against."""
-    seen: set[str] = set()
-    todo = ["torch"]
+def torch_closure(installed) -> tuple[set[str], list[str]]:
+    """torch and what it depends on, transitively with extras: the libraries it links
+    against. Returns (installed names in it, names it requires that are not installed)."""
+    seen: set[tuple[str, frozenset[str]]] = set()
+    names: set[str] = set()
+    missing: list[str] = []
+    todo = [("torch", frozenset())]
     while todo:
-        name = todo.pop()
-        if name in seen or name not in installed:
+        name, extras = todo.pop(0)
+        if (name, extras) in seen:
             continue
-        seen.add(name)
-        todo.extend(_dependencies(installed[name]))
-    return seen
+        seen.add((name, extras))
+        if name not in installed:
+            if name not in missing:
+                missing.append(name)
+            continue
+        names.add(name)
+        todo.extend(_requirements(installed[name], extras))
+    return names, missing
+
+
+def _is_cuda_build(version: str, closure: set[str]) -> bool:
+    # PyPI's Linux torch declares nvidia-* libraries; other CUDA builds carry a +cuXXX tag.
+    return "+cu" in version or any(n.startswith("nvidia-") for n in closure)
 
 
 def torch_state() -> int:
@@ -140,11 +161,9 @@ def torch_state() -> int:
     if dist is not None:
         version = dist.version
         out["TORCH_VERSION"] = version
-        deps = _dependencies(dist)
-        out["TORCH_MISSING"] = " ".join(d for d in deps if d not in installed)
-        # A CUDA build declares nvidia-* libraries (PyPI) or carries a +cuXXX tag.
-        cuda = "+cu" in version or any(d.startswith("nvidia-") for d in deps)
-        out["TORCH_BUILD"] = "cuda" if cuda else "cpu"
+        closure, missing = torch_closure(installed)
+        out["TORCH_MISSING"] = " ".join(missing)
+        out["TORCH_BUILD"] = "cuda" if _is_cuda_build(version, closure | set(missing)) else "cpu"
         try:
             import torch  # noqa: F401
         except Exception as exc:  # ImportError, OSError: a missing shared library
@@ -165,10 +184,9 @@ def removable() -> int:
     Nothing in torch's dependency closure is ever listed.
     """
     installed = _installed()
-    keep = torch_closure(installed)
+    keep, _ = torch_closure(installed)
     torch = installed.get("torch")
-    cpu_torch = torch is not None and not (
-        "+cu" in torch.version or any(d.startswith("nvidia-") for d in _dependencies(torch)))
+    cpu_torch = torch is not None and not _is_cuda_build(torch.version, keep)
     for name, dist in sorted(installed.items()):
         if name in keep:
             continue

@@ -51,12 +51,18 @@ class FakeVenv:
             (pkg / "__init__.py").write_text(module)
 
 
-# What PyPI's Linux torch declares: CUDA libraries, one of which needs another.
+# What PyPI's Linux torch 2.13 declares: CUDA libraries directly, one of which needs another,
+# and more of them only through extras of cuda-toolkit.
 CUDA_TORCH_REQUIRES = (
     "filelock",
+    'cuda-toolkit[cublas,cudart]==13.0.3; platform_system == "Linux"',
     'nvidia-cudnn-cu13==9.20.0.48; platform_system == "Linux"',
-    'nvidia-cublas==13.1.1.3; platform_system == "Linux"',
     'opt-einsum>=3.3; extra == "opt-einsum"',
+)
+CUDA_TOOLKIT_REQUIRES = (
+    "nvidia-cublas==13.1.1.3.*; extra == 'cublas'",
+    "nvidia-cuda-runtime==13.0.96.*; extra == 'cudart'",
+    "nvidia-npp==13.0.1.2.*; extra == 'all'",
 )
 CUDNN_REQUIRES = ("nvidia-cublas",)
 LIBCUDNN_ERROR = ('raise ImportError("libcudnn.so.9: cannot open shared object file: '
@@ -120,13 +126,16 @@ def test_without_a_cpu_build_the_cuda_build_keeps_its_libraries(venv, wheels):
     # the registry's torchvision (built for this CUDA torch, so it works here).
     venv.add("filelock", "3.0")
     venv.add("torch", "2.13.0", CUDA_TORCH_REQUIRES, module='__version__ = "2.13.0"\n')
+    venv.add("cuda-toolkit", "13.0.3", CUDA_TOOLKIT_REQUIRES)
     venv.add("nvidia-cudnn-cu13", "9.20.0.48", CUDNN_REQUIRES)
     venv.add("nvidia-cublas", "13.1.1.3")
-    venv.add("nvidia-nccl-cu12", "2.27.3")
+    venv.add("nvidia-cuda-runtime", "13.0.96")
+    venv.add("nvidia-npp", "13.0.1.2")  # only cuda-toolkit[all] asks for it
+    venv.add("nvidia-nccl-cu12", "2.27.3")  # xgboost's, not torch's
     venv.add("torchvision", "0.28.0", ("torch==2.13.0",))
     lines = plan_lines(run_plan(venv, wheels))
     assert lines["torch"].startswith("keep"), lines
-    assert would_remove(lines) == {"nvidia-nccl-cu12"}
+    assert would_remove(lines) == {"nvidia-npp", "nvidia-nccl-cu12"}
 
 
 def test_a_local_cpu_build_is_preferred_and_its_clean_up_drops_cuda_packages(venv, wheels):
@@ -174,7 +183,14 @@ def test_a_torch_missing_its_libraries_is_repaired_not_kept(venv, wheels):
     lines = plan_lines(run_plan(venv, wheels))
     assert lines["torch"].startswith("repair"), lines
     assert "libcudnn.so.9" in lines["torch"]
-    assert lines["torch"].split("lacks: ")[1].split() == ["nvidia-cudnn-cu13", "nvidia-cublas"]
+    assert lines["torch"].split("lacks: ")[1].split() == ["cuda-toolkit", "nvidia-cudnn-cu13"]
+
+    # The toolkit is there but not the libraries its requested extras bring.
+    venv.add("cuda-toolkit", "13.0.3", CUDA_TOOLKIT_REQUIRES)
+    venv.add("nvidia-cudnn-cu13", "9.20.0.48", CUDNN_REQUIRES)
+    lines = plan_lines(run_plan(venv, wheels))
+    assert lines["torch"].startswith("repair"), lines
+    assert lines["torch"].split("lacks: ")[1].split() == ["nvidia-cublas", "nvidia-cuda-runtime"]
 
 
 def test_a_gpu_machine_gets_the_default_build_and_no_clean_up(venv, wheels):
