@@ -112,25 +112,25 @@ against them"
     fi
 }
 
-case "$TORCH_STATUS" in
-    ok)
-        TORCH_ACTION=keep
-        TORCH_WHY="torch $TORCH_VERSION ($TORCH_BUILD build) is installed and imports" ;;
-    broken)
-        if [ -n "$TORCH_MISSING" ]; then
-            TORCH_ACTION=repair
-            TORCH_WHY="torch $TORCH_VERSION does not import ($TORCH_ERROR); reinstalling the \
-dependencies it declares and lacks: $TORCH_MISSING"
-        else
-            TORCH_ACTION=reinstall
-            choose_torch_source
-            TORCH_WHY="torch $TORCH_VERSION does not import ($TORCH_ERROR) though its \
-dependencies are installed; replacing it. $TORCH_WHY"
-        fi ;;
-    *)
-        TORCH_ACTION=install
-        choose_torch_source ;;
-esac
+if [ "$TORCH_STATUS" != absent ] && [ -n "$TORCH_MISSING$TORCH_DAMAGED" ]; then
+    TORCH_ACTION=repair
+    TORCH_WHY="torch $TORCH_VERSION"
+    [ "$TORCH_STATUS" = broken ] && TORCH_WHY+=" does not import ($TORCH_ERROR)"
+    [ -n "$TORCH_MISSING" ] && TORCH_WHY+="; it lacks dependencies: $TORCH_MISSING"
+    [ -n "$TORCH_DAMAGED" ] && TORCH_WHY+="; files are missing from: $TORCH_DAMAGED"
+    TORCH_WHY+=". Reinstalling those"
+elif [ "$TORCH_STATUS" = ok ]; then
+    TORCH_ACTION=keep
+    TORCH_WHY="torch $TORCH_VERSION ($TORCH_BUILD build) is installed and imports"
+elif [ "$TORCH_STATUS" = broken ]; then
+    TORCH_ACTION=reinstall
+    choose_torch_source
+    TORCH_WHY="torch $TORCH_VERSION does not import ($TORCH_ERROR) though its dependencies \
+are intact; replacing it. $TORCH_WHY"
+else
+    TORCH_ACTION=install
+    choose_torch_source
+fi
 
 if [ "$HAS_GPU" = 0 ] && [ "$PY_VERSION" = 3.11 ] && [ "${USE_LOCK:-1}" = 1 ] && [ -f "$LOCK" ]; then
     DEPS_PLAN="lock"
@@ -179,7 +179,13 @@ falling back to the default build with its nvidia-* libraries"
 case "$TORCH_ACTION" in
     repair)
         # pip installs the missing dependencies of an already-satisfied requirement.
-        "$PY" -m pip install --quiet "torch==$TORCH_VERSION"
+        if [ -n "$TORCH_MISSING" ]; then
+            "$PY" -m pip install --quiet "torch==$TORCH_VERSION"
+        fi
+        if [ -n "$TORCH_DAMAGED" ]; then
+            # shellcheck disable=SC2086
+            "$PY" -m pip install --quiet --force-reinstall --no-deps $TORCH_DAMAGED
+        fi
         if ! "$PY" -c "import torch" >/dev/null 2>&1; then
             log "torch still does not import; replacing it"
             "$PY" -m pip uninstall --quiet -y torch

@@ -16,6 +16,7 @@ import re
 import shlex
 import sys
 import urllib.request
+import warnings
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -152,20 +153,41 @@ def _is_cuda_build(version: str, closure: set[str]) -> bool:
     return "+cu" in version or any(n.startswith("nvidia-") for n in closure)
 
 
+def _files(dist) -> set[str]:
+    """Installed files of a distribution (RECORD), as paths relative to site-packages,
+    leaving out byte-code and the dist-info itself."""
+    return {str(f).replace("\\", "/") for f in dist.files or []
+            if f.suffix != ".pyc" and ".dist-info" not in str(f)}
+
+
+def damaged(installed, names) -> list[str]:
+    """Packages among `names` whose recorded files are missing (pip removed a file that
+    two packages share, or files were deleted by hand)."""
+    out = []
+    for name in sorted(names):
+        dist = installed[name]
+        if any(not Path(dist.locate_file(f)).exists() for f in _files(dist)):
+            out.append(f"{name}=={dist.version}")
+    return out
+
+
 def torch_state() -> int:
     """Prints TORCH_* shell assignments describing the torch in this environment."""
     installed = _installed()
     out = {"TORCH_STATUS": "absent", "TORCH_VERSION": "", "TORCH_BUILD": "",
-           "TORCH_MISSING": "", "TORCH_ERROR": ""}
+           "TORCH_MISSING": "", "TORCH_DAMAGED": "", "TORCH_ERROR": ""}
     dist = installed.get("torch")
     if dist is not None:
         version = dist.version
         out["TORCH_VERSION"] = version
         closure, missing = torch_closure(installed)
         out["TORCH_MISSING"] = " ".join(missing)
+        out["TORCH_DAMAGED"] = " ".join(damaged(installed, closure - {"torch"}))
         out["TORCH_BUILD"] = "cuda" if _is_cuda_build(version, closure | set(missing)) else "cpu"
         try:
-            import torch  # noqa: F401
+            with warnings.catch_warnings():  # e.g. "Failed to initialize NumPy" before numpy is in
+                warnings.simplefilter("ignore")
+                import torch  # noqa: F401
         except Exception as exc:  # ImportError, OSError: a missing shared library
             out["TORCH_STATUS"] = "broken"
             out["TORCH_ERROR"] = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
@@ -181,18 +203,32 @@ def removable() -> int:
 
     torchvision goes only next to a CPU torch, where the registry's (CUDA) torchvision
     breaks `import transformers`; nvidia-* go only when torch does not depend on them.
-    Nothing in torch's dependency closure is ever listed.
+    Nothing in torch's dependency closure is listed, nor a package sharing a file with a
+    package that stays: pip would delete the shared file (nvidia-nccl-cu12 and -cu13 both
+    install nvidia/nccl/lib/libnccl.so.2). Why a candidate stays goes to stderr.
     """
     installed = _installed()
     keep, _ = torch_closure(installed)
     torch = installed.get("torch")
     cpu_torch = torch is not None and not _is_cuda_build(torch.version, keep)
+    candidates = []
     for name, dist in sorted(installed.items()):
         if name in keep:
             continue
-        if name.startswith("nvidia-"):
-            print(name)
-        elif name == "torchvision" and cpu_torch and "+cpu" not in dist.version:
+        if name.startswith("nvidia-") or (
+                name == "torchvision" and cpu_torch and "+cpu" not in dist.version):
+            candidates.append(name)
+    staying = {}
+    for name, dist in installed.items():
+        if name not in candidates:
+            for f in _files(dist):
+                staying.setdefault(f, name)
+    for name in candidates:
+        shared = sorted(f for f in _files(installed[name]) if f in staying)
+        if shared:
+            print(f"[setup] keeping {name}: it shares {shared[0]} with {staying[shared[0]]}",
+                  file=sys.stderr)
+        else:
             print(name)
     return 0
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import http.server
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -39,12 +40,20 @@ class FakeVenv:
         (self.site / "pip").symlink_to(Path(pip.__file__).resolve().parent)
 
     def add(self, name: str, version: str, requires: tuple[str, ...] = (),
-            module: str | None = None) -> None:
+            module: str | None = None, files: dict[str, bool] | None = None) -> None:
+        """files: path relative to site-packages -> whether it exists on disk."""
         info = self.site / f"{name.replace('-', '_')}-{version}.dist-info"
         info.mkdir()
         lines = ["Metadata-Version: 2.1", f"Name: {name}", f"Version: {version}"]
         lines += [f"Requires-Dist: {r}" for r in requires]
         (info / "METADATA").write_text("\n".join(lines) + "\n")
+        record = [f"{info.name}/METADATA,,"]
+        for path, exists in (files or {}).items():
+            record.append(f"{path},,")
+            if exists:
+                (self.site / path).parent.mkdir(parents=True, exist_ok=True)
+                (self.site / path).write_bytes(b"")
+        (info / "RECORD").write_text("\n".join(record) + "\n")
         if module is not None:
             pkg = self.site / name
             pkg.mkdir()
@@ -65,6 +74,7 @@ CUDA_TOOLKIT_REQUIRES = (
     "nvidia-npp==13.0.1.2.*; extra == 'all'",
 )
 CUDNN_REQUIRES = ("nvidia-cublas",)
+LIBNCCL = "nvidia/nccl/lib/libnccl.so.2"
 LIBCUDNN_ERROR = ('raise ImportError("libcudnn.so.9: cannot open shared object file: '
                   'No such file or directory")\n')
 
@@ -98,6 +108,11 @@ def plan_lines(result: subprocess.CompletedProcess) -> dict[str, str]:
             key, _, rest = line[len("[setup] "):].partition(": ")
             lines[key] = rest
     return lines
+
+
+def listed_after(lines: dict[str, str], key: str, label: str) -> list[str]:
+    match = re.search(label + r": (.*?)(?:;|\. |$)", lines[key])
+    return match.group(1).split() if match else []
 
 
 def would_remove(lines: dict[str, str]) -> set[str]:
@@ -183,14 +198,40 @@ def test_a_torch_missing_its_libraries_is_repaired_not_kept(venv, wheels):
     lines = plan_lines(run_plan(venv, wheels))
     assert lines["torch"].startswith("repair"), lines
     assert "libcudnn.so.9" in lines["torch"]
-    assert lines["torch"].split("lacks: ")[1].split() == ["cuda-toolkit", "nvidia-cudnn-cu13"]
+    assert listed_after(lines, "torch", "lacks dependencies") == ["cuda-toolkit",
+                                                                  "nvidia-cudnn-cu13"]
 
     # The toolkit is there but not the libraries its requested extras bring.
     venv.add("cuda-toolkit", "13.0.3", CUDA_TOOLKIT_REQUIRES)
     venv.add("nvidia-cudnn-cu13", "9.20.0.48", CUDNN_REQUIRES)
     lines = plan_lines(run_plan(venv, wheels))
     assert lines["torch"].startswith("repair"), lines
-    assert lines["torch"].split("lacks: ")[1].split() == ["nvidia-cublas", "nvidia-cuda-runtime"]
+    assert listed_after(lines, "torch", "lacks dependencies") == ["nvidia-cublas",
+                                                                  "nvidia-cuda-runtime"]
+
+
+def test_a_package_sharing_a_library_file_with_torchs_is_kept(venv, wheels):
+    """nvidia-nccl-cu12 (xgboost's) and nvidia-nccl-cu13 (torch's) install the same
+    libnccl.so.2: uninstalling the first deletes the file the second provides."""
+    venv.add("torch", "2.13.0", ("nvidia-nccl-cu13",), module='__version__ = "2.13.0"\n')
+    venv.add("nvidia-nccl-cu13", "2.29.7", files={LIBNCCL: True})
+    venv.add("nvidia-nccl-cu12", "2.27.3", files={LIBNCCL: True})
+    venv.add("nvidia-npp", "13.0.1.2", files={"nvidia/npp/lib/libnppc.so.13": True})
+    result = run_plan(venv, wheels)
+    assert would_remove(plan_lines(result)) == {"nvidia-npp"}
+    assert f"keeping nvidia-nccl-cu12: it shares {LIBNCCL} with nvidia-nccl-cu13" in result.stderr
+
+
+def test_a_dependency_whose_library_file_was_deleted_is_reinstalled(venv, wheels):
+    """What removing nvidia-nccl-cu12 did to a Python 3.10 set-up: libnccl.so.2 gone while
+    pip still lists nvidia-nccl-cu13 as installed."""
+    venv.add("torch", "2.13.0", ("nvidia-nccl-cu13",),
+             module='raise ImportError("libnccl.so.2: cannot open shared object file")\n')
+    venv.add("nvidia-nccl-cu13", "2.29.7", files={LIBNCCL: False})
+    lines = plan_lines(run_plan(venv, wheels))
+    assert lines["torch"].startswith("repair"), lines
+    assert "libnccl.so.2" in lines["torch"]
+    assert listed_after(lines, "torch", "files are missing from") == ["nvidia-nccl-cu13==2.29.7"]
 
 
 def test_a_gpu_machine_gets_the_default_build_and_no_clean_up(venv, wheels):
