@@ -237,7 +237,7 @@ if [ "$HAS_GPU" = 0 ]; then
 fi
 KEPT=$("$PY" -m pip list --format=freeze 2>/dev/null | cut -d= -f1 | grep -c -i -E '^nvidia-' || true)
 if [ "$KEPT" != 0 ]; then
-    log "kept $KEPT nvidia-* packages: the installed torch ($TORCH_BUILD build) depends on them"
+    log "kept $KEPT nvidia-* packages: the installed torch ($TORCH_BUILD build) depends on them, or they share its files"
 fi
 
 if [ "$installed" = 1 ]; then DEPS_DONE="the locked set"; else DEPS_DONE="resolution"; fi
