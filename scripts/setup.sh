@@ -21,8 +21,9 @@
 # at the installed version. Finally, without a GPU, packages nothing needs are removed:
 # torchvision (required unpinned by nnsight and sae-bench, unused by this project) only
 # next to a CPU torch, where the registry's CUDA-built torchvision breaks
-# `import transformers`; nvidia-* wheels only when torch does not depend on them (for
-# example the nccl that xgboost asks for). A library torch depends on is never removed.
+# `import transformers`; nvidia-* wheels only when torch does not depend on them (through
+# extras too) and they share no file with a package that stays (xgboost's nvidia-nccl-cu12
+# and torch's nvidia-nccl-cu13 both ship libnccl.so.2). A library torch needs is never removed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -66,11 +67,12 @@ else
 fi
 
 # What is there now: TORCH_STATUS (absent/ok/broken), TORCH_VERSION, TORCH_BUILD (cpu/cuda),
-# TORCH_MISSING (declared dependencies not installed), TORCH_ERROR.
+# TORCH_MISSING (declared dependencies not installed), TORCH_DAMAGED (installed dependencies
+# with files missing, as name==version), TORCH_ERROR.
 if [ "$PY" = "$VENV/bin/python" ]; then
     eval "$("$PY" "$HELPER" torch-state)"
 else
-    TORCH_STATUS=absent TORCH_VERSION="" TORCH_BUILD="" TORCH_MISSING="" TORCH_ERROR=""
+    TORCH_STATUS=absent TORCH_VERSION="" TORCH_BUILD="" TORCH_MISSING="" TORCH_DAMAGED="" TORCH_ERROR=""
 fi
 
 # Whether pip sees a CPU build of the verified torch for this Python (configured indexes
@@ -151,7 +153,7 @@ log "dependencies: $DEPS_PLAN. $DEPS_WHY"
 if [ "$HAS_GPU" = 1 ]; then
     log "clean-up: none (GPU machine)"
 else
-    log "clean-up: torchvision only next to a CPU torch, nvidia-* only where torch does not depend on them"
+    log "clean-up: torchvision only next to a CPU torch; nvidia-* only where torch does not depend on them and no file is shared"
 fi
 
 if [ "$PLAN_ONLY" = 1 ]; then
@@ -180,7 +182,9 @@ case "$TORCH_ACTION" in
     repair)
         # pip installs the missing dependencies of an already-satisfied requirement.
         if [ -n "$TORCH_MISSING" ]; then
-            "$PY" -m pip install --quiet "torch==$TORCH_VERSION"
+            REPAIR_ARGS=()
+            [ -n "${TORCH_INDEX_URL:-}" ] && REPAIR_ARGS+=(--extra-index-url "$TORCH_INDEX_URL")
+            "$PY" -m pip install --quiet "${REPAIR_ARGS[@]}" "torch==$TORCH_VERSION"
         fi
         if [ -n "$TORCH_DAMAGED" ]; then
             # shellcheck disable=SC2086

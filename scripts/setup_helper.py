@@ -12,6 +12,7 @@ import anything outside the standard library (packaging is used when pip vendors
 from __future__ import annotations
 
 import argparse
+import csv
 import re
 import shlex
 import sys
@@ -154,10 +155,12 @@ def _is_cuda_build(version: str, closure: set[str]) -> bool:
 
 
 def _files(dist) -> set[str]:
-    """Installed files of a distribution (RECORD), as paths relative to site-packages,
-    leaving out byte-code and the dist-info itself."""
-    return {str(f).replace("\\", "/") for f in dist.files or []
-            if f.suffix != ".pyc" and ".dist-info" not in str(f)}
+    """Files a distribution installed (its RECORD), as paths relative to site-packages,
+    leaving out byte-code and the dist-info itself. RECORD is read directly: on Python 3.12
+    `Distribution.files` leaves out files that no longer exist, the very case to detect."""
+    text = dist.read_text("RECORD") or ""
+    paths = (row[0] for row in csv.reader(text.splitlines()) if row)
+    return {p for p in paths if not p.endswith(".pyc") and ".dist-info/" not in p}
 
 
 def damaged(installed, names) -> list[str]:

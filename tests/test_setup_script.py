@@ -85,12 +85,13 @@ def _closed_port() -> int:
         return s.getsockname()[1]
 
 
-def run_plan(venv: FakeVenv, wheels: Path, cpu_index: str | None = None,
+def run_plan(venv: FakeVenv | Path, wheels: Path, cpu_index: str | None = None,
              gpu: str = "0") -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items()
            if not k.startswith(("PIP_", "TORCH_", "SETUP_", "USE_LOCK"))}
     env.update(
-        SETUP_PLAN_ONLY="1", VENV=str(venv.root), SETUP_GPU=gpu, SETUP_PROBE_TIMEOUT="3",
+        SETUP_PLAN_ONLY="1", VENV=str(getattr(venv, "root", venv)), PYTHON=sys.executable,
+        SETUP_GPU=gpu, SETUP_PROBE_TIMEOUT="3",
         SETUP_CPU_INDEX_URL=cpu_index or f"http://127.0.0.1:{_closed_port()}/whl/cpu",
         # pip sees only this folder: no index, no configuration file.
         PIP_CONFIG_FILE=os.devnull, PIP_NO_INDEX="1", PIP_FIND_LINKS=str(wheels),
@@ -151,6 +152,13 @@ def test_without_a_cpu_build_the_cuda_build_keeps_its_libraries(venv, wheels):
     lines = plan_lines(run_plan(venv, wheels))
     assert lines["torch"].startswith("keep"), lines
     assert would_remove(lines) == {"nvidia-npp", "nvidia-nccl-cu12"}
+
+
+def test_the_plan_for_a_new_environment_creates_nothing(tmp_path, wheels):
+    target = tmp_path / "new-venv"
+    lines = plan_lines(run_plan(target, wheels))
+    assert lines["torch"].startswith("install torch==2.13.0 (source: cuda-fallback)"), lines
+    assert not target.exists()
 
 
 def test_a_local_cpu_build_is_preferred_and_its_clean_up_drops_cuda_packages(venv, wheels):
