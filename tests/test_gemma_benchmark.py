@@ -205,8 +205,8 @@ def test_end_to_end_on_a_tiny_model(tmp_path):
             value = float(rows[name][col])
             assert float(table[name][METRIC_LABELS[col][0]]) == pytest.approx(value, abs=0.051 if abs(value) >= 100 else 6e-4)
     # and the paper's reference figures are those of PAPER_REFERENCE
-    ref = re.search(r"L0 (\d+)\): variance explained ([\d.]+) \(Matryoshka\) vs ([\d.]+) \(BatchTopK\); "
-                    r"absorption ([\d.]+) vs ([\d.]+)", md)
+    ref = re.search(r"L0 (\d+)\): variance explained (\d+\.\d+) \(Matryoshka\) vs (\d+\.\d+) \(BatchTopK\); "
+                    r"absorption (\d+\.\d+) vs (\d+\.\d+)", md)
     assert ref is not None, md
     ev, ab = PAPER_REFERENCE["explained_variance"], PAPER_REFERENCE["absorption"]
     assert [float(v) for v in ref.groups()] == [PAPER_REFERENCE["l0"], ev["matryoshka"], ev["batchtopk"],
