@@ -16,20 +16,29 @@ def _demo(args: argparse.Namespace) -> int:
 
 def _load_tensor(path: str):
     """A tensor from a ``.safetensors`` file (key ``activations`` or its only tensor) or a ``torch.save`` file."""
+    import os
+
     import torch
 
-    if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
+    if not os.path.isfile(path):
+        raise ValueError(f"--activations: no such file: {path}")
+    try:
+        if path.endswith(".safetensors"):
+            from safetensors.torch import load_file
 
-        tensors = load_file(path)
-        if "activations" in tensors:
-            return tensors["activations"]
-        if len(tensors) != 1:
-            raise SystemExit(f"{path} holds {sorted(tensors)}; name the tensor 'activations'")
-        return next(iter(tensors.values()))
-    obj = torch.load(path, map_location="cpu", weights_only=True)
+            tensors = load_file(path)
+        else:
+            tensors = {"activations": torch.load(path, map_location="cpu", weights_only=True)}
+    except Exception as e:  # noqa: BLE001 - safetensors, pickle and OS errors for unreadable files
+        raise ValueError(f"--activations: cannot read {path}: {type(e).__name__}: {e}") from None
+    if "activations" in tensors:
+        obj = tensors["activations"]
+    elif len(tensors) == 1:
+        obj = next(iter(tensors.values()))
+    else:
+        raise ValueError(f"--activations: {path} holds {sorted(tensors)}; name the tensor 'activations'")
     if not isinstance(obj, torch.Tensor):
-        raise SystemExit(f"{path} does not hold a tensor")
+        raise ValueError(f"--activations: {path} does not hold a tensor")
     return obj
 
 
@@ -70,7 +79,7 @@ def _pairs(items: list[str], form: str) -> dict[str, str]:
     for item in items:
         key, sep, value = item.partition("=")
         if not sep:
-            raise SystemExit(f"expected {form}, got {item!r}")
+            raise ValueError(f"expected {form}, got {item!r}")
         out[key] = value
     return out
 
@@ -129,7 +138,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="auto: stock SAELens (default); matryoshka_jumprelu needs this package to load")
     ex.add_argument("--dtype", default="float32", choices=["float32", "float64", "float16", "bfloat16"])
     ex.add_argument("--checkpoint", type=int, help="export checkpoints/ae_STEP.pt instead of ae.pt")
-    ex.add_argument("--overwrite", action="store_true", help="replace a non-empty out_dir (atomically)")
+    ex.add_argument("--overwrite", action="store_true",
+                    help="replace an out_dir holding an earlier export (atomically); other files are never deleted")
     ex.add_argument("--no-verify", action="store_true", help="skip loading the result with SAELens to compare")
     ex.set_defaults(func=_export)
 
@@ -138,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
     im.add_argument("out_dir")
     im.add_argument("--k", type=int, help="BatchTopK k, when the SAELens metadata lacks it")
     im.add_argument("--widths", help="nested widths, comma-separated cumulative ends (default: from metadata)")
-    im.add_argument("--overwrite", action="store_true")
+    im.add_argument("--overwrite", action="store_true", help="replace an out_dir holding an earlier import")
     im.set_defaults(func=_import)
 
     pub = sub.add_parser("publish", help="upload exported folders with SAELens' upload_saes_to_huggingface")
@@ -161,14 +171,13 @@ def main(argv: list[str] | None = None) -> int:
     ev.add_argument("--force", action="store_true", help="recompute results that exist")
     ev.set_defaults(func=_saebench)
     args = parser.parse_args(argv)
-    if args.command in ("export", "import", "publish", "saebench"):
-        # Bad input (missing/corrupt files, an occupied out_dir, ...) is reported without a traceback.
-        try:
-            return args.func(args)
-        except (ValueError, FileExistsError) as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 2
-    return args.func(args)
+    # Bad input (missing/corrupt files, an occupied out_dir, unknown names, ...) is reported in one
+    # line with exit code 2, as argparse reports bad arguments, instead of a traceback.
+    try:
+        return args.func(args)
+    except (ValueError, FileExistsError) as e:
+        print(f"{parser.prog}: error: {' '.join(str(e).split())}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -9,8 +9,12 @@ A ``trainer_i`` folder written by dictionary_learning's ``trainSAE`` holds ``con
 from __future__ import annotations
 
 import json
+import operator
 import os
+import re
 import tempfile
+import warnings
+import zipfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any, Callable, Iterable, Iterator
@@ -29,6 +33,8 @@ __all__ = [
     "atomic_open",
     "atomic_torch_save",
     "atomic_write_json",
+    "default_file_mode",
+    "default_dir_mode",
     "CheckpointError",
 ]
 
@@ -98,42 +104,110 @@ def read_config(folder: str | Path) -> dict:
 
 
 def load_dictionary(
-    path: str | Path, device: str | torch.device = "cpu", checkpoint: int | None = None
+    path: str | Path, device: str | torch.device = "cpu", checkpoint: int | str | None = None
 ) -> tuple[torch.nn.Module, dict]:
     """Load the SAE of a ``trainer_i`` folder written by ``trainSAE``; returns ``(ae, config)``.
 
     Args:
         path: the ``trainer_i`` folder.
         device: where to put the SAE.
-        checkpoint: a step saved under ``checkpoints/ae_{step}.pt`` instead of the final ``ae.pt``.
+        checkpoint: a step saved under ``checkpoints/ae_{step}.pt`` instead of the final ``ae.pt``,
+            or ``"latest"`` for the newest complete one there: files cut short (a run killed
+            while writing them) are skipped with a warning.
 
     This package's SAE classes (and any registered with :func:`register_dictionary_class`)
     load here; dictionary_learning's own classes are handed to its ``load_dictionary``.
+    ``activation_dim`` and ``dict_size`` in ``config.json`` must match the weights.
     """
     folder = Path(path)
     if not folder.is_dir():
         raise CheckpointError(f"no such SAE folder: {folder}")
     config = read_config(folder)
     trainer_cfg = config["trainer"]
-    weights = folder / "ae.pt" if checkpoint is None else folder / "checkpoints" / f"ae_{int(checkpoint)}.pt"
     dict_class = trainer_cfg["dict_class"]
     ours = trainer_cfg.get("package") == PACKAGE_MARK or dict_class not in _UPSTREAM_CLASSES
+    if not ours and checkpoint is not None:
+        raise CheckpointError("checkpoint= is only supported for this package's SAE classes")
+    weights = _weights_path(folder, checkpoint)
     if ours:
         loader = DICTIONARY_CLASSES.get(dict_class)
         if loader is None:
             known = sorted(set(DICTIONARY_CLASSES) | _UPSTREAM_CLASSES)
             raise CheckpointError(f"unknown dict_class {dict_class!r} in {folder}/config.json; known: {known}")
-        return loader(weights, trainer_cfg, device), config
-    from dictionary_learning.utils import load_dictionary as upstream_load
+        ae = loader(weights, trainer_cfg, device)
+    else:
+        from dictionary_learning.utils import load_dictionary as upstream_load
 
-    read_state_dict(weights)  # a clear error for a missing or corrupt file first
-    if checkpoint is not None:
-        raise CheckpointError("checkpoint= is only supported for this package's SAE classes")
+        read_state_dict(weights)  # a clear error for a missing or corrupt file first
+        try:
+            ae, config = upstream_load(str(folder), device=str(device))
+        except (ValueError, KeyError, RuntimeError) as e:
+            raise CheckpointError(f"dictionary_learning could not load {folder}: {e}") from None
+    _check_shapes(ae, trainer_cfg, folder)
+    return ae, config
+
+
+def _check_shapes(ae: torch.nn.Module, trainer_cfg: dict, folder: Path) -> None:
+    # The loaders size the SAE from the weights; a config that disagrees describes another SAE.
+    for key in ("activation_dim", "dict_size"):
+        said, actual = trainer_cfg.get(key), getattr(ae, key, None)
+        if said is None or actual is None:
+            continue
+        if isinstance(said, bool) or not isinstance(said, (int, float)) or int(said) != int(actual):
+            raise CheckpointError(
+                f"shape mismatch in {folder}: config.json says {key}={said} but the weights have {int(actual)}"
+            )
+
+
+_CHECKPOINT_NAME = re.compile(r"^ae_(\d+)\.pt$")
+
+
+def _weights_path(folder: Path, checkpoint: int | str | None) -> Path:
+    if checkpoint is None:
+        return folder / "ae.pt"
+    if checkpoint == "latest":
+        return _latest_checkpoint(folder)
     try:
-        ae, cfg = upstream_load(str(folder), device=str(device))
-    except (ValueError, KeyError, RuntimeError) as e:
-        raise CheckpointError(f"dictionary_learning could not load {folder}: {e}") from None
-    return ae, cfg
+        step = operator.index(checkpoint)
+    except TypeError:
+        raise CheckpointError(f"checkpoint must be a step (an integer) or 'latest', got {checkpoint!r}") from None
+    return folder / "checkpoints" / f"ae_{step}.pt"
+
+
+def _latest_checkpoint(folder: Path) -> Path:
+    """The newest ``checkpoints/ae_{step}.pt`` that was written to the end."""
+    ckpt_dir = folder / "checkpoints"
+    steps = []
+    if ckpt_dir.is_dir():
+        for p in ckpt_dir.iterdir():
+            m = _CHECKPOINT_NAME.match(p.name)
+            if m and p.is_file():
+                steps.append((int(m.group(1)), p))
+    if not steps:
+        raise CheckpointError(f"no checkpoints (checkpoints/ae_STEP.pt) in {folder}")
+    skipped = []
+    for _, p in sorted(steps, reverse=True):
+        if _is_complete(p):
+            return p
+        warnings.warn(f"skipping {p}: truncated or corrupt (was the run killed while writing it?)", stacklevel=4)
+        skipped.append(p.name)
+    raise CheckpointError(f"every checkpoint in {ckpt_dir} is truncated or corrupt: {skipped}")
+
+
+def _is_complete(path: Path) -> bool:
+    # torch.save writes a zip archive whose central directory comes last, so a file cut short has
+    # none; reading just the directory avoids loading the tensors twice. Other formats are read fully.
+    if zipfile.is_zipfile(path):
+        try:
+            with zipfile.ZipFile(path) as z:
+                return bool(z.namelist())
+        except (zipfile.BadZipFile, OSError):
+            return False
+    try:
+        read_state_dict(path)
+    except CheckpointError:
+        return False
+    return True
 
 
 _UPSTREAM_CLASSES = {
@@ -156,6 +230,7 @@ def atomic_open(path: str | Path, mode: str = "w", **kwargs: Any) -> Iterator[IO
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.chmod(tmp, default_file_mode())  # mkstemp makes 0600; a new file follows the umask
         with os.fdopen(fd, mode, **kwargs) as f:
             yield f
             f.flush()
@@ -177,3 +252,26 @@ def atomic_write_json(obj: Any, path: str | Path, *, indent: int = 2, default: C
     """``json.dump`` through :func:`atomic_open`."""
     with atomic_open(path) as f:
         json.dump(obj, f, indent=indent, default=default)
+
+
+def _umask() -> int:
+    try:  # Linux: read it without changing it (os.umask is process-wide, so not thread-safe)
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def default_file_mode() -> int:
+    """The mode ``open`` gives a new file under the current umask (``0o644`` for umask 022)."""
+    return 0o666 & ~_umask()
+
+
+def default_dir_mode() -> int:
+    """The mode ``mkdir`` gives a new folder under the current umask (``0o755`` for umask 022)."""
+    return 0o777 & ~_umask()

@@ -48,17 +48,27 @@ class DemoConfig:
     eval_samples: int = 20_000
 
 
+def _check(cfg: DemoConfig) -> None:
+    unknown = [s for s in cfg.saes if s not in DEMO_SAES]
+    if unknown:
+        raise ValueError(f"unknown demo SAE(s) {unknown}; choose from {list(DEMO_SAES)}")
+    if not cfg.saes or len(set(cfg.saes)) != len(cfg.saes):
+        raise ValueError(f"name each demo SAE once (choose from {list(DEMO_SAES)}), got {cfg.saes}")
+    for key in ("steps", "batch_size", "d", "dict_size", "eval_samples"):
+        value = getattr(cfg, key)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{key} must be a positive integer, got {value!r}")
+
+
 def run_demo(cfg: DemoConfig) -> dict[str, ToyMetrics]:
-    """Train, evaluate and plot the demo's SAEs; returns their metrics by name."""
+    """Train, evaluate and plot the demo SAEs; bad settings raise ``ValueError`` before anything is written."""
+    _check(cfg)
     # Toy shapes: data generation and evaluation run faster on one thread too (threads.py).
     with cpu_threads(threads_for(cfg.batch_size * cfg.d * cfg.dict_size)):
         return _run_demo(cfg)
 
 
 def _run_demo(cfg: DemoConfig) -> dict[str, ToyMetrics]:
-    unknown = [s for s in cfg.saes if s not in DEMO_SAES]
-    if unknown:
-        raise ValueError(f"unknown demo SAE(s) {unknown}; choose from {list(DEMO_SAES)}")
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     toy = ToyModel.post_tree(d=cfg.d, seed=cfg.seed)

@@ -25,6 +25,7 @@
 from __future__ import annotations
 
 import copy
+import errno
 import json
 import math
 import os
@@ -33,7 +34,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import sae_lens
 import torch
@@ -44,7 +45,7 @@ from sae_lens.registry import SAE_CLASS_REGISTRY, register_sae_class
 from sae_lens.saes.jumprelu_sae import JumpReLUSAE, JumpReLUSAEConfig
 from sae_lens.saes.sae import SAEMetadata
 
-from .checkpoints import PACKAGE_MARK, atomic_torch_save, load_dictionary
+from .checkpoints import PACKAGE_MARK, atomic_torch_save, default_dir_mode, default_file_mode, load_dictionary
 from .errors import CheckpointError
 from .hook_names import default_prepend_bos, tl_hook_name, tl_model_name
 from .sae import MatryoshkaBatchTopKSAE, MatryoshkaLogSparsitySAE
@@ -339,45 +340,130 @@ def _write_safetensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
         os.fsync(f.fileno())
 
 
-def _check_out_dir(out_dir: Path, overwrite: bool) -> None:
+@dataclass(frozen=True)
+class _FolderKind:
+    """What a folder written here holds: the only files it may contain, and the mark that says
+    this package wrote it. Only such a folder is replaced on ``overwrite``."""
+
+    what: str
+    files: frozenset[str]
+    is_ours: Callable[[Path], bool]
+
+
+def _read_json_dict(path: Path) -> dict:
+    try:
+        obj = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return {}
+    return obj if isinstance(obj, dict) else {}
+
+
+def _exported_here(folder: Path) -> bool:
+    meta = _read_json_dict(folder / SAE_CFG_FILENAME).get("metadata")
+    return isinstance(meta, dict) and str(meta.get("exported_by", "")).startswith(PACKAGE_MARK + " ")
+
+
+def _imported_here(folder: Path) -> bool:
+    trainer = _read_json_dict(folder / "config.json").get("trainer")
+    return isinstance(trainer, dict) and trainer.get("package") == PACKAGE_MARK and "imported_from" in trainer
+
+
+_EXPORT = _FolderKind("SAELens export", frozenset(_PUBLISHED_FILES), _exported_here)
+_IMPORT = _FolderKind("import", frozenset({"config.json", "ae.pt"}), _imported_here)
+
+
+def _check_out_dir(out_dir: Path, overwrite: bool, kind: _FolderKind | None = None) -> None:
+    """Raise :class:`FileExistsError` unless ``out_dir`` is absent, an empty folder, or (with
+    ``overwrite``) a folder that holds only what an earlier ``kind`` written here put there."""
     if out_dir.exists() and not out_dir.is_dir():
         raise FileExistsError(f"{out_dir} exists and is not a folder")
-    if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
+    if not out_dir.is_dir():
+        return
+    names = sorted(p.name for p in out_dir.iterdir())
+    if not names:
+        return
+    if not overwrite or kind is None:
         raise FileExistsError(f"{out_dir} already exists and is not empty; pass overwrite=True (--overwrite) to replace it")
+    foreign = [n for n in names if n not in kind.files or not (out_dir / n).is_file()]
+    if foreign:
+        raise FileExistsError(
+            f"refusing to overwrite {out_dir}: it holds files that no {PACKAGE_MARK} {kind.what} writes: {foreign}; "
+            "move them away or choose another folder"
+        )
+    if not kind.is_ours(out_dir):
+        raise FileExistsError(
+            f"refusing to overwrite {out_dir}: it was not written by {PACKAGE_MARK}'s {kind.what} ({names}); "
+            "remove it yourself or choose another folder"
+        )
 
 
-def _publish_dir(tmp: Path, out_dir: Path) -> None:
-    """Move the finished ``tmp`` folder to ``out_dir``; an existing one is swapped out first and
-    only deleted once the new folder is in place, so ``out_dir`` is always absent or complete."""
+def _apply_umask(folder: Path) -> None:
+    """Give a folder made by ``mkdtemp`` (0700) and its files the modes the umask gives new ones."""
+    dir_mode, file_mode = default_dir_mode(), default_file_mode()
+    for p in folder.rglob("*"):
+        os.chmod(p, dir_mode if p.is_dir() else file_mode)
+    os.chmod(folder, dir_mode)
+
+
+def _rename_into_place(src: Path, dst: Path) -> None:
+    """``rename(src, dst)``, failing if ``dst`` holds anything. POSIX rename checks that atomically:
+    it replaces only an empty folder, so of two writers to the same new folder exactly one wins."""
+    if os.name == "nt" and dst.is_dir() and not any(dst.iterdir()):
+        os.rmdir(dst)  # Windows renames onto nothing existing
+    try:
+        os.rename(src, dst)
+    except OSError as e:
+        if isinstance(e, FileExistsError) or e.errno in (errno.EEXIST, errno.ENOTEMPTY, errno.ENOTDIR):
+            raise FileExistsError(
+                f"{dst} was written by someone else while this export ran; it was left as it is and nothing of "
+                "this one was kept"
+            ) from None
+        raise
+
+
+def _publish_dir(tmp: Path, out_dir: Path, overwrite: bool, kind: _FolderKind | None) -> None:
+    """Move the finished ``tmp`` folder to ``out_dir``; with ``overwrite`` an existing one is first
+    renamed aside and only deleted once the new folder is in place, so ``out_dir`` is always absent
+    or complete, and a folder that appeared meanwhile is never replaced unseen."""
     _fsync_dir(tmp)
     old = None
-    if out_dir.exists():
-        if any(out_dir.iterdir()):
-            old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
-            os.rmdir(old)
-            os.replace(out_dir, old)
-        else:
-            os.rmdir(out_dir)
+    if overwrite and out_dir.is_dir() and any(out_dir.iterdir()):
+        _check_out_dir(out_dir, overwrite, kind)  # again: files may have been added meanwhile
+        old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
+        os.rmdir(old)
+        try:
+            os.rename(out_dir, old)
+        except FileNotFoundError:  # another writer moved it first
+            old = None
     try:
-        os.replace(tmp, out_dir)
+        _rename_into_place(tmp, out_dir)
     except BaseException:
-        if old is not None and not out_dir.exists():
-            os.replace(old, out_dir)
+        if old is not None:
+            if out_dir.exists():  # another writer's folder is there now; ours is superseded too
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.rename(old, out_dir)
         raise
     _fsync_dir(out_dir.parent)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def _write_folder_atomically(out_dir: Path, overwrite: bool, write) -> Path:
+def _write_folder_atomically(
+    out_dir: Path, overwrite: bool, write: Callable[[Path], None], kind: _FolderKind
+) -> Path:
     out_dir = Path(out_dir)
-    _check_out_dir(out_dir, overwrite)
+    _check_out_dir(out_dir, overwrite, kind)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     try:
         write(tmp)
-        _check_out_dir(out_dir, overwrite)  # something may have appeared meanwhile
-        _publish_dir(tmp, out_dir)
+        extra = sorted(p.name for p in tmp.iterdir() if p.name not in kind.files)
+        if extra:  # a folder holding these could not be overwritten later
+            raise RuntimeError(f"internal error: the {kind.what} wrote unexpected files {extra}")
+        _apply_umask(tmp)
+        _check_out_dir(out_dir, overwrite, kind)  # fail early if something appeared meanwhile
+        _publish_dir(tmp, out_dir, overwrite, kind)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -413,7 +499,7 @@ def export_to_saelens(
     firing_frequencies: torch.Tensor | None = None,
     architecture: str = "auto",
     dtype: str = "float32",
-    checkpoint: int | None = None,
+    checkpoint: int | str | None = None,
     extra_metadata: Mapping[str, Any] | None = None,
     overwrite: bool = False,
     verify: bool = True,
@@ -425,7 +511,8 @@ def export_to_saelens(
             dictionary_learning's BatchTopK, TopK, standard and Matryoshka trainers).
         out_dir: the SAELens folder to create. It must not exist or be empty unless
             ``overwrite``; it is written to a temporary sibling and renamed into place, so it is
-            never left half-written.
+            never left half-written, and of two exports racing to create it one fails with
+            :class:`FileExistsError`. Folder and files get the modes the umask gives new ones.
         model_name, hook_name, context_size, dataset_path, prepend_bos, hook_head_index: SAELens
             metadata. Defaults come from the config: the TransformerLens model name from
             ``lm_name``, the hook from ``submodule_name`` and the buffer's ``io``
@@ -438,9 +525,11 @@ def export_to_saelens(
             ``"matryoshka_jumprelu"`` for :class:`MatryoshkaJumpReLUSAE` (loading it then needs
             this package imported).
         dtype: weight dtype on disk (``float32`` by default; half precision is lossy).
-        checkpoint: export ``checkpoints/ae_{step}.pt`` instead of ``ae.pt``.
+        checkpoint: export ``checkpoints/ae_{step}.pt`` instead of ``ae.pt`` (``"latest"``: the
+            newest complete one, see :func:`load_dictionary`).
         extra_metadata: more metadata keys (they round-trip through SAELens).
-        overwrite: replace an existing non-empty ``out_dir`` (atomically).
+        overwrite: replace an existing ``out_dir`` that holds an earlier export of this package
+            (atomically). A folder with any other file is refused, naming those files.
         verify: load the result with stock SAELens before publishing it and compare outputs.
     """
     src = Path(checkpoint_dir)
@@ -451,7 +540,7 @@ def export_to_saelens(
         raise ValueError(f"architecture must be 'auto' or {MATRYOSHKA_ARCHITECTURE!r}, got {architecture!r}")
     if activations is not None and firing_frequencies is not None:
         raise ValueError("give activations or firing_frequencies, not both")
-    _check_out_dir(out_dir, overwrite)  # fail before any work
+    _check_out_dir(out_dir, overwrite, _EXPORT)  # fail before any work
     if src.resolve() == out_dir.resolve():
         raise ValueError("out_dir must differ from checkpoint_dir")
     if not src.is_dir():
@@ -460,11 +549,6 @@ def export_to_saelens(
     ae.eval()
     trainer_cfg: dict = config["trainer"]
     buffer_cfg: dict = config.get("buffer") or {}
-    for key, actual in (("activation_dim", ae.activation_dim), ("dict_size", ae.dict_size)):
-        if key in trainer_cfg and trainer_cfg[key] is not None and int(trainer_cfg[key]) != int(actual):
-            raise CheckpointError(
-                f"shape mismatch in {src}: config.json says {key}={trainer_cfg[key]} but the weights have {actual}"
-            )
     conv = _convert(ae, trainer_cfg)
     d_in, d_sae = conv.weights["W_enc"].shape
     arch = conv.architecture
@@ -516,8 +600,8 @@ def export_to_saelens(
         "matryoshka_widths": conv.widths,
         "k": conv.k,
         "dictionary_learning_buffer": buffer_cfg,
-        "exported_by": f"{PACKAGE_MARK} {_version()}",
         **dict(extra_metadata or {}),
+        "exported_by": f"{PACKAGE_MARK} {_version()}",  # the mark that lets overwrite=True replace it
     }
     cfg = {
         "architecture": arch,
@@ -549,7 +633,7 @@ def export_to_saelens(
         if verify:
             _verify(tmp, ae, probe, dtype)
 
-    return _write_folder_atomically(out_dir, overwrite, write)
+    return _write_folder_atomically(out_dir, overwrite, write, _EXPORT)
 
 
 def _probe_inputs(conv: _Converted, activations: torch.Tensor | None) -> torch.Tensor:
@@ -663,7 +747,8 @@ def import_from_saelens(
       ``fold_W_dec_norm()``, identical when the decoder rows have unit norm (every export here).
 
     Reconstructions are identical in both cases. With ``out_dir`` the SAE is also written as a
-    ``trainer_0``-style folder (``config.json`` + ``ae.pt``) that :func:`load_dictionary` reads.
+    ``trainer_0``-style folder (``config.json`` + ``ae.pt``) that :func:`load_dictionary` reads;
+    ``overwrite`` replaces only a folder written by an earlier import.
     """
     if isinstance(source, SAE):
         sae, origin = source, f"{type(source).__name__} object"
@@ -755,7 +840,7 @@ def _write_trainer_folder(ae: torch.nn.Module, out_dir: Path, overwrite: bool, m
         atomic_torch_save(state, tmp / "ae.pt")
         _write_json(tmp / "config.json", config)
 
-    _write_folder_atomically(out_dir, overwrite, write)
+    _write_folder_atomically(out_dir, overwrite, write, _IMPORT)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1,7 +1,9 @@
 """load_dictionary: our folders, dictionary_learning's own folders, and every broken input."""
 
 import json
+import os
 import shutil
+import stat
 
 import pytest
 import torch
@@ -10,7 +12,7 @@ from dictionary_learning.trainers.batch_top_k import BatchTopKSAE, BatchTopKTrai
 from dictionary_learning.training import trainSAE
 
 from matryoshka_plugin import CheckpointError, MatryoshkaBatchTopKTrainer, MatryoshkaLogSparsityTrainer, load_dictionary
-from matryoshka_plugin.checkpoints import atomic_torch_save, register_dictionary_class
+from matryoshka_plugin.checkpoints import DICTIONARY_CLASSES, atomic_torch_save, register_dictionary_class
 
 
 @pytest.fixture(scope="module")
@@ -94,14 +96,90 @@ def test_unknown_dict_class_and_shape_mismatch(runs, tmp_path):
         load_dictionary(folder)
 
 
-def test_registry():
-    def loader(path, cfg, device):
-        return torch.nn.Identity()
+def test_registered_loader_is_used(tmp_path):
+    calls = []
 
-    register_dictionary_class("IdentitySAE", loader)
-    register_dictionary_class("IdentitySAE", loader)  # twice is harmless
-    with pytest.raises(ValueError, match="already registered"):
-        register_dictionary_class("IdentitySAE", lambda p, c, d: None)
+    def loader(path, cfg, device):
+        calls.append((path, cfg["marker"], device))
+        return torch.nn.Linear(3, 5)
+
+    folder = tmp_path / "trainer_0"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"trainer": {"dict_class": "IdentitySAE", "marker": 7}}))
+    try:
+        register_dictionary_class("IdentitySAE", loader)
+        register_dictionary_class("IdentitySAE", loader)  # twice is harmless
+        with pytest.raises(ValueError, match="already registered"):
+            register_dictionary_class("IdentitySAE", lambda p, c, d: None)
+        ae, cfg = load_dictionary(folder, device="cpu")
+        assert type(ae) is torch.nn.Linear and cfg["trainer"]["marker"] == 7
+        assert calls == [(folder / "ae.pt", 7, "cpu")]
+        load_dictionary(folder, checkpoint=12)
+        assert calls[-1][0] == folder / "checkpoints" / "ae_12.pt"
+    finally:
+        DICTIONARY_CLASSES.pop("IdentitySAE", None)  # leave the global registry as it was
+    with pytest.raises(CheckpointError, match="unknown dict_class 'IdentitySAE'"):
+        load_dictionary(folder)
+
+
+@pytest.mark.parametrize("i", [0, 1, 2])
+@pytest.mark.parametrize("key, value, actual", [("activation_dim", 32, 24), ("dict_size", 64, 48)])
+def test_config_disagreeing_with_weights_is_rejected_at_load(runs, tmp_path, i, key, value, actual):
+    folder = copy_run(runs, tmp_path, i)
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg["trainer"][key] = value
+    (folder / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match=f"config.json says {key}={value} but the weights have {actual}"):
+        load_dictionary(folder)
+
+
+def test_latest_complete_checkpoint(runs, tmp_path):
+    folder = copy_run(runs, tmp_path, 0)
+    ckpts = folder / "checkpoints"
+    ae3, _ = load_dictionary(folder, checkpoint=3)
+    latest, _ = load_dictionary(folder, checkpoint="latest")  # only ae_3.pt so far
+    assert torch.equal(latest.W_dec, ae3.W_dec)
+    # a newer complete one wins (10 > 3 although "ae_10" < "ae_3" as text); other names are ignored
+    shutil.copy(folder / "ae.pt", ckpts / "ae_10.pt")
+    (ckpts / "ae_final.pt").write_bytes(b"junk")
+    final, _ = load_dictionary(folder)
+    latest, _ = load_dictionary(folder, checkpoint="latest")
+    assert torch.equal(latest.W_dec, final.W_dec) and not torch.equal(final.W_dec, ae3.W_dec)
+    # killed while writing step 10: skipped with a warning naming it, step 3 is loaded
+    data = (ckpts / "ae_10.pt").read_bytes()
+    (ckpts / "ae_10.pt").write_bytes(data[: len(data) // 2])
+    with pytest.warns(UserWarning, match=r"skipping .*ae_10\.pt: truncated"):
+        latest, _ = load_dictionary(folder, checkpoint="latest")
+    assert torch.equal(latest.W_dec, ae3.W_dec)
+    with pytest.raises(CheckpointError, match="truncated or corrupt"):
+        load_dictionary(folder, checkpoint=10)  # an explicit step is never replaced by another
+    data = (ckpts / "ae_3.pt").read_bytes()
+    (ckpts / "ae_3.pt").write_bytes(data[:100])
+    with pytest.warns(UserWarning) as caught, pytest.raises(
+            CheckpointError, match=r"every checkpoint .* truncated or corrupt: \['ae_10.pt', 'ae_3.pt'\]"):
+        load_dictionary(folder, checkpoint="latest")
+    assert [str(w.message).split(":")[0] for w in caught] == [f"skipping {ckpts / 'ae_10.pt'}", f"skipping {ckpts / 'ae_3.pt'}"]
+    assert all(w.filename == __file__ for w in caught)  # reported at the caller's line
+    shutil.rmtree(ckpts)
+    with pytest.raises(CheckpointError, match="no checkpoints"):
+        load_dictionary(folder, checkpoint="latest")
+    with pytest.raises(CheckpointError, match="'newest'"):
+        load_dictionary(folder, checkpoint="newest")
+
+
+def test_latest_checkpoint_is_only_for_this_packages_classes(runs):
+    with pytest.raises(CheckpointError, match="only supported for this package"):
+        load_dictionary(runs / "trainer_2", checkpoint="latest")
+
+
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)])
+def test_atomic_save_follows_the_umask(tmp_path, umask, mode):
+    old = os.umask(umask)
+    try:
+        atomic_torch_save({"a": torch.ones(3)}, tmp_path / "ae.pt")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "ae.pt").stat().st_mode) == mode
 
 
 def test_atomic_save_keeps_old_file_when_interrupted(tmp_path, monkeypatch):

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -17,6 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.gemma2_2b_l12 import DEFAULT_CONFIG, ConfigError, load_config, prepare, run_benchmark  # noqa: E402
 from benchmarks.gemma2_2b_l12.__main__ import main as cli  # noqa: E402
+from benchmarks.gemma2_2b_l12.report import METRIC_LABELS, PAPER_REFERENCE  # noqa: E402
 
 TINY = DEFAULT_CONFIG.with_name("tiny.toml")
 
@@ -190,10 +192,25 @@ def test_end_to_end_on_a_tiny_model(tmp_path):
 
     # The comparison table lists both SAEs with their metrics; one plot per metric.
     md = (run_dir / "report" / "comparison.md").read_text()
-    assert all(f"| {n} |" in md for n in names) and "variance explained 0.70 (Matryoshka) vs 0.72" in md
     with open(run_dir / "report" / "comparison.csv") as f:
         rows = {r["name"]: r for r in csv.DictReader(f)}
     assert set(rows) == set(names)
+    # The markdown table shows the measured values of the CSV (rounded for display).
+    lines = [line for line in md.splitlines() if line.startswith("| ")]
+    cells = [[c.strip() for c in line.strip().strip("|").split("|")] for line in lines]
+    table = {row[0]: dict(zip(cells[0], row)) for row in cells[1:]}
+    assert set(table) == set(names)
+    for name in names:
+        for col in ("l0", "explained_variance"):
+            value = float(rows[name][col])
+            assert float(table[name][METRIC_LABELS[col][0]]) == pytest.approx(value, abs=0.051 if abs(value) >= 100 else 6e-4)
+    # and the paper's reference figures are those of PAPER_REFERENCE
+    ref = re.search(r"L0 (\d+)\): variance explained (\d+\.\d+) \(Matryoshka\) vs (\d+\.\d+) \(BatchTopK\); "
+                    r"absorption (\d+\.\d+) vs (\d+\.\d+)", md)
+    assert ref is not None, md
+    ev, ab = PAPER_REFERENCE["explained_variance"], PAPER_REFERENCE["absorption"]
+    assert [float(v) for v in ref.groups()] == [PAPER_REFERENCE["l0"], ev["matryoshka"], ev["batchtopk"],
+                                                ab["matryoshka"], ab["batchtopk"]]
     assert (rows["matryoshka_256_k16"]["architecture"], rows["batchtopk_256_k16"]["architecture"]) == (
         "matryoshka", "batchtopk")
     for r in rows.values():

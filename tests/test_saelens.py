@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -82,7 +84,6 @@ ARCHS = {
 }
 NAMES = list(ARCHS)
 TRAINING_ARCH = {"upstream_matryoshka": "matryoshka_batchtopk"}
-ERRORS: dict[str, dict] = {}
 
 
 @pytest.fixture(scope="module")
@@ -217,7 +218,6 @@ def test_stock_saelens_matches_in_fresh_process(name, runs, fresh, x):
     l0 = (f != 0).sum(-1)
     assert torch.equal(results[f"{name}.l0"], l0)
     assert torch.equal(results[f"{name}.encode"] != 0, f != 0)  # the same latents fire
-    ERRORS[name] = {"max_rel_err": max(errs.values()), "l0": float(l0.float().mean())}
     print(f"\n{name}: max relative error {max(errs.values()):.2e}, mean L0 {float(l0.float().mean()):.3f} (equal)")
     arch = ARCHS[name][1]
     assert cfgs[name]["class"] == {"jumprelu": "JumpReLUSAE", "standard": "StandardSAE", "topk": "TopKSAE"}[arch]
@@ -463,6 +463,128 @@ def test_existing_output_folder(runs, exported, tmp_path):
     (tmp_path / "file").write_text("x")
     with pytest.raises(FileExistsError, match="not a folder"):
         export_to_saelens(src, tmp_path / "file", overwrite=True)
+
+
+def test_overwrite_replaces_only_an_export(runs, tmp_path):
+    src = runs["batchtopk"]
+    out = export_to_saelens(src, tmp_path / "out", model_name="first")
+    (out / "notes.txt").write_text("my notes")
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    with pytest.raises(FileExistsError, match=r"refusing to overwrite .*\['notes.txt'\]"):
+        export_to_saelens(src, out, overwrite=True)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # nothing deleted
+    (out / "notes.txt").unlink()
+    (out / "runs").mkdir()  # a folder is foreign too, even one named like nothing we write
+    with pytest.raises(FileExistsError, match=r"\['runs'\]"):
+        export_to_saelens(src, out, overwrite=True)
+    (out / "runs").rmdir()
+    export_to_saelens(src, out, model_name="second", overwrite=True)
+    assert json.loads((out / "cfg.json").read_text())["metadata"]["model_name"] == "second"
+    # A SAELens folder this package did not write (same file names, no export mark) is kept.
+    cfg = json.loads((out / "cfg.json").read_text())
+    del cfg["metadata"]["exported_by"]
+    (out / "cfg.json").write_text(json.dumps(cfg))
+    with pytest.raises(FileExistsError, match="not written by matryoshka_plugin's SAELens export"):
+        export_to_saelens(src, out, overwrite=True)
+    # extra_metadata cannot replace the mark
+    marked = export_to_saelens(src, tmp_path / "marked", extra_metadata={"exported_by": "someone else"})
+    assert json.loads((marked / "cfg.json").read_text())["metadata"]["exported_by"].startswith("matryoshka_plugin ")
+    export_to_saelens(src, marked, overwrite=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["marked", "out"]  # no temporary leftovers
+
+
+def test_overwrite_of_an_import_folder(runs, exported, tmp_path):
+    imported = tmp_path / "imported"
+    import_from_saelens(exported["batchtopk"], out_dir=imported)
+    import_from_saelens(exported["batchtopk"], out_dir=imported, k=7, overwrite=True)
+    assert load_dictionary(imported)[1]["trainer"]["k"] == 7
+    # neither a trainSAE folder (checkpoints/ is foreign) nor an export is replaced by an import
+    trainer = copy_run(runs["matryoshka_batchtopk"], tmp_path / "trainer_0")
+    with pytest.raises(FileExistsError, match=r"\['checkpoints'\]"):
+        import_from_saelens(exported["batchtopk"], out_dir=trainer, overwrite=True)
+    with pytest.raises(FileExistsError, match=r"no matryoshka_plugin import writes: \['cfg.json'"):
+        import_from_saelens(exported["batchtopk"], out_dir=exported["topk"], overwrite=True)
+    assert load_dictionary(trainer)[1]["trainer"]["dict_class"] == "MatryoshkaBatchTopKSAE"
+    SAE.load_from_disk(exported["topk"])
+
+
+RACE_SCRIPT = textwrap.dedent(
+    """
+    import json, sys, time
+    from pathlib import Path
+    import torch
+    torch.set_num_threads(1)
+    import matryoshka_plugin.saelens as mod
+
+    src, out, me, other, name = sys.argv[1:]
+    publish = mod._publish_dir
+
+    def at_the_same_time(*args, **kwargs):
+        # Both exports are written and checked; publish them together (a file barrier).
+        Path(me).touch()
+        deadline = time.time() + 120
+        while not Path(other).exists():
+            if time.time() > deadline:
+                raise TimeoutError("the other export never got here")
+            time.sleep(0.01)
+        return publish(*args, **kwargs)
+
+    mod._publish_dir = at_the_same_time
+    try:
+        mod.export_to_saelens(src, out, model_name=name)
+    except Exception as e:
+        print(json.dumps([type(e).__name__, str(e)]))
+    else:
+        print(json.dumps(["ok", name]))
+    """
+)
+
+
+@pytest.mark.slow  # two fresh processes import torch and SAELens
+def test_concurrent_exports_into_one_new_folder(runs, tmp_path):
+    """Two processes export into the same new folder and publish at the same moment: exactly one
+    succeeds, the other raises FileExistsError, and the folder holds the winner's complete export."""
+    out = tmp_path / "shared" / "out"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(matryoshka_plugin.__file__).parents[1]),
+                                                       os.environ.get("PYTHONPATH", "")])}
+    procs = [
+        subprocess.Popen([sys.executable, "-c", RACE_SCRIPT, str(runs["batchtopk"]), str(out),
+                          str(tmp_path / f"ready_{i}"), str(tmp_path / f"ready_{1 - i}"), f"writer_{i}"],
+                         env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for i in range(2)
+    ]
+    results = []
+    for p in procs:
+        stdout, stderr = p.communicate(timeout=300)
+        assert p.returncode == 0, stderr[-3000:]
+        results.append(json.loads(stdout.strip().splitlines()[-1]))
+    winners = [r[1] for r in results if r[0] == "ok"]
+    losers = [r for r in results if r[0] != "ok"]
+    assert len(winners) == 1 and len(losers) == 1, results
+    assert losers[0][0] == "FileExistsError" and "written by someone else" in losers[0][1]
+    assert json.loads((out / "cfg.json").read_text())["metadata"]["model_name"] == winners[0]
+    assert sorted(p.name for p in out.iterdir()) == ["cfg.json", "sae_weights.safetensors"]
+    assert [p.name for p in out.parent.iterdir()] == ["out"]  # the loser's temporary folder is gone
+    with torch.no_grad():
+        x = torch.randn(8, D)
+        assert rel_err(SAE.load_from_disk(out)(x), original(runs, "batchtopk")(x)) <= TOL
+
+
+@pytest.mark.parametrize("umask, dir_mode, file_mode", [(0o022, 0o755, 0o644), (0o077, 0o700, 0o600),
+                                                         (0o002, 0o775, 0o664)])
+def test_written_folders_follow_the_umask(runs, exported, x, tmp_path, umask, dir_mode, file_mode):
+    old = os.umask(umask)
+    try:
+        out = export_to_saelens(runs["matryoshka_batchtopk"], tmp_path / "out", activations=x)
+        export_to_saelens(runs["matryoshka_batchtopk"], out, overwrite=True, activations=x)
+        imported = tmp_path / "imported"
+        import_from_saelens(exported["batchtopk"], out_dir=imported)
+    finally:
+        os.umask(old)
+    for folder, files in ((out, 3), (imported, 2)):
+        assert stat.S_IMODE(folder.stat().st_mode) == dir_mode, folder
+        modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in folder.iterdir()}
+        assert len(modes) == files and set(modes.values()) == {file_mode}, modes
 
 
 def test_interrupted_export_leaves_nothing_half_written(runs, tmp_path, monkeypatch):

@@ -30,12 +30,34 @@ def test_selection_with_fewer_positive_values_than_count():
     assert got.numel() == 4096 and {3 * 1024 + 5, 9 * 1024 + 1} <= set(got.tolist())
 
 
-def test_selection_adversarial_structure_falls_back_exactly():
-    # a few rows hold all the large values: the random sample may miss them
-    scores = torch.rand(2048, 512) * 1e-3
-    scores[:4] += 10 + torch.rand(4, 512)
-    got = batch_topk_select(scores, 1500)
-    assert set((got // 512).unique().tolist()) <= {0, 1, 2, 3}
+@pytest.mark.parametrize("structure, falls_back", [("tied_plateau", True), ("few_rows", False)])
+def test_selection_adversarial_structure_falls_back_exactly(structure, falls_back, monkeypatch):
+    g = torch.Generator().manual_seed(0)
+    scores = torch.rand(2048, 512, generator=g) * 1e-3  # 2**20 entries: large enough to sample
+    if structure == "tied_plateau":
+        # 4096 equal values on top (rows 0, 256, ...): the sampled cut-off lands on them, nothing lies strictly above
+        # it, and the full torch.topk has to run
+        scores[::256] = 1.0
+    else:
+        # a few rows hold all the large values: the sample sees few of them, the cut-off is low
+        scores[:4] += 10 + torch.rand(4, 512, generator=g)
+    count = 1500
+    sizes = []
+    real_topk = torch.topk
+
+    def recording_topk(t, k, *args, **kwargs):
+        sizes.append(t.numel())
+        return real_topk(t, k, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "topk", recording_topk)
+    got = batch_topk_select(scores, count)
+    monkeypatch.undo()
+    assert (scores.numel() in sizes) is falls_back  # the full-size top-k ran only on the fallback
+    want = torch.topk(scores.flatten(), count).values  # descending
+    assert got.numel() == count and torch.all(got[1:] > got[:-1])
+    assert torch.equal(torch.sort(scores.flatten()[got], descending=True).values, want)
+    if structure == "few_rows":
+        assert set((got // 512).unique().tolist()) == {0, 1, 2, 3}
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
