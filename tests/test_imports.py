@@ -58,3 +58,14 @@ def test_cli_help_does_not_import_the_libraries():
         print(json.dumps({{"loaded": [m for m in {HEAVY!r} if m in sys.modules]}}))
     """)
     assert got["loaded"] == []
+
+
+def test_importing_the_adapter_first_registers_once():
+    """The adapter imports SAELens itself: the hook must not re-enter the half-imported adapter."""
+    got = run("""
+        import json
+        from matryoshka_plugin.saelens import MatryoshkaJumpReLUSAE
+        from sae_lens.registry import SAE_CLASS_REGISTRY
+        print(json.dumps({"same": SAE_CLASS_REGISTRY["matryoshka_jumprelu"][0] is MatryoshkaJumpReLUSAE}))
+    """)
+    assert got == {"same": True}
