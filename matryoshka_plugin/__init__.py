@@ -68,7 +68,11 @@ def __dir__() -> list[str]:
 
 
 def _register_saelens() -> None:
-    importlib.import_module(".saelens", __name__).register_saelens_architecture()
+    module = importlib.import_module(".saelens.architecture", __name__)
+    register = getattr(module, "register_saelens_architecture", None)
+    # None: that module is being imported right now (it imported SAELens) and registers at its end.
+    if register is not None:
+        register()
 
 
 when_imported("sae_lens", _register_saelens)
