@@ -16,7 +16,6 @@ imported, so ``SAE.load_from_disk`` always finds it.
 from __future__ import annotations
 
 import importlib
-import sys
 from typing import TYPE_CHECKING, Any
 
 from .import_hooks import when_imported
@@ -69,11 +68,11 @@ def __dir__() -> list[str]:
 
 
 def _register_saelens() -> None:
-    # The adapter registers the architecture when its import completes. If it is being imported
-    # right now (it imports SAELens, which is what fired this hook), that import finishes the job.
-    name = f"{__name__}.saelens"
-    if name not in sys.modules:
-        importlib.import_module(name)
+    module = importlib.import_module(".saelens.architecture", __name__)
+    register = getattr(module, "register_saelens_architecture", None)
+    # None: that module is being imported right now (it imported SAELens) and registers at its end.
+    if register is not None:
+        register()
 
 
 when_imported("sae_lens", _register_saelens)

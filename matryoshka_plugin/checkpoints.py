@@ -1,101 +1,49 @@
-"""Reading ``trainSAE`` output folders: ``load_dictionary`` and the dictionary-class registry.
+"""Reading ``trainSAE`` output folders: ``load_dictionary`` and ``register_dictionary_class``.
 
 A ``trainer_i`` folder written by dictionary_learning's ``trainSAE`` holds ``config.json``
 (``{"trainer": trainer.config, "buffer": ...}``), the final ``ae.pt`` and optionally
-``checkpoints/ae_{step}.pt``. Our trainers mark their config with ``"package":
-"matryoshka_plugin"``; every other folder is handed to dictionary_learning's own loader.
+``checkpoints/ae_{step}.pt``. Its ``dict_class`` is looked up in :mod:`~matryoshka_plugin.registry`:
+this package's classes (their configs carry ``"package": "matryoshka_plugin"``) and registered
+ones load with their own loader, dictionary_learning's classes with dictionary_learning's loader.
 """
 
 from __future__ import annotations
 
-import json
 import operator
-import os
 import re
-import tempfile
 import warnings
 import zipfile
-from contextlib import contextmanager
 from pathlib import Path
-from typing import IO, Any, Callable, Iterable, Iterator
+from typing import Any, Callable
 
 import torch
 
 from .errors import CheckpointError
-from .sae import MatryoshkaBatchTopKSAE, MatryoshkaLogSparsitySAE
+from .io import read_json, read_state_dict
+from .registry import Architecture, architecture_for, architectures, register_architecture
 
 __all__ = [
     "load_dictionary",
     "register_dictionary_class",
-    "DICTIONARY_CLASSES",
-    "read_state_dict",
     "read_config",
-    "atomic_open",
-    "atomic_torch_save",
-    "atomic_write_json",
-    "default_file_mode",
-    "default_dir_mode",
     "CheckpointError",
 ]
 
-PACKAGE_MARK = "matryoshka_plugin"
-
-# dict_class name -> loader(weights_path, trainer_config, device) -> nn.Module
-DICTIONARY_CLASSES: dict[str, Callable[[Path, dict, Any], torch.nn.Module]] = {}
-
 
 def register_dictionary_class(name: str, loader: Callable[[Path, dict, Any], torch.nn.Module]) -> None:
-    """Register how to load folders whose ``config["trainer"]["dict_class"] == name``.
+    """Register how to load folders whose ``config["trainer"]["dict_class"] == name``: an
+    :class:`~matryoshka_plugin.registry.Architecture` labelled ``name`` with this loader and no
+    SAELens converter (register an ``Architecture`` yourself to add one).
 
     Registering the same loader twice is harmless; a different loader for a taken name raises.
     """
-    old = DICTIONARY_CLASSES.get(name)
-    if old is not None and old is not loader:
-        raise ValueError(f"dictionary class {name!r} is already registered")
-    DICTIONARY_CLASSES[name] = loader
-
-
-def _load_batch_topk(path: Path, cfg: dict, device) -> torch.nn.Module:
-    return MatryoshkaBatchTopKSAE.from_pretrained(path, k=cfg.get("k"), device=device)
-
-
-def _load_log_sparsity(path: Path, cfg: dict, device) -> torch.nn.Module:
-    return MatryoshkaLogSparsitySAE.from_pretrained(path, device=device)
-
-
-register_dictionary_class("MatryoshkaBatchTopKSAE", _load_batch_topk)
-register_dictionary_class("MatryoshkaLogSparsitySAE", _load_log_sparsity)
-
-
-def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """Read a state dict saved with ``torch.save``; raises :class:`CheckpointError` if unusable."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"missing weights file: {path}")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - torch raises many types for bad files
-        raise CheckpointError(f"{path} is not a readable torch checkpoint (truncated or corrupt?): {e}") from None
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise CheckpointError(f"{path} does not hold a state dict of tensors")
-    return state
-
-
-def check_keys(state: dict, required: Iterable[str], path: str | Path) -> None:
-    missing = [k for k in required if k not in state]
-    if missing:
-        raise CheckpointError(f"{path} lacks {missing}; it holds {sorted(state)}")
+    register_architecture(Architecture(name, name, load=loader))
 
 
 def read_config(folder: str | Path) -> dict:
     """Read ``config.json`` of a ``trainer_i`` folder."""
     path = Path(folder) / "config.json"
-    if not path.is_file():
-        raise CheckpointError(f"missing config file: {path}")
-    try:
-        config = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{path} is not valid JSON (truncated or corrupt?): {e}") from None
+    config = read_json(path, "config file")
     if not isinstance(config, dict) or not isinstance(config.get("trainer"), dict):
         raise CheckpointError(f"{path} has no 'trainer' section; is it a trainSAE output folder?")
     if "dict_class" not in config["trainer"]:
@@ -125,16 +73,16 @@ def load_dictionary(
     config = read_config(folder)
     trainer_cfg = config["trainer"]
     dict_class = trainer_cfg["dict_class"]
-    ours = trainer_cfg.get("package") == PACKAGE_MARK or dict_class not in _UPSTREAM_CLASSES
-    if not ours and checkpoint is not None:
+    arch = architecture_for(trainer_cfg)
+    upstream = arch is not None and arch.upstream
+    if upstream and checkpoint is not None:
         raise CheckpointError("checkpoint= is only supported for this package's SAE classes")
     weights = _weights_path(folder, checkpoint)
-    if ours:
-        loader = DICTIONARY_CLASSES.get(dict_class)
-        if loader is None:
-            known = sorted(set(DICTIONARY_CLASSES) | _UPSTREAM_CLASSES)
+    if not upstream:
+        if arch is None or arch.load is None:
+            known = sorted({a.dict_class for a in architectures()})
             raise CheckpointError(f"unknown dict_class {dict_class!r} in {folder}/config.json; known: {known}")
-        ae = loader(weights, trainer_cfg, device)
+        ae = arch.load(weights, trainer_cfg, device)
     else:
         from dictionary_learning.utils import load_dictionary as upstream_load
 
@@ -208,70 +156,3 @@ def _is_complete(path: Path) -> bool:
     except CheckpointError:
         return False
     return True
-
-
-_UPSTREAM_CLASSES = {
-    "AutoEncoder",
-    "GatedAutoEncoder",
-    "AutoEncoderNew",
-    "AutoEncoderTopK",
-    "BatchTopKSAE",
-    "MatryoshkaBatchTopKSAE",
-    "JumpReluAutoEncoder",
-}
-
-
-@contextmanager
-def atomic_open(path: str | Path, mode: str = "w", **kwargs: Any) -> Iterator[IO[Any]]:
-    """``open`` a temporary file beside ``path``; on success flush it to disk and rename it
-    over ``path``, on any error (or interrupt) delete it. Readers see the old file or the
-    complete new one, never a truncated one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.chmod(tmp, default_file_mode())  # mkstemp makes 0600; a new file follows the umask
-        with os.fdopen(fd, mode, **kwargs) as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def atomic_torch_save(obj: Any, path: str | Path) -> None:
-    """``torch.save`` through :func:`atomic_open`."""
-    with atomic_open(path, "wb") as f:
-        torch.save(obj, f)
-
-
-def atomic_write_json(obj: Any, path: str | Path, *, indent: int = 2, default: Callable[[Any], Any] | None = None) -> None:
-    """``json.dump`` through :func:`atomic_open`."""
-    with atomic_open(path) as f:
-        json.dump(obj, f, indent=indent, default=default)
-
-
-def _umask() -> int:
-    try:  # Linux: read it without changing it (os.umask is process-wide, so not thread-safe)
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("Umask:"):
-                    return int(line.split()[1], 8)
-    except (OSError, ValueError, IndexError):
-        pass
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-def default_file_mode() -> int:
-    """The mode ``open`` gives a new file under the current umask (``0o644`` for umask 022)."""
-    return 0o666 & ~_umask()
-
-
-def default_dir_mode() -> int:
-    """The mode ``mkdir`` gives a new folder under the current umask (``0o755`` for umask 022)."""
-    return 0o777 & ~_umask()

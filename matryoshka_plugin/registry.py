@@ -39,7 +39,7 @@ PACKAGE_MARK = "matryoshka_plugin"
 Loader = Callable[[Path, Mapping[str, Any], Any], torch.nn.Module]
 """``(weights_path, trainer_config, device) -> module``."""
 Converter = Callable[[torch.nn.Module, Mapping[str, Any]], Any]
-"""``(module, trainer_config) -> SAELensWeights`` (see ``matryoshka_plugin.saelens``)."""
+"""``(module, trainer_config) -> SAELensWeights`` (see ``matryoshka_plugin.saelens.convert``)."""
 
 
 def decoder_rows(sae: torch.nn.Module) -> torch.Tensor:

@@ -16,16 +16,23 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 import torch.nn as nn
 from dictionary_learning.dictionary import Dictionary
 
+from .errors import CheckpointError
+from .io import check_keys, read_state_dict
 from .sparse_encoder import batch_topk_select, encoder_entries
 from .sparse_latents import SparseLatents, sparse_decode, sparse_from_flat
 
-__all__ = ["MatryoshkaBatchTopKSAE", "MatryoshkaLogSparsitySAE"]
+__all__ = [
+    "MatryoshkaBatchTopKSAE",
+    "MatryoshkaLogSparsitySAE",
+    "load_matryoshka_batch_topk",
+    "load_matryoshka_log_sparsity",
+]
 
 
 def _tokens(x: torch.Tensor, d: int) -> torch.Tensor:
@@ -58,8 +65,6 @@ class _SAEBase(Dictionary, nn.Module):
 
     @classmethod
     def _read_state_dict(cls, path: str | Path) -> dict[str, torch.Tensor]:
-        from .checkpoints import read_state_dict
-
         return read_state_dict(_resolve_weights_path(path))
 
 
@@ -166,8 +171,6 @@ class MatryoshkaBatchTopKSAE(_SAEBase):
         cls, path: str | Path, k: int | None = None, device: str | torch.device | None = None, **kwargs
     ) -> "MatryoshkaBatchTopKSAE":
         """Load from an ``ae.pt`` file (or a folder holding one)."""
-        from .checkpoints import CheckpointError, check_keys
-
         state = cls._read_state_dict(path)
         check_keys(state, ["W_enc", "b_enc", "W_dec", "b_dec", "k", "threshold", "group_sizes"], path)
         d, n = state["W_enc"].shape
@@ -264,8 +267,6 @@ class MatryoshkaLogSparsitySAE(_SAEBase):
         cls, path: str | Path, device: str | torch.device | None = None, **kwargs
     ) -> "MatryoshkaLogSparsitySAE":
         """Load from an ``ae.pt`` file (or a folder holding one)."""
-        from .checkpoints import CheckpointError, check_keys
-
         state = cls._read_state_dict(path)
         check_keys(state, ["W_enc", "b_enc", "W_dec", "b_dec", "input_norm"], path)
         d, n = state["W_enc"].shape
@@ -275,3 +276,17 @@ class MatryoshkaLogSparsitySAE(_SAEBase):
         except RuntimeError as e:
             raise CheckpointError(f"{path} does not hold a valid {cls.__name__}: {e}") from None
         return sae.to(device) if device is not None else sae
+
+
+def load_matryoshka_batch_topk(
+    weights_path: Path, trainer_cfg: Mapping[str, Any], device: str | torch.device | None
+) -> MatryoshkaBatchTopKSAE:
+    """The registry's loader for ``MatryoshkaBatchTopKSAE`` folders: ``k`` must match the config's."""
+    return MatryoshkaBatchTopKSAE.from_pretrained(weights_path, k=trainer_cfg.get("k"), device=device)
+
+
+def load_matryoshka_log_sparsity(
+    weights_path: Path, trainer_cfg: Mapping[str, Any], device: str | torch.device | None
+) -> MatryoshkaLogSparsitySAE:
+    """The registry's loader for ``MatryoshkaLogSparsitySAE`` folders."""
+    return MatryoshkaLogSparsitySAE.from_pretrained(weights_path, device=device)

@@ -12,7 +12,9 @@ from dictionary_learning.trainers.batch_top_k import BatchTopKSAE, BatchTopKTrai
 from dictionary_learning.training import trainSAE
 
 from matryoshka_plugin import CheckpointError, MatryoshkaBatchTopKTrainer, MatryoshkaLogSparsityTrainer, load_dictionary
-from matryoshka_plugin.checkpoints import DICTIONARY_CLASSES, atomic_torch_save, register_dictionary_class
+from matryoshka_plugin.checkpoints import register_dictionary_class
+from matryoshka_plugin.io import atomic_torch_save
+from matryoshka_plugin.registry import unregister_architecture
 
 
 @pytest.fixture(scope="module")
@@ -117,7 +119,7 @@ def test_registered_loader_is_used(tmp_path):
         load_dictionary(folder, checkpoint=12)
         assert calls[-1][0] == folder / "checkpoints" / "ae_12.pt"
     finally:
-        DICTIONARY_CLASSES.pop("IdentitySAE", None)  # leave the global registry as it was
+        unregister_architecture("IdentitySAE")  # leave the global registry as it was
     with pytest.raises(CheckpointError, match="unknown dict_class 'IdentitySAE'"):
         load_dictionary(folder)
 

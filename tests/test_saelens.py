@@ -514,10 +514,11 @@ RACE_SCRIPT = textwrap.dedent(
     from pathlib import Path
     import torch
     torch.set_num_threads(1)
-    import matryoshka_plugin.saelens as mod
+    import matryoshka_plugin.io as io
+    from matryoshka_plugin.saelens import export_to_saelens
 
     src, out, me, other, name = sys.argv[1:]
-    publish = mod._publish_dir
+    publish = io.publish_folder
 
     def at_the_same_time(*args, **kwargs):
         # Both exports are written and checked; publish them together (a file barrier).
@@ -529,9 +530,9 @@ RACE_SCRIPT = textwrap.dedent(
             time.sleep(0.01)
         return publish(*args, **kwargs)
 
-    mod._publish_dir = at_the_same_time
+    io.publish_folder = at_the_same_time
     try:
-        mod.export_to_saelens(src, out, model_name=name)
+        export_to_saelens(src, out, model_name=name)
     except Exception as e:
         print(json.dumps([type(e).__name__, str(e)]))
     else:
@@ -588,7 +589,7 @@ def test_written_folders_follow_the_umask(runs, exported, x, tmp_path, umask, di
 
 
 def test_interrupted_export_leaves_nothing_half_written(runs, tmp_path, monkeypatch):
-    import matryoshka_plugin.saelens as mod
+    import matryoshka_plugin.io as mod
 
     src = runs["matryoshka_batchtopk"]
     good = export_to_saelens(src, tmp_path / "good")
@@ -615,6 +616,20 @@ def test_interrupted_export_leaves_nothing_half_written(runs, tmp_path, monkeypa
 # ---------------------------------------------------------------------------------------------
 # The registered Matryoshka architecture
 # ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow  # a fresh process imports SAELens
+def test_importing_the_saelens_module_first_registers_the_architecture():
+    """Importing the SAELens modules imports SAELens, whose post-import hook registers the
+    architecture while that module is still being imported: it must not fail on the half-built
+    module, and the architecture is registered once the import returns."""
+    code = """import json\nimport matryoshka_plugin.saelens\nfrom sae_lens.registry import SAE_CLASS_REGISTRY
+print(json.dumps(SAE_CLASS_REGISTRY["matryoshka_jumprelu"][0].__qualname__))"""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(matryoshka_plugin.__file__).parents[1]),
+                                                       os.environ.get("PYTHONPATH", "")])}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert json.loads(out.stdout.strip().splitlines()[-1]) == "MatryoshkaJumpReLUSAE"
 
 
 def test_registration_is_idempotent():

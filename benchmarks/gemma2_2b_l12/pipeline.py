@@ -77,7 +77,7 @@ class BenchmarkResult:
 
 
 def _json_dump_atomic(path: Path, obj: Any) -> None:
-    from matryoshka_plugin.checkpoints import atomic_write_json  # lazy, like the other package imports here
+    from matryoshka_plugin.io import atomic_write_json  # lazy, like the other package imports here
 
     atomic_write_json(obj, path, default=str)
 

@@ -110,7 +110,7 @@ def _plot(rows: list[dict[str, Any]], metric: str, path: Path, title: str) -> No
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from matryoshka_plugin.checkpoints import atomic_open
+    from matryoshka_plugin.io import atomic_open
 
     series: dict[tuple[str, Any], list[tuple[float, float]]] = {}
     for r in rows:
@@ -149,7 +149,7 @@ def _plot(rows: list[dict[str, Any]], metric: str, path: Path, title: str) -> No
 
 def write_report(plan: Any, specs: Sequence[Any]) -> tuple[list[dict[str, Any]], list[Path]]:
     """Write ``comparison.md``, ``comparison.csv`` and one ``<metric>_vs_l0.png`` per metric."""
-    from matryoshka_plugin.checkpoints import atomic_open
+    from matryoshka_plugin.io import atomic_open
     from matryoshka_plugin.saebench import HEADLINE_METRICS
 
     out = Path(plan.report_dir)

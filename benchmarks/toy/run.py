@@ -116,7 +116,7 @@ def _worker_init() -> None:
 
 
 def _run_one(job: tuple[SetupConfig, str, int | None, int, str, dict]) -> tuple[str, float, int]:
-    from matryoshka_plugin.checkpoints import atomic_write_json
+    from matryoshka_plugin.io import atomic_write_json
 
     from .train import train_and_evaluate
 
@@ -135,7 +135,7 @@ def remeasure(out: Path, jobs) -> None:
     """Recompute the metrics of cached runs from their stored SAEs (training is untouched)."""
     from tqdm.auto import tqdm
 
-    from matryoshka_plugin.checkpoints import atomic_write_json
+    from matryoshka_plugin.io import atomic_write_json
 
     from .train import build_toy, load_sae, measure
 

@@ -14,7 +14,8 @@ from typing import Any
 
 import torch
 
-from matryoshka_plugin.checkpoints import atomic_torch_save, atomic_write_json, load_dictionary
+from matryoshka_plugin.checkpoints import load_dictionary
+from matryoshka_plugin.io import atomic_torch_save, atomic_write_json
 from matryoshka_plugin.toy import (
     SyntheticHierarchyToy,
     ToyModel,

@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import hashlib
-import json
 import os
 import re
 from dataclasses import dataclass
@@ -21,8 +20,8 @@ from typing import Any, Iterable, Mapping, Sequence
 import torch
 
 from ..errors import CheckpointError, SAEBenchError
+from ..io import read_json, read_json_object
 from ..registry import architecture_for
-from .results import read_json
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
 _RELEASE_SPEC = "saelens:"
@@ -308,11 +307,8 @@ def prepare_sae(ref: SAERef, cache_dir: str | Path) -> SAERef:
     digest = _sha256(src / "ae.pt")
     cfg_path = out / "cfg.json"
     if cfg_path.is_file():
-        try:
-            meta = json.loads(cfg_path.read_text()).get("metadata") or {}
-        except (OSError, json.JSONDecodeError):
-            meta = {}
-        if meta.get("source_sha256") == digest:
+        meta = read_json_object(cfg_path).get("metadata") or {}
+        if isinstance(meta, dict) and meta.get("source_sha256") == digest:
             return dataclasses.replace(describe_sae(out, ref.name), architecture=ref.architecture, k=ref.k)
     export_to_saelens(src, out, extra_metadata={"source_folder": str(src.resolve()), "source_sha256": digest},
                       overwrite=True)

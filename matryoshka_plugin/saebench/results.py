@@ -8,14 +8,12 @@ absorption eval computes no score (see :func:`write_not_evaluated`).
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Mapping
 
-from ..checkpoints import atomic_write_json
-from ..errors import CheckpointError
+from ..io import atomic_write_json, read_json
 from .configs import EVAL_NAMES
 
 if TYPE_CHECKING:
@@ -40,14 +38,6 @@ HEADLINE_METRICS: tuple[tuple[str, str, str], ...] = (
     ("scr_top20", "scr", "scr_metrics.scr_metric_threshold_20"),
     ("tpp_top20", "tpp", "tpp_metrics.tpp_threshold_20_total_metric"),
 )
-
-
-def read_json(path: Path) -> Any:
-    """The JSON in ``path``; raises :class:`~matryoshka_plugin.CheckpointError` when it is unreadable."""
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{path} is not readable JSON (truncated or corrupt?): {e}") from None
 
 
 def result_path(output_dir: str | Path, name: str, eval_name: str) -> Path:

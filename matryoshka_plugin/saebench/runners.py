@@ -15,7 +15,8 @@ from typing import Any, Callable, NamedTuple
 
 from .configs import EvalConfig
 from .patches import absorption_in, core_errors_logged
-from .results import RESULT_SUFFIX, EvalRecord, publish_result, read_json, result_path, write_not_evaluated
+from ..io import read_json
+from .results import RESULT_SUFFIX, EvalRecord, publish_result, result_path, write_not_evaluated
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,156 @@
+"""The architecture registry: one registration makes a new SAE class load, export and get labelled.
+
+``TiedReLUSAE`` below is a class the package has never heard of. Registering one ``Architecture``
+for it is all it takes for ``load_dictionary`` to read its folders, ``export_to_saelens`` to write
+a folder stock SAELens loads with the same latents and reconstructions, and SAEBench records to
+carry its label.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from dictionary_learning.trainers.matryoshka_batch_top_k import MatryoshkaBatchTopKSAE as UpstreamMatryoshkaSAE
+from sae_lens import SAE
+
+from matryoshka_plugin import CheckpointError, MatryoshkaBatchTopKSAE, export_to_saelens, load_dictionary
+from matryoshka_plugin.io import check_keys, read_state_dict
+from matryoshka_plugin.registry import (
+    PACKAGE_MARK,
+    Architecture,
+    architecture_for,
+    architecture_of,
+    register_architecture,
+    unregister_architecture,
+)
+from matryoshka_plugin.saebench.references import training_architecture
+from matryoshka_plugin.saelens.convert import SAELensWeights
+
+D, N = 8, 16
+
+
+class TiedReLUSAE(torch.nn.Module):
+    """A ReLU SAE whose decoder is its encoder transposed."""
+
+    def __init__(self, activation_dim: int, dict_size: int):
+        super().__init__()
+        self.activation_dim, self.dict_size = activation_dim, dict_size
+        self.W = torch.nn.Parameter(torch.randn(activation_dim, dict_size) / activation_dim**0.5)
+        self.b_enc = torch.nn.Parameter(0.1 * torch.randn(dict_size))
+        self.b_dec = torch.nn.Parameter(0.1 * torch.randn(activation_dim))
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu((x - self.b_dec) @ self.W + self.b_enc)
+
+    def decode(self, f: torch.Tensor) -> torch.Tensor:
+        return f @ self.W.T + self.b_dec
+
+
+def load_tied(path, trainer_cfg, device):
+    state = read_state_dict(path)
+    check_keys(state, ["W", "b_enc", "b_dec"], path)
+    sae = TiedReLUSAE(*state["W"].shape)
+    sae.load_state_dict(state)
+    return sae.to(device)
+
+
+def tied_to_saelens(sae: TiedReLUSAE, trainer_cfg) -> SAELensWeights:
+    W = sae.W.detach().float()
+    weights = {"W_enc": W.clone(), "b_enc": sae.b_enc.detach().float().clone(), "W_dec": W.T.contiguous(),
+               "b_dec": sae.b_dec.detach().float().clone()}
+    return SAELensWeights("standard", "tied_relu", weights, apply_b_dec_to_input=True)
+
+
+TIED = Architecture("TiedReLUSAE", "tied_relu", load=load_tied, to_saelens=tied_to_saelens)
+
+
+@pytest.fixture
+def folder(tmp_path):
+    torch.manual_seed(0)
+    sae = TiedReLUSAE(D, N)
+    path = tmp_path / "trainer_0"
+    path.mkdir()
+    torch.save(sae.state_dict(), path / "ae.pt")
+    trainer = {"dict_class": "TiedReLUSAE", "activation_dim": D, "dict_size": N, "layer": 0, "lm_name": "toy"}
+    (path / "config.json").write_text(json.dumps({"trainer": trainer, "buffer": {"ctx_len": 16}}))
+    return path, sae
+
+
+@pytest.fixture
+def registered():
+    register_architecture(TIED)
+    try:
+        yield TIED
+    finally:
+        unregister_architecture("TiedReLUSAE")
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm().clamp_min(1e-12))
+
+
+def test_unregistered_class_is_unknown_everywhere(folder, tmp_path):
+    path, _ = folder
+    with pytest.raises(CheckpointError, match="unknown dict_class 'TiedReLUSAE'"):
+        load_dictionary(path)
+    with pytest.raises(CheckpointError, match="unknown dict_class 'TiedReLUSAE'"):
+        export_to_saelens(path, tmp_path / "out", hook_name="blocks.0.hook_resid_post")
+    assert training_architecture({"dict_class": "TiedReLUSAE"}) == "TiedReLUSAE"  # no label: the class name
+
+
+def test_one_registration_loads_exports_and_labels(folder, registered, tmp_path):
+    path, original = folder
+    ae, config = load_dictionary(path)
+    assert type(ae) is TiedReLUSAE and architecture_of(ae) is TIED
+    assert training_architecture(config["trainer"]) == "tied_relu"
+
+    out = export_to_saelens(path, tmp_path / "out", hook_name="blocks.0.hook_resid_post")
+    cfg = json.loads((out / "cfg.json").read_text())
+    assert cfg["architecture"] == "standard" and cfg["metadata"]["training_architecture"] == "tied_relu"
+    sae = SAE.load_from_disk(out)
+    x = torch.randn(32, D)
+    with torch.no_grad():
+        f_ref = original.encode(x)
+        f = sae.encode(x)
+        assert (f_ref > 0).any()
+        assert rel_err(f, f_ref) <= 1e-5
+        assert rel_err(sae.decode(f), original.decode(f_ref)) <= 1e-5
+
+
+def test_a_class_without_converter_is_refused_by_export(folder, tmp_path):
+    path, _ = folder
+    register_architecture(Architecture("TiedReLUSAE", "tied_relu", load=load_tied))
+    try:
+        load_dictionary(path)  # loading needs no converter
+        with pytest.raises(CheckpointError, match=r"export does not support TiedReLUSAE .*supported: .*AutoEncoderTopK"):
+            export_to_saelens(path, tmp_path / "out", hook_name="blocks.0.hook_resid_post")
+    finally:
+        unregister_architecture("TiedReLUSAE")
+    assert not (tmp_path / "out").exists()
+
+
+def test_matryoshka_batch_topk_is_ours_only_with_the_package_mark():
+    ours = architecture_for({"dict_class": "MatryoshkaBatchTopKSAE", "package": PACKAGE_MARK})
+    upstream = architecture_for({"dict_class": "MatryoshkaBatchTopKSAE"})
+    assert (ours.upstream, upstream.upstream) == (False, True)
+    assert ours.load is not None and upstream.load is None  # upstream folders load through dictionary_learning
+    assert ours.label == upstream.label == "matryoshka_batchtopk"
+    assert ours.to_saelens is not None and upstream.to_saelens is not None
+    # a class only this package defines is ours without the mark too
+    assert architecture_for({"dict_class": "MatryoshkaLogSparsitySAE"}).upstream is False
+    assert architecture_for({"dict_class": "NoSuchSAE"}) is None
+    assert architecture_of(MatryoshkaBatchTopKSAE(D, N, 2, [4, 12])) is ours
+    assert architecture_of(UpstreamMatryoshkaSAE(D, N, 2, [4, 12])) is upstream
+
+
+def test_a_taken_name_is_not_replaced():
+    register_architecture(TIED)
+    try:
+        register_architecture(TIED)  # the same entry again is harmless
+        with pytest.raises(ValueError, match="already registered"):
+            register_architecture(Architecture("TiedReLUSAE", "other_label", load=load_tied))
+        assert architecture_for({"dict_class": "TiedReLUSAE"}) is TIED
+    finally:
+        unregister_architecture("TiedReLUSAE")
