@@ -172,7 +172,7 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"\nMachine: {machine()}")
     print(f"Shape: d={args.d}, F={F}, k={args.k}, B={args.batch}, {args.dtype}, {args.device}; "
           f"{args.steps} timed steps after {args.warmup} warm-up steps, best of {args.rounds} round(s)\n")
-    print(f"| candidate | min s/step | median s/step | x floor | peak memory MB |")
+    print("| candidate | min s/step | median s/step | x floor | peak memory MB |")
     print("|---|---|---|---|---|")
     floor = results.get("matmul", {}).get("min_s")
     for name, r in results.items():

@@ -11,7 +11,6 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import torch
 from dictionary_learning.training import trainSAE
 
 from .checkpoints import load_dictionary

@@ -1,9 +1,8 @@
-"""Shared fixtures: offline tiny language model (nnsight-wrapped) and toy activation streams."""
+"""Shared fixtures (the offline tiny language model) and the offline test environment."""
 
 from __future__ import annotations
 
 import os
-import random
 import warnings
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -13,21 +12,10 @@ os.environ.setdefault("WANDB_MODE", "disabled")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from helpers import make_texts  # noqa: E402
 
 warnings.filterwarnings("ignore", category=UserWarning)
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
-
-WORDS = (
-    "the a cat dog bird fish sat ran flew swam on in under over mat tree house river "
-    "big small red blue green quickly slowly and then because she he they ate saw liked"
-).split()
-
-
-def make_texts(n: int = 2000, seed: int = 0) -> list[str]:
-    """Local text: short sentences over a small vocabulary (no downloads)."""
-    rng = random.Random(seed)
-    return [" ".join(rng.choice(WORDS) for _ in range(rng.randint(8, 40))) for _ in range(n)]
-
 
 @pytest.fixture(scope="session")
 def tiny_lm():
@@ -46,22 +34,3 @@ def tiny_lm():
     torch.manual_seed(0)
     model = GPT2LMHeadModel(cfg).eval()
     return LanguageModel(model, tokenizer=hf_tok), texts
-
-
-def cycle(items):
-    while True:
-        yield from items
-
-
-def low_rank_stream(d: int = 24, n_true: int = 96, batch: int = 256, density: float = 0.04, seed: int = 0):
-    """Endless batches of sparse combinations of fixed random directions (learnable by an SAE).
-
-    The directions are the same for every ``seed``; ``seed`` only changes the samples.
-    """
-    dirs = torch.randn(n_true, d, generator=torch.Generator().manual_seed(12345))
-    dirs = dirs / dirs.norm(dim=1, keepdim=True)
-    gen = torch.Generator().manual_seed(seed)
-    while True:
-        on = (torch.rand(batch, n_true, generator=gen) < density).float()
-        mags = 0.5 + torch.rand(batch, n_true, generator=gen)
-        yield (on * mags) @ dirs

@@ -1,13 +1,11 @@
 """The speed benchmark runs end to end (tiny shapes; no timing assertions)."""
 
-import sys
-from pathlib import Path
+import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-
-import speed  # noqa: E402
+from benchmarks import speed
 
 
+@pytest.mark.slow  # imports and runs both upstream trainers
 def test_speed_benchmark_smoke(capsys):
     summary = speed.main(
         ["--d", "32", "--dict-size", "256", "--k", "4", "--batch", "64", "--steps", "1", "--warmup", "1",

@@ -7,7 +7,7 @@ import stat
 
 import pytest
 import torch
-from conftest import low_rank_stream
+from helpers import low_rank_stream
 from dictionary_learning.trainers.batch_top_k import BatchTopKSAE, BatchTopKTrainer
 from dictionary_learning.training import trainSAE
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_texts
+from helpers import make_texts
 
 ROOT = Path(__file__).resolve().parents[1]
 COMMIT = "0" * 40

@@ -7,18 +7,15 @@ from __future__ import annotations
 import csv
 import json
 import re
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 from saebench_local import LocalHub, tiny_models
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.gemma2_2b_l12 import DEFAULT_CONFIG, ConfigError, load_config, prepare, run_benchmark  # noqa: E402
-from benchmarks.gemma2_2b_l12.__main__ import main as cli  # noqa: E402
-from benchmarks.gemma2_2b_l12.report import METRIC_LABELS, PAPER_REFERENCE  # noqa: E402
+from benchmarks.gemma2_2b_l12 import DEFAULT_CONFIG, ConfigError, load_config, prepare, run_benchmark
+from benchmarks.gemma2_2b_l12.__main__ import main as cli
+from benchmarks.gemma2_2b_l12.report import METRIC_LABELS, PAPER_REFERENCE
 
 TINY = DEFAULT_CONFIG.with_name("tiny.toml")
 

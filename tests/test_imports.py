@@ -7,6 +7,8 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
+
 HEAVY = ["torch", "sae_lens", "sae_bench", "nnsight", "dictionary_learning", "transformer_lens", "numba",
          "matplotlib", "transformers"]
 
@@ -17,6 +19,7 @@ def run(code: str) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.slow  # a fresh process imports SAELens
 def test_import_loads_no_heavy_library_and_registers_saelens_on_its_import():
     got = run(f"""
         import json, sys
@@ -34,6 +37,7 @@ def test_import_loads_no_heavy_library_and_registers_saelens_on_its_import():
     assert got["public"] == []  # every public name resolves
 
 
+@pytest.mark.slow  # a fresh process imports SAELens
 def test_registers_at_once_when_saelens_came_first():
     got = run("""
         import json
@@ -60,6 +64,7 @@ def test_cli_help_does_not_import_the_libraries():
     assert got["loaded"] == []
 
 
+@pytest.mark.slow  # a fresh process imports SAELens
 def test_importing_the_adapter_first_registers_once():
     """The adapter imports SAELens itself: the hook must not re-enter the half-imported adapter."""
     got = run("""

@@ -6,6 +6,8 @@ import sys
 import pytest
 import torch
 
+from helpers import brute_force
+
 from matryoshka_plugin.kernels import numba_available
 from matryoshka_plugin.prefix_loss import prefix_mse
 from matryoshka_plugin.prefixes import PrefixWeights
@@ -14,17 +16,6 @@ from matryoshka_plugin.sparse_latents import sparse_decode, sparse_from_dense, s
 HAS_NUMBA = numba_available()
 
 BACKENDS = ["torch"] + (["fused"] if HAS_NUMBA else [])
-
-
-def brute_force(x, f, W, b, weights):
-    """sum_m lam[m] * mean_b ||x - (f[:, :m] @ W[:m] + b)||^2, one decode per prefix."""
-    total = x.new_zeros(())
-    for m in range(weights.n + 1):
-        if weights.lam[m] == 0:
-            continue
-        x_hat = f[:, :m] @ W[:m] + b
-        total = total + weights.lam[m] * (x - x_hat).pow(2).sum(-1).mean()
-    return total
 
 
 def random_problem(B=7, n=17, d=6, density=0.35, seed=0):

@@ -8,7 +8,6 @@ import json
 
 import pytest
 import torch
-from conftest import cycle  # noqa: F401  (conftest sets the offline environment)
 from saebench_local import HF_NAME, MODEL_NAME, LocalHub, tiny_models, web_text
 
 import matryoshka_plugin.saebench as sb
@@ -23,6 +22,9 @@ from matryoshka_plugin.saebench import (
     result_path,
     run_saebench,
 )
+
+# Every test here runs SAEBench on SAEs trained in a shared fixture (about 25 s) or a fresh process.
+pytestmark = pytest.mark.slow
 
 CORE = {"n_eval_reconstruction_batches": 2, "n_eval_sparsity_variance_batches": 2, "eval_batch_size_prompts": 8,
         "context_size": 32}

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import low_rank_stream
-from dictionary_learning.trainers.batch_top_k import BatchTopKSAE, BatchTopKTrainer
+from helpers import low_rank_stream
+from dictionary_learning.trainers.batch_top_k import BatchTopKTrainer
 from dictionary_learning.trainers.matryoshka_batch_top_k import MatryoshkaBatchTopKTrainer as UpstreamMatryoshkaTrainer
 from dictionary_learning.trainers.standard import StandardTrainer
 from dictionary_learning.trainers.top_k import TopKTrainer

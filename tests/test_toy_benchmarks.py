@@ -7,18 +7,15 @@ The full study is ``python -m benchmarks.toy.run`` (README, "Toy benchmarks").
 import argparse
 import json
 import math
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: benchmarks/
 
-from benchmarks.toy.config import default_setups, merge_overrides, parse_variant  # noqa: E402
-from benchmarks.toy.run import build_config  # noqa: E402
-from benchmarks.toy.run import main as run_main  # noqa: E402
-from benchmarks.toy.train import train_and_evaluate  # noqa: E402
+from benchmarks.toy.config import default_setups, merge_overrides, parse_variant
+from benchmarks.toy.run import build_config
+from benchmarks.toy.run import main as run_main
+from benchmarks.toy.train import train_and_evaluate
 
 SETUPS = default_setups()
 
@@ -40,6 +37,7 @@ POST_STEPS = 3000
 HEDGE_STEPS = 1500
 
 
+@pytest.mark.slow  # trains eight toy SAEs
 def test_post_tree_vanilla_absorbs_and_matryoshka_does_not():
     setup = reduced("post_tree", steps=POST_STEPS)
     vanilla, _ = train_and_evaluate(setup, "vanilla", seed=0)

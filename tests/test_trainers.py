@@ -5,7 +5,7 @@ import inspect
 import pytest
 import torch
 from dictionary_learning.trainers.matryoshka_batch_top_k import MatryoshkaBatchTopKTrainer as Upstream
-from test_prefix_loss import brute_force
+from helpers import brute_force
 
 import matryoshka_plugin.trainers.matryoshka_log_sparsity as log_module
 from matryoshka_plugin import (

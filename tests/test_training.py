@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from conftest import cycle, low_rank_stream
+from helpers import cycle, low_rank_stream
 from dictionary_learning.buffer import ActivationBuffer
 from dictionary_learning.training import trainSAE
 
@@ -88,6 +88,7 @@ def check_run(save_dir, held_out, k):
     return btk, ls
 
 
+@pytest.mark.slow  # trains with trainSAE for hundreds of steps
 def test_trainsae_on_tensor_stream(tmp_path):
     d, steps, k = 24, 300, 6
     trainSAE(data=low_rank_stream(d=d), trainer_configs=configs(d, steps, k), steps=steps,
@@ -98,6 +99,7 @@ def test_trainsae_on_tensor_stream(tmp_path):
     check_run(tmp_path, held_out, k)
 
 
+@pytest.mark.slow  # trains with trainSAE for hundreds of steps
 def test_trainsae_on_activation_buffer_over_nnsight_model(tiny_lm, tmp_path):
     lm, texts = tiny_lm
     submodule = lm.transformer.h[1]
@@ -141,6 +143,7 @@ def test_failure_mid_run_keeps_written_checkpoints(tmp_path):
     assert not (tmp_path / "trainer_0" / "ae.pt").exists()
 
 
+@pytest.mark.slow  # trains with trainSAE for hundreds of steps
 def test_normalize_activations_saves_saes_for_raw_inputs(tmp_path):
     """trainSAE(normalize_activations=True) trains on rescaled data and rescales biases at the end:
     the saved SAEs must work on the raw (here 50x larger) activations."""
