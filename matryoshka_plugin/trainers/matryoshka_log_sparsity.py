@@ -51,7 +51,7 @@ from .common import (
 __all__ = ["MatryoshkaLogSparsityTrainer", "LM_LR"]
 
 # Default learning rate, measured on MiniLM activations (docs/real_model.md); the post's toy used 3e-2.
-LM_LR = 1e-3
+LM_LR = 3e-3
 
 
 class MatryoshkaLogSparsityTrainer(MatryoshkaTrainerBase):
@@ -171,12 +171,11 @@ class MatryoshkaLogSparsityTrainer(MatryoshkaTrainerBase):
         self.dict_class = dict_class
         self.ae = dict_class(activation_dim, dict_size).to(self.device)
         if self.normalize_decoder:
-            # Fold the initial decoder norms into the encoder: the same function, unit rows.
+            # Unit decoder rows; the encoder keeps the post's scale (folding the decoder's 0.1
+            # into the encoder instead made its Adam steps 10x larger relative to its weights
+            # and broke the toy: absorption 0.33 instead of 0 on the post's tree).
             with torch.no_grad():
-                norms = self.ae.W_dec.norm(dim=1).clamp_min(1e-12)
-                self.ae.W_enc.mul_(norms[None, :])
-                self.ae.b_enc.mul_(norms)
-                self.ae.W_dec.div_(norms[:, None])
+                self.ae.W_dec.div_(self.ae.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12))
         self.optimizer = make_adam(self.ae.parameters(), self.lr, self.betas)
         schedule = warmup_stable_decay_schedule(self.steps, self.warmup_steps, self.decay_fraction, self.end_lr_factor)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda=schedule)
