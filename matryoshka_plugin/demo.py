@@ -42,6 +42,7 @@ class DemoConfig:
     target_l0: float = 1.2338
     sparsity_coeff: float = 0.2
     lr: float = 3e-2
+    normalize_decoder: bool = False  # the post's free decoder norms
     seed: int = 0
     saes: list[str] = field(default_factory=lambda: ["vanilla", "matryoshka"])
     eval_samples: int = 20_000
@@ -83,6 +84,7 @@ def _run_demo(cfg: DemoConfig) -> dict[str, ToyMetrics]:
             prefix_mode=DEMO_SAES[name],
             sparsity_coeff=cfg.sparsity_coeff,
             lr=cfg.lr,
+            normalize_decoder=cfg.normalize_decoder,
             seed=cfg.seed,
             device="cpu",
             wandb_name=name,

@@ -1,6 +1,7 @@
 """Trainer behaviour against dictionary_learning's own trainer and exact references."""
 
 import inspect
+import math
 
 import pytest
 import torch
@@ -10,7 +11,9 @@ from helpers import brute_force
 import matryoshka_plugin.trainers.matryoshka_log_sparsity as log_module
 from matryoshka_plugin import (
     ActivationError,
+    MatryoshkaBatchTopKSAE,
     MatryoshkaBatchTopKTrainer,
+    MatryoshkaLogSparsitySAE,
     MatryoshkaLogSparsityTrainer,
     PrefixWeights,
     TrainingError,
@@ -105,23 +108,37 @@ def test_logging_changes_no_state():
 
 
 def test_effective_l0_is_measured_and_threshold_tracks_k():
-    tr = btk(threshold_start_step=0, threshold_beta=0.5)
-    for s in range(10):
+    tr = btk(threshold_start_step=0, threshold_beta=0.9, lr=1e-2)
+    for s in range(60):
         tr.update(s, data(seed=s))
+    held_out = data(B=2048, seed=1000)
     with torch.no_grad():
-        f = tr.ae.encode(data(seed=9), use_threshold=False)
+        batch_topk = tr.ae.encode(held_out, use_threshold=False)
+        thresholded = tr.ae.encode(held_out)
     assert 0 < tr.effective_l0 <= tr.k
-    assert float((f > 0).sum(1).float().mean()) <= tr.k
-    assert tr.threshold_l0 > 0
+    assert float((batch_topk > 0).sum(1).float().mean()) == pytest.approx(tr.k, rel=0.02)
+    # The inference threshold stands in for BatchTopK: on held-out tokens it keeps about k latents.
+    thr_l0 = float((thresholded > 0).sum(1).float().mean())
+    assert float(tr.ae.threshold) > 0
+    assert thr_l0 == pytest.approx(tr.k, rel=0.25), thr_l0
+    assert tr.threshold_l0 == pytest.approx(tr.k, rel=0.35)
     assert tr.num_tokens_since_fired.device == tr.ae.W_enc.device
 
 
-def test_bf16_activations_train():
-    tr = btk()
+@pytest.mark.parametrize("make", [btk, lst])
+def test_bf16_activations_train_like_fp32(make):
+    """bf16 batches give the loss of the same values in fp32 (finite) and do train the SAE."""
+    ref, low = make(), make()
+    low.ae.load_state_dict(ref.ae.state_dict())
+    before = {k: v.clone() for k, v in low.ae.state_dict().items()}
     for s in range(3):
-        loss = tr.update(s, data(seed=s).bfloat16())
-        assert loss == loss  # finite, no dtype crash on b_dec initialisation
-    assert tr.ae.b_dec.dtype == torch.float32
+        x16 = data(seed=s).bfloat16()
+        l16, l32 = low.update(s, x16), ref.update(s, x16.float())
+        assert math.isfinite(l16) and l16 == pytest.approx(l32, rel=1e-5, abs=1e-7)
+    assert low.ae.b_dec.dtype == torch.float32
+    for name in ("W_enc", "W_dec", "b_enc"):
+        assert not torch.equal(low.ae.state_dict()[name], before[name]), name
+        torch.testing.assert_close(low.ae.state_dict()[name], ref.ae.state_dict()[name])
 
 
 def test_short_training_never_encodes_densely():
@@ -187,6 +204,13 @@ def test_bad_configuration(kw, match):
 def test_log_sparsity_bad_configuration():
     with pytest.raises(ValueError, match="sparsity"):
         lst(sparsity="l0")
+    # group_fractions only define groups: with any other prefix mode they would be ignored.
+    for mode in ("pareto", "pareto_expected", "every", "none"):
+        with pytest.raises(ValueError, match=f"group_fractions apply to prefix_mode='groups', not '{mode}'"):
+            lst(prefix_mode=mode, group_fractions=[0.5, 0.5])
+    lst(prefix_mode="groups", group_fractions=[0.5, 0.5])
+    with pytest.raises(ValueError, match="dead_feature_threshold"):
+        lst(dead_feature_threshold=0)
     with pytest.raises(ValueError, match="target_l0"):
         lst(target_l0=0)
     with pytest.raises(ValueError, match="unknown prefix mode"):
@@ -194,8 +218,9 @@ def test_log_sparsity_bad_configuration():
 
 
 def _train_pair(reorder_a, reorder_b, steps=30):
-    a = lst(prefix_mode="none", reorder_latents=reorder_a, lr=1e-2)
-    b = lst(prefix_mode="none", reorder_latents=reorder_b, lr=1e-2)
+    # (resampling picks latents by position, so it is off here)
+    a = lst(prefix_mode="none", reorder_latents=reorder_a, lr=1e-2, resample_dead=False)
+    b = lst(prefix_mode="none", reorder_latents=reorder_b, lr=1e-2, resample_dead=False)
     b.ae.load_state_dict(a.ae.state_dict())
     for tr in (a, b):
         tr.ae.double()
@@ -238,13 +263,102 @@ def test_input_norm_starts_from_first_batch():
     assert float(tr.ae.input_norm) == pytest.approx(float(x.norm(dim=1).mean()), rel=1e-5)
 
 
+def test_zero_batches_do_not_skew_the_input_scale():
+    tr = lst()
+    tr.update(0, torch.zeros(64, D))  # says nothing about the scale
+    x = data() * 5
+    tr.update(1, x)
+    expected = float(x.norm(dim=1).mean())
+    assert float(tr.ae.input_norm) == pytest.approx(expected, rel=1e-5)
+    tr.update(2, torch.zeros(64, D))
+    assert float(tr.ae.input_norm) == pytest.approx(expected, rel=1e-5)
+    # zero rows (padding) inside a batch do not shrink it either
+    y = data(seed=1) * 5
+    y[:32] = 0
+    tr.update(3, y)
+    new = 0.99 * expected + 0.01 * float(y[32:].norm(dim=1).mean())
+    assert float(tr.ae.input_norm) == pytest.approx(new, rel=1e-5)
+
+
+def test_huge_activations_raise_instead_of_an_infinite_scale():
+    tr = lst()
+    tr.update(0, data())
+    state = {k: v.clone() for k, v in tr.ae.state_dict().items()}
+    with pytest.raises(ActivationError, match=r"activations too large at step 1: the squared norm of batch row 0"):
+        tr.update(1, data() * 1e20)
+    for k, v in tr.ae.state_dict().items():
+        assert torch.equal(v, state[k]), k
+    fresh = lst()
+    with pytest.raises(ActivationError, match="too large"):
+        fresh.update(0, data() * 1e20)
+    assert float(fresh.ae.input_norm) == 0.0 and torch.isfinite(fresh.ae(data())).all()
+    tr.update(2, data(seed=2))
+    assert torch.isfinite(tr.ae(data())).all() and math.isfinite(float(tr.ae.input_norm))
+
+
+@pytest.mark.parametrize("make", [btk, lst])
+def test_config_names_the_dict_class_used(make):
+    base = MatryoshkaBatchTopKSAE if make is btk else MatryoshkaLogSparsitySAE
+    custom = type("MyMatryoshkaSAE", (base,), {})
+    tr = make(dict_class=custom)
+    assert type(tr.ae) is custom and tr.config["dict_class"] == "MyMatryoshkaSAE"
+    assert make().config["dict_class"] == base.__name__
+
+
+def test_log_sparsity_dead_feature_threshold_keyword():
+    tr = lst(dead_feature_threshold=128, resample_dead=False)
+    with torch.no_grad():
+        tr.ae.b_enc[:5] = -1e3  # these latents can never fire
+    tr.update(0, data(seed=0))
+    assert tr.dead_features == 0  # 64 tokens < 128
+    tr.update(1, data(seed=1))
+    assert tr.dead_features >= 5 and tr.config["dead_feature_threshold"] == 128
+    # default: a tenth of the run's tokens
+    default = lst()
+    default.update(0, data())
+    assert default.dead_feature_threshold == 50 * 64 // 10
+
+
+def test_dead_latents_are_resampled():
+    tr = lst(dead_feature_threshold=64)
+    with torch.no_grad():
+        tr.ae.b_enc[:5] = -1e3
+    tr.update(0, data(seed=0))
+    assert tr.resampled >= 5 and tr.dead_features >= 5
+    # the resampled latents fire again, about target_l0 / dict_size of the time
+    origin = tr.latent_origin.tolist()
+    revived = [origin.index(i) for i in range(5)]
+    with torch.no_grad():
+        f = tr.ae.encode(data(B=4096, seed=5))
+    rate = (f[:, revived] > 0).float().mean(0)
+    assert torch.all(rate > 0) and torch.all(rate < 0.5), rate
+    assert torch.all(tr.num_tokens_since_fired[revived] == 0)
+
+
 def test_controller():
     c = L0Controller(1.0, target=10, rate=0.1, warmup_steps=4)
     assert [c.update(s, 100) for s in range(4)] == pytest.approx([0.25, 0.5, 0.75, 1.0])
-    assert c.update(4, 100) == pytest.approx(1.1)  # L0 above target: stronger penalty
-    assert c.update(5, 1) == pytest.approx(1.1 * 0.9)
-    fixed = L0Controller(0.5, target=None, warmup_steps=0)
+    # L0 far above target: stronger penalty, the log error clipped at 1
+    assert c.update(4, 100) == pytest.approx(math.exp(0.1))
+    # below: weaker, in proportion to log(L0 / target)
+    assert c.update(5, 8) == pytest.approx(math.exp(0.1) * math.exp(0.1 * math.log(0.8)))
+    assert c.update(6, 0) == pytest.approx(math.exp(0.1 * math.log(0.8)))
+    fixed = L0Controller(0.5, target=None, rate=0.1, warmup_steps=0)
     assert fixed.update(10, 1000) == 0.5
+    with pytest.raises(ValueError, match="rate"):
+        L0Controller(1.0, target=10, rate=-1)
+
+
+def test_default_controller_can_cross_the_range_a_short_run_needs():
+    """The default rate is scaled to the run: log(coefficient) can move by controller_log_range."""
+    for steps in (100, 1000, 40_000):
+        tr = lst(steps=steps)
+        after_warmup = steps - tr.controller.warmup_steps
+        assert tr.controller.rate * after_warmup == pytest.approx(tr.controller_log_range)
+        c = tr.controller
+        for s in range(steps):
+            c.update(s, 1e6)  # L0 far too high all along
+        assert math.log(c.coefficient / tr.sparsity_coeff) == pytest.approx(tr.controller_log_range)
 
 
 def test_random_prefixes_reproducible_with_seed():

@@ -97,8 +97,10 @@ class SetupConfig:
     figure_variants: list[str] | None = None  # heatmaps / activations; None: a default choice
 
 
-# Log-sparsity settings of the post's reference code (toy): lr 3e-2, coefficient 0.2.
-LOG_DEFAULTS = dict(sparsity="log", sparsity_coeff=0.2, lr=3e-2)
+# Log-sparsity settings of the post's reference code (toy): lr 3e-2, coefficient 0.2, free
+# decoder norms (the trainer's unit-norm default, made for language-model activations, changes
+# the toy dynamics: absorption 1.0 for mat_groups on the hedging tree, seed 0).
+LOG_DEFAULTS = dict(sparsity="log", sparsity_coeff=0.2, lr=3e-2, normalize_decoder=False)
 # BatchTopK settings shared by this package's trainer and both upstream trainers. AuxK's
 # default dead-latent threshold (10M tokens) is never reached in a toy run of 1-4M samples;
 # 50k samples (250 steps of 200) lets it revive dead latents here.

@@ -113,6 +113,7 @@ class MatryoshkaBatchTopKTrainer(MatryoshkaTrainerBase):
             raise ValueError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
         self.backend = backend
 
+        self.dict_class = dict_class
         self.ae = dict_class(activation_dim, dict_size, self.k, self.group_sizes).to(self.device)
         # Auto-selected like upstream: 1/sqrt(dict size) scaling from 2e-4 at 2^14 latents.
         self.lr = float(lr) if lr is not None else 2e-4 / (dict_size / 2**14) ** 0.5
@@ -233,7 +234,7 @@ class MatryoshkaBatchTopKTrainer(MatryoshkaTrainerBase):
     def config(self) -> dict:
         return {
             "trainer_class": "MatryoshkaBatchTopKTrainer",
-            "dict_class": "MatryoshkaBatchTopKSAE",
+            "dict_class": self.dict_class.__name__,
             "lr": self.lr,
             "steps": self.steps,
             "auxk_alpha": self.auxk_alpha,

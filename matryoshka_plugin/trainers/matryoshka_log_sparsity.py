@@ -1,11 +1,27 @@
 """Matryoshka SAEs as in the original post (Nabeshima, Dec 2024).
 
-ReLU encoder ``a = relu(x_s W_enc + b_enc)`` on input scaled to norm ``sqrt(d)``; free decoder
-norms; a log sparsity penalty on ``a_i * ||w_i||``; each step the full SAE plus ``n - 1``
-distinct truncated-Pareto prefixes (or their exact expectation, every prefix, fixed groups);
-latents reordered every step by an EMA of their squared contribution (optimizer moments and
+ReLU encoder ``a = relu(x_s W_enc + b_enc)`` on input scaled to norm ``sqrt(d)``; a log
+sparsity penalty on ``a_i * ||w_i||``; each step the full SAE plus ``n - 1`` distinct
+truncated-Pareto prefixes (or their exact expectation, every prefix, fixed groups); latents
+reordered every step by an EMA of their squared contribution (optimizer moments and
 per-latent statistics permuted too); an L0 controller steering the sparsity coefficient
 toward ``target_l0``; Adam with warm-up and a final linear decay.
+
+Two choices differ from the post's reference code, both because its L0 controller counts
+activations ``a_i > 0`` while the penalty acts on ``a_i * ||w_i||``:
+
+* decoder rows are kept at unit norm (``normalize_decoder=True``). With free norms Adam can
+  shrink a decoder row and grow nothing in return, which lowers the penalty without
+  switching the latent off; a controller pushing harder then collapses the SAE (decoder
+  norms near 1e-3, FVU 1.0, L0 unchanged, measured on MiniLM). With unit rows the
+  penalised magnitude is the activation the controller counts.
+* the controller works on ``log(L0 / target)`` with a rate scaled to the run length, so the
+  coefficient can travel the range a short run needs (``sparsity.L0Controller``).
+
+Latents that have not fired for ``dead_feature_threshold`` tokens are resampled toward
+badly reconstructed inputs (encoder and decoder along the residual, a bias that makes the
+latent fire on about ``target_l0 / dict_size`` of the batch, Adam state reset), until the
+learning-rate decay starts.
 
 ``prefix_mode="none"`` is the post's "vanilla" baseline: the same SAE and penalty, no prefixes.
 """
@@ -17,6 +33,7 @@ from typing import Sequence
 
 import torch
 
+from ..errors import ActivationError
 from ..kernels import BACKENDS
 from ..prefix_loss import prefix_mse
 from ..prefixes import PrefixSampler, group_sizes_from_fractions
@@ -30,19 +47,28 @@ from .common import (
     check_positive,
     make_adam,
     permute_latents_,
+    project_out_radial_,
     warmup_stable_decay_schedule,
 )
 
-__all__ = ["MatryoshkaLogSparsityTrainer"]
+__all__ = ["MatryoshkaLogSparsityTrainer", "LM_LR"]
+
+# Default learning rate, measured on MiniLM activations (docs/real_model.md); the post's toy used 3e-2.
+LM_LR = 3e-3
 
 
 class MatryoshkaLogSparsityTrainer(MatryoshkaTrainerBase):
     """Train a :class:`MatryoshkaLogSparsitySAE` with ``dictionary_learning.training.trainSAE``.
 
-    Defaults follow the post's reference code (toy settings: lr 3e-2, Adam betas
-    (0.5, 0.9375), 100 warm-up steps, decay to 0.1x over the last 20%, coefficient 1.2
-    with a controller warm-up of 20% of steps). For language-model activations a smaller
-    ``lr`` (around 1e-3) is usually needed.
+    Optimiser settings follow the post's reference code (Adam betas (0.5, 0.9375), 100
+    warm-up steps, decay to 0.1x over the last 20%, coefficient 1.2 with a controller
+    warm-up of 20% of steps); the default ``lr`` suits language-model activations, the
+    post's toy used 3e-2.
+
+    ``controller_rate=None`` lets ``log(coefficient)`` travel up to ``controller_log_range``
+    over the steps after the controller's warm-up. ``dead_feature_threshold=None`` resamples
+    latents silent for a tenth of the run's tokens (at most 10M); ``resample_dead=False``
+    turns resampling off (dead latents are still counted).
     """
 
     def __init__(
@@ -63,13 +89,14 @@ class MatryoshkaLogSparsityTrainer(MatryoshkaTrainerBase):
         sparsity: str = "log",
         log_eps: float = 0.1,
         sparsity_coeff: float = 1.2,
-        controller_rate: float = 3e-4,
+        controller_rate: float | None = None,
         controller_warmup_fraction: float = 0.2,
+        controller_log_range: float = 8.0,
         reorder_latents: bool = True,
         reorder_decay: float = 0.95,
         normalize_input: bool = True,
         input_norm_decay: float = 0.99,
-        lr: float = 3e-2,
+        lr: float = LM_LR,
         betas: Sequence[float] = (0.5, 0.9375),
         warmup_steps: int = 100,
         decay_fraction: float = 0.2,
@@ -81,6 +108,9 @@ class MatryoshkaLogSparsityTrainer(MatryoshkaTrainerBase):
         wandb_name: str = "MatryoshkaLogSparsitySAE",
         submodule_name: str | None = None,
         backend: str = "auto",
+        normalize_decoder: bool = True,
+        dead_feature_threshold: int | None = None,
+        resample_dead: bool = True,
     ):
         super().__init__(steps, activation_dim, dict_size, layer, lm_name, seed, device, wandb_name, submodule_name)
         if sparsity not in SPARSITY_KINDS:
@@ -95,6 +125,14 @@ class MatryoshkaLogSparsityTrainer(MatryoshkaTrainerBase):
             raise ValueError(f"controller_warmup_fraction must lie in [0, 1), got {controller_warmup_fraction}")
         if backend not in BACKENDS:
             raise ValueError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
+        if group_fractions is not None and prefix_mode != "groups":
+            raise ValueError(f"group_fractions apply to prefix_mode='groups', not {prefix_mode!r}")
+        check_positive("controller_log_range", controller_log_range)
+        if dead_feature_threshold is not None and (
+            isinstance(dead_feature_threshold, bool) or int(dead_feature_threshold) != dead_feature_threshold
+            or dead_feature_threshold < 1
+        ):
+            raise ValueError(f"dead_feature_threshold must be a positive number of tokens, got {dead_feature_threshold!r}")
         self.backend = backend
         self.group_fractions = None if group_fractions is None else [float(f) for f in group_fractions]
         group_sizes = None
@@ -118,19 +156,29 @@ class MatryoshkaLogSparsityTrainer(MatryoshkaTrainerBase):
         self.sparsity, self.log_eps = sparsity, float(log_eps)
         self.target_l0 = None if target_l0 is None else float(target_l0)
         self.controller_warmup_fraction = float(controller_warmup_fraction)
-        self.controller = L0Controller(
-            sparsity_coeff,
-            self.target_l0,
-            rate=controller_rate,
-            warmup_steps=int(self.controller_warmup_fraction * self.steps),
-        )
+        self.controller_log_range = float(controller_log_range)
+        controller_warmup = int(self.controller_warmup_fraction * self.steps)
+        if controller_rate is None:
+            controller_rate = min(1.0, self.controller_log_range / max(1, self.steps - controller_warmup))
+        self.controller = L0Controller(sparsity_coeff, self.target_l0, rate=controller_rate, warmup_steps=controller_warmup)
         self.sparsity_coeff, self.controller_rate = float(sparsity_coeff), float(controller_rate)
+        self.normalize_decoder = bool(normalize_decoder)
+        self.resample_dead = bool(resample_dead)
+        # None: set from the batch size at the first step (a tenth of the run, at most 10M tokens).
+        self.dead_feature_threshold = None if dead_feature_threshold is None else int(dead_feature_threshold)
         self.reorder_latents, self.reorder_decay = bool(reorder_latents), float(reorder_decay)
         self.normalize_input, self.input_norm_decay = bool(normalize_input), float(input_norm_decay)
         self.lr, self.betas, self.grad_clip = float(lr), tuple(float(b) for b in betas), float(grad_clip)
         self.warmup_steps, self.decay_fraction, self.end_lr_factor = int(warmup_steps), float(decay_fraction), float(end_lr_factor)
 
+        self.dict_class = dict_class
         self.ae = dict_class(activation_dim, dict_size).to(self.device)
+        if self.normalize_decoder:
+            # Unit decoder rows; the encoder keeps the post's scale (folding the decoder's 0.1
+            # into the encoder instead made its Adam steps 10x larger relative to its weights
+            # and broke the toy: absorption 0.33 instead of 0 on the post's tree).
+            with torch.no_grad():
+                self.ae.W_dec.div_(self.ae.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12))
         self.optimizer = make_adam(self.ae.parameters(), self.lr, self.betas)
         schedule = warmup_stable_decay_schedule(self.steps, self.warmup_steps, self.decay_fraction, self.end_lr_factor)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda=schedule)
@@ -141,7 +189,8 @@ class MatryoshkaLogSparsityTrainer(MatryoshkaTrainerBase):
         self.latent_origin = torch.arange(dict_size, device=self.device)
         self._input_norm_initialised = False
 
-        self.logging_parameters = ["effective_l0", "sparsity_coefficient", "dead_features", "input_norm"]
+        self.logging_parameters = ["effective_l0", "sparsity_coefficient", "dead_features", "input_norm", "resampled"]
+        self.resampled = 0
         self.effective_l0 = -1.0
         self.sparsity_coefficient = self.controller.applied(0)
         self.dead_features = -1
@@ -189,12 +238,31 @@ class MatryoshkaLogSparsityTrainer(MatryoshkaTrainerBase):
 
     # -- one optimisation step ----------------------------------------------------------------
 
+    def _prepare(self, x: torch.Tensor, step: int | None) -> torch.Tensor:
+        x = super()._prepare(x, step)
+        if not self.normalize_input:
+            return x  # an overflowing loss is caught by the loss check
+        # Squared norms must be representable: the input scale, the loss and every FVU use them.
+        sq = x.pow(2).sum(1)
+        if not bool(torch.isfinite(sq).all()):
+            row = int((~torch.isfinite(sq)).nonzero()[0])
+            where = f" at step {step}" if step is not None else ""
+            raise ActivationError(
+                f"activations too large{where}: the squared norm of batch row {row} overflows {x.dtype} "
+                f"(largest entry {float(x.abs().max()):.3g}); rescale the activations"
+            )
+        return x
+
     @torch.no_grad()
     def _update_input_norm(self, x: torch.Tensor) -> None:
-        mean_norm = x.float().norm(dim=1).mean()
+        norms = x.double().norm(dim=1)
+        nonzero = norms > 0
+        if not bool(nonzero.any()):
+            return  # an all-zero batch says nothing about the input's scale
+        mean_norm = float(norms[nonzero].mean())
         if not self._input_norm_initialised:
             # The reference starts the running mean at 0, inflating early inputs; start from data.
-            self.ae.input_norm.fill_(float(mean_norm))
+            self.ae.input_norm.fill_(mean_norm)
             self._input_norm_initialised = True
         else:
             self.ae.input_norm.mul_(self.input_norm_decay).add_((1 - self.input_norm_decay) * mean_norm)
@@ -202,11 +270,14 @@ class MatryoshkaLogSparsityTrainer(MatryoshkaTrainerBase):
     @threads_by_work
     def update(self, step: int, x: torch.Tensor) -> float:
         x = self._prepare(x, step)
+        if self.dead_feature_threshold is None:
+            self.dead_feature_threshold = min(10_000_000, max(x.shape[0], self.steps * x.shape[0] // 10))
         saved = (self.ae.input_norm.clone(), self._input_norm_initialised, self.controller.coefficient)
         try:
             if self.normalize_input:
                 self._update_input_norm(x)
-            a, magnitudes, recon, penalty = self._forward(self._scaled(x), training=True)
+            x_scaled = self._scaled(x)
+            a, magnitudes, recon, penalty = self._forward(x_scaled, training=True)
             l0 = float((a > 0).sum()) / x.shape[0]
             coefficient = self.controller.update(step, l0)
             loss, _ = self._total(recon, penalty, coefficient, step)
@@ -219,7 +290,8 @@ class MatryoshkaLogSparsityTrainer(MatryoshkaTrainerBase):
         with torch.no_grad():
             fired = (a > 0).any(0)
             self.num_tokens_since_fired.add_(x.shape[0]).masked_fill_(fired, 0)
-            self.dead_features = int((self.num_tokens_since_fired >= 10_000_000).sum())
+            dead = self.num_tokens_since_fired >= self.dead_feature_threshold
+            self.dead_features = int(dead.sum())
             self.effective_l0, self.sparsity_coefficient = l0, coefficient
             self.input_norm = float(self.ae.input_norm)
             perm = None
@@ -230,12 +302,66 @@ class MatryoshkaLogSparsityTrainer(MatryoshkaTrainerBase):
 
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        W = self.ae.W_dec
+        if self.normalize_decoder:
+            project_out_radial_(W.grad, W)
         torch.nn.utils.clip_grad_norm_(self.ae.parameters(), self.grad_clip)
         self.optimizer.step()
         self.scheduler.step()
+        if self.normalize_decoder:
+            with torch.no_grad():
+                W.div_(W.norm(dim=1, keepdim=True).clamp_min(torch.finfo(W.dtype).eps))
+        self.resampled = 0
+        if self.resample_dead and self.dead_features and step < self.steps * (1 - self.decay_fraction):
+            self.resampled = self.resample(dead, x_scaled, recon.residual)
         if perm is not None:
             self.reorder(perm)
         return loss.item()
+
+    @torch.no_grad()
+    def resample(self, dead: torch.Tensor, x_scaled: torch.Tensor, residual: torch.Tensor) -> int:
+        """Re-initialise dead latents toward badly reconstructed inputs of this batch.
+
+        Each picked token (drawn with probability proportional to its squared residual, at
+        most half the batch) gives one latent its direction: the residual's, for the decoder
+        row and the encoder column. The encoder bias makes the latent fire on the
+        ``target_l0 / dict_size`` share of the batch most aligned with it, so resampling many
+        latents does not flood the L0. The latents' Adam moments, firing counters and
+        contribution EMA start afresh.
+        """
+        ae = self.ae
+        idx = dead.nonzero().flatten()
+        weights = residual.float().pow(2).sum(1)
+        if not bool(weights.sum() > 0):
+            return 0
+        idx = idx[: max(1, x_scaled.shape[0] // 2)]
+        tokens = torch.multinomial(weights, idx.numel(), replacement=False, generator=self._cpu_generator_for(weights))
+        directions = residual[tokens].float()
+        directions = directions / directions.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        proj = x_scaled.float() @ directions.T  # [B, m]
+        rate = (self.target_l0 if self.target_l0 is not None else max(self.effective_l0, 1.0)) / ae.dict_size
+        rank = min(proj.shape[0], max(1, math.ceil((1.0 - rate) * proj.shape[0])))
+        q = proj.kthvalue(rank, dim=0).values  # the (1 - rate) quantile of each column
+        # Scale so that the latent reconstructs its source token's residual: a latent born with
+        # a tiny activation sits where the log penalty's pull (coefficient / eps) wins.
+        source = proj[tokens, torch.arange(idx.numel(), device=proj.device)]
+        # (at most 4x a unit encoder column; 1x when the source token is below the threshold)
+        gap = source - q
+        scale = torch.where(gap > 0, residual[tokens].float().norm(dim=1) / gap.clamp_min(1e-6), 1.0).clamp(1.0, 4.0)
+        dt = ae.W_enc.dtype
+        ae.W_enc[:, idx] = (directions.T * scale).to(dt)
+        ae.b_enc[idx] = (-q * scale).to(dt)
+        ae.W_dec[idx] = directions.to(dt) * (ae.W_dec[idx].norm(dim=1, keepdim=True) if not self.normalize_decoder else 1.0)
+        for p, dim in ((ae.W_enc, 1), (ae.b_enc, 0), (ae.W_dec, 0)):
+            for value in self.optimizer.state.get(p, {}).values():
+                if isinstance(value, torch.Tensor) and value.shape == p.shape:
+                    value.index_fill_(dim, idx, 0.0)
+        self.num_tokens_since_fired[idx] = 0
+        self.contribution_ema[idx] = 0.0
+        return int(idx.numel())
+
+    def _cpu_generator_for(self, t: torch.Tensor) -> torch.Generator | None:
+        return self.generator if t.device.type == "cpu" else None
 
     @torch.no_grad()
     def reorder(self, perm: torch.Tensor) -> None:
@@ -252,7 +378,7 @@ class MatryoshkaLogSparsityTrainer(MatryoshkaTrainerBase):
     def config(self) -> dict:
         return {
             "trainer_class": "MatryoshkaLogSparsityTrainer",
-            "dict_class": "MatryoshkaLogSparsitySAE",
+            "dict_class": self.dict_class.__name__,
             "steps": self.steps,
             "activation_dim": self.ae.activation_dim,
             "dict_size": self.ae.dict_size,
@@ -270,6 +396,10 @@ class MatryoshkaLogSparsityTrainer(MatryoshkaTrainerBase):
             "sparsity_coeff": self.sparsity_coeff,
             "controller_rate": self.controller_rate,
             "controller_warmup_fraction": self.controller_warmup_fraction,
+            "controller_log_range": self.controller_log_range,
+            "normalize_decoder": self.normalize_decoder,
+            "dead_feature_threshold": self.dead_feature_threshold,
+            "resample_dead": self.resample_dead,
             "reorder_latents": self.reorder_latents,
             "reorder_decay": self.reorder_decay,
             "normalize_input": self.normalize_input,

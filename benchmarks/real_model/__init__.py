@@ -1,0 +1,1 @@
+"""Log-sparsity vs BatchTopK Matryoshka trainers on real MiniLM activations."""
