@@ -2,19 +2,25 @@
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import math
 from collections import namedtuple
+from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
-from typing import Callable, Iterable
+from typing import Any, Callable, Iterable
 
 import torch
 from dictionary_learning.trainers.trainer import SAETrainer, get_lr_schedule
 
 from ..errors import TrainingError, check_activations
+from ..kernels import BACKENDS
+from ..registry import PACKAGE_MARK
 
 __all__ = [
     "LossLog",
     "MatryoshkaTrainerBase",
+    "TrainerConfig",
     "constant_warmup_decay_schedule",
     "warmup_stable_decay_schedule",
     "geometric_median",
@@ -32,31 +38,79 @@ def _package_version() -> str:
         return "0+unknown"
 
 
-class MatryoshkaTrainerBase(SAETrainer):
-    """Bookkeeping common to the trainers: device, seed, metadata and input validation."""
+@dataclass(kw_only=True)
+class TrainerConfig:
+    """Settings every trainer of this package takes. ``trainSAE`` passes them as keywords
+    (``trainer_configs=[dict(trainer=..., steps=..., ...)]``); each trainer extends this class
+    with its own fields, and its ``config`` (saved as ``config.json``) is these fields plus
+    metadata."""
 
-    def __init__(
-        self,
-        steps: int,
-        activation_dim: int,
-        dict_size: int,
-        layer: int | None,
-        lm_name: str | None,
-        seed: int | None,
-        device: str | torch.device | None,
-        wandb_name: str,
-        submodule_name: str | None,
-    ):
-        super().__init__(seed)
-        for name, value in (("steps", steps), ("activation_dim", activation_dim), ("dict_size", dict_size)):
+    steps: int
+    """Training steps; learning-rate schedules and warm-ups are measured against it."""
+    activation_dim: int
+    """Width ``d`` of the activations."""
+    dict_size: int
+    """Number of latents."""
+    layer: int | None = None
+    """Model layer the activations come from (metadata, as dictionary_learning records it)."""
+    lm_name: str | None = None
+    """Hugging Face id of the model (metadata; the SAELens export derives the model name from it)."""
+    seed: int | None = None
+    """Seeds torch and the trainer's private prefix generator."""
+    device: str | None = None
+    """Where the SAE trains; ``None`` picks CUDA when available."""
+    wandb_name: str = "MatryoshkaSAE"
+    """Run name for Weights & Biases (metadata)."""
+    submodule_name: str | None = None
+    """dictionary_learning submodule the activations come from (metadata; gives the SAELens hook)."""
+    backend: str = "auto"
+    """Prefix-loss implementation: ``"auto"`` (fused kernels where they exist) or ``"torch"``."""
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "activation_dim", "dict_size"):
+            value = getattr(self, name)
             if isinstance(value, bool) or int(value) != value or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        self.steps = int(steps)
-        self.layer, self.lm_name = layer, lm_name
-        self.wandb_name, self.submodule_name = wandb_name, submodule_name
-        if device is None:
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.device = str(device)
+            setattr(self, name, int(value))
+        if self.backend not in BACKENDS:
+            raise ValueError(f"unknown backend {self.backend!r}; choose one of {BACKENDS}")
+        self.device = str(self.device) if self.device is not None else (
+            "cuda" if torch.cuda.is_available() else "cpu")
+
+    def to_dict(self) -> dict[str, Any]:
+        """The fields as ``config.json`` stores them (the SAE class by name)."""
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        for key, value in out.items():
+            if isinstance(value, type):
+                out[key] = value.__name__
+            elif isinstance(value, tuple):
+                out[key] = list(value)
+        return out
+
+
+class MatryoshkaTrainerBase(SAETrainer):
+    """Bookkeeping common to the trainers: typed settings, seed, metadata and input checks.
+
+    A trainer takes its settings as keywords, validates them in its ``config_class`` (a
+    :class:`TrainerConfig`) and reads them back as attributes (``trainer.k``, ``trainer.lr``).
+    """
+
+    config_class: type[TrainerConfig] = TrainerConfig
+    trainer_class_name: str = ""
+    loss_convention: str = ""
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "config_class" in cls.__dict__ and "__init__" in cls.__dict__:
+            # help() and IDEs show the config's keywords, not **kwargs.
+            fields = list(inspect.signature(cls.config_class).parameters.values())
+            self_param = inspect.Parameter("self", inspect.Parameter.POSITIONAL_ONLY)
+            cls.__init__.__signature__ = inspect.Signature([self_param, *fields])
+
+    def __init__(self, cfg: TrainerConfig):
+        super().__init__(cfg.seed)
+        self.cfg = cfg
+        seed = cfg.seed
         if seed is not None:
             torch.manual_seed(seed)
             if torch.cuda.is_available():
@@ -64,6 +118,29 @@ class MatryoshkaTrainerBase(SAETrainer):
         # A private generator keeps random prefixes reproducible and independent of other RNG use.
         self.generator = torch.Generator()
         self.generator.manual_seed(seed if seed is not None else torch.initial_seed() % (2**63))
+
+    def __getattr__(self, name: str) -> Any:
+        # Settings read as attributes; only reached when normal lookup fails.
+        cfg = self.__dict__.get("cfg")
+        if cfg is not None and name in cfg.__dataclass_fields__:
+            return getattr(cfg, name)
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
+    @property
+    def config(self) -> dict:
+        """What ``trainSAE`` saves as ``config.json["trainer"]``."""
+        return {
+            "trainer_class": self.trainer_class_name,
+            **self.cfg.to_dict(),
+            **self._extra_config(),
+            "loss_convention": self.loss_convention,
+            "package": PACKAGE_MARK,
+            "package_version": _package_version(),
+        }
+
+    def _extra_config(self) -> dict[str, Any]:
+        """Values derived from the settings that ``config.json`` also records."""
+        return {}
 
     def _prepare(self, x: torch.Tensor, step: int | None) -> torch.Tensor:
         check_activations(x, self.ae.activation_dim, step)
@@ -78,18 +155,6 @@ class MatryoshkaTrainerBase(SAETrainer):
                 f"non-finite loss {loss.item()}{where} ({detail}); the SAE was not updated. "
                 "Lower the learning rate or check the activations' scale."
             )
-
-    def _metadata(self) -> dict:
-        return {
-            "package": "matryoshka_plugin",
-            "package_version": _package_version(),
-            "seed": self.seed,
-            "device": self.device,
-            "layer": self.layer,
-            "lm_name": self.lm_name,
-            "wandb_name": self.wandb_name,
-            "submodule_name": self.submodule_name,
-        }
 
 
 def make_adam(params, lr: float, betas) -> torch.optim.Adam:

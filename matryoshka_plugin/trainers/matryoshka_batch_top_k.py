@@ -17,13 +17,13 @@ Differences, all deliberate:
 
 from __future__ import annotations
 
-from typing import Sequence
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple, Sequence
 
 import torch
 import torch.nn.functional as F
 
-from ..kernels import BACKENDS
-from ..prefix_loss import prefix_mse
+from ..prefix_loss import PrefixLoss, prefix_mse
 from ..prefixes import PrefixSampler, group_sizes_from_fractions
 from ..sae import MatryoshkaBatchTopKSAE
 from ..sparse_encoder import encoder_entries
@@ -32,6 +32,7 @@ from ..threads import threads_by_work
 from .common import (
     LossLog,
     MatryoshkaTrainerBase,
+    TrainerConfig,
     check_positive,
     constant_warmup_decay_schedule,
     geometric_median,
@@ -39,93 +40,134 @@ from .common import (
     project_out_radial_,
 )
 
-__all__ = ["MatryoshkaBatchTopKTrainer"]
+__all__ = ["MatryoshkaBatchTopKTrainer", "MatryoshkaBatchTopKConfig", "StepOutput"]
+
+
+@dataclass(kw_only=True)
+class MatryoshkaBatchTopKConfig(TrainerConfig):
+    """Settings of :class:`MatryoshkaBatchTopKTrainer`: every keyword of dictionary_learning's
+    ``MatryoshkaBatchTopKTrainer`` with the same meaning, plus the prefix modes."""
+
+    k: int
+    """Mean active latents per token (BatchTopK over the batch)."""
+    group_fractions: Sequence[float] | None = None
+    """Fractions of ``dict_size`` in each nested group (sum 1); required with ``prefix_mode="groups"``."""
+    group_weights: Sequence[float] | None = None
+    """Weight of each group's prefix loss (default equal); normalised to sum 1."""
+    dict_class: type = MatryoshkaBatchTopKSAE
+    """SAE class, built as ``dict_class(activation_dim, dict_size, k, group_sizes)``."""
+    lr: float | None = None
+    """Adam learning rate; ``None``: 2e-4 / sqrt(dict_size / 2**14), as upstream."""
+    auxk_alpha: float = 1 / 32
+    """Weight of the auxiliary loss that lets dead latents reconstruct the residual."""
+    warmup_steps: int = 1000
+    """Linear learning-rate warm-up steps."""
+    decay_start: int | None = None
+    """Step where the learning rate starts its linear decay to 0 (``None``: no decay)."""
+    threshold_beta: float = 0.999
+    """EMA decay of the inference threshold (smallest selected activation per batch)."""
+    threshold_start_step: int = 1000
+    """First step that updates the inference threshold."""
+    wandb_name: str = "MatryoshkaBatchTopKSAE"
+    """Run name for Weights & Biases (metadata)."""
+    prefix_mode: str = "groups"
+    """``"groups"``, ``"every"`` prefix, random ``"pareto"`` prefixes, their exact expectation
+    ``"pareto_expected"``, or ``"none"`` (plain BatchTopK)."""
+    balance_beta: float | None = None
+    """Weight inner levels by ``beta**depth`` (feature-hedging remedy); ``None``: standard."""
+    n_prefixes: int = 10
+    """Prefixes per step in ``"pareto"`` mode (the full SAE and ``n - 1`` random ones)."""
+    pareto_power: float = 0.5
+    """Shape of the truncated Pareto law of random prefix lengths."""
+    dead_feature_threshold: int = 10_000_000
+    """Tokens without firing after which a latent counts as dead (AuxK)."""
+    top_k_aux: int | None = None
+    """Dead latents used by AuxK per token; ``None``: ``activation_dim // 2``."""
+    group_sizes: list[int] = field(init=False)
+    """Latents per group, derived from ``group_fractions``."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        k = self.k
+        if isinstance(k, bool) or int(k) != k or not (0 < int(k) <= self.dict_size):
+            raise ValueError(f"k must be an integer in [1, dict_size={self.dict_size}], got {k!r}")
+        self.k = int(k)
+        if self.group_fractions is None:
+            if self.prefix_mode == "groups":
+                raise ValueError("group_fractions is required with prefix_mode='groups'")
+            self.group_fractions = [1.0]
+        self.group_fractions = [float(f) for f in self.group_fractions]
+        self.group_sizes = group_sizes_from_fractions(self.dict_size, self.group_fractions)
+        if self.group_weights is not None:
+            if len(self.group_weights) != len(self.group_sizes):
+                raise ValueError(
+                    f"{len(self.group_weights)} group_weights for {len(self.group_sizes)} groups "
+                    f"(group_fractions {self.group_fractions})"
+                )
+            self.group_weights = [float(w) for w in self.group_weights]
+        self.n_prefixes, self.pareto_power = int(self.n_prefixes), float(self.pareto_power)
+        check_positive("auxk_alpha", self.auxk_alpha, allow_zero=True)
+        if not (0.0 <= self.threshold_beta < 1.0):
+            raise ValueError(f"threshold_beta must lie in [0, 1), got {self.threshold_beta}")
+        self.auxk_alpha, self.threshold_beta = float(self.auxk_alpha), float(self.threshold_beta)
+        self.threshold_start_step, self.warmup_steps = int(self.threshold_start_step), int(self.warmup_steps)
+        # Auto-selected like upstream: 1/sqrt(dict size) scaling from 2e-4 at 2^14 latents.
+        self.lr = float(self.lr) if self.lr is not None else 2e-4 / (self.dict_size / 2**14) ** 0.5
+        check_positive("lr", self.lr)
+        self.dead_feature_threshold = int(self.dead_feature_threshold)
+        self.top_k_aux = int(self.top_k_aux) if self.top_k_aux is not None else self.activation_dim // 2
+
+
+class StepOutput(NamedTuple):
+    """One forward pass of the training loss."""
+
+    loss: torch.Tensor
+    """Prefix reconstruction loss plus ``auxk_alpha`` times the AuxK loss (scalar, with graph)."""
+    latents: SparseLatents
+    """The batch's selected activations."""
+    recon: PrefixLoss
+    """The prefix loss and the full SAE's residual."""
+    post_relu: torch.Tensor
+    """Dense pre-selection activations ``[B, n]`` (for the threshold estimate and AuxK)."""
+    parts: dict[str, float]
+    """Loss terms for logging (``l2_loss``, ``auxk_loss``)."""
+    since_fired: torch.Tensor
+    """Tokens since each latent last fired, counting this batch (not yet stored)."""
+    dead: torch.Tensor
+    """Latents that count as dead after this batch."""
+    pre_norm_auxk: float
+    """AuxK reconstruction error before normalisation (``-1`` when no latent is dead)."""
 
 
 class MatryoshkaBatchTopKTrainer(MatryoshkaTrainerBase):
-    """Train a :class:`MatryoshkaBatchTopKSAE` with ``dictionary_learning.training.trainSAE``."""
+    """Train a :class:`MatryoshkaBatchTopKSAE` with ``dictionary_learning.training.trainSAE``.
 
-    def __init__(
-        self,
-        steps: int,
-        activation_dim: int,
-        dict_size: int,
-        k: int,
-        layer: int | None = None,
-        lm_name: str | None = None,
-        group_fractions: Sequence[float] | None = None,
-        group_weights: Sequence[float] | None = None,
-        dict_class: type = MatryoshkaBatchTopKSAE,
-        lr: float | None = None,
-        auxk_alpha: float = 1 / 32,
-        warmup_steps: int = 1000,
-        decay_start: int | None = None,
-        threshold_beta: float = 0.999,
-        threshold_start_step: int = 1000,
-        seed: int | None = None,
-        device: str | None = None,
-        wandb_name: str = "MatryoshkaBatchTopKSAE",
-        submodule_name: str | None = None,
-        prefix_mode: str = "groups",
-        balance_beta: float | None = None,
-        n_prefixes: int = 10,
-        pareto_power: float = 0.5,
-        dead_feature_threshold: int = 10_000_000,
-        top_k_aux: int | None = None,
-        backend: str = "auto",
-    ):
-        super().__init__(steps, activation_dim, dict_size, layer, lm_name, seed, device, wandb_name, submodule_name)
-        if isinstance(k, bool) or int(k) != k or not (0 < int(k) <= dict_size):
-            raise ValueError(f"k must be an integer in [1, dict_size={dict_size}], got {k!r}")
-        self.k = int(k)
-        if group_fractions is None:
-            if prefix_mode == "groups":
-                raise ValueError("group_fractions is required with prefix_mode='groups'")
-            group_fractions = [1.0]
-        self.group_fractions = [float(f) for f in group_fractions]
-        self.group_sizes = group_sizes_from_fractions(dict_size, self.group_fractions)
-        if group_weights is not None and len(group_weights) != len(self.group_sizes):
-            raise ValueError(
-                f"{len(group_weights)} group_weights for {len(self.group_sizes)} groups "
-                f"(group_fractions {self.group_fractions})"
-            )
-        self.group_weights = None if group_weights is None else [float(w) for w in group_weights]
-        self.prefix_mode = prefix_mode
-        self.balance_beta = balance_beta
-        self.n_prefixes, self.pareto_power = int(n_prefixes), float(pareto_power)
+    Takes the keywords of :class:`MatryoshkaBatchTopKConfig`.
+    """
+
+    config_class = MatryoshkaBatchTopKConfig
+    trainer_class_name = "MatryoshkaBatchTopKTrainer"
+    loss_convention = "weighted mean of prefix MSEs (prefix weights sum to 1)"
+
+    def __init__(self, **settings: Any):
+        cfg = MatryoshkaBatchTopKConfig(**settings)
+        super().__init__(cfg)
         self.prefixes = PrefixSampler(
-            prefix_mode,
-            dict_size,
-            group_sizes=self.group_sizes,
-            group_weights=self.group_weights,
-            balance_beta=balance_beta,
-            n_prefixes=self.n_prefixes,
-            pareto_power=self.pareto_power,
+            cfg.prefix_mode,
+            cfg.dict_size,
+            group_sizes=cfg.group_sizes,
+            group_weights=cfg.group_weights,
+            balance_beta=cfg.balance_beta,
+            n_prefixes=cfg.n_prefixes,
+            pareto_power=cfg.pareto_power,
         )
-        check_positive("auxk_alpha", auxk_alpha, allow_zero=True)
-        if not (0.0 <= threshold_beta < 1.0):
-            raise ValueError(f"threshold_beta must lie in [0, 1), got {threshold_beta}")
-        self.auxk_alpha = float(auxk_alpha)
-        self.threshold_beta = float(threshold_beta)
-        self.threshold_start_step = int(threshold_start_step)
-        self.warmup_steps, self.decay_start = int(warmup_steps), decay_start
-        if backend not in BACKENDS:
-            raise ValueError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
-        self.backend = backend
+        self.ae = cfg.dict_class(cfg.activation_dim, cfg.dict_size, cfg.k, cfg.group_sizes).to(cfg.device)
 
-        self.dict_class = dict_class
-        self.ae = dict_class(activation_dim, dict_size, self.k, self.group_sizes).to(self.device)
-        # Auto-selected like upstream: 1/sqrt(dict size) scaling from 2e-4 at 2^14 latents.
-        self.lr = float(lr) if lr is not None else 2e-4 / (dict_size / 2**14) ** 0.5
-        check_positive("lr", self.lr)
-        self.dead_feature_threshold = int(dead_feature_threshold)
-        self.top_k_aux = int(top_k_aux) if top_k_aux is not None else activation_dim // 2
-
-        self.optimizer = make_adam(self.ae.parameters(), self.lr, (0.9, 0.999))
-        schedule = constant_warmup_decay_schedule(self.steps, self.warmup_steps, decay_start)
+        self.optimizer = make_adam(self.ae.parameters(), cfg.lr, (0.9, 0.999))
+        schedule = constant_warmup_decay_schedule(cfg.steps, cfg.warmup_steps, cfg.decay_start)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda=schedule)
 
-        self.num_tokens_since_fired = torch.zeros(dict_size, dtype=torch.long, device=self.device)
+        self.num_tokens_since_fired = torch.zeros(cfg.dict_size, dtype=torch.long, device=cfg.device)
         self._b_dec_initialised = False
         self.logging_parameters = ["effective_l0", "threshold_l0", "dead_features", "pre_norm_auxk_loss"]
         self.effective_l0 = -1.0
@@ -158,7 +200,7 @@ class MatryoshkaBatchTopKTrainer(MatryoshkaTrainerBase):
         denom = (residual.float() - residual.float().mean(0)).pow(2).sum(-1).mean()
         return (l2 / denom).nan_to_num(0.0), float(l2)
 
-    def _forward(self, x: torch.Tensor, step: int | None, training: bool):
+    def _forward(self, x: torch.Tensor, step: int | None, training: bool) -> StepOutput:
         latents, post_relu = self.ae.encode_training(x, self.backend)
         weights = self.prefixes.sample(self.generator) if training else self.prefixes.expected()
         recon = prefix_mse(
@@ -169,8 +211,7 @@ class MatryoshkaBatchTopKTrainer(MatryoshkaTrainerBase):
         loss = recon.loss + self.auxk_alpha * auxk
         parts = {"l2_loss": recon.loss.item(), "auxk_loss": auxk.item()}
         self._check_loss(loss, step, parts)
-        stats = {"since": since, "dead": dead, "pre_norm_auxk": pre_norm_auxk}
-        return loss, latents, recon, post_relu, parts, stats
+        return StepOutput(loss, latents, recon, post_relu, parts, since, dead, pre_norm_auxk)
 
     @threads_by_work
     def loss(self, x: torch.Tensor, step: int | None = None, logging: bool = False):
@@ -179,12 +220,13 @@ class MatryoshkaBatchTopKTrainer(MatryoshkaTrainerBase):
         Random prefix modes use their exact expectation here.
         """
         x = self._prepare(x, step)
-        loss, latents, recon, _, parts, _ = self._forward(x, step, training=False)
+        out = self._forward(x, step, training=False)
+        loss, latents, recon = out.loss, out.latents, out.recon
         if not logging:
             return loss
         f = latents._replace(values=latents.values.detach()).to_dense()
         x_hat = x - recon.residual
-        return LossLog(x, x_hat, f, {**parts, "loss": loss.item()})
+        return LossLog(x, x_hat, f, {**out.parts, "loss": loss.item()})
 
     # -- one optimisation step ----------------------------------------------------------------
 
@@ -204,20 +246,21 @@ class MatryoshkaBatchTopKTrainer(MatryoshkaTrainerBase):
         if not self._b_dec_initialised:
             self.ae.b_dec.data.copy_(geometric_median(x).to(self.ae.b_dec.dtype))
             self._b_dec_initialised = True
-        loss, latents, _, post_relu, _, stats = self._forward(x, step, training=True)
+        out = self._forward(x, step, training=True)
+        loss, latents, post_relu = out.loss, out.latents, out.post_relu
 
         with torch.no_grad():
             if step > self.threshold_start_step:
                 self._update_threshold(latents)
-            self.num_tokens_since_fired.copy_(stats["since"])
-            self.dead_features = int(stats["dead"].sum())
-            self.pre_norm_auxk_loss = stats["pre_norm_auxk"]
+            self.num_tokens_since_fired.copy_(out.since_fired)
+            self.dead_features = int(out.dead.sum())
+            self.pre_norm_auxk_loss = out.pre_norm_auxk
             self.effective_l0 = float((latents.values > 0).sum()) / x.shape[0]
             thr = float(self.ae.threshold)
             # Estimated on up to 256 tokens: a full pass over [B, n] would cost a tenth of a step.
             sample = post_relu[:256]
             self.threshold_l0 = float((sample > thr).sum()) / sample.shape[0] if thr >= 0 else -1.0
-        del post_relu, stats  # the dense [B, n] activations are not needed for backward
+        del post_relu, out  # the dense [B, n] activations are not needed for backward
 
         loss.backward()
         W = self.ae.W_dec
@@ -229,32 +272,3 @@ class MatryoshkaBatchTopKTrainer(MatryoshkaTrainerBase):
         with torch.no_grad():
             W.div_(W.norm(dim=1, keepdim=True).clamp_min(torch.finfo(W.dtype).eps))
         return loss.item()
-
-    @property
-    def config(self) -> dict:
-        return {
-            "trainer_class": "MatryoshkaBatchTopKTrainer",
-            "dict_class": self.dict_class.__name__,
-            "lr": self.lr,
-            "steps": self.steps,
-            "auxk_alpha": self.auxk_alpha,
-            "warmup_steps": self.warmup_steps,
-            "decay_start": self.decay_start,
-            "threshold_beta": self.threshold_beta,
-            "threshold_start_step": self.threshold_start_step,
-            "top_k_aux": self.top_k_aux,
-            "dead_feature_threshold": self.dead_feature_threshold,
-            "activation_dim": self.ae.activation_dim,
-            "dict_size": self.ae.dict_size,
-            "group_fractions": self.group_fractions,
-            "group_weights": self.group_weights,
-            "group_sizes": self.group_sizes,
-            "k": self.k,
-            "prefix_mode": self.prefix_mode,
-            "balance_beta": self.balance_beta,
-            "n_prefixes": self.n_prefixes,
-            "pareto_power": self.pareto_power,
-            "backend": self.backend,
-            "loss_convention": "weighted mean of prefix MSEs (prefix weights sum to 1)",
-            **self._metadata(),
-        }

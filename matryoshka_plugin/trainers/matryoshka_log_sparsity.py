@@ -29,12 +29,12 @@ learning-rate decay starts.
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Sequence
 
 import torch
 
 from ..errors import ActivationError
-from ..kernels import BACKENDS
 from ..prefix_loss import prefix_mse
 from ..prefixes import PrefixSampler, group_sizes_from_fractions
 from ..sae import MatryoshkaLogSparsitySAE
@@ -44,6 +44,7 @@ from ..threads import threads_by_work
 from .common import (
     LossLog,
     MatryoshkaTrainerBase,
+    TrainerConfig,
     check_positive,
     make_adam,
     permute_latents_,
@@ -51,142 +52,168 @@ from .common import (
     warmup_stable_decay_schedule,
 )
 
-__all__ = ["MatryoshkaLogSparsityTrainer", "LM_LR"]
+__all__ = ["MatryoshkaLogSparsityTrainer", "MatryoshkaLogSparsityConfig", "LM_LR"]
 
 # Default learning rate, measured on MiniLM activations (docs/real_model.md); the post's toy used 3e-2.
 LM_LR = 3e-3
 
 
+@dataclass(kw_only=True)
+class MatryoshkaLogSparsityConfig(TrainerConfig):
+    """Settings of :class:`MatryoshkaLogSparsityTrainer` (the original post's method)."""
+
+    target_l0: float | None = None
+    """Mean active latents per token the controller steers toward; ``None``: a fixed coefficient."""
+    prefix_mode: str = "pareto"
+    """``"pareto"`` (the full SAE plus ``n_prefixes - 1`` random prefixes per step),
+    ``"pareto_expected"``, ``"every"``, ``"groups"`` or ``"none"`` (the post's vanilla SAE)."""
+    n_prefixes: int = 10
+    """Prefixes per step in ``"pareto"`` mode."""
+    pareto_power: float = 0.5
+    """Shape of the truncated Pareto law of random prefix lengths."""
+    min_prefix_length: int = 1
+    """Shortest random prefix."""
+    group_fractions: Sequence[float] | None = None
+    """Nested group fractions (sum 1); only with ``prefix_mode="groups"``."""
+    group_weights: Sequence[float] | None = None
+    """Weight of each group's prefix loss (default equal)."""
+    balance_beta: float | None = None
+    """Weight inner levels by ``beta**depth`` (feature-hedging remedy); ``None``: standard."""
+    sparsity: str = "log"
+    """Penalty on ``a * ||w||``: ``"log"`` (``log(1 + m / log_eps)``) or ``"l1"``."""
+    log_eps: float = 0.1
+    """Scale of the log penalty."""
+    sparsity_coeff: float = 1.2
+    """Initial sparsity coefficient (the controller moves it toward ``target_l0``)."""
+    controller_rate: float | None = None
+    """Step size of ``log(coefficient)`` per unit of ``log(L0 / target)``; ``None``: scaled to the
+    run so it can travel ``controller_log_range`` after the warm-up."""
+    controller_warmup_fraction: float = 0.2
+    """Fraction of the steps before the controller starts."""
+    controller_log_range: float = 8.0
+    """How far ``log(coefficient)`` can move over the run when ``controller_rate`` is ``None``."""
+    reorder_latents: bool = True
+    """Reorder latents every step by an EMA of their squared contribution."""
+    reorder_decay: float = 0.95
+    """Decay of that EMA."""
+    normalize_input: bool = True
+    """Scale inputs to norm ``sqrt(d)`` with a running mean of their norms."""
+    input_norm_decay: float = 0.99
+    """Decay of the running input norm."""
+    lr: float = LM_LR
+    """Adam learning rate (the post's toy used 3e-2)."""
+    betas: Sequence[float] = (0.5, 0.9375)
+    """Adam betas (the post's)."""
+    warmup_steps: int = 100
+    """Linear learning-rate warm-up steps."""
+    decay_fraction: float = 0.2
+    """Final fraction of the steps over which the learning rate decays linearly."""
+    end_lr_factor: float = 0.1
+    """Learning rate at the end, relative to ``lr``."""
+    grad_clip: float = 1.0
+    """Gradient-norm clip."""
+    dict_class: type = MatryoshkaLogSparsitySAE
+    """SAE class, built as ``dict_class(activation_dim, dict_size)``."""
+    wandb_name: str = "MatryoshkaLogSparsitySAE"
+    """Run name for Weights & Biases (metadata)."""
+    normalize_decoder: bool = True
+    """Keep decoder rows at unit norm, so the penalised magnitude is the activation the
+    controller counts (``False``: the post's free norms)."""
+    dead_feature_threshold: int | None = None
+    """Tokens without firing after which a latent is dead and resampled; ``None``: a tenth of
+    the run's tokens (at most 10M), set at the first step."""
+    resample_dead: bool = True
+    """Resample dead latents until the learning-rate decay starts."""
+    group_sizes: list[int] | None = field(init=False)
+    """Latents per group, derived from ``group_fractions``."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.sparsity not in SPARSITY_KINDS:
+            raise ValueError(f"unknown sparsity {self.sparsity!r}; choose one of {SPARSITY_KINDS}")
+        for name in ("log_eps", "lr", "grad_clip", "controller_log_range"):
+            check_positive(name, getattr(self, name))
+        for name in ("reorder_decay", "input_norm_decay"):
+            if not (0.0 <= getattr(self, name) < 1.0):
+                raise ValueError(f"{name} must lie in [0, 1), got {getattr(self, name)}")
+        if not (0.0 <= self.controller_warmup_fraction < 1.0):
+            raise ValueError(f"controller_warmup_fraction must lie in [0, 1), got {self.controller_warmup_fraction}")
+        if self.group_fractions is not None and self.prefix_mode != "groups":
+            raise ValueError(f"group_fractions apply to prefix_mode='groups', not {self.prefix_mode!r}")
+        d = self.dead_feature_threshold
+        if d is not None and (isinstance(d, bool) or int(d) != d or d < 1):
+            raise ValueError(f"dead_feature_threshold must be a positive number of tokens, got {d!r}")
+        self.dead_feature_threshold = None if d is None else int(d)
+        self.group_fractions = None if self.group_fractions is None else [float(f) for f in self.group_fractions]
+        self.group_sizes = (None if self.group_fractions is None
+                            else group_sizes_from_fractions(self.dict_size, self.group_fractions))
+        self.group_weights = None if self.group_weights is None else [float(w) for w in self.group_weights]
+        self.target_l0 = None if self.target_l0 is None else float(self.target_l0)
+        self.n_prefixes, self.pareto_power = int(self.n_prefixes), float(self.pareto_power)
+        self.min_prefix_length = int(self.min_prefix_length)
+        self.log_eps, self.sparsity_coeff = float(self.log_eps), float(self.sparsity_coeff)
+        self.controller_warmup_fraction = float(self.controller_warmup_fraction)
+        self.controller_log_range = float(self.controller_log_range)
+        if self.controller_rate is None:
+            self.controller_rate = min(1.0, self.controller_log_range / max(1, self.steps - self.controller_warmup))
+        self.controller_rate = float(self.controller_rate)
+        self.reorder_latents, self.reorder_decay = bool(self.reorder_latents), float(self.reorder_decay)
+        self.normalize_input, self.input_norm_decay = bool(self.normalize_input), float(self.input_norm_decay)
+        self.lr, self.grad_clip = float(self.lr), float(self.grad_clip)
+        self.betas = tuple(float(b) for b in self.betas)
+        self.warmup_steps, self.decay_fraction = int(self.warmup_steps), float(self.decay_fraction)
+        self.end_lr_factor = float(self.end_lr_factor)
+        self.normalize_decoder, self.resample_dead = bool(self.normalize_decoder), bool(self.resample_dead)
+
+    @property
+    def controller_warmup(self) -> int:
+        """Steps before the controller starts."""
+        return int(self.controller_warmup_fraction * self.steps)
+
+
 class MatryoshkaLogSparsityTrainer(MatryoshkaTrainerBase):
     """Train a :class:`MatryoshkaLogSparsitySAE` with ``dictionary_learning.training.trainSAE``.
 
-    Optimiser settings follow the post's reference code (Adam betas (0.5, 0.9375), 100
-    warm-up steps, decay to 0.1x over the last 20%, coefficient 1.2 with a controller
-    warm-up of 20% of steps); the default ``lr`` suits language-model activations, the
-    post's toy used 3e-2.
-
-    ``controller_rate=None`` lets ``log(coefficient)`` travel up to ``controller_log_range``
-    over the steps after the controller's warm-up. ``dead_feature_threshold=None`` resamples
-    latents silent for a tenth of the run's tokens (at most 10M); ``resample_dead=False``
-    turns resampling off (dead latents are still counted).
+    Takes the keywords of :class:`MatryoshkaLogSparsityConfig`. Optimiser settings follow the
+    post's reference code (Adam betas (0.5, 0.9375), 100 warm-up steps, decay to 0.1x over
+    the last 20%, coefficient 1.2 with a controller warm-up of 20% of steps); the default
+    ``lr`` suits language-model activations, the post's toy used 3e-2.
     """
 
-    def __init__(
-        self,
-        steps: int,
-        activation_dim: int,
-        dict_size: int,
-        layer: int | None = None,
-        lm_name: str | None = None,
-        target_l0: float | None = None,
-        prefix_mode: str = "pareto",
-        n_prefixes: int = 10,
-        pareto_power: float = 0.5,
-        min_prefix_length: int = 1,
-        group_fractions: Sequence[float] | None = None,
-        group_weights: Sequence[float] | None = None,
-        balance_beta: float | None = None,
-        sparsity: str = "log",
-        log_eps: float = 0.1,
-        sparsity_coeff: float = 1.2,
-        controller_rate: float | None = None,
-        controller_warmup_fraction: float = 0.2,
-        controller_log_range: float = 8.0,
-        reorder_latents: bool = True,
-        reorder_decay: float = 0.95,
-        normalize_input: bool = True,
-        input_norm_decay: float = 0.99,
-        lr: float = LM_LR,
-        betas: Sequence[float] = (0.5, 0.9375),
-        warmup_steps: int = 100,
-        decay_fraction: float = 0.2,
-        end_lr_factor: float = 0.1,
-        grad_clip: float = 1.0,
-        dict_class: type = MatryoshkaLogSparsitySAE,
-        seed: int | None = None,
-        device: str | None = None,
-        wandb_name: str = "MatryoshkaLogSparsitySAE",
-        submodule_name: str | None = None,
-        backend: str = "auto",
-        normalize_decoder: bool = True,
-        dead_feature_threshold: int | None = None,
-        resample_dead: bool = True,
-    ):
-        super().__init__(steps, activation_dim, dict_size, layer, lm_name, seed, device, wandb_name, submodule_name)
-        if sparsity not in SPARSITY_KINDS:
-            raise ValueError(f"unknown sparsity {sparsity!r}; choose one of {SPARSITY_KINDS}")
-        check_positive("log_eps", log_eps)
-        check_positive("lr", lr)
-        check_positive("grad_clip", grad_clip)
-        for name, v in (("reorder_decay", reorder_decay), ("input_norm_decay", input_norm_decay)):
-            if not (0.0 <= v < 1.0):
-                raise ValueError(f"{name} must lie in [0, 1), got {v}")
-        if not (0.0 <= controller_warmup_fraction < 1.0):
-            raise ValueError(f"controller_warmup_fraction must lie in [0, 1), got {controller_warmup_fraction}")
-        if backend not in BACKENDS:
-            raise ValueError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
-        if group_fractions is not None and prefix_mode != "groups":
-            raise ValueError(f"group_fractions apply to prefix_mode='groups', not {prefix_mode!r}")
-        check_positive("controller_log_range", controller_log_range)
-        if dead_feature_threshold is not None and (
-            isinstance(dead_feature_threshold, bool) or int(dead_feature_threshold) != dead_feature_threshold
-            or dead_feature_threshold < 1
-        ):
-            raise ValueError(f"dead_feature_threshold must be a positive number of tokens, got {dead_feature_threshold!r}")
-        self.backend = backend
-        self.group_fractions = None if group_fractions is None else [float(f) for f in group_fractions]
-        group_sizes = None
-        if self.group_fractions is not None:
-            group_sizes = group_sizes_from_fractions(dict_size, self.group_fractions)
-        self.group_weights = None if group_weights is None else [float(w) for w in group_weights]
-        self.prefix_mode, self.balance_beta = prefix_mode, balance_beta
-        self.n_prefixes, self.pareto_power = int(n_prefixes), float(pareto_power)
-        self.min_prefix_length = int(min_prefix_length)
-        self.prefixes = PrefixSampler(
-            prefix_mode,
-            dict_size,
-            group_sizes=group_sizes,
-            group_weights=self.group_weights,
-            balance_beta=balance_beta,
-            n_prefixes=self.n_prefixes,
-            pareto_power=self.pareto_power,
-            min_prefix_length=self.min_prefix_length,
-        )
-        self.group_sizes = group_sizes
-        self.sparsity, self.log_eps = sparsity, float(log_eps)
-        self.target_l0 = None if target_l0 is None else float(target_l0)
-        self.controller_warmup_fraction = float(controller_warmup_fraction)
-        self.controller_log_range = float(controller_log_range)
-        controller_warmup = int(self.controller_warmup_fraction * self.steps)
-        if controller_rate is None:
-            controller_rate = min(1.0, self.controller_log_range / max(1, self.steps - controller_warmup))
-        self.controller = L0Controller(sparsity_coeff, self.target_l0, rate=controller_rate, warmup_steps=controller_warmup)
-        self.sparsity_coeff, self.controller_rate = float(sparsity_coeff), float(controller_rate)
-        self.normalize_decoder = bool(normalize_decoder)
-        self.resample_dead = bool(resample_dead)
-        # None: set from the batch size at the first step (a tenth of the run, at most 10M tokens).
-        self.dead_feature_threshold = None if dead_feature_threshold is None else int(dead_feature_threshold)
-        self.reorder_latents, self.reorder_decay = bool(reorder_latents), float(reorder_decay)
-        self.normalize_input, self.input_norm_decay = bool(normalize_input), float(input_norm_decay)
-        self.lr, self.betas, self.grad_clip = float(lr), tuple(float(b) for b in betas), float(grad_clip)
-        self.warmup_steps, self.decay_fraction, self.end_lr_factor = int(warmup_steps), float(decay_fraction), float(end_lr_factor)
+    config_class = MatryoshkaLogSparsityConfig
+    trainer_class_name = "MatryoshkaLogSparsityTrainer"
+    loss_convention = "weighted mean of prefix MSEs on input scaled to norm sqrt(d)"
 
-        self.dict_class = dict_class
-        self.ae = dict_class(activation_dim, dict_size).to(self.device)
+    def __init__(self, **settings: Any):
+        cfg = MatryoshkaLogSparsityConfig(**settings)
+        super().__init__(cfg)
+        self.prefixes = PrefixSampler(
+            cfg.prefix_mode,
+            cfg.dict_size,
+            group_sizes=cfg.group_sizes,
+            group_weights=cfg.group_weights,
+            balance_beta=cfg.balance_beta,
+            n_prefixes=cfg.n_prefixes,
+            pareto_power=cfg.pareto_power,
+            min_prefix_length=cfg.min_prefix_length,
+        )
+        self.controller = L0Controller(cfg.sparsity_coeff, cfg.target_l0, rate=cfg.controller_rate,
+                                       warmup_steps=cfg.controller_warmup)
+        self.ae = cfg.dict_class(cfg.activation_dim, cfg.dict_size).to(cfg.device)
         if self.normalize_decoder:
             # Unit decoder rows; the encoder keeps the post's scale (folding the decoder's 0.1
             # into the encoder instead made its Adam steps 10x larger relative to its weights
             # and broke the toy: absorption 0.33 instead of 0 on the post's tree).
             with torch.no_grad():
                 self.ae.W_dec.div_(self.ae.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12))
-        self.optimizer = make_adam(self.ae.parameters(), self.lr, self.betas)
-        schedule = warmup_stable_decay_schedule(self.steps, self.warmup_steps, self.decay_fraction, self.end_lr_factor)
+        self.optimizer = make_adam(self.ae.parameters(), cfg.lr, cfg.betas)
+        schedule = warmup_stable_decay_schedule(cfg.steps, cfg.warmup_steps, cfg.decay_fraction, cfg.end_lr_factor)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda=schedule)
 
         # Per-latent statistics; all are permuted with the latents.
-        self.contribution_ema = torch.zeros(dict_size, device=self.device)
-        self.num_tokens_since_fired = torch.zeros(dict_size, dtype=torch.long, device=self.device)
-        self.latent_origin = torch.arange(dict_size, device=self.device)
+        self.contribution_ema = torch.zeros(cfg.dict_size, device=cfg.device)
+        self.num_tokens_since_fired = torch.zeros(cfg.dict_size, dtype=torch.long, device=cfg.device)
+        self.latent_origin = torch.arange(cfg.dict_size, device=cfg.device)
         self._input_norm_initialised = False
 
         self.logging_parameters = ["effective_l0", "sparsity_coefficient", "dead_features", "input_norm", "resampled"]
@@ -270,8 +297,8 @@ class MatryoshkaLogSparsityTrainer(MatryoshkaTrainerBase):
     @threads_by_work
     def update(self, step: int, x: torch.Tensor) -> float:
         x = self._prepare(x, step)
-        if self.dead_feature_threshold is None:
-            self.dead_feature_threshold = min(10_000_000, max(x.shape[0], self.steps * x.shape[0] // 10))
+        if self.cfg.dead_feature_threshold is None:
+            self.cfg.dead_feature_threshold = min(10_000_000, max(x.shape[0], self.steps * x.shape[0] // 10))
         saved = (self.ae.input_norm.clone(), self._input_norm_initialised, self.controller.coefficient)
         try:
             if self.normalize_input:
@@ -373,44 +400,3 @@ class MatryoshkaLogSparsityTrainer(MatryoshkaTrainerBase):
             [(ae.W_enc, 1), (ae.b_enc, 0), (ae.W_dec, 0)],
             [self.contribution_ema, self.num_tokens_since_fired, self.latent_origin],
         )
-
-    @property
-    def config(self) -> dict:
-        return {
-            "trainer_class": "MatryoshkaLogSparsityTrainer",
-            "dict_class": self.dict_class.__name__,
-            "steps": self.steps,
-            "activation_dim": self.ae.activation_dim,
-            "dict_size": self.ae.dict_size,
-            "target_l0": self.target_l0,
-            "prefix_mode": self.prefix_mode,
-            "n_prefixes": self.n_prefixes,
-            "pareto_power": self.pareto_power,
-            "min_prefix_length": self.min_prefix_length,
-            "group_fractions": self.group_fractions,
-            "group_weights": self.group_weights,
-            "group_sizes": self.group_sizes,
-            "balance_beta": self.balance_beta,
-            "sparsity": self.sparsity,
-            "log_eps": self.log_eps,
-            "sparsity_coeff": self.sparsity_coeff,
-            "controller_rate": self.controller_rate,
-            "controller_warmup_fraction": self.controller_warmup_fraction,
-            "controller_log_range": self.controller_log_range,
-            "normalize_decoder": self.normalize_decoder,
-            "dead_feature_threshold": self.dead_feature_threshold,
-            "resample_dead": self.resample_dead,
-            "reorder_latents": self.reorder_latents,
-            "reorder_decay": self.reorder_decay,
-            "normalize_input": self.normalize_input,
-            "input_norm_decay": self.input_norm_decay,
-            "lr": self.lr,
-            "betas": list(self.betas),
-            "warmup_steps": self.warmup_steps,
-            "decay_fraction": self.decay_fraction,
-            "end_lr_factor": self.end_lr_factor,
-            "grad_clip": self.grad_clip,
-            "backend": self.backend,
-            "loss_convention": "weighted mean of prefix MSEs on input scaled to norm sqrt(d)",
-            **self._metadata(),
-        }
