@@ -1,0 +1,98 @@
+"""Typed trainer configs: validation, attributes, config.json keys, and folders written before them.
+
+tests/data/folders_v0_1_0 holds two trainSAE folders written by matryoshka_plugin 0.1.0 before
+the trainers took typed configs (d=8, 32 latents, 40 steps, a checkpoint at step 20).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from matryoshka_plugin import (
+    MatryoshkaBatchTopKTrainer,
+    MatryoshkaLogSparsityTrainer,
+    export_to_saelens,
+    load_dictionary,
+)
+from matryoshka_plugin.trainers.matryoshka_batch_top_k import MatryoshkaBatchTopKConfig, StepOutput
+from matryoshka_plugin.trainers.matryoshka_log_sparsity import MatryoshkaLogSparsityConfig
+
+LEGACY = Path(__file__).parent / "data" / "folders_v0_1_0"
+# Keys the log-sparsity trainer gained with its language-model defaults.
+NEW_LOG_SPARSITY_KEYS = {"controller_log_range", "normalize_decoder", "dead_feature_threshold", "resample_dead"}
+
+
+def same_settings(trainer_cfg: dict) -> dict:
+    keep = {"steps", "activation_dim", "dict_size", "k", "group_fractions", "warmup_steps", "threshold_start_step",
+            "seed", "device", "layer", "lm_name", "target_l0"}
+    return {k: v for k, v in trainer_cfg.items() if k in keep}
+
+
+@pytest.mark.parametrize("i, cls", [(0, MatryoshkaBatchTopKTrainer), (1, MatryoshkaLogSparsityTrainer)])
+def test_config_json_keeps_its_keys(i, cls):
+    old = json.loads((LEGACY / f"trainer_{i}" / "config.json").read_text())["trainer"]
+    new = cls(**same_settings(old)).config
+    expected = set(old) | (NEW_LOG_SPARSITY_KEYS if cls is MatryoshkaLogSparsityTrainer else set())
+    assert set(new) == expected
+    # Defaults the log-sparsity trainer changed for language-model activations (docs/real_model.md).
+    changed = {"package_version"} | ({"controller_rate", "lr"} if cls is MatryoshkaLogSparsityTrainer else set())
+    for key, value in old.items():
+        if key not in changed:
+            assert json.loads(json.dumps(new[key])) == value, key
+
+
+@pytest.mark.parametrize("i", [0, 1])
+def test_folders_written_before_still_load_and_export(i, tmp_path):
+    folder = LEGACY / f"trainer_{i}"
+    ae, cfg = load_dictionary(folder)
+    latest, _ = load_dictionary(folder, checkpoint="latest")
+    x = torch.randn(16, 8, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert ae(x).shape == (16, 8) and latest(x).shape == (16, 8)
+    state = torch.load(folder / "ae.pt", weights_only=True)
+    assert torch.equal(ae.W_dec.detach(), state["W_dec"])
+    out = export_to_saelens(folder, tmp_path / "export", hook_name="blocks.1.hook_resid_post", model_name="toy")
+    assert (out / "cfg.json").is_file()
+
+
+def test_settings_are_validated_typed_and_read_back_as_attributes():
+    tr = MatryoshkaBatchTopKTrainer(steps=100, activation_dim=8, dict_size=32, k=3, group_fractions=[0.25, 0.75],
+                                    warmup_steps=5, device="cpu")
+    assert isinstance(tr.cfg, MatryoshkaBatchTopKConfig)
+    assert (tr.k, tr.group_sizes, tr.top_k_aux) == (3, [8, 24], 4)
+    assert tr.lr == pytest.approx(2e-4 / (32 / 2**14) ** 0.5)
+    with pytest.raises(AttributeError, match="no attribute 'nonexistent'"):
+        tr.nonexistent
+    with pytest.raises(TypeError, match="unexpected keyword argument 'kk'"):
+        MatryoshkaBatchTopKTrainer(steps=100, activation_dim=8, dict_size=32, kk=3)
+    with pytest.raises(ValueError, match="k must be an integer"):
+        MatryoshkaBatchTopKTrainer(steps=100, activation_dim=8, dict_size=32, k=64, group_fractions=[1.0])
+    ls = MatryoshkaLogSparsityTrainer(steps=100, activation_dim=8, dict_size=32, target_l0=3, warmup_steps=5, device="cpu")
+    assert isinstance(ls.cfg, MatryoshkaLogSparsityConfig) and ls.betas == (0.5, 0.9375)
+    assert ls.controller_rate == pytest.approx(8.0 / 80)
+
+
+@pytest.mark.parametrize("config", [MatryoshkaBatchTopKConfig, MatryoshkaLogSparsityConfig])
+def test_every_setting_is_documented_and_in_the_signature(config):
+    source = inspect.getsource(config) + inspect.getsource(config.__mro__[1])
+    trainer = {MatryoshkaBatchTopKConfig: MatryoshkaBatchTopKTrainer,
+               MatryoshkaLogSparsityConfig: MatryoshkaLogSparsityTrainer}[config]
+    params = inspect.signature(trainer).parameters
+    for f in dataclasses.fields(config):
+        # a field's docstring is the string literal right after its annotation
+        assert f'{f.name}:' in source and f'"""' in source.split(f"    {f.name}:", 1)[1].split("\n", 2)[1], f.name
+        assert (f.name in params) == f.init, f.name
+
+
+def test_the_training_step_is_a_named_tuple():
+    tr = MatryoshkaBatchTopKTrainer(steps=100, activation_dim=8, dict_size=32, k=3, group_fractions=[0.25, 0.75],
+                                    warmup_steps=5, device="cpu")
+    out = tr._forward(torch.randn(16, 8), 0, training=False)
+    assert isinstance(out, StepOutput) and out.loss.ndim == 0 and out.dead.shape == (32,)
+    assert set(out.parts) == {"l2_loss", "auxk_loss"}
