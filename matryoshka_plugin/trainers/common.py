@@ -15,6 +15,7 @@ from dictionary_learning.trainers.trainer import SAETrainer, get_lr_schedule
 
 from ..errors import TrainingError, check_activations
 from ..kernels import BACKENDS
+from ..prefixes import PrefixSampler
 from ..registry import PACKAGE_MARK
 
 __all__ = [
@@ -155,6 +156,20 @@ class MatryoshkaTrainerBase(SAETrainer):
                 f"non-finite loss {loss.item()}{where} ({detail}); the SAE was not updated. "
                 "Lower the learning rate or check the activations' scale."
             )
+
+
+def prefix_sampler(cfg: Any) -> PrefixSampler:
+    """The prefix weights a trainer's settings ask for (``prefix_mode``, groups, balance, Pareto law)."""
+    return PrefixSampler(
+        cfg.prefix_mode,
+        cfg.dict_size,
+        group_sizes=cfg.group_sizes,
+        group_weights=cfg.group_weights,
+        balance_beta=cfg.balance_beta,
+        n_prefixes=cfg.n_prefixes,
+        pareto_power=cfg.pareto_power,
+        min_prefix_length=getattr(cfg, "min_prefix_length", 1),
+    )
 
 
 def make_adam(params, lr: float, betas) -> torch.optim.Adam:

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from ..prefix_loss import PrefixLoss, prefix_mse
-from ..prefixes import PrefixSampler, group_sizes_from_fractions
+from ..prefixes import group_sizes_from_fractions
 from ..sae import MatryoshkaBatchTopKSAE
 from ..sparse_encoder import encoder_entries
 from ..sparse_latents import SparseLatents
@@ -37,6 +37,7 @@ from .common import (
     constant_warmup_decay_schedule,
     geometric_median,
     make_adam,
+    prefix_sampler,
     project_out_radial_,
 )
 
@@ -152,15 +153,7 @@ class MatryoshkaBatchTopKTrainer(MatryoshkaTrainerBase):
     def __init__(self, **settings: Any):
         cfg = MatryoshkaBatchTopKConfig(**settings)
         super().__init__(cfg)
-        self.prefixes = PrefixSampler(
-            cfg.prefix_mode,
-            cfg.dict_size,
-            group_sizes=cfg.group_sizes,
-            group_weights=cfg.group_weights,
-            balance_beta=cfg.balance_beta,
-            n_prefixes=cfg.n_prefixes,
-            pareto_power=cfg.pareto_power,
-        )
+        self.prefixes = prefix_sampler(cfg)
         self.ae = cfg.dict_class(cfg.activation_dim, cfg.dict_size, cfg.k, cfg.group_sizes).to(cfg.device)
 
         self.optimizer = make_adam(self.ae.parameters(), cfg.lr, (0.9, 0.999))

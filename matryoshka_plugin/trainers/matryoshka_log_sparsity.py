@@ -36,7 +36,7 @@ import torch
 
 from ..errors import ActivationError
 from ..prefix_loss import prefix_mse
-from ..prefixes import PrefixSampler, group_sizes_from_fractions
+from ..prefixes import group_sizes_from_fractions
 from ..sae import MatryoshkaLogSparsitySAE
 from ..sparse_latents import sparse_from_dense
 from ..sparsity import SPARSITY_KINDS, L0Controller, sparsity_penalty
@@ -47,6 +47,7 @@ from .common import (
     TrainerConfig,
     check_positive,
     make_adam,
+    prefix_sampler,
     permute_latents_,
     project_out_radial_,
     warmup_stable_decay_schedule,
@@ -187,16 +188,7 @@ class MatryoshkaLogSparsityTrainer(MatryoshkaTrainerBase):
     def __init__(self, **settings: Any):
         cfg = MatryoshkaLogSparsityConfig(**settings)
         super().__init__(cfg)
-        self.prefixes = PrefixSampler(
-            cfg.prefix_mode,
-            cfg.dict_size,
-            group_sizes=cfg.group_sizes,
-            group_weights=cfg.group_weights,
-            balance_beta=cfg.balance_beta,
-            n_prefixes=cfg.n_prefixes,
-            pareto_power=cfg.pareto_power,
-            min_prefix_length=cfg.min_prefix_length,
-        )
+        self.prefixes = prefix_sampler(cfg)
         self.controller = L0Controller(cfg.sparsity_coeff, cfg.target_l0, rate=cfg.controller_rate,
                                        warmup_steps=cfg.controller_warmup)
         self.ae = cfg.dict_class(cfg.activation_dim, cfg.dict_size).to(cfg.device)
