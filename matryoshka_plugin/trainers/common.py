@@ -82,8 +82,8 @@ class TrainerConfig:
         """The fields as ``config.json`` stores them (the SAE class by name)."""
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         for key, value in out.items():
-            if isinstance(value, type):
-                out[key] = value.__name__
+            if isinstance(value, type) or callable(value):
+                out[key] = getattr(value, "__name__", type(value).__name__)
             elif isinstance(value, tuple):
                 out[key] = list(value)
         return out
@@ -133,6 +133,8 @@ class MatryoshkaTrainerBase(SAETrainer):
         return {
             "trainer_class": self.trainer_class_name,
             **self.cfg.to_dict(),
+            # The class actually built: dict_class may be a factory (a function returning an SAE).
+            "dict_class": type(self.ae).__name__,
             **self._extra_config(),
             "loss_convention": self.loss_convention,
             "package": PACKAGE_MARK,
