@@ -26,6 +26,8 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "MatryoshkaBatchTopKTrainer": "trainers",
     "MatryoshkaLogSparsityTrainer": "trainers",
+    "MatryoshkaBatchTopKConfig": "trainers",
+    "MatryoshkaLogSparsityConfig": "trainers",
     "MatryoshkaBatchTopKSAE": "sae",
     "MatryoshkaLogSparsitySAE": "sae",
     "load_dictionary": "checkpoints",
@@ -95,4 +97,9 @@ if TYPE_CHECKING:  # static analysers and IDEs see the real names
         register_saelens_architecture,
     )
     from .sparse_latents import SparseLatents
-    from .trainers import MatryoshkaBatchTopKTrainer, MatryoshkaLogSparsityTrainer
+    from .trainers import (
+        MatryoshkaBatchTopKConfig,
+        MatryoshkaBatchTopKTrainer,
+        MatryoshkaLogSparsityConfig,
+        MatryoshkaLogSparsityTrainer,
+    )

@@ -1,6 +1,16 @@
-"""Trainers with dictionary_learning's contract: pass the class as ``trainer=`` to ``trainSAE``."""
+"""Trainers with dictionary_learning's contract: pass the class as ``trainer=`` to ``trainSAE``.
 
-from .matryoshka_batch_top_k import MatryoshkaBatchTopKTrainer
-from .matryoshka_log_sparsity import MatryoshkaLogSparsityTrainer
+Each takes the keywords of its typed configuration (a dataclass with a docstring per field).
+"""
 
-__all__ = ["MatryoshkaBatchTopKTrainer", "MatryoshkaLogSparsityTrainer"]
+from .common import TrainerConfig
+from .matryoshka_batch_top_k import MatryoshkaBatchTopKConfig, MatryoshkaBatchTopKTrainer
+from .matryoshka_log_sparsity import MatryoshkaLogSparsityConfig, MatryoshkaLogSparsityTrainer
+
+__all__ = [
+    "MatryoshkaBatchTopKTrainer",
+    "MatryoshkaBatchTopKConfig",
+    "MatryoshkaLogSparsityTrainer",
+    "MatryoshkaLogSparsityConfig",
+    "TrainerConfig",
+]
