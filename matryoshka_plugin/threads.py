@@ -14,20 +14,21 @@ from typing import Callable, Iterator, TypeVar
 
 import torch
 
-__all__ = ["PARALLEL_MIN_WORK", "threads_for", "cpu_threads", "threads_by_work"]
+__all__ = ["STEP_PARALLEL_MIN_WORK", "threads_for", "cpu_threads", "threads_by_work"]
 
 # Multiply-adds of a step's encoder matmul (batch x d x latents) below which one thread runs
-# it: 2**24 is about 2 ms of single-threaded work, where a parallel region's start-up and
-# barriers are no longer negligible and a stalled thread costs more than the split saves.
-PARALLEL_MIN_WORK = 1 << 24
+# the whole step: 2**24 is about 2 ms of single-threaded work, where a parallel region's
+# start-up and barriers are no longer negligible and a stalled thread costs more than the split
+# saves. (The numba kernels keep their own, smaller cut-off: kernels.numba.PARALLEL_MIN_WORK.)
+STEP_PARALLEL_MIN_WORK = 1 << 24
 
 F = TypeVar("F", bound=Callable)
 
 
 def threads_for(work: int, max_threads: int | None = None) -> int:
-    """Intra-op threads for ``work`` multiply-adds: 1 below :data:`PARALLEL_MIN_WORK`, else all."""
+    """Intra-op threads for ``work`` multiply-adds: 1 below :data:`STEP_PARALLEL_MIN_WORK`, else all."""
     limit = max_threads if max_threads is not None else torch.get_num_threads()
-    return 1 if work < PARALLEL_MIN_WORK else max(1, int(limit))
+    return 1 if work < STEP_PARALLEL_MIN_WORK else max(1, int(limit))
 
 
 @contextmanager

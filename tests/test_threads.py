@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from matryoshka_plugin import MatryoshkaBatchTopKTrainer, MatryoshkaLogSparsityTrainer
-from matryoshka_plugin.threads import PARALLEL_MIN_WORK, cpu_threads, threads_for
+from matryoshka_plugin.threads import STEP_PARALLEL_MIN_WORK, cpu_threads, threads_for
 
 
 def make(kind: str, d: int, f: int):
@@ -31,8 +31,8 @@ def threads_seen_by_optimizer(tr) -> list[int]:
 
 
 def test_threads_for_threshold():
-    assert threads_for(PARALLEL_MIN_WORK - 1, max_threads=8) == 1
-    assert threads_for(PARALLEL_MIN_WORK, max_threads=8) == 8
+    assert threads_for(STEP_PARALLEL_MIN_WORK - 1, max_threads=8) == 1
+    assert threads_for(STEP_PARALLEL_MIN_WORK, max_threads=8) == 8
     assert threads_for(0, max_threads=1) == 1
 
 
@@ -56,7 +56,7 @@ def test_toy_steps_use_one_thread_and_large_steps_keep_all(kind):
         assert torch.get_num_threads() == 2  # restored for the caller (data pipeline, other trainers)
 
         d = f = 256
-        rows = PARALLEL_MIN_WORK // (d * f)  # exactly at the threshold
+        rows = STEP_PARALLEL_MIN_WORK // (d * f)  # exactly at the threshold
         large = make(kind, d=d, f=f)
         seen = threads_seen_by_optimizer(large)
         large.update(0, torch.randn(rows, d))

@@ -135,15 +135,10 @@ class MatryoshkaTrainerBase(SAETrainer):
             **self.cfg.to_dict(),
             # The class actually built: dict_class may be a factory (a function returning an SAE).
             "dict_class": type(self.ae).__name__,
-            **self._extra_config(),
             "loss_convention": self.loss_convention,
             "package": PACKAGE_MARK,
             "package_version": _package_version(),
         }
-
-    def _extra_config(self) -> dict[str, Any]:
-        """Values derived from the settings that ``config.json`` also records."""
-        return {}
 
     def _prepare(self, x: torch.Tensor, step: int | None) -> torch.Tensor:
         check_activations(x, self.ae.activation_dim, step)

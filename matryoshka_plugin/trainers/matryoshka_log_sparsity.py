@@ -30,12 +30,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, NamedTuple, Sequence
 
 import torch
 
 from ..errors import ActivationError
-from ..prefix_loss import prefix_mse
+from ..prefix_loss import PrefixLoss, prefix_mse
 from ..prefixes import group_sizes_from_fractions
 from ..sae import MatryoshkaLogSparsitySAE
 from ..sparse_latents import sparse_from_dense
@@ -172,6 +172,19 @@ class MatryoshkaLogSparsityConfig(TrainerConfig):
         return int(self.controller_warmup_fraction * self.steps)
 
 
+class LogSparsityForward(NamedTuple):
+    """One forward pass of the training loss."""
+
+    activations: torch.Tensor
+    """ReLU activations ``[B, n]`` of the scaled input (decoder norms not folded in)."""
+    magnitudes: torch.Tensor
+    """Activations times decoder-row norms: what the sparsity penalty acts on."""
+    recon: PrefixLoss
+    """The prefix reconstruction loss and the full SAE's residual."""
+    penalty: torch.Tensor
+    """The sparsity term before its coefficient (scalar, with graph)."""
+
+
 class MatryoshkaLogSparsityTrainer(MatryoshkaTrainerBase):
     """Train a :class:`MatryoshkaLogSparsitySAE` with ``dictionary_learning.training.trainSAE``.
 
@@ -220,7 +233,7 @@ class MatryoshkaLogSparsityTrainer(MatryoshkaTrainerBase):
     def _scaled(self, x: torch.Tensor) -> torch.Tensor:
         return x / self.ae.input_scale() if self.normalize_input else x
 
-    def _forward(self, x_scaled: torch.Tensor, training: bool):
+    def _forward(self, x_scaled: torch.Tensor, training: bool) -> LogSparsityForward:
         """Activations, their magnitudes, the prefix reconstruction and the sparsity term."""
         a = self.ae.raw_encode(x_scaled)
         weights = self.prefixes.sample(self.generator) if training else self.prefixes.expected()
@@ -230,7 +243,7 @@ class MatryoshkaLogSparsityTrainer(MatryoshkaTrainerBase):
         )
         magnitudes = a * self.ae.W_dec.norm(dim=1)
         penalty = sparsity_penalty(magnitudes, weights.tail().to(a.device), self.sparsity, self.log_eps)
-        return a, magnitudes, recon, penalty
+        return LogSparsityForward(a, magnitudes, recon, penalty)
 
     def _total(self, recon, penalty, coefficient: float, step: int | None):
         loss = recon.loss + coefficient * penalty
