@@ -30,6 +30,8 @@ _EXPORTS = {
     "MatryoshkaLogSparsityConfig": "trainers",
     "MatryoshkaBatchTopKSAE": "sae",
     "MatryoshkaLogSparsitySAE": "sae",
+    "train": "training",
+    "ActivationSource": "activation_source",
     "load_dictionary": "checkpoints",
     "register_dictionary_class": "checkpoints",
     "Architecture": "registry",
@@ -80,6 +82,8 @@ def _register_saelens() -> None:
 when_imported("sae_lens", _register_saelens)
 
 if TYPE_CHECKING:  # static analysers and IDEs see the real names
+    from .activation_source import ActivationSource
+    from .training import train
     from .checkpoints import load_dictionary, register_dictionary_class
     from .errors import ActivationError, CheckpointError, SAEBenchError, TrainingError
     from .prefix_loss import PrefixLoss, prefix_mse

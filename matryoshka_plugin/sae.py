@@ -120,16 +120,23 @@ class MatryoshkaBatchTopKSAE(_SAEBase):
         flat = batch_topk_select(post_relu.detach(), min(int(self.k) * rows, post_relu.numel()))
         return sparse_from_flat(flat, post_relu.reshape(-1)[flat], rows, n, presorted=True)
 
-    def encode_training(self, x: torch.Tensor, backend: str = "auto") -> tuple[SparseLatents, torch.Tensor]:
+    def encode_training(
+        self, x: torch.Tensor, backend: str = "auto", collective: Any = None
+    ) -> tuple[SparseLatents, torch.Tensor]:
         """BatchTopK latents of ``[tokens, d]`` input for training, and the dense ReLU output.
 
         The dense pre-activations are computed without autograd; the selected latents carry
-        a sparse backward (``sparse_encoder.encoder_entries``).
+        a sparse backward (``sparse_encoder.encoder_entries``). With a ``collective``
+        (data-parallel training, ``distributed.ProcessGroupCollective``) ``x`` is this rank's
+        shard and the selection is the top ``k`` times the *global* batch over all ranks.
         """
         rows, n = x.shape[0], self.dict_size
         with torch.no_grad():
             post_relu = torch.addmm(self.b_enc, x - self.b_dec, self.W_enc).relu_()
-            flat = batch_topk_select(post_relu, min(int(self.k) * rows, post_relu.numel()))
+            if collective is None:
+                flat = batch_topk_select(post_relu, min(int(self.k) * rows, post_relu.numel()))
+            else:
+                flat = collective.batch_topk_select(post_relu, int(self.k) * rows * collective.world_size)
             vals = post_relu.reshape(-1)[flat]
         lat = sparse_from_flat(flat, vals, rows, n, presorted=True)
         values = encoder_entries(

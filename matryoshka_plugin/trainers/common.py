@@ -13,7 +13,7 @@ from typing import Any, Callable, Iterable
 import torch
 from dictionary_learning.trainers.trainer import SAETrainer, get_lr_schedule
 
-from ..errors import TrainingError, check_activations
+from ..errors import CheckpointError, TrainingError, check_activations
 from ..kernels import BACKENDS
 from ..prefixes import PrefixSampler
 from ..registry import PACKAGE_MARK
@@ -27,6 +27,11 @@ __all__ = [
     "geometric_median",
     "permute_latents_",
 ]
+
+# Version of the dict ``state_dict()`` returns; bumped when its layout changes.
+TRAINER_STATE_FORMAT = 1
+# Settings that may legitimately change between the interrupted and the resumed run.
+NON_RESUMED_SETTINGS = frozenset({"device", "wandb_name"})
 
 # What dictionary_learning's trainSAE unpacks from loss(..., logging=True).
 LossLog = namedtuple("LossLog", ["x", "x_hat", "f", "losses"])
@@ -99,6 +104,11 @@ class MatryoshkaTrainerBase(SAETrainer):
     config_class: type[TrainerConfig] = TrainerConfig
     trainer_class_name: str = ""
     loss_convention: str = ""
+    # Attributes besides the SAE, optimizer, scheduler and generators that a checkpoint must hold
+    # for training to continue exactly (counters, EMAs, flags, last logged values).
+    state_attributes: tuple[str, ...] = ()
+    # Whether ``update`` can train one SAE over several processes (``train(distributed="data")``).
+    supports_data_parallel: bool = False
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -119,6 +129,67 @@ class MatryoshkaTrainerBase(SAETrainer):
         # A private generator keeps random prefixes reproducible and independent of other RNG use.
         self.generator = torch.Generator()
         self.generator.manual_seed(seed if seed is not None else torch.initial_seed() % (2**63))
+
+    # -- full training state (exact resume) ------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to continue training exactly: SAE weights and buffers, optimizer
+        moments, learning-rate schedule, step counters and statistics, the prefix generator and the
+        global RNG states (torch, CUDA, numpy, Python). Tensors are copied to the CPU."""
+        from ..resume import rng_state, to_cpu
+
+        stats = {}
+        for name in self.state_attributes:
+            value = getattr(self, name)
+            stats[name] = value.state_dict() if hasattr(value, "state_dict") else to_cpu(value)
+        return {
+            "format": TRAINER_STATE_FORMAT,
+            "trainer_class": self.trainer_class_name,
+            "config": self.config,
+            "settings": self.cfg.to_dict(),  # resolved at the first step (e.g. dead_feature_threshold)
+            "ae": to_cpu(self.ae.state_dict()),
+            "optimizer": to_cpu(self.optimizer.state_dict()),
+            "scheduler": self.scheduler.state_dict(),
+            "generator": self.generator.get_state(),
+            "statistics": stats,
+            "rng": rng_state(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any], restore_rng: bool = True) -> None:
+        """Continue from :meth:`state_dict`. Raises :class:`~matryoshka_plugin.errors.CheckpointError`
+        naming every setting that differs from this trainer's (class, dimensions, k, groups...)."""
+        from ..resume import check_same_config, set_rng_state
+
+        if not isinstance(state, dict) or state.get("format") != TRAINER_STATE_FORMAT:
+            raise CheckpointError(
+                f"not a {type(self).__name__} state (format {state.get('format') if isinstance(state, dict) else None!r}, "
+                f"expected {TRAINER_STATE_FORMAT})"
+            )
+        if state.get("trainer_class") != self.trainer_class_name:
+            raise CheckpointError(
+                f"the checkpoint holds a {state.get('trainer_class')} state; this trainer is a {self.trainer_class_name}"
+            )
+        check_same_config(state["config"], self.config)
+        for key, value in state.get("settings", {}).items():
+            # Settings resolved at the first step (None until then) come back as resolved.
+            if key in self.cfg.__dataclass_fields__ and getattr(self.cfg, key) is None and value is not None:
+                setattr(self.cfg, key, value)
+        device = self.ae.W_enc.device
+        self.ae.load_state_dict(state["ae"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.generator.set_state(state["generator"])
+        for name in self.state_attributes:
+            value, saved = getattr(self, name), state["statistics"][name]
+            if hasattr(value, "load_state_dict"):
+                value.load_state_dict(saved)
+            elif isinstance(value, torch.Tensor):
+                value.copy_(saved.to(device=value.device, dtype=value.dtype))
+            else:
+                setattr(self, name, saved)
+        assert self.ae.W_enc.device == device
+        if restore_rng:
+            set_rng_state(state["rng"])
 
     def __getattr__(self, name: str) -> Any:
         # Settings read as attributes; only reached when normal lookup fails.

@@ -149,6 +149,11 @@ class MatryoshkaBatchTopKTrainer(MatryoshkaTrainerBase):
     config_class = MatryoshkaBatchTopKConfig
     trainer_class_name = "MatryoshkaBatchTopKTrainer"
     loss_convention = "weighted mean of prefix MSEs (prefix weights sum to 1)"
+    state_attributes = (
+        "num_tokens_since_fired", "_b_dec_initialised",
+        "effective_l0", "threshold_l0", "dead_features", "pre_norm_auxk_loss",
+    )
+    supports_data_parallel = True
 
     def __init__(self, **settings: Any):
         cfg = MatryoshkaBatchTopKConfig(**settings)
@@ -162,6 +167,8 @@ class MatryoshkaBatchTopKTrainer(MatryoshkaTrainerBase):
 
         self.num_tokens_since_fired = torch.zeros(cfg.dict_size, dtype=torch.long, device=cfg.device)
         self._b_dec_initialised = False
+        # Set by train(distributed="data"): update() then sees this rank's shard of each batch.
+        self.collective = None
         self.logging_parameters = ["effective_l0", "threshold_l0", "dead_features", "pre_norm_auxk_loss"]
         self.effective_l0 = -1.0
         self.threshold_l0 = -1.0
@@ -170,14 +177,18 @@ class MatryoshkaBatchTopKTrainer(MatryoshkaTrainerBase):
 
     # -- the loss ---------------------------------------------------------------------------
 
-    def _dead_mask(self, latents: SparseLatents) -> tuple[torch.Tensor, torch.Tensor]:
+    def _dead_mask(self, latents: SparseLatents, collective=None) -> tuple[torch.Tensor, torch.Tensor]:
         """Counters after this batch (without storing them) and the resulting dead mask."""
         fired = torch.zeros_like(self.num_tokens_since_fired, dtype=torch.bool)
         fired[latents.indices[latents.values > 0]] = True
-        since = torch.where(fired, 0, self.num_tokens_since_fired + latents.batch_size)
+        tokens = latents.batch_size
+        if collective is not None:  # fired anywhere in the global batch
+            fired = collective.max_(fired.to(torch.int32)).bool()
+            tokens *= collective.world_size
+        since = torch.where(fired, 0, self.num_tokens_since_fired + tokens)
         return since, since >= self.dead_feature_threshold
 
-    def _auxk_loss(self, x, residual: torch.Tensor, post_relu: torch.Tensor, dead: torch.Tensor):
+    def _auxk_loss(self, x, residual: torch.Tensor, post_relu: torch.Tensor, dead: torch.Tensor, collective=None):
         n_dead = int(dead.sum())
         if n_dead == 0 or self.auxk_alpha == 0:
             return residual.new_zeros(()), -1.0
@@ -190,20 +201,31 @@ class MatryoshkaBatchTopKTrainer(MatryoshkaTrainerBase):
         vals = encoder_entries(x, ae.W_enc, ae.b_enc, ae.b_dec, rows, idx.reshape(-1), vals.reshape(-1), self.backend)
         recon = F.embedding_bag(idx, ae.W_dec, per_sample_weights=vals.view(-1, k_aux), mode="sum")
         l2 = (residual.float() - recon.float()).pow(2).sum(-1).mean()
-        denom = (residual.float() - residual.float().mean(0)).pow(2).sum(-1).mean()
-        return (l2 / denom).nan_to_num(0.0), float(l2)
+        r = residual.float()
+        if collective is None:
+            denom = (r - r.mean(0)).pow(2).sum(-1).mean()
+            pre_norm = float(l2)
+        else:  # the residual's variance over the global batch, in two passes like the one above
+            n = r.shape[0] * collective.world_size
+            mean = collective.sum_(r.sum(0)) / n
+            denom = collective.sum_((r - mean).pow(2).sum()) / n
+            pre_norm = float(collective.sum_(l2.detach().clone())) / collective.world_size
+        return (l2 / denom).nan_to_num(0.0), pre_norm
 
-    def _forward(self, x: torch.Tensor, step: int | None, training: bool) -> StepOutput:
-        latents, post_relu = self.ae.encode_training(x, self.backend)
+    def _forward(self, x: torch.Tensor, step: int | None, training: bool, collective=None) -> StepOutput:
+        latents, post_relu = self.ae.encode_training(x, self.backend, collective)
         weights = self.prefixes.sample(self.generator) if training else self.prefixes.expected()
         recon = prefix_mse(
             x, latents, self.ae.W_dec, self.ae.b_dec, weights, backend=self.backend, consume_grads=training
         )
-        since, dead = self._dead_mask(latents)
-        auxk, pre_norm_auxk = self._auxk_loss(x, recon.residual, post_relu, dead)
+        since, dead = self._dead_mask(latents, collective)
+        auxk, pre_norm_auxk = self._auxk_loss(x, recon.residual, post_relu, dead, collective)
         loss = recon.loss + self.auxk_alpha * auxk
-        parts = {"l2_loss": recon.loss.item(), "auxk_loss": auxk.item()}
-        self._check_loss(loss, step, parts)
+        terms = torch.stack([recon.loss.detach().float(), auxk.detach().float()])
+        if collective is not None:  # every rank sees the global values, so all raise together
+            terms = collective.sum_(terms) / collective.world_size
+        parts = {"l2_loss": terms[0].item(), "auxk_loss": terms[1].item()}
+        self._check_loss(terms.sum() if collective is not None else loss, step, parts)
         return StepOutput(loss, latents, recon, post_relu, parts, since, dead, pre_norm_auxk)
 
     @threads_by_work
@@ -224,9 +246,14 @@ class MatryoshkaBatchTopKTrainer(MatryoshkaTrainerBase):
     # -- one optimisation step ----------------------------------------------------------------
 
     @torch.no_grad()
-    def _update_threshold(self, latents: SparseLatents) -> None:
+    def _update_threshold(self, latents: SparseLatents, collective=None) -> None:
         active = latents.values[latents.values > 0]
-        smallest = float(active.min()) if active.numel() else 0.0
+        if collective is None:
+            smallest = float(active.min()) if active.numel() else 0.0
+        else:
+            low = active.min() if active.numel() else active.new_tensor(float("inf"))
+            smallest = float(collective.min_(low.reshape(1).float()))
+            smallest = 0.0 if smallest == float("inf") else smallest
         thr = self.ae.threshold
         if float(thr) < 0:
             thr.fill_(smallest)
@@ -235,27 +262,37 @@ class MatryoshkaBatchTopKTrainer(MatryoshkaTrainerBase):
 
     @threads_by_work
     def update(self, step: int, x: torch.Tensor) -> float:
+        """One optimisation step on ``x`` (with ``collective`` set: this rank's shard of the batch)."""
         x = self._prepare(x, step)
+        dp = self.collective
         if not self._b_dec_initialised:
-            self.ae.b_dec.data.copy_(geometric_median(x).to(self.ae.b_dec.dtype))
+            first = x if dp is None else dp.gather_rows(x)
+            self.ae.b_dec.data.copy_(geometric_median(first).to(self.ae.b_dec.dtype))
             self._b_dec_initialised = True
-        out = self._forward(x, step, training=True)
+        out = self._forward(x, step, training=True, collective=dp)
         loss, latents, post_relu = out.loss, out.latents, out.post_relu
 
         with torch.no_grad():
             if step > self.threshold_start_step:
-                self._update_threshold(latents)
+                self._update_threshold(latents, dp)
             self.num_tokens_since_fired.copy_(out.since_fired)
             self.dead_features = int(out.dead.sum())
             self.pre_norm_auxk_loss = out.pre_norm_auxk
-            self.effective_l0 = float((latents.values > 0).sum()) / x.shape[0]
+            active = (latents.values > 0).sum()
+            if dp is None:
+                self.effective_l0 = float(active) / x.shape[0]
+            else:
+                self.effective_l0 = float(dp.sum_(active.reshape(1))) / (x.shape[0] * dp.world_size)
             thr = float(self.ae.threshold)
             # Estimated on up to 256 tokens: a full pass over [B, n] would cost a tenth of a step.
             sample = post_relu[:256]
             self.threshold_l0 = float((sample > thr).sum()) / sample.shape[0] if thr >= 0 else -1.0
+        parts = out.parts
         del post_relu, out  # the dense [B, n] activations are not needed for backward
 
         loss.backward()
+        if dp is not None:
+            dp.average_gradients_(list(self.ae.parameters()))
         W = self.ae.W_dec
         project_out_radial_(W.grad, W)
         torch.nn.utils.clip_grad_norm_(self.ae.parameters(), 1.0)
@@ -264,4 +301,5 @@ class MatryoshkaBatchTopKTrainer(MatryoshkaTrainerBase):
         self.scheduler.step()
         with torch.no_grad():
             W.div_(W.norm(dim=1, keepdim=True).clamp_min(torch.finfo(W.dtype).eps))
-        return loss.item()
+        # With a collective: the global batch's loss, the same on every rank.
+        return parts["l2_loss"] + self.auxk_alpha * parts["auxk_loss"] if dp is not None else loss.item()

@@ -197,6 +197,10 @@ class MatryoshkaLogSparsityTrainer(MatryoshkaTrainerBase):
     config_class = MatryoshkaLogSparsityConfig
     trainer_class_name = "MatryoshkaLogSparsityTrainer"
     loss_convention = "weighted mean of prefix MSEs on input scaled to norm sqrt(d)"
+    state_attributes = (
+        "controller", "contribution_ema", "num_tokens_since_fired", "latent_origin", "_input_norm_initialised",
+        "resampled", "effective_l0", "sparsity_coefficient", "dead_features", "input_norm",
+    )
 
     def __init__(self, **settings: Any):
         cfg = MatryoshkaLogSparsityConfig(**settings)

@@ -1,0 +1,307 @@
+"""Exact resume: the full state of any trainer, and the run checkpoints :func:`~matryoshka_plugin.train` writes.
+
+A run checkpoint is a folder ``<save_dir>/resume/step_<N>/`` holding ``run.pt`` (step, batches
+consumed, the activation source's position, the norm factor, RNG states, each trainer's config and
+a manifest of file sizes) and one ``trainer_<i>.pt`` per trainer (:func:`trainer_state_dict`).
+It is built in a hidden sibling folder and renamed into place, so a folder named ``step_<N>``
+is complete unless the disk corrupted it afterwards; :meth:`RunCheckpoints.load_latest` then falls
+back to the previous one with a warning.
+
+Trainers of this package save their own state (``state_dict``); dictionary_learning's trainers
+(which have none) are saved by :func:`trainer_state_dict` as far as their state can be reached:
+the SAE, optimizer, scheduler and every counter or flag stored as a plain attribute.
+"""
+
+from __future__ import annotations
+
+import random
+import shutil
+import warnings
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import numpy as np
+import torch
+
+from .errors import CheckpointError
+from .io import atomic_torch_save, fsync_dir
+
+__all__ = [
+    "RUN_STATE_FORMAT",
+    "rng_state",
+    "set_rng_state",
+    "to_cpu",
+    "check_same_config",
+    "config_differences",
+    "trainer_state_dict",
+    "load_trainer_state",
+    "RunCheckpoints",
+    "LoadedCheckpoint",
+]
+
+RUN_STATE_FORMAT = 1
+UPSTREAM_STATE_FORMAT = 1
+# Config entries that may change between the interrupted and the resumed run.
+VOLATILE_CONFIG_KEYS = frozenset({"device", "wandb_name", "package_version", "norm_factor"})
+# Attributes of an upstream trainer that are not training state (objects saved separately, or
+# settings fixed at construction and checked through the config).
+_UPSTREAM_SKIP = frozenset({"ae", "optimizer", "scheduler", "config", "logging_parameters"})
+
+
+def to_cpu(obj: Any) -> Any:
+    """``obj`` with every tensor (nested in dicts, lists, tuples) copied to the CPU."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: to_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(to_cpu(v) for v in obj)
+    return obj
+
+
+def rng_state() -> dict[str, Any]:
+    """The global random states a training step may draw from: torch (CPU and every CUDA
+    device already initialised), numpy and Python's ``random``."""
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore what :func:`rng_state` returned."""
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def config_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """``"key: checkpoint X, now Y"`` for every config entry that differs (volatile entries such
+    as the device or the package version aside; an entry that is ``None`` now and resolved in the
+    checkpoint, such as an automatic dead-latent threshold, counts as equal)."""
+    out = []
+    for key in sorted(set(saved) | set(current)):
+        if key in VOLATILE_CONFIG_KEYS:
+            continue
+        a, b = saved.get(key, "<absent>"), current.get(key, "<absent>")
+        if isinstance(a, tuple):
+            a = list(a)
+        if isinstance(b, tuple):
+            b = list(b)
+        if b is None and a not in (None, "<absent>"):
+            continue
+        if a != b:
+            out.append(f"{key}: checkpoint {a!r}, now {b!r}")
+    return out
+
+
+def check_same_config(saved: dict[str, Any], current: dict[str, Any], what: str = "trainer") -> None:
+    """Raise :class:`CheckpointError` naming every difference between the two configs."""
+    diffs = config_differences(saved, current)
+    if diffs:
+        raise CheckpointError(
+            f"cannot resume: the {what}'s configuration differs from the checkpoint's ("
+            + "; ".join(diffs) + "). Resume with the same settings, or start a new run in another save_dir."
+        )
+
+
+# ----------------------------------------------------------------------------------------------
+# Any trainer's state
+# ----------------------------------------------------------------------------------------------
+
+
+def _plain(value: Any) -> bool:
+    if value is None or isinstance(value, (bool, int, float, str, torch.Tensor)):
+        return True
+    if isinstance(value, (list, tuple)):
+        return all(_plain(v) for v in value)
+    return False
+
+
+def _upstream_config(trainer: Any) -> dict[str, Any]:
+    cfg = dict(trainer.config)
+    return {k: v for k, v in cfg.items() if _plain(v) or isinstance(v, dict)}
+
+
+def trainer_state_dict(trainer: Any) -> dict[str, Any]:
+    """The full training state of ``trainer``: its own ``state_dict()`` if it has one (this
+    package's trainers), otherwise (dictionary_learning's trainers) the SAE, optimizer, scheduler and
+    every plain attribute (tensors, numbers, flags) besides them, on the CPU."""
+    if hasattr(trainer, "state_dict"):
+        return trainer.state_dict()
+    attributes = {
+        name: to_cpu(value)
+        for name, value in vars(trainer).items()
+        if name not in _UPSTREAM_SKIP and not name.startswith("__") and _plain(value)
+    }
+    state = {
+        "format": UPSTREAM_STATE_FORMAT,
+        "trainer_class": type(trainer).__name__,
+        "config": _upstream_config(trainer),
+        "ae": to_cpu(trainer.ae.state_dict()),
+        "attributes": attributes,
+        "rng": rng_state(),
+    }
+    if getattr(trainer, "optimizer", None) is not None:
+        state["optimizer"] = to_cpu(trainer.optimizer.state_dict())
+    if getattr(trainer, "scheduler", None) is not None:
+        state["scheduler"] = trainer.scheduler.state_dict()
+    return state
+
+
+def load_trainer_state(trainer: Any, state: dict[str, Any], restore_rng: bool = True) -> None:
+    """Restore what :func:`trainer_state_dict` returned into a freshly built ``trainer`` of the same
+    class and configuration (differences raise :class:`CheckpointError`)."""
+    if hasattr(trainer, "load_state_dict"):
+        trainer.load_state_dict(state, restore_rng=restore_rng)
+        return
+    if state.get("trainer_class") != type(trainer).__name__:
+        raise CheckpointError(
+            f"the checkpoint holds a {state.get('trainer_class')} state; this trainer is a {type(trainer).__name__}"
+        )
+    check_same_config(state["config"], _upstream_config(trainer))
+    trainer.ae.load_state_dict(state["ae"])
+    if "optimizer" in state:
+        trainer.optimizer.load_state_dict(state["optimizer"])
+    if "scheduler" in state:
+        trainer.scheduler.load_state_dict(state["scheduler"])
+    for name, saved in state["attributes"].items():
+        current = getattr(trainer, name, None)
+        if isinstance(current, torch.Tensor) and isinstance(saved, torch.Tensor):
+            saved = saved.to(device=current.device, dtype=current.dtype)
+        setattr(trainer, name, saved)
+    if restore_rng:
+        set_rng_state(state["rng"])
+
+
+# ----------------------------------------------------------------------------------------------
+# Run checkpoints
+# ----------------------------------------------------------------------------------------------
+
+
+class LoadedCheckpoint:
+    """A complete run checkpoint found by :meth:`RunCheckpoints.load_latest`."""
+
+    def __init__(self, path: Path, run: dict[str, Any], trainers: dict[int, dict[str, Any]]):
+        self.path = path
+        """The ``step_<N>`` folder."""
+        self.run = run
+        """``run.pt``: step, data position, norm factor, RNG states, configs."""
+        self.trainers = trainers
+        """Trainer index -> its state (only the indices asked for)."""
+
+    @property
+    def step(self) -> int:
+        return int(self.run["step"])
+
+
+class RunCheckpoints:
+    """The ``resume/`` folder of a run: writes checkpoints atomically, keeps the newest ``keep``,
+    finds the newest complete one.
+
+    With several processes each writes the trainers it owns into the same hidden folder and the
+    caller-provided ``barrier`` separates the writes from rank 0's publication, so the folder
+    appears complete or not at all (a shared file system is assumed).
+    """
+
+    def __init__(self, root: str | Path, keep: int = 2):
+        if int(keep) < 1:
+            raise ValueError(f"keep_checkpoints must be >= 1, got {keep}")
+        self.root = Path(root)
+        self.keep = int(keep)
+
+    @staticmethod
+    def name(step: int) -> str:
+        return f"step_{step:09d}"
+
+    def staging(self, step: int) -> Path:
+        return self.root / f".{self.name(step)}.partial"
+
+    def complete(self) -> list[Path]:
+        """Complete checkpoint folders, newest first."""
+        if not self.root.is_dir():
+            return []
+        found = [p for p in self.root.iterdir() if p.is_dir() and p.name.startswith("step_") and p.name[5:].isdigit()]
+        return sorted(found, key=lambda p: int(p.name[5:]), reverse=True)
+
+    # -- writing ----------------------------------------------------------------------------
+
+    def write_trainers(self, step: int, states: dict[int, dict[str, Any]]) -> None:
+        """Write this process's trainer states into the step's hidden folder."""
+        folder = self.staging(step)
+        folder.mkdir(parents=True, exist_ok=True)
+        for i, state in states.items():
+            atomic_torch_save(state, folder / f"trainer_{i}.pt")
+
+    def publish(self, step: int, run: dict[str, Any], n_trainers: int) -> Path:
+        """Write ``run.pt`` (with the manifest of the trainer files) and rename the folder into
+        place; then drop all but the newest ``keep`` checkpoints. Called by one process."""
+        folder = self.staging(step)
+        manifest = {}
+        for i in range(n_trainers):
+            f = folder / f"trainer_{i}.pt"
+            if not f.is_file():
+                raise CheckpointError(f"checkpoint at step {step}: {f} was not written")
+            manifest[f.name] = f.stat().st_size
+        atomic_torch_save({**run, "format": RUN_STATE_FORMAT, "step": step, "manifest": manifest}, folder / "run.pt")
+        final = self.root / self.name(step)
+        if final.exists():
+            shutil.rmtree(final)
+        folder.rename(final)
+        fsync_dir(self.root)
+        for old in self.complete()[self.keep:]:
+            shutil.rmtree(old, ignore_errors=True)
+        for stale in self.root.glob(".step_*.partial"):
+            if stale != folder:
+                shutil.rmtree(stale, ignore_errors=True)
+        return final
+
+    # -- reading ----------------------------------------------------------------------------
+
+    def _read(self, folder: Path, indices: Iterable[int]) -> LoadedCheckpoint:
+        try:
+            run = torch.load(folder / "run.pt", map_location="cpu", weights_only=False)
+        except Exception as e:  # noqa: BLE001 - torch raises many types for bad files
+            raise CheckpointError(f"{folder / 'run.pt'} is unreadable: {e}") from None
+        if not isinstance(run, dict) or run.get("format") != RUN_STATE_FORMAT:
+            raise CheckpointError(f"{folder / 'run.pt'} is not a run checkpoint of format {RUN_STATE_FORMAT}")
+        for name, size in run["manifest"].items():
+            f = folder / name
+            if not f.is_file() or f.stat().st_size != size:
+                raise CheckpointError(f"{f} is missing or has the wrong size (truncated?)")
+        trainers = {}
+        for i in indices:
+            f = folder / f"trainer_{i}.pt"
+            try:
+                trainers[i] = torch.load(f, map_location="cpu", weights_only=False)
+            except Exception as e:  # noqa: BLE001
+                raise CheckpointError(f"{f} is unreadable: {e}") from None
+        return LoadedCheckpoint(folder, run, trainers)
+
+    def load_latest(
+        self, indices: Iterable[int], agree: Callable[[bool], bool] = lambda ok: ok
+    ) -> LoadedCheckpoint | None:
+        """The newest checkpoint whose files read back (``indices``: the trainers this process
+        needs), falling back past unreadable ones with a warning; ``None`` if there is none.
+
+        ``agree(ok)`` returns whether every process read the candidate (identity for one process),
+        so all processes settle on the same step.
+        """
+        indices = list(indices)
+        for folder in self.complete():
+            try:
+                found = self._read(folder, indices)
+                ok = True
+            except CheckpointError as e:
+                found, ok, reason = None, False, str(e)
+            if agree(ok):
+                return found
+            warnings.warn(
+                f"skipping the unusable checkpoint {folder}: "
+                + (reason if not ok else "another process could not read its part")
+                + "; falling back to the previous one",
+                stacklevel=2,
+            )
+        return None

@@ -1,0 +1,359 @@
+"""``train``: dictionary_learning's ``trainSAE`` that can resume and use several processes.
+
+``train`` takes ``trainSAE``'s arguments and writes the same folders (``trainer_<i>/config.json``,
+``checkpoints/ae_<step>.pt``, ``ae.pt``), so a pipeline swaps one import. On top of that:
+
+* ``checkpoint_every=N`` writes the full state of every trainer (weights, optimizer, schedule,
+  counters, RNG states), the data position and the norm factor every ``N`` steps under
+  ``<save_dir>/resume/``, atomically, keeping the newest ``keep_checkpoints``;
+* ``resume=True`` continues from the newest complete checkpoint (falling back past a corrupt
+  one); a run interrupted at any point and resumed ends with the weights of an uninterrupted run
+  (bit for bit on the CPU with deterministic data);
+* ``distributed="trainers"`` or ``"data"`` uses the processes ``torchrun`` started
+  (see :mod:`matryoshka_plugin.distributed`).
+
+Data position on resume: a source with ``state_dict()``/``load_state_dict()`` (such as
+:class:`~matryoshka_plugin.activation_source.ActivationSource`) is restored directly; any other
+iterable is re-created by the caller from its start and the batches already consumed are drawn
+and dropped (the cost of producing them once more, without training on them).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+import torch
+from tqdm.auto import tqdm
+
+from .distributed import DEFAULT_TIMEOUT_S, DistributedRun, ProcessGroupCollective, assign_trainers, setup
+from .errors import CheckpointError
+from .io import atomic_torch_save, atomic_write_json
+from .resume import (
+    RunCheckpoints,
+    check_same_config,
+    load_trainer_state,
+    rng_state,
+    set_rng_state,
+    trainer_state_dict,
+)
+
+__all__ = ["train", "NORM_FACTOR_BATCHES"]
+
+# trainSAE's get_norm_factor(data, steps=100) reads batches 0..101 before it stops.
+NORM_FACTOR_BATCHES = 100
+
+
+class _Counted(Iterator):
+    """An iterator that counts what it hands out (the data position of a plain iterable)."""
+
+    def __init__(self, it: Iterator, start: int = 0):
+        self.it, self.count = it, start
+
+    def __iter__(self) -> "_Counted":
+        return self
+
+    def __next__(self) -> Any:
+        item = next(self.it)
+        self.count += 1
+        return item
+
+
+def _is_iterator(data: Any) -> bool:
+    try:
+        return iter(data) is data
+    except TypeError:
+        return False
+
+
+def _trainer_cost(cfg: dict[str, Any]) -> float:
+    # Step time grows with the SAE's parameters; enough to balance ranks.
+    return float(cfg.get("dict_size", 1)) * float(cfg.get("activation_dim", 1))
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.cpu().tolist()
+    return getattr(value, "__name__", str(value))
+
+
+def train(
+    data: Iterable[torch.Tensor] | None,
+    trainer_configs: list[dict],
+    steps: int,
+    use_wandb: bool = False,
+    wandb_entity: str = "",
+    wandb_project: str = "",
+    save_steps: list[int] | None = None,
+    save_dir: str | None = None,
+    log_steps: int | None = None,
+    activations_split_by_head: bool = False,
+    transcoder: bool = False,
+    run_cfg: dict | None = None,
+    normalize_activations: bool = False,
+    verbose: bool = False,
+    device: str = "cuda",
+    autocast_dtype: torch.dtype = torch.float32,
+    *,
+    checkpoint_every: int | None = None,
+    keep_checkpoints: int = 2,
+    resume: bool = False,
+    distributed: str | None = None,
+    timeout_s: float = DEFAULT_TIMEOUT_S,
+    progress: bool = True,
+) -> list[Any]:
+    """Train SAEs like ``dictionary_learning.training.trainSAE`` (same arguments, same folders),
+    with full-state checkpoints, exact resume and several processes.
+
+    Args beyond trainSAE's:
+        checkpoint_every: write a full-state checkpoint every this many steps (needs ``save_dir``).
+        keep_checkpoints: how many of the newest checkpoints to keep.
+        resume: continue from the newest complete checkpoint in ``save_dir`` (a fresh start if
+            there is none). ``data`` must be the same source, from its beginning.
+        distributed: ``None`` (one process), ``"trainers"`` or ``"data"`` (see
+            :mod:`matryoshka_plugin.distributed`); ``data`` is read on rank 0 only.
+        timeout_s: how long a collective waits for the other ranks before failing.
+        progress: show a progress bar (rank 0).
+
+    Returns this process's trainers (all of them with one process; its share with
+    ``distributed="trainers"``).
+    """
+    if int(steps) != steps or steps < 1:
+        raise ValueError(f"steps must be a positive integer, got {steps!r}")
+    steps = int(steps)
+    if checkpoint_every is not None and (int(checkpoint_every) != checkpoint_every or checkpoint_every < 1):
+        raise ValueError(f"checkpoint_every must be a positive integer, got {checkpoint_every!r}")
+    if (checkpoint_every or resume) and save_dir is None:
+        raise ValueError("checkpoint_every and resume need a save_dir to keep the checkpoints in")
+    if (use_wandb or verbose) and not log_steps:
+        raise ValueError("use_wandb and verbose log every log_steps steps: pass log_steps")
+    if not trainer_configs:
+        raise ValueError("trainer_configs is empty")
+    run_cfg = run_cfg or {}
+
+    ctx = setup(distributed, timeout_s)
+    try:
+        return _train(
+            ctx, data, trainer_configs, steps, use_wandb, wandb_entity, wandb_project, save_steps, save_dir,
+            log_steps, activations_split_by_head, transcoder, run_cfg, normalize_activations, verbose, device,
+            autocast_dtype, checkpoint_every, keep_checkpoints, resume, progress,
+        )
+    finally:
+        ctx.close()
+
+
+def _build_trainers(ctx: DistributedRun, trainer_configs: list[dict]) -> tuple[list[int], list[Any]]:
+    configs = [copy.copy(c) for c in trainer_configs]  # trainSAE mutates the caller's dicts; we do not
+    for i, c in enumerate(configs):
+        if "trainer" not in c:
+            raise ValueError(f"trainer_configs[{i}] has no 'trainer' entry (the trainer class)")
+        if "wandb_name" in c:
+            c["wandb_name"] = f"{c['wandb_name']}_trainer_{i}"
+    if ctx.mode == "trainers" and ctx.active:
+        mine = assign_trainers([_trainer_cost(c) for c in configs], ctx.world_size)[ctx.rank]
+    else:
+        mine = list(range(len(configs)))
+    trainers = []
+    for i in mine:
+        c = dict(configs[i])
+        cls = c.pop("trainer")
+        if ctx.active and "device" in c and c["device"] is not None:
+            c["device"] = ctx.device(str(c["device"]))
+        if ctx.mode == "data" and ctx.active and not getattr(cls, "supports_data_parallel", False):
+            raise ValueError(
+                f"trainer_configs[{i}]: {getattr(cls, '__name__', cls)} cannot train one SAE over several "
+                "processes (distributed='data'); use distributed='trainers' to spread SAEs over the ranks"
+            )
+        trainers.append(cls(**c))
+    if ctx.mode == "data" and ctx.active:
+        collective = ProcessGroupCollective()
+        for t in trainers:
+            # Every rank starts from rank 0's weights and prefix generator, whatever the seeds.
+            for tensor in list(t.ae.parameters()) + list(t.ae.buffers()):
+                collective.broadcast_(tensor.data)
+            t.generator.set_state(ctx.broadcast_object(t.generator.get_state()))
+            t.collective = collective
+    return mine, trainers
+
+
+def _train(ctx, data, trainer_configs, steps, use_wandb, wandb_entity, wandb_project, save_steps, save_dir,
+           log_steps, activations_split_by_head, transcoder, run_cfg, normalize_activations, verbose, device,
+           autocast_dtype, checkpoint_every, keep_checkpoints, resume, progress):
+    from dictionary_learning.training import get_norm_factor, log_stats, new_wandb_process
+
+    device_type = "cuda" if "cuda" in device else "cpu"
+    autocast = nullcontext() if device_type == "cpu" else torch.autocast(device_type=device_type, dtype=autocast_dtype)
+    mine, trainers = _build_trainers(ctx, trainer_configs)
+    n_all = len(trainer_configs)
+    # In data-parallel mode every rank holds the same SAEs: rank 0 writes them.
+    writes = ctx.is_main or ctx.mode == "trainers"
+    store = RunCheckpoints(Path(save_dir) / "resume", keep_checkpoints) if save_dir is not None else None
+
+    # -- resume -----------------------------------------------------------------------------------
+    start, consumed, norm_factor, source_state = 0, 0, None, None
+    found = None
+    if resume:
+        found = store.load_latest(mine, agree=ctx.all_true)
+    if found is not None:
+        run = found.run
+        problems = []
+        if run["n_trainers"] != n_all:
+            problems.append(f"{run['n_trainers']} trainers in the checkpoint, {n_all} now")
+        if run["steps"] != steps:
+            problems.append(f"steps: checkpoint {run['steps']}, now {steps}")
+        if run["normalize_activations"] != bool(normalize_activations):
+            problems.append(f"normalize_activations: checkpoint {run['normalize_activations']}, now {normalize_activations}")
+        if run["distributed"] != ctx.mode:
+            problems.append(f"distributed: checkpoint {run['distributed']!r}, now {ctx.mode!r}")
+        if ctx.mode == "data" and run["world_size"] != ctx.world_size:
+            problems.append(f"world size of the data-parallel run: checkpoint {run['world_size']}, now {ctx.world_size}")
+        if problems:
+            raise CheckpointError(f"cannot resume from {found.path}: " + "; ".join(problems))
+        for i, t in zip(mine, trainers):
+            state = found.trainers[i]
+            try:
+                load_trainer_state(t, state, restore_rng=False)
+            except CheckpointError as e:
+                raise CheckpointError(f"trainer_configs[{i}]: {e}") from None
+        rngs = run["rng"]
+        set_rng_state(rngs[ctx.rank] if ctx.mode == "trainers" and ctx.rank < len(rngs) else rngs[0])
+        start, consumed, norm_factor, source_state = run["step"], run["batches"], run["norm_factor"], run["source"]
+
+    # -- folders ------------------------------------------------------------------------------------
+    save_dirs = {i: (os.path.join(save_dir, f"trainer_{i}") if save_dir is not None else None) for i in mine}
+
+    def write_config(i: int, t: Any) -> None:
+        if save_dirs[i] is None or not writes:
+            return
+        os.makedirs(save_dirs[i], exist_ok=True)
+        config = {"trainer": dict(t.config)}
+        if norm_factor is not None:
+            # trainSAE never saves it; a resumed run and the SAELens export need it.
+            config["trainer"]["norm_factor"] = norm_factor
+        try:
+            config["buffer"] = data.config
+        except AttributeError:
+            pass
+        atomic_write_json(config, Path(save_dirs[i]) / "config.json", indent=4, default=_json_default)
+
+    for i, t in zip(mine, trainers):
+        write_config(i, t)
+
+    # -- data -----------------------------------------------------------------------------------
+    main_reads = ctx.is_main or not ctx.active
+    resumable = main_reads and hasattr(data, "state_dict") and hasattr(data, "load_state_dict")
+    if main_reads and data is None:
+        raise ValueError("data is None on the process that reads it (rank 0)")
+    if resumable and source_state is not None:
+        data.load_state_dict(source_state)
+    it: _Counted | None = None
+    if main_reads:
+        it = _Counted(iter(data))
+        if found is not None and not resumable and consumed:
+            for _ in tqdm(range(consumed), desc="skipping consumed batches", disable=not progress):
+                next(it)
+
+    if normalize_activations and norm_factor is None:
+        if main_reads:
+            norm_factor = get_norm_factor(it, steps=NORM_FACTOR_BATCHES)
+        norm_factor = ctx.broadcast_object(norm_factor)
+        for i, t in zip(mine, trainers):
+            t.ae.scale_biases(1.0)  # as trainSAE: every SAE must support scale_biases
+            write_config(i, t)
+    if main_reads and not _is_iterator(data) and found is None:
+        # trainSAE iterates a re-iterable source afresh after computing the norm factor.
+        it = _Counted(iter(data))
+
+    # -- wandb ----------------------------------------------------------------------------------
+    log_queues, wandb_processes = [], []
+    logs = (use_wandb or verbose) and (ctx.is_main or ctx.mode == "trainers")
+    if use_wandb and logs:
+        import torch.multiprocessing as mp
+
+        for t in trainers:
+            q = mp.Queue()
+            wandb_config = {k: v.cpu().item() if isinstance(v, torch.Tensor) else v for k, v in (t.config | run_cfg).items()}
+            p = mp.Process(target=new_wandb_process, args=(wandb_config, q, wandb_entity, wandb_project))
+            p.start()
+            log_queues.append(q)
+            wandb_processes.append(p)
+
+    # -- checkpoints ----------------------------------------------------------------------------------
+    def checkpoint(done: int) -> None:
+        states = {i: trainer_state_dict(t) for i, t in zip(mine, trainers)} if writes else {}
+        store.write_trainers(done, states)
+        rngs = rng_state()
+        if ctx.active:
+            gathered = [None] * ctx.world_size
+            torch.distributed.all_gather_object(gathered, rngs)
+        else:
+            gathered = [rngs]
+        ctx.barrier()  # every rank's trainer files are on disk
+        if ctx.is_main:
+            run = {
+                "steps": steps,
+                "batches": it.count if it is not None else 0,
+                "source": data.state_dict() if resumable else None,
+                "norm_factor": norm_factor,
+                "normalize_activations": bool(normalize_activations),
+                "n_trainers": n_all,
+                "distributed": ctx.mode,
+                "world_size": ctx.world_size,
+                "rng": gathered,
+            }
+            store.publish(done, run, n_all)
+        ctx.barrier()
+
+    # -- the loop ---------------------------------------------------------------------------------------
+    bar = tqdm(total=steps, initial=start, disable=not (progress and ctx.is_main), desc="training")
+    step = start
+    while step < steps:
+        act = next(it, None) if main_reads else None
+        act = ctx.broadcast_batch(act) if ctx.active else act
+        if act is None:
+            break  # the data ran out, as trainSAE's loop ends
+        act = act.to(dtype=autocast_dtype)
+        if normalize_activations:
+            act = act / norm_factor  # trainSAE divides in place, which would alter a caller's tensors
+        local = ctx.shard(act)
+
+        if logs and step % log_steps == 0:
+            log_stats(trainers, step, act, activations_split_by_head, transcoder, log_queues=log_queues, verbose=verbose)
+
+        if save_steps is not None and step in save_steps and writes:
+            for i, t in zip(mine, trainers):
+                if save_dirs[i] is None:
+                    continue
+                if normalize_activations:
+                    t.ae.scale_biases(norm_factor)
+                os.makedirs(os.path.join(save_dirs[i], "checkpoints"), exist_ok=True)
+                atomic_torch_save({k: v.cpu() for k, v in t.ae.state_dict().items()},
+                                  os.path.join(save_dirs[i], "checkpoints", f"ae_{step}.pt"))
+                if normalize_activations:
+                    t.ae.scale_biases(1 / norm_factor)
+
+        for t in trainers:
+            with autocast:
+                t.update(step, local)
+        step += 1
+        bar.update(1)
+        if checkpoint_every and (step % checkpoint_every == 0 or step == steps):
+            checkpoint(step)  # the last one lets resume=True on a finished run just re-save it
+    bar.close()
+
+    for i, t in zip(mine, trainers):
+        if normalize_activations:
+            t.ae.scale_biases(norm_factor)
+        if save_dirs[i] is not None and writes:
+            atomic_torch_save({k: v.cpu() for k, v in t.ae.state_dict().items()}, os.path.join(save_dirs[i], "ae.pt"))
+    ctx.barrier()
+
+    for q in log_queues:
+        q.put("DONE")
+    for p in wandb_processes:
+        p.join()
+    return trainers
