@@ -253,7 +253,7 @@ def _train(ctx, data, trainer_configs, steps, use_wandb, wandb_entity, wandb_pro
     it: _Counted | None = None
     if main_reads:
         it = _Counted(iter(data))
-        if found is not None and not resumable and consumed:
+        if found is not None and not resumable and consumed and start < steps:
             for _ in tqdm(range(consumed), desc="skipping consumed batches", disable=not progress):
                 next(it)
 

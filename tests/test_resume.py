@@ -1,0 +1,220 @@
+"""Exact resume: trainer state round trips, run checkpoints, and runs killed with SIGKILL."""
+
+from __future__ import annotations
+
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from matryoshka_plugin import CheckpointError, MatryoshkaBatchTopKTrainer, MatryoshkaLogSparsityTrainer, train
+from matryoshka_plugin.resume import RunCheckpoints, load_trainer_state, trainer_state_dict
+
+SCRIPT = Path(__file__).with_name("train_script.py")
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _batch(i: int, b: int = 64, d: int = 16) -> torch.Tensor:
+    g = torch.Generator().manual_seed(i)
+    return torch.randn(b, d, generator=g) * 2 + 0.5
+
+
+def _stream(start: int = 0):
+    i = start
+    while True:
+        yield _batch(i)
+        i += 1
+
+
+def _settings(cls, mode: str) -> dict:
+    common = dict(steps=16, activation_dim=16, dict_size=32, seed=3, device="cpu", warmup_steps=2, prefix_mode=mode,
+                  n_prefixes=4, group_fractions=[0.25, 0.75] if mode == "groups" else None, dead_feature_threshold=128)
+    if cls is MatryoshkaBatchTopKTrainer:
+        return dict(common, k=4, threshold_start_step=3)
+    return dict(common, target_l0=4)
+
+
+def _equal(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+TRAINERS = [(cls, mode) for cls in (MatryoshkaBatchTopKTrainer, MatryoshkaLogSparsityTrainer)
+            for mode in ("groups", "every", "pareto", "pareto_expected", "none")]
+
+
+@pytest.mark.parametrize("cls,mode", TRAINERS, ids=[f"{c.__name__[10:14]}-{m}" for c, m in TRAINERS])
+def test_state_dict_round_trip_continues_exactly(cls, mode):
+    full = cls(**_settings(cls, mode))
+    for s in range(16):
+        full.update(s, _batch(s))
+    part = cls(**_settings(cls, mode))
+    for s in range(7):
+        part.update(s, _batch(s))
+    state = trainer_state_dict(part)
+    torch.manual_seed(1234)  # the resumed trainer must not depend on the global RNG of the new process
+    resumed = cls(**_settings(cls, mode))
+    load_trainer_state(resumed, state)
+    for s in range(7, 16):
+        resumed.update(s, _batch(s))
+    assert _equal(full.ae.state_dict(), resumed.ae.state_dict())
+
+    # What a by-hand resume (the SAE's weights only) loses: it does not end at the same weights.
+    naive = cls(**_settings(cls, mode))
+    naive.ae.load_state_dict(state["ae"])
+    for s in range(7, 16):
+        naive.update(s, _batch(s))
+    assert not _equal(full.ae.state_dict(), naive.ae.state_dict())
+
+
+def test_upstream_trainer_state_round_trip():
+    from dictionary_learning.trainers.batch_top_k import BatchTopKSAE, BatchTopKTrainer
+
+    kw = dict(steps=16, activation_dim=16, dict_size=32, k=4, layer=0, lm_name="x", dict_class=BatchTopKSAE,
+              device="cpu", warmup_steps=2, threshold_start_step=3, seed=5)
+    full = BatchTopKTrainer(**kw)
+    for s in range(16):
+        full.update(s, _batch(s))
+    part = BatchTopKTrainer(**kw)
+    for s in range(6):
+        part.update(s, _batch(s))
+    state = trainer_state_dict(part)
+    assert "num_tokens_since_fired" in state["attributes"] and "optimizer" in state and "scheduler" in state
+    resumed = BatchTopKTrainer(**kw)
+    load_trainer_state(resumed, state)
+    for s in range(6, 16):
+        resumed.update(s, _batch(s))
+    assert _equal(full.ae.state_dict(), resumed.ae.state_dict())
+
+
+def test_loading_a_different_configuration_names_the_differences():
+    a = MatryoshkaBatchTopKTrainer(**_settings(MatryoshkaBatchTopKTrainer, "groups"))
+    a.update(0, _batch(0))
+    state = a.state_dict()
+    other = MatryoshkaBatchTopKTrainer(**dict(_settings(MatryoshkaBatchTopKTrainer, "groups"), k=8, dict_size=64))
+    with pytest.raises(CheckpointError, match=r"dict_size: checkpoint 32, now 64.*k: checkpoint 4, now 8"):
+        other.load_state_dict(state)
+    log = MatryoshkaLogSparsityTrainer(**_settings(MatryoshkaLogSparsityTrainer, "groups"))
+    with pytest.raises(CheckpointError, match="MatryoshkaBatchTopKTrainer state.*MatryoshkaLogSparsityTrainer"):
+        log.load_state_dict(state)
+    # the device may change between runs
+    moved = MatryoshkaBatchTopKTrainer(**dict(_settings(MatryoshkaBatchTopKTrainer, "groups"), device="cpu:0"))
+    moved.load_state_dict(state)
+
+
+def _configs(steps: int) -> list[dict]:
+    from dictionary_learning.trainers.batch_top_k import BatchTopKSAE, BatchTopKTrainer
+
+    out = []
+    for cls, mode in (TRAINERS[0], TRAINERS[2], TRAINERS[7]):
+        out.append(dict(trainer=cls, **dict(_settings(cls, mode), steps=steps), layer=0, lm_name="x"))
+    out.append(dict(trainer=BatchTopKTrainer, dict_class=BatchTopKSAE, steps=steps, activation_dim=16, dict_size=32,
+                    k=4, layer=0, lm_name="x", device="cpu", warmup_steps=2, threshold_start_step=3, seed=5))
+    return out
+
+
+def _saved(folder: Path, n: int) -> list[dict]:
+    return [torch.load(folder / f"trainer_{i}" / "ae.pt") for i in range(n)]
+
+
+@pytest.mark.parametrize("normalize", [False, True])
+def test_train_equals_trainsae(tmp_path, normalize):
+    from dictionary_learning.training import trainSAE
+
+    train(_stream(), _configs(12), 12, save_dir=str(tmp_path / "ours"), device="cpu", progress=False,
+          normalize_activations=normalize, save_steps=[5])
+    trainSAE(_stream(), _configs(12), 12, save_dir=str(tmp_path / "upstream"), device="cpu",
+             normalize_activations=normalize, save_steps=[5])
+    for a, b in zip(_saved(tmp_path / "ours", 4), _saved(tmp_path / "upstream", 4)):
+        assert _equal(a, b)
+    for i in range(4):
+        name = f"trainer_{i}/checkpoints/ae_5.pt"
+        assert _equal(torch.load(tmp_path / "ours" / name), torch.load(tmp_path / "upstream" / name))
+
+
+class _Interrupt(Exception):
+    pass
+
+
+def _stream_until(stop: int):
+    for i, x in enumerate(_stream()):
+        if i == stop:
+            raise _Interrupt
+        yield x
+
+
+def test_resume_in_process_keeps_newest_checkpoints_and_finishes_exactly(tmp_path):
+    train(_stream(), _configs(20), 20, save_dir=str(tmp_path / "full"), device="cpu", progress=False)
+    run = tmp_path / "run"
+    with pytest.raises(_Interrupt):
+        train(_stream_until(13), _configs(20), 20, save_dir=str(run), device="cpu", progress=False,
+              checkpoint_every=3, keep_checkpoints=2)
+    assert [p.name for p in RunCheckpoints(run / "resume").complete()] == ["step_000000012", "step_000000009"]
+    assert not (run / "trainer_0" / "ae.pt").exists()
+    train(_stream(), _configs(20), 20, save_dir=str(run), device="cpu", progress=False, checkpoint_every=3,
+          resume=True)
+    for a, b in zip(_saved(tmp_path / "full", 4), _saved(run, 4)):
+        assert _equal(a, b)
+    # resuming a finished run changes nothing
+    before = _saved(run, 4)
+    train(_stream_until(0), _configs(20), 20, save_dir=str(run), device="cpu", progress=False, checkpoint_every=3,
+          resume=True)
+    for a, b in zip(before, _saved(run, 4)):
+        assert _equal(a, b)
+
+
+def test_resume_refuses_a_different_run(tmp_path):
+    with pytest.raises(_Interrupt):
+        train(_stream_until(7), _configs(20), 20, save_dir=str(tmp_path), device="cpu", progress=False,
+              checkpoint_every=3)
+    with pytest.raises(CheckpointError, match="steps: checkpoint 20, now 30"):
+        train(_stream(), _configs(30), 30, save_dir=str(tmp_path), device="cpu", progress=False, resume=True)
+    changed = _configs(20)
+    changed[1]["k"] = 6
+    with pytest.raises(CheckpointError, match=r"trainer_configs\[1\].*k: checkpoint 4, now 6"):
+        train(_stream(), changed, 20, save_dir=str(tmp_path), device="cpu", progress=False, resume=True)
+    with pytest.raises(CheckpointError, match="4 trainers in the checkpoint, 3 now"):
+        train(_stream(), _configs(20)[:3], 20, save_dir=str(tmp_path), device="cpu", progress=False, resume=True)
+    with pytest.raises(ValueError, match="need a save_dir"):
+        train(_stream(), _configs(20), 20, device="cpu", checkpoint_every=3)
+
+
+def test_corrupt_newest_checkpoint_falls_back_with_a_warning(tmp_path):
+    train(_stream(), _configs(20), 20, save_dir=str(tmp_path / "full"), device="cpu", progress=False)
+    run = tmp_path / "run"
+    with pytest.raises(_Interrupt):
+        train(_stream_until(14), _configs(20), 20, save_dir=str(run), device="cpu", progress=False,
+              checkpoint_every=4, keep_checkpoints=3)
+    newest = RunCheckpoints(run / "resume").complete()[0]
+    f = newest / "trainer_2.pt"
+    f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+    with pytest.warns(UserWarning, match=r"skipping the unusable checkpoint .*step_000000012.*trainer_2.pt"):
+        train(_stream(), _configs(20), 20, save_dir=str(run), device="cpu", progress=False, checkpoint_every=4,
+              resume=True)
+    for a, b in zip(_saved(tmp_path / "full", 4), _saved(run, 4)):
+        assert _equal(a, b)
+
+
+def _run(out: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(SCRIPT), str(out), *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=600)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("normalize", [False, True])
+def test_sigkill_at_a_random_step_then_resume_is_bit_exact(tmp_path, normalize):
+    """Both trainers in every prefix mode and dictionary_learning's BatchTopK, one run each."""
+    flags = ["--normalize"] if normalize else []
+    first = 102 if normalize else 0  # batches the norm factor reads before training
+    kill = first + random.Random(7 + normalize).randrange(6, 23)
+    full = _run(tmp_path / "full", *flags)
+    assert full.returncode == 0, full.stderr
+    killed = _run(tmp_path / "run", *flags, "--kill-at", str(kill))
+    assert killed.returncode == -9, (killed.returncode, killed.stderr[-2000:])
+    assert not (tmp_path / "run" / "trainer_0" / "ae.pt").exists()
+    resumed = _run(tmp_path / "run", *flags, "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    for i, (a, b) in enumerate(zip(_saved(tmp_path / "full", 11), _saved(tmp_path / "run", 11))):
+        assert _equal(a, b), f"trainer_{i} differs after resuming from the kill at batch {kill}"

@@ -1,0 +1,97 @@
+"""A small ``matryoshka_plugin.train`` run, started as its own process by the resume and
+distributed tests (directly, or by torchrun).
+
+    python tests/train_script.py OUT --set all|dp --steps 24 [--kill-at BATCH] [--resume]
+        [--normalize] [--distributed trainers|data] [--batch 64] [--die-rank R --die-at STEP]
+
+``--kill-at`` sends SIGKILL to this process when the data source is asked for that batch (so at
+a step chosen by the caller); ``--die-rank``/``--die-at`` make one rank exit abruptly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+
+import torch
+
+D, N = 16, 32
+PREFIX_MODES = ("groups", "every", "pareto", "pareto_expected", "none")
+
+
+def trainer_configs(which: str, steps: int) -> list[dict]:
+    from dictionary_learning.trainers.batch_top_k import BatchTopKSAE, BatchTopKTrainer
+
+    from matryoshka_plugin import MatryoshkaBatchTopKTrainer, MatryoshkaLogSparsityTrainer
+
+    common = dict(steps=steps, activation_dim=D, dict_size=N, device="cpu", layer=0, lm_name="tiny")
+    fractions = [0.25, 0.25, 0.5]
+    out = []
+    for i, mode in enumerate(PREFIX_MODES):
+        out.append(dict(trainer=MatryoshkaBatchTopKTrainer, **common, k=4, prefix_mode=mode, seed=10 + i,
+                        group_fractions=fractions if mode == "groups" else None, warmup_steps=3,
+                        threshold_start_step=4, dead_feature_threshold=256, n_prefixes=4))
+    if which == "dp":
+        return out
+    for i, mode in enumerate(PREFIX_MODES):
+        out.append(dict(trainer=MatryoshkaLogSparsityTrainer, **common, target_l0=4, prefix_mode=mode, seed=20 + i,
+                        group_fractions=fractions if mode == "groups" else None, warmup_steps=3,
+                        dead_feature_threshold=256, n_prefixes=4))
+    # dictionary_learning's own trainer, resumed as far as its state can be reached
+    out.append(dict(trainer=BatchTopKTrainer, dict_class=BatchTopKSAE, **common, k=4, seed=30, warmup_steps=3,
+                    threshold_start_step=4))
+    return out
+
+
+def batches(kill_at: int, batch: int):
+    for i in range(10**9):
+        if i == kill_at:
+            os.kill(os.getpid(), signal.SIGKILL)
+        g = torch.Generator().manual_seed(i)
+        # a few latent directions so the SAEs have something to learn, plus noise
+        yield torch.randn(batch, D, generator=g) * 0.3 + (torch.rand(batch, 4, generator=g) < 0.3).float() @ \
+            torch.randn(4, D, generator=torch.Generator().manual_seed(99)) * 3
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser()
+    p.add_argument("out")
+    p.add_argument("--set", default="all", choices=["all", "dp"])
+    p.add_argument("--steps", type=int, default=24)
+    p.add_argument("--kill-at", type=int, default=-1)
+    p.add_argument("--resume", action="store_true")
+    p.add_argument("--normalize", action="store_true")
+    p.add_argument("--distributed", default=None)
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--checkpoint-every", type=int, default=5)
+    p.add_argument("--die-rank", type=int, default=None)
+    p.add_argument("--die-at", type=int, default=None)
+    p.add_argument("--timeout", type=float, default=600)
+    a = p.parse_args(argv)
+    torch.set_num_threads(1)
+
+    from matryoshka_plugin import train
+
+    configs = trainer_configs(a.set, a.steps)
+    if a.die_rank is not None:
+        import matryoshka_plugin.trainers.matryoshka_batch_top_k as btk
+
+        rank = int(os.environ.get("RANK", "0"))
+        update = btk.MatryoshkaBatchTopKTrainer.update
+
+        def dying_update(self, step, x):
+            if rank == a.die_rank and step == a.die_at:
+                os._exit(3)
+            return update(self, step, x)
+
+        btk.MatryoshkaBatchTopKTrainer.update = dying_update
+    train(batches(a.kill_at, a.batch), configs, a.steps, save_dir=a.out,
+          normalize_activations=a.normalize, device="cpu", checkpoint_every=a.checkpoint_every, resume=a.resume,
+          distributed=a.distributed, progress=False, timeout_s=a.timeout)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
