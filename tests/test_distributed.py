@@ -1,0 +1,110 @@
+"""torch.distributed on CPU (gloo, 2 processes started by torchrun): data-parallel training of one
+SAE equals single-process training, trainer configs spread over ranks equal serial training, and
+bad input fails fast instead of hanging."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from matryoshka_plugin.distributed import assign_trainers
+
+SCRIPT = Path(__file__).with_name("train_script.py")
+ROOT = Path(__file__).resolve().parents[1]
+
+
+
+def _torchrun(out: Path, *args: str, nproc: int = 2, timeout: float = 600) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           str(SCRIPT), str(out), *args]
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+
+
+def _single(out: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(SCRIPT), str(out), *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=600)
+
+
+def _saved(folder: Path, n: int) -> list[dict]:
+    return [torch.load(folder / f"trainer_{i}" / "ae.pt") for i in range(n)]
+
+
+@pytest.mark.slow
+def test_data_parallel_equals_one_process_and_resumes_exactly(tmp_path):
+    one = _single(tmp_path / "one", "--set", "dp", "--normalize")
+    assert one.returncode == 0, one.stderr
+    two = _torchrun(tmp_path / "two", "--set", "dp", "--normalize", "--distributed", "data")
+    assert two.returncode == 0, two.stderr[-3000:]
+    for i, (a, b) in enumerate(zip(_saved(tmp_path / "one", 5), _saved(tmp_path / "two", 5))):
+        for key in a:
+            assert torch.allclose(a[key], b[key], rtol=1e-4, atol=1e-5), (i, key, (a[key] - b[key]).abs().max())
+    # killed on rank 0 (which reads the data) at step 14, then resumed by a new torchrun
+    killed = _torchrun(tmp_path / "run", "--set", "dp", "--normalize", "--distributed", "data", "--kill-at", "116")
+    assert killed.returncode != 0
+    resumed = _torchrun(tmp_path / "run", "--set", "dp", "--normalize", "--distributed", "data", "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    for a, b in zip(_saved(tmp_path / "two", 5), _saved(tmp_path / "run", 5)):
+        assert all(torch.equal(a[k], b[k]) for k in a)
+    # a data-parallel run resumes only with the same world size
+    other = _single(tmp_path / "run", "--set", "dp", "--normalize", "--distributed", "data", "--resume")
+    assert other.returncode != 0
+    assert "world size of the data-parallel run: checkpoint 2, now 1" in other.stderr
+
+
+@pytest.mark.slow
+def test_trainers_spread_over_ranks_equal_serial_training(tmp_path):
+    serial = _single(tmp_path / "serial", "--set", "all")
+    assert serial.returncode == 0, serial.stderr
+    spread = _torchrun(tmp_path / "spread", "--set", "all", "--distributed", "trainers")
+    assert spread.returncode == 0, spread.stderr[-3000:]
+    for i, (a, b) in enumerate(zip(_saved(tmp_path / "serial", 11), _saved(tmp_path / "spread", 11))):
+        assert all(torch.equal(a[k], b[k]) for k in a), f"trainer_{i}"
+    # every rank wrote its own trainers into the shared checkpoints
+    newest = sorted((tmp_path / "spread" / "resume").glob("step_*"))[-1]
+    assert sorted(p.name for p in newest.glob("trainer_*.pt")) == sorted(f"trainer_{i}.pt" for i in range(11))
+
+
+@pytest.mark.slow
+def test_bad_input_fails_before_training(tmp_path):
+    odd = _torchrun(tmp_path / "odd", "--set", "dp", "--distributed", "data", "--batch", "63")
+    assert odd.returncode != 0
+    assert "a batch of 63 activations does not divide over 2 processes" in odd.stderr
+    assert not list((tmp_path / "odd").glob("trainer_*/ae.pt")) and not (tmp_path / "odd" / "resume").exists()
+    log = _torchrun(tmp_path / "log", "--set", "all", "--distributed", "data")
+    assert log.returncode != 0
+    assert "MatryoshkaLogSparsityTrainer cannot train one SAE over several processes" in log.stderr
+
+
+@pytest.mark.slow
+def test_a_dead_rank_makes_the_other_exit_with_an_error(tmp_path):
+    """Plain processes (no torchrun agent to clean up): rank 1 exits at step 3, rank 0 must fail."""
+    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(29500 + os.getpid() % 1000), WORLD_SIZE="2")
+    procs = []
+    for rank in range(2):
+        e = dict(env, RANK=str(rank), LOCAL_RANK=str(rank))
+        procs.append(subprocess.Popen(
+            [sys.executable, str(SCRIPT), str(tmp_path / "run"), "--set", "dp", "--distributed", "data",
+             "--die-rank", "1", "--die-at", "3", "--timeout", "30"],
+            cwd=ROOT, env=e, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    t0 = time.time()
+    _, err0 = procs[0].communicate(timeout=300)
+    procs[1].communicate(timeout=60)
+    assert procs[1].returncode == 3
+    assert procs[0].returncode != 0, "rank 0 finished although rank 1 died"
+    assert time.time() - t0 < 240
+    assert "Error" in err0
+
+
+@pytest.mark.parametrize("costs,world,expected", [
+    ([1, 1, 1, 1], 2, [[0, 2], [1, 3]]),
+    ([8, 1, 1, 1, 1, 1, 1, 1, 1], 2, [[0], [1, 2, 3, 4, 5, 6, 7, 8]]),
+    ([4, 3, 2, 1], 3, [[0], [1], [2, 3]]),
+])
+def test_assign_trainers_balances_cost(costs, world, expected):
+    assert assign_trainers(costs, world) == expected
