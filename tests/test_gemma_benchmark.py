@@ -233,3 +233,63 @@ def test_end_to_end_on_a_tiny_model(tmp_path):
     with pytest.raises(ConfigError, match=r"settings of eval\(s\) \['tpp'\] differ"):
         run_benchmark(load_config(TINY, {"run_dir": str(run_dir), "evals.overrides.tpp.train_set_size": 100}),
                       models=NoModels(), log=lambda s: None)
+
+
+class _Interrupted(Exception):
+    pass
+
+
+class _FailingHub:
+    """The local hub, except that the training text stream breaks after ``stop`` documents."""
+
+    def __init__(self, hub, stop: int):
+        self.hub, self.stop = hub, stop
+
+    def load_dataset(self, path, *args, **kwargs):
+        ds = self.hub.load_dataset(path, *args, **kwargs)
+        if path != "monology/pile-uncopyrighted":
+            return ds
+        stop = self.stop
+
+        class Breaking:
+            def __iter__(self):
+                for i, row in enumerate(ds):
+                    if i == stop:
+                        raise _Interrupted
+                    yield row
+
+        return Breaking()
+
+
+@pytest.mark.slow
+def test_an_interrupted_group_resumes_inside_the_group(tmp_path):
+    models, hub = tiny_models(), LocalHub()
+    base = {"training.checkpoint_every": 40}
+    full = load_config(TINY, {**base, "run_dir": str(tmp_path / "full")})
+    run_benchmark(full, models=models, load_dataset=hub.load_dataset, skip_evals=True, log=lambda s: None)
+    cfg = load_config(TINY, {**base, "run_dir": str(tmp_path / "run")})
+    with pytest.raises(_Interrupted):
+        run_benchmark(cfg, models=models, load_dataset=_FailingHub(hub, 1000).load_dataset, skip_evals=True,
+                      log=lambda s: None)
+    checkpoints = sorted(p.name for p in (tmp_path / "run" / "train" / ".all.partial" / "resume").glob("step_*"))
+    assert checkpoints, "no checkpoint was written before the interruption"
+    lines = []
+    run_benchmark(cfg, models=models, load_dataset=hub.load_dataset, skip_evals=True, log=lines.append)
+    assert any("resuming all from" in line for line in lines)
+    assert not (tmp_path / "run" / "train" / "all" / "resume").exists()
+    for i in range(2):
+        a = torch.load(tmp_path / "full" / "train" / "all" / f"trainer_{i}" / "ae.pt")
+        b = torch.load(tmp_path / "run" / "train" / "all" / f"trainer_{i}" / "ae.pt")
+        assert all(torch.equal(a[k], b[k]) for k in a), f"trainer_{i} differs after resuming from {checkpoints[-1]}"
+
+
+def test_plan_spreads_groups_over_gpus(tmp_path):
+    one = run_benchmark(load_config(None, {"run_dir": str(tmp_path)}), models=NoModels(), dry_run=True,
+                        log=lambda s: None).estimate
+    four = run_benchmark(load_config(None, {"run_dir": str(tmp_path), "training.nproc": 4}), models=NoModels(),
+                         dry_run=True, log=lambda s: None).estimate
+    for g in one.group_memory_gb:  # 5 SAEs of one width over 4 GPUs: the busiest holds 2
+        assert four.group_memory_gb[g] < 0.5 * one.group_memory_gb[g]
+        assert four.group_hours[g] < one.group_hours[g]
+    with pytest.raises(ConfigError, match="training.nproc must be a positive integer, got 0"):
+        load_config(None, {"run_dir": str(tmp_path), "training.nproc": 0})

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from . import DEFAULT_CONFIG
@@ -29,13 +30,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--skip-training", action="store_true", help="only evaluate SAEs that are already trained")
     p.add_argument("--skip-evals", action="store_true", help="train, then report what is already evaluated")
     p.add_argument("--force-evals", action="store_true", help="recompute eval results that exist")
+    p.add_argument("--nproc", type=int, help="spread each group's SAEs over this many GPUs (relaunches itself "
+                   "under torchrun; shortcut for --set training.nproc=N)")
     args = p.parse_args(argv)
+    if args.nproc is not None and args.nproc > 1 and "WORLD_SIZE" not in os.environ and not args.dry_run:
+        # Relaunch as N processes; each sees WORLD_SIZE and trains its share of every group.
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}",
+               "-m", "benchmarks.gemma2_2b_l12", *(argv if argv is not None else sys.argv[1:])]
+        os.execv(sys.executable, cmd)
     try:
         overrides = dict(parse_override(s) for s in args.overrides)
         if args.run_dir:
             overrides["run_dir"] = args.run_dir
         if args.device:
             overrides["device"] = args.device
+        if args.nproc is not None:
+            overrides["training.nproc"] = args.nproc
         if args.published_baselines:
             overrides["training.baselines"] = "published"
         cfg = load_config(args.config, overrides)

@@ -96,6 +96,8 @@ class TrainingConfig:
     group_by: str = "width_architecture"  # SAEs trained together on one activation stream
     seed: int = 0
     baselines: str = "train"  # "train" or "published" (SAEBench's suites through SAELens)
+    checkpoint_every: int = 2000  # full-state checkpoints (steps): an interrupted group resumes from the newest
+    nproc: int = 1  # processes (GPUs) the SAEs of a group are spread over (torchrun; see --nproc)
 
     @property
     def steps(self) -> int:
@@ -196,6 +198,10 @@ class BenchmarkConfig:
             errors.append(f"training.architectures has duplicates: {t.architectures}")
         if t.baselines not in ("train", "published"):
             errors.append(f"training.baselines must be 'train' or 'published', got {t.baselines!r}")
+        for key in ("checkpoint_every", "nproc"):
+            value = getattr(t, key)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                errors.append(f"training.{key} must be a positive integer, got {value!r}")
         if t.normalize_activations and "matryoshka_upstream" in t.architectures:
             errors.append("dictionary_learning's Matryoshka SAE (matryoshka_upstream) has no scale_biases, so it "
                           "cannot train with training.normalize_activations = true")

@@ -4,11 +4,13 @@
 
 1. Check the config and every existing result against it (nothing is loaded yet), print the plan
    and the GPU memory / time estimates.
-2. Train each pending group of SAEs with dictionary_learning's ``trainSAE`` on an
-   ``ActivationBuffer`` over the nnsight ``LanguageModel`` (text streamed with
-   ``datasets.load_dataset``). A group is written to ``train/.<group>.partial`` and renamed to
-   ``train/<group>`` when every SAE of it is saved, so an interrupted group restarts from scratch
-   and finished groups are skipped.
+2. Train each pending group of SAEs with :func:`matryoshka_plugin.train` (trainSAE's loop with
+   full-state checkpoints) on a :class:`~matryoshka_plugin.ActivationSource` over the nnsight
+   ``LanguageModel`` (text streamed with ``datasets.load_dataset``). A group is written to
+   ``train/.<group>.partial`` and renamed to ``train/<group>`` when every SAE of it is saved; an
+   interrupted group resumes from its newest checkpoint (every ``training.checkpoint_every`` steps)
+   and finished groups are skipped. With ``training.nproc = N`` (``--nproc N``, under torchrun) the
+   SAEs of a group are spread over N GPUs.
 3. Run the SAEBench evals on every SAE with :func:`matryoshka_plugin.saebench.run_saebench`
    (results that exist are skipped).
 4. Write ``report/comparison.md``, ``report/comparison.csv`` and ``report/<metric>_vs_l0.png``.
@@ -193,35 +195,48 @@ def resolve_submodule(lm: Any, path: str) -> Any:
 
 
 def train_group(plan: Plan, group: str, lm: Any, load_dataset: Callable | None, log: Callable[[str], None]) -> None:
-    from dictionary_learning.buffer import ActivationBuffer
-    from dictionary_learning.training import trainSAE
+    """Train one group with ``matryoshka_plugin.train`` in ``train/.<group>.partial``, resuming from
+    its newest full-state checkpoint; with ``training.nproc > 1`` (under torchrun) the group's SAEs
+    are spread over the ranks, rank 0 reads the text and runs the model (``lm`` is None elsewhere)."""
+    from matryoshka_plugin import ActivationSource, train
 
     cfg = plan.cfg
     specs = plan.groups[group]
     final = plan.group_dir(group)
     partial = final.with_name(f".{group}.partial")
-    shutil.rmtree(partial, ignore_errors=True)  # an interrupted attempt restarts from scratch
-    if final.exists():
-        shutil.rmtree(final)  # incomplete (no group.json or a missing ae.pt)
-    partial.mkdir(parents=True)
+    main = int(os.environ.get("RANK", "0")) == 0
+    if main:
+        if not (partial / "resume").is_dir():
+            shutil.rmtree(partial, ignore_errors=True)  # nothing to resume from: start afresh
+        else:
+            log(f"resuming {group} from {partial / 'resume'}")
+        if final.exists():
+            shutil.rmtree(final)  # incomplete (no group.json or a missing ae.pt)
+        partial.mkdir(parents=True, exist_ok=True)
     d, t = cfg.data, cfg.training
-    if d.remove_bos:
-        # ActivationBuffer drops position 0 as the BOS token: with left padding that would be a pad
-        # token (masked anyway) and the real BOS would stay in.
-        lm.tokenizer.padding_side = "right"
-    buffer = ActivationBuffer(
-        text_stream(cfg, load_dataset), lm, resolve_submodule(lm, cfg.model.submodule), d_submodule=cfg.model.d_model,
-        io=cfg.model.io, n_ctxs=int(d.buffer_contexts), ctx_len=d.ctx_len, refresh_batch_size=d.refresh_batch_size,
-        out_batch_size=t.batch_size, device=cfg.device, remove_bos=d.remove_bos,
-    )
+    source = None
+    if lm is not None:
+        if d.remove_bos:
+            # Position 0 is dropped as the BOS token: with left padding that would be a pad token
+            # (masked anyway) and the real BOS would stay in.
+            lm.tokenizer.padding_side = "right"
+        source = ActivationSource(
+            text_stream(cfg, load_dataset), lm, resolve_submodule(lm, cfg.model.submodule),
+            d_submodule=cfg.model.d_model, io=cfg.model.io, n_ctxs=int(d.buffer_contexts), ctx_len=d.ctx_len,
+            refresh_batch_size=d.refresh_batch_size, out_batch_size=t.batch_size, device=cfg.device,
+            remove_bos=d.remove_bos, seed=t.seed,
+        )
     configs = [trainer_config(cfg, s) for s in specs]
-    trainSAE(data=buffer, trainer_configs=configs, steps=t.steps, save_dir=str(partial),
-             normalize_activations=t.normalize_activations, device=cfg.device,
-             autocast_dtype=_TORCH_DTYPES[t.autocast_dtype])
+    train(source, configs, t.steps, save_dir=str(partial), normalize_activations=t.normalize_activations,
+          device=cfg.device, autocast_dtype=_TORCH_DTYPES[t.autocast_dtype], checkpoint_every=t.checkpoint_every,
+          resume=True, distributed="trainers" if t.nproc > 1 else None)
+    if not main:
+        return
     for s in specs:
         if not (partial / f"trainer_{s.index}" / "ae.pt").is_file():
             raise RuntimeError(f"trainSAE finished without writing {partial}/trainer_{s.index}/ae.pt")
     _json_dump_atomic(partial / "group.json", group_spec(cfg, specs))
+    shutil.rmtree(partial / "resume", ignore_errors=True)  # the group is done: its full states are not needed
     os.replace(partial, final)
     # Results of earlier SAEs with these names are stale now.
     from matryoshka_plugin.saebench import remove_results
@@ -254,6 +269,8 @@ def run_benchmark(
     log: Callable[[str], None] = print,
 ) -> BenchmarkResult:
     """Run (or with ``dry_run`` only plan) the benchmark; see the module docstring."""
+    if int(os.environ.get("RANK", "0")) != 0:
+        log = lambda _line: None  # noqa: E731 - rank 0 speaks for the run
     plan, est, pending = prepare(cfg, force_evals=force_evals)
     log(format_plan(plan, est, pending))
     result = BenchmarkResult(plan, est)
@@ -264,6 +281,18 @@ def run_benchmark(
     _json_dump_atomic(plan.run_dir / "plan.json", plan_summary(plan, est))
 
     todo = [] if skip_training else plan.pending_groups()
+    rank = int(os.environ.get("RANK", "0"))
+    if cfg.training.nproc > 1 and todo:
+        from matryoshka_plugin.distributed import setup
+
+        world = setup("trainers")  # one process group for every group's training
+        if world.world_size != cfg.training.nproc:
+            raise ConfigError(f"training.nproc = {cfg.training.nproc} but {world.world_size} processes were started")
+    if rank != 0:
+        # The other ranks only train their share of each group; rank 0 evaluates and reports.
+        for group in todo:
+            train_group(plan, group, None, load_dataset, log)
+        return result
     if todo:
         lm = models.language_model(cfg)
         for i, group in enumerate(todo, 1):

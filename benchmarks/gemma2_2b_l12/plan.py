@@ -240,6 +240,7 @@ class Estimate:
     eval_breakdown_gb: dict[str, float]
     group_hours: dict[str, float]
     group_memory_gb: dict[str, float]
+    """Per GPU: the most loaded GPU's SAEs + Adam when the group is spread over ``nproc`` GPUs."""
     eval_hours: dict[str, float]
     pending_train_hours: float
     pending_eval_hours: float
@@ -270,16 +271,27 @@ def estimate(plan: Plan, pending_evals: dict[str, int] | None = None) -> Estimat
     layers_run = (m.layer + 1) / m.n_layers
     lm_flops_per_token = 2 * (m.n_params - m.n_embedding_params) * layers_run
     tokens = t.tokens + (100 * t.batch_size if t.normalize_activations else 0)
+    from matryoshka_plugin.distributed import assign_trainers
+
     for g, specs in plan.groups.items():
-        # fp32 weights, gradients and Adam's two moments: 16 bytes per parameter; plus the dense
-        # [batch, width] pre-activations, their ReLU/top-k masks and gradients (about 4 at once).
-        states = sum(16 * _sae_params(m.d_model, s.width) for s in specs)
-        transient = max(4 * 4 * t.batch_size * s.width for s in specs)
-        group_mem[g] = (states + transient) / GB
-        sae_flops = sum(12 * m.d_model * s.width for s in specs)  # fwd + bwd of encoder and decoder
-        group_hours[g] = tokens * (lm_flops_per_token / (hw.lm_tflops * 1e12) + sae_flops / (hw.sae_tflops * 1e12)) / 3600
+        # With nproc GPUs the SAEs are spread as train(distributed="trainers") spreads them; the
+        # most loaded GPU sets the memory and, after rank 0's LM forward, the time.
+        shares = [r for r in assign_trainers([m.d_model * s.width for s in specs], t.nproc) if r]
+        per_gpu_mem, per_gpu_flops = [], []
+        for share in shares:
+            part = [specs[i] for i in share]
+            # fp32 weights, gradients and Adam's two moments: 16 bytes per parameter; plus the dense
+            # [batch, width] pre-activations, their ReLU/top-k masks and gradients (about 4 at once).
+            states = sum(16 * _sae_params(m.d_model, s.width) for s in part)
+            transient = max(4 * 4 * t.batch_size * s.width for s in part)
+            per_gpu_mem.append((states + transient) / GB)
+            per_gpu_flops.append(sum(12 * m.d_model * s.width for s in part))  # fwd + bwd of encoder and decoder
+        group_mem[g] = max(per_gpu_mem)
+        group_hours[g] = tokens * (lm_flops_per_token / (hw.lm_tflops * 1e12)
+                                   + max(per_gpu_flops) / (hw.sae_tflops * 1e12)) / 3600
     train_breakdown = {"LM weights": lm_weights / GB, "activation buffer": buffer / GB, "LM forward": lm_work / GB,
-                       "largest training group (SAEs + Adam)": max(group_mem.values(), default=0.0)}
+                       ("largest training group (SAEs + Adam)" if t.nproc == 1 else
+                        f"largest group's share on one of {t.nproc} GPUs (SAEs + Adam)"): max(group_mem.values(), default=0.0)}
     train_peak = sum(train_breakdown.values())
 
     # Evals
@@ -365,7 +377,8 @@ def format_plan(plan: Plan, est: Estimate, pending_evals: dict[str, int]) -> str
         f"lr {t.lr:g}, ctx {cfg.data.ctx_len}, normalize_activations={t.normalize_activations}",
         f"  baselines: {t.baselines}",
         "",
-        "Training groups (SAEs in a group share one activation stream):",
+        "Training groups (SAEs in a group share one activation stream"
+        + (f"; spread over {t.nproc} GPUs, memory per GPU):" if t.nproc > 1 else "):"),
     ]
     for g, specs in plan.groups.items():
         status = "done" if plan.group_done(g) else "to train"
