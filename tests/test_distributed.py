@@ -41,7 +41,7 @@ def test_data_parallel_equals_one_process_and_resumes_exactly(tmp_path):
     assert one.returncode == 0, one.stderr
     two = _torchrun(tmp_path / "two", "--set", "dp", "--normalize", "--distributed", "data")
     assert two.returncode == 0, two.stderr[-3000:]
-    for i, (a, b) in enumerate(zip(_saved(tmp_path / "one", 5), _saved(tmp_path / "two", 5))):
+    for i, (a, b) in enumerate(zip(_saved(tmp_path / "one", 10), _saved(tmp_path / "two", 10))):
         for key in a:
             assert torch.allclose(a[key], b[key], rtol=1e-4, atol=1e-5), (i, key, (a[key] - b[key]).abs().max())
     # killed on rank 0 (which reads the data) at step 14, then resumed by a new torchrun
@@ -49,12 +49,26 @@ def test_data_parallel_equals_one_process_and_resumes_exactly(tmp_path):
     assert killed.returncode != 0
     resumed = _torchrun(tmp_path / "run", "--set", "dp", "--normalize", "--distributed", "data", "--resume")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    for a, b in zip(_saved(tmp_path / "two", 5), _saved(tmp_path / "run", 5)):
+    for a, b in zip(_saved(tmp_path / "two", 10), _saved(tmp_path / "run", 10)):
         assert all(torch.equal(a[k], b[k]) for k in a)
     # a data-parallel run resumes only with the same world size
     other = _single(tmp_path / "run", "--set", "dp", "--normalize", "--distributed", "data", "--resume")
     assert other.returncode != 0
     assert "world size of the data-parallel run: checkpoint 2, now 1" in other.stderr
+
+
+def test_the_log_sparsity_configs_resample_latents():
+    """The data-parallel comparison covers resampling (drawn from the whole batch on every rank)."""
+    from train_script import batches, trainer_configs
+
+    resampled = 0
+    for cfg in trainer_configs("dp", 24)[5:7]:
+        cfg = dict(cfg)
+        trainer = cfg.pop("trainer")(**cfg)
+        for step, x in zip(range(24), batches(-1, 64)):
+            trainer.update(step, x)
+            resampled += trainer.resampled
+    assert resampled > 0
 
 
 @pytest.mark.slow
@@ -76,9 +90,9 @@ def test_bad_input_fails_before_training(tmp_path):
     assert odd.returncode != 0
     assert "a batch of 63 activations does not divide over 2 processes" in odd.stderr
     assert not list((tmp_path / "odd").glob("trainer_*/ae.pt")) and not (tmp_path / "odd" / "resume").exists()
-    log = _torchrun(tmp_path / "log", "--set", "all", "--distributed", "data")
-    assert log.returncode != 0
-    assert "MatryoshkaLogSparsityTrainer cannot train one SAE over several processes" in log.stderr
+    upstream = _torchrun(tmp_path / "upstream", "--set", "all", "--distributed", "data")
+    assert upstream.returncode != 0
+    assert "BatchTopKTrainer cannot train one SAE over several processes" in upstream.stderr
 
 
 @pytest.mark.slow

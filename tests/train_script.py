@@ -33,12 +33,13 @@ def trainer_configs(which: str, steps: int) -> list[dict]:
         out.append(dict(trainer=MatryoshkaBatchTopKTrainer, **common, k=4, prefix_mode=mode, seed=10 + i,
                         group_fractions=fractions if mode == "groups" else None, warmup_steps=3,
                         threshold_start_step=4, dead_feature_threshold=256, n_prefixes=4))
-    if which == "dp":
-        return out
     for i, mode in enumerate(PREFIX_MODES):
+        # a short dead-latent threshold, so latents are resampled (and resampling is resumed)
         out.append(dict(trainer=MatryoshkaLogSparsityTrainer, **common, target_l0=4, prefix_mode=mode, seed=20 + i,
                         group_fractions=fractions if mode == "groups" else None, warmup_steps=3,
-                        dead_feature_threshold=256, n_prefixes=4))
+                        dead_feature_threshold=64, n_prefixes=4))
+    if which == "dp":  # the trainers that can train one SAE over several processes
+        return out
     # dictionary_learning's own trainer, resumed as far as its state can be reached
     out.append(dict(trainer=BatchTopKTrainer, dict_class=BatchTopKSAE, **common, k=4, seed=30, warmup_steps=3,
                     threshold_start_step=4))

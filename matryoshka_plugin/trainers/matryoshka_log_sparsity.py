@@ -201,6 +201,7 @@ class MatryoshkaLogSparsityTrainer(MatryoshkaTrainerBase):
         "controller", "contribution_ema", "num_tokens_since_fired", "latent_origin", "_input_norm_initialised",
         "resampled", "effective_l0", "sparsity_coefficient", "dead_features", "input_norm",
     )
+    supports_data_parallel = True
 
     def __init__(self, **settings: Any):
         cfg = MatryoshkaLogSparsityConfig(**settings)
@@ -224,6 +225,8 @@ class MatryoshkaLogSparsityTrainer(MatryoshkaTrainerBase):
         self.num_tokens_since_fired = torch.zeros(cfg.dict_size, dtype=torch.long, device=cfg.device)
         self.latent_origin = torch.arange(cfg.dict_size, device=cfg.device)
         self._input_norm_initialised = False
+        # Set by train(distributed="data"): update() then sees this rank's shard of each batch.
+        self.collective = None
 
         self.logging_parameters = ["effective_l0", "sparsity_coefficient", "dead_features", "input_norm", "resampled"]
         self.resampled = 0
@@ -249,10 +252,13 @@ class MatryoshkaLogSparsityTrainer(MatryoshkaTrainerBase):
         penalty = sparsity_penalty(magnitudes, weights.tail().to(a.device), self.sparsity, self.log_eps)
         return LogSparsityForward(a, magnitudes, recon, penalty)
 
-    def _total(self, recon, penalty, coefficient: float, step: int | None):
+    def _total(self, recon, penalty, coefficient: float, step: int | None, collective=None):
         loss = recon.loss + coefficient * penalty
-        parts = {"mse_loss": recon.loss.item(), "sparsity_loss": penalty.item()}
-        self._check_loss(loss, step, parts)
+        terms = torch.stack([recon.loss.detach().float(), penalty.detach().float()])
+        if collective is not None:  # the global batch's terms, so every rank raises together
+            terms = collective.sum_(terms) / collective.world_size
+        parts = {"mse_loss": terms[0].item(), "sparsity_loss": terms[1].item()}
+        self._check_loss(loss if collective is None else terms.sum(), step, parts)
         return loss, parts
 
     @threads_by_work
@@ -290,12 +296,18 @@ class MatryoshkaLogSparsityTrainer(MatryoshkaTrainerBase):
         return x
 
     @torch.no_grad()
-    def _update_input_norm(self, x: torch.Tensor) -> None:
+    def _update_input_norm(self, x: torch.Tensor, collective=None) -> None:
         norms = x.double().norm(dim=1)
         nonzero = norms > 0
-        if not bool(nonzero.any()):
-            return  # an all-zero batch says nothing about the input's scale
-        mean_norm = float(norms[nonzero].mean())
+        if collective is None:
+            if not bool(nonzero.any()):
+                return  # an all-zero batch says nothing about the input's scale
+            mean_norm = float(norms[nonzero].mean())
+        else:
+            total = collective.sum_(torch.stack([norms[nonzero].sum(), nonzero.sum().double()]))
+            if float(total[1]) == 0:
+                return
+            mean_norm = float(total[0] / total[1])
         if not self._input_norm_initialised:
             # The reference starts the running mean at 0, inflating early inputs; start from data.
             self.ae.input_norm.fill_(mean_norm)
@@ -305,18 +317,22 @@ class MatryoshkaLogSparsityTrainer(MatryoshkaTrainerBase):
 
     @threads_by_work
     def update(self, step: int, x: torch.Tensor) -> float:
+        """One optimisation step on ``x`` (with ``collective`` set: this rank's shard of the batch)."""
         x = self._prepare(x, step)
+        dp = self.collective
+        batch = x.shape[0] * (dp.world_size if dp is not None else 1)
         if self.cfg.dead_feature_threshold is None:
-            self.cfg.dead_feature_threshold = min(10_000_000, max(x.shape[0], self.steps * x.shape[0] // 10))
+            self.cfg.dead_feature_threshold = min(10_000_000, max(batch, self.steps * batch // 10))
         saved = (self.ae.input_norm.clone(), self._input_norm_initialised, self.controller.coefficient)
         try:
             if self.normalize_input:
-                self._update_input_norm(x)
+                self._update_input_norm(x, dp)
             x_scaled = self._scaled(x)
             a, magnitudes, recon, penalty = self._forward(x_scaled, training=True)
-            l0 = float((a > 0).sum()) / x.shape[0]
+            active = (a > 0).sum()
+            l0 = float(active if dp is None else dp.sum_(active.reshape(1))) / batch
             coefficient = self.controller.update(step, l0)
-            loss, _ = self._total(recon, penalty, coefficient, step)
+            loss, parts = self._total(recon, penalty, coefficient, step, dp)
         except Exception:
             # A failed step leaves no trace: restore what was updated before the check.
             self.ae.input_norm.copy_(saved[0])
@@ -325,7 +341,9 @@ class MatryoshkaLogSparsityTrainer(MatryoshkaTrainerBase):
 
         with torch.no_grad():
             fired = (a > 0).any(0)
-            self.num_tokens_since_fired.add_(x.shape[0]).masked_fill_(fired, 0)
+            if dp is not None:
+                fired = dp.max_(fired.to(torch.int32)).bool()
+            self.num_tokens_since_fired.add_(batch).masked_fill_(fired, 0)
             dead = self.num_tokens_since_fired >= self.dead_feature_threshold
             self.dead_features = int(dead.sum())
             self.effective_l0, self.sparsity_coefficient = l0, coefficient
@@ -333,11 +351,15 @@ class MatryoshkaLogSparsityTrainer(MatryoshkaTrainerBase):
             perm = None
             if self.reorder_latents:
                 contribution = magnitudes.pow(2).mean(0)
+                if dp is not None:
+                    contribution = dp.sum_(contribution) / dp.world_size
                 self.contribution_ema.mul_(self.reorder_decay).add_((1 - self.reorder_decay) * contribution)
                 perm = torch.argsort(self.contribution_ema, descending=True, stable=True)
 
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        if dp is not None:
+            dp.average_gradients_(list(self.ae.parameters()))
         W = self.ae.W_dec
         if self.normalize_decoder:
             project_out_radial_(W.grad, W)
@@ -349,10 +371,13 @@ class MatryoshkaLogSparsityTrainer(MatryoshkaTrainerBase):
                 W.div_(W.norm(dim=1, keepdim=True).clamp_min(torch.finfo(W.dtype).eps))
         self.resampled = 0
         if self.resample_dead and self.dead_features and step < self.steps * (1 - self.decay_fraction):
-            self.resampled = self.resample(dead, x_scaled, recon.residual)
+            if dp is None:
+                self.resampled = self.resample(dead, x_scaled, recon.residual)
+            else:  # every rank resamples from the whole batch, with the same generator
+                self.resampled = self.resample(dead, dp.gather_rows(x_scaled), dp.gather_rows(recon.residual))
         if perm is not None:
             self.reorder(perm)
-        return loss.item()
+        return loss.item() if dp is None else parts["mse_loss"] + coefficient * parts["sparsity_loss"]
 
     @torch.no_grad()
     def resample(self, dead: torch.Tensor, x_scaled: torch.Tensor, residual: torch.Tensor) -> int:
@@ -371,7 +396,13 @@ class MatryoshkaLogSparsityTrainer(MatryoshkaTrainerBase):
         if not bool(weights.sum() > 0):
             return 0
         idx = idx[: max(1, x_scaled.shape[0] // 2)]
-        tokens = torch.multinomial(weights, idx.numel(), replacement=False, generator=self._cpu_generator_for(weights))
+        if self.collective is not None and weights.device.type != "cpu":
+            # every rank must draw the same tokens: the trainer's (synchronised) CPU generator
+            tokens = torch.multinomial(weights.cpu(), idx.numel(), replacement=False,
+                                       generator=self.generator).to(weights.device)
+        else:
+            tokens = torch.multinomial(weights, idx.numel(), replacement=False,
+                                       generator=self._cpu_generator_for(weights))
         directions = residual[tokens].float()
         directions = directions / directions.norm(dim=1, keepdim=True).clamp_min(1e-12)
         proj = x_scaled.float() @ directions.T  # [B, m]
