@@ -21,7 +21,6 @@ and dropped (the cost of producing them once more, without training on them).
 from __future__ import annotations
 
 import copy
-import json
 import os
 from contextlib import nullcontext
 from pathlib import Path
@@ -35,7 +34,6 @@ from .errors import CheckpointError
 from .io import atomic_torch_save, atomic_write_json
 from .resume import (
     RunCheckpoints,
-    check_same_config,
     load_trainer_state,
     rng_state,
     set_rng_state,
