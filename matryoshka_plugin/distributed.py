@@ -17,6 +17,7 @@ the others fail with an error instead of waiting forever.
 
 from __future__ import annotations
 
+import atexit
 import os
 from dataclasses import dataclass
 from datetime import timedelta
@@ -53,8 +54,6 @@ class DistributedRun:
     """Number of processes."""
     local_rank: int = 0
     """Rank on this machine (picks the GPU)."""
-    owns_group: bool = False
-    """Whether :func:`setup` created the process group (and :meth:`close` destroys it)."""
 
     @property
     def active(self) -> bool:
@@ -125,9 +124,6 @@ class DistributedRun:
         per = n // self.world_size
         return batch[self.rank * per : (self.rank + 1) * per]
 
-    def close(self) -> None:
-        if self.owns_group and dist.is_initialized():
-            dist.destroy_process_group()
 
 
 def setup(mode: str | None, timeout_s: float = DEFAULT_TIMEOUT_S, backend: str | None = None) -> DistributedRun:
@@ -142,7 +138,6 @@ def setup(mode: str | None, timeout_s: float = DEFAULT_TIMEOUT_S, backend: str |
         return DistributedRun(None)
     if mode not in DISTRIBUTED_MODES:
         raise ValueError(f"unknown distributed mode {mode!r}; choose one of {DISTRIBUTED_MODES} or None")
-    owns = False
     if not dist.is_initialized():
         if "RANK" not in os.environ:
             # One process asked for a distributed mode: a group of one, so the same code runs.
@@ -154,14 +149,20 @@ def setup(mode: str | None, timeout_s: float = DEFAULT_TIMEOUT_S, backend: str |
         if backend == "nccl":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group(backend=backend, timeout=timedelta(seconds=timeout_s))
-        owns = True
+        # The group stays for later train() calls in this process (re-creating it from torchrun's
+        # store hangs) and is destroyed at exit.
+        atexit.register(_destroy)
     return DistributedRun(
         mode,
         rank=dist.get_rank(),
         world_size=dist.get_world_size(),
         local_rank=int(os.environ.get("LOCAL_RANK", dist.get_rank())),
-        owns_group=owns,
     )
+
+
+def _destroy() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def _free_port() -> int:

@@ -134,14 +134,11 @@ def train(
     run_cfg = run_cfg or {}
 
     ctx = setup(distributed, timeout_s)
-    try:
-        return _train(
-            ctx, data, trainer_configs, steps, use_wandb, wandb_entity, wandb_project, save_steps, save_dir,
-            log_steps, activations_split_by_head, transcoder, run_cfg, normalize_activations, verbose, device,
-            autocast_dtype, checkpoint_every, keep_checkpoints, resume, progress,
-        )
-    finally:
-        ctx.close()
+    return _train(
+        ctx, data, trainer_configs, steps, use_wandb, wandb_entity, wandb_project, save_steps, save_dir,
+        log_steps, activations_split_by_head, transcoder, run_cfg, normalize_activations, verbose, device,
+        autocast_dtype, checkpoint_every, keep_checkpoints, resume, progress,
+    )
 
 
 def _build_trainers(ctx: DistributedRun, trainer_configs: list[dict]) -> tuple[list[int], list[Any]]:

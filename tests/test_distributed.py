@@ -75,7 +75,7 @@ def test_the_log_sparsity_configs_resample_latents():
 def test_trainers_spread_over_ranks_equal_serial_training(tmp_path):
     serial = _single(tmp_path / "serial", "--set", "all")
     assert serial.returncode == 0, serial.stderr
-    spread = _torchrun(tmp_path / "spread", "--set", "all", "--distributed", "trainers")
+    spread = _torchrun(tmp_path / "spread", "--set", "all", "--distributed", "trainers", "--warm-up-run")
     assert spread.returncode == 0, spread.stderr[-3000:]
     for i, (a, b) in enumerate(zip(_saved(tmp_path / "serial", 11), _saved(tmp_path / "spread", 11))):
         assert all(torch.equal(a[k], b[k]) for k in a), f"trainer_{i}"

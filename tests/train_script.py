@@ -70,6 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--die-rank", type=int, default=None)
     p.add_argument("--die-at", type=int, default=None)
     p.add_argument("--timeout", type=float, default=600)
+    p.add_argument("--warm-up-run", action="store_true", help="a 6-step train() first, in the same process")
     a = p.parse_args(argv)
     torch.set_num_threads(1)
 
@@ -88,6 +89,9 @@ def main(argv: list[str] | None = None) -> int:
             return update(self, step, x)
 
         btk.MatryoshkaBatchTopKTrainer.update = dying_update
+    if a.warm_up_run:  # a second train() in one process must reuse the process group
+        train(batches(-1, a.batch), trainer_configs(a.set, 6), 6, save_dir=a.out + "_warm_up", device="cpu",
+              distributed=a.distributed, progress=False)
     train(batches(a.kill_at, a.batch), configs, a.steps, save_dir=a.out,
           normalize_activations=a.normalize, device="cpu", checkpoint_every=a.checkpoint_every, resume=a.resume,
           distributed=a.distributed, progress=False, timeout_s=a.timeout)
