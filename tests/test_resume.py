@@ -69,20 +69,36 @@ def test_state_dict_round_trip_continues_exactly(cls, mode):
     assert not _equal(full.ae.state_dict(), naive.ae.state_dict())
 
 
-def test_upstream_trainer_state_round_trip():
-    from dictionary_learning.trainers.batch_top_k import BatchTopKSAE, BatchTopKTrainer
+def _upstream(name: str) -> tuple[type, dict]:
+    common = dict(steps=16, activation_dim=16, dict_size=32, layer=0, lm_name="x", device="cpu", warmup_steps=2,
+                  seed=5)
+    if name == "batch_top_k":
+        from dictionary_learning.trainers.batch_top_k import BatchTopKSAE, BatchTopKTrainer
 
-    kw = dict(steps=16, activation_dim=16, dict_size=32, k=4, layer=0, lm_name="x", dict_class=BatchTopKSAE,
-              device="cpu", warmup_steps=2, threshold_start_step=3, seed=5)
-    full = BatchTopKTrainer(**kw)
+        return BatchTopKTrainer, dict(common, k=4, dict_class=BatchTopKSAE, threshold_start_step=3)
+    if name == "matryoshka":
+        from dictionary_learning.trainers.matryoshka_batch_top_k import MatryoshkaBatchTopKTrainer as Upstream
+
+        return Upstream, dict(common, k=4, group_fractions=[0.25, 0.75], threshold_start_step=3)
+    from dictionary_learning.trainers.standard import StandardTrainer
+
+    return StandardTrainer, dict(common, l1_penalty=0.05, sparsity_warmup_steps=4, resample_steps=5)
+
+
+@pytest.mark.parametrize("name", ["batch_top_k", "matryoshka", "standard"])
+def test_upstream_trainer_state_round_trip(name):
+    """dictionary_learning's trainers (the Gemma benchmark's baselines) resume exactly too."""
+    cls, kw = _upstream(name)
+    full = cls(**kw)
     for s in range(16):
         full.update(s, _batch(s))
-    part = BatchTopKTrainer(**kw)
+    part = cls(**kw)
     for s in range(6):
         part.update(s, _batch(s))
     state = trainer_state_dict(part)
-    assert "num_tokens_since_fired" in state["attributes"] and "optimizer" in state and "scheduler" in state
-    resumed = BatchTopKTrainer(**kw)
+    assert "optimizer" in state and "scheduler" in state
+    torch.manual_seed(77)
+    resumed = cls(**kw)
     load_trainer_state(resumed, state)
     for s in range(6, 16):
         resumed.update(s, _batch(s))
