@@ -13,7 +13,7 @@ import json
 
 import torch
 
-from .compare import VARIANTS, run
+from .compare import DEFAULT_VARIANTS, VARIANTS, run
 
 
 def _value(text: str):
@@ -31,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=1024)
     p.add_argument("--dict-size", type=int, default=4096)
     p.add_argument("--k", type=int, default=32, help="BatchTopK k and the log-sparsity target_l0")
-    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
+    p.add_argument("--variants", nargs="+", default=list(DEFAULT_VARIANTS), choices=VARIANTS)
     p.add_argument("--log", action="append", default=[], metavar="KEY=VALUE",
                    help="extra MatryoshkaLogSparsityTrainer keyword, e.g. --log lr=3e-3")
     p.add_argument("--extra-log", default="[]", metavar="JSON",

@@ -20,7 +20,8 @@ from .activations import DEFAULT_CACHE, cached_activations
 __all__ = ["trainer_configs", "evaluate", "run"]
 
 PAPER_FRACTIONS = [1 / 32, 1 / 16, 1 / 8, 1 / 4, 1 / 2 + 1 / 32]
-VARIANTS = ("btk_groups", "btk_none", "log_sparsity")
+VARIANTS = ("btk_groups", "btk_none", "log_sparsity", "dl_batchtopk")
+DEFAULT_VARIANTS = ("btk_groups", "btk_none", "log_sparsity")
 
 
 def batches(acts: torch.Tensor, batch_size: int, seed: int = 0) -> Iterator[torch.Tensor]:
@@ -33,7 +34,7 @@ def batches(acts: torch.Tensor, batch_size: int, seed: int = 0) -> Iterator[torc
 
 
 def trainer_configs(
-    steps: int, d: int, dict_size: int, k: int, variants: tuple[str, ...] = VARIANTS,
+    steps: int, d: int, dict_size: int, k: int, variants: tuple[str, ...] = DEFAULT_VARIANTS,
     log_kwargs: dict[str, Any] | None = None, seed: int = 0, extra_log: list[dict[str, Any]] | None = None,
 ) -> list[dict[str, Any]]:
     """trainSAE configs; each dict of ``extra_log`` adds a log-sparsity trainer with those keywords."""
@@ -53,6 +54,11 @@ def trainer_configs(
             out.append({**btk, "prefix_mode": "groups", "group_fractions": PAPER_FRACTIONS, "wandb_name": v})
         elif v == "btk_none":
             out.append({**btk, "prefix_mode": "none", "wandb_name": v})
+        elif v == "dl_batchtopk":
+            # dictionary_learning's own BatchTopK trainer with the same schedule
+            from dictionary_learning.trainers.batch_top_k import BatchTopKTrainer
+
+            out.append({**btk, "trainer": BatchTopKTrainer, "wandb_name": v})
         elif v == "log_sparsity":
             out.append(dict(trainer=MatryoshkaLogSparsityTrainer, target_l0=k, wandb_name=v, **common,
                             **(log_kwargs or {})))
@@ -85,7 +91,7 @@ def evaluate(ae: torch.nn.Module, held_out: torch.Tensor, chunk: int = 8192) -> 
 
 def run(
     out_dir: str | Path, train_tokens: int = 1_048_576, held_out_tokens: int = 65_536, batch_size: int = 1024,
-    dict_size: int = 4096, k: int = 32, variants: tuple[str, ...] = VARIANTS,
+    dict_size: int = 4096, k: int = 32, variants: tuple[str, ...] = DEFAULT_VARIANTS,
     log_kwargs: dict[str, Any] | None = None, cache_dir: str | Path = DEFAULT_CACHE, seed: int = 0,
     extra_log: list[dict[str, Any]] | None = None,
 ) -> dict[str, dict[str, Any]]:

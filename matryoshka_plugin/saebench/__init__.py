@@ -69,7 +69,15 @@ made to SAEBench's behaviour), ``runners`` (one runner per eval), ``run`` (the r
 this package imports none of SAEBench, SAELens or TransformerLens; they load on first use.
 """
 
-from .configs import EVAL_NAMES, EvalConfig, check_eval_names, default_llm_settings, make_eval_config
+from .configs import (
+    EVAL_NAMES,
+    MODEL_FREE_EVALS,
+    SEEDED_EVALS,
+    EvalConfig,
+    check_eval_names,
+    default_llm_settings,
+    make_eval_config,
+)
 from ..errors import SAEBenchError
 from .references import SAERef, check_saes, describe_sae
 from .results import (
@@ -78,9 +86,11 @@ from .results import (
     SAEBenchRun,
     collect_results,
     headline_row,
+    mean_std,
     read_result,
     remove_results,
     result_path,
+    seed_dir,
 )
 from .run import run_saebench
 
@@ -90,6 +100,8 @@ __all__ = [
     "SAEBenchRun",
     "EvalRecord",
     "EVAL_NAMES",
+    "MODEL_FREE_EVALS",
+    "SEEDED_EVALS",
     "EvalConfig",
     "make_eval_config",
     "default_llm_settings",
@@ -103,4 +115,6 @@ __all__ = [
     "remove_results",
     "HEADLINE_METRICS",
     "headline_row",
+    "mean_std",
+    "seed_dir",
 ]
