@@ -299,7 +299,7 @@ def test_sparse_probing_sae_probes_end_to_end_offline(trained, tmp_path, no_mode
     assert [(r.name, r.status) for r in run.records] == [(n, "done") for n in saes]
     assert (tok.truncation_side, tok.padding_side) == sides
     data = json.loads(result_path(tmp_path, "ours", "sparse_probing_sae_probes").read_text())
-    assert sorted(d["dataset_name"] for d in data["eval_result_details"]) == SAE_PROBES_DATASETS
+    assert sorted(d["dataset_name"] for d in data["eval_result_details"]) == sorted(SAE_PROBES_DATASETS)
     m = data["eval_result_metrics"]
     assert 0.5 <= m["sae"]["sae_top_2_test_accuracy"] <= 1 and 0.5 <= m["llm"]["llm_test_accuracy"] <= 1
     rows = {r["name"]: r for r in run.rows()}

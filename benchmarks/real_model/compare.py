@@ -17,7 +17,7 @@ import torch
 
 from .activations import DEFAULT_CACHE, cached_activations
 
-__all__ = ["trainer_configs", "evaluate", "run"]
+__all__ = ["trainer_configs", "evaluate", "run", "add_meta_structure"]
 
 PAPER_FRACTIONS = [1 / 32, 1 / 16, 1 / 8, 1 / 4, 1 / 2 + 1 / 32]
 VARIANTS = ("btk_groups", "btk_none", "log_sparsity", "dl_batchtopk")
@@ -121,8 +121,37 @@ def run(
     return results
 
 
+def add_meta_structure(out_dir: str | Path, seeds: list[int], device: str = "cpu",
+                       **config: Any) -> dict[str, dict[str, Any]]:
+    """SAEBench's meta-structure eval (a BatchTopK meta-SAE on the decoder rows; SAEBench's
+    settings, ``config`` overrides them) of every SAE in ``out_dir/results.json``, one meta-SAE per
+    seed; adds ``meta_structure`` (mean, std, per seed) to each entry and rewrites the file."""
+    from matryoshka_plugin import load_dictionary
+    from matryoshka_plugin.io import atomic_write_json
+    from matryoshka_plugin.saebench.meta_structure import decoder_meta_structure
+
+    out_dir = Path(out_dir)
+    results = json.loads((out_dir / "results.json").read_text())
+    for i, (v, r) in enumerate(results.items()):
+        ae, _ = load_dictionary(out_dir / f"trainer_{i}")
+        r["meta_structure"] = {**decoder_meta_structure(ae, seeds=seeds, device=device, **config), "seeds": seeds,
+                               "config": config}
+        print(f"{v}: meta-SAE variance explained {r['meta_structure']['variance_explained']:.4f} "
+              f"(seeds {seeds}, {r['meta_structure']['seconds']:.0f} s)", flush=True)
+    atomic_write_json(results, out_dir / "results.json", indent=2, default=str)
+    print(format_table(results))
+    return results
+
+
 def format_table(results: dict[str, dict[str, Any]]) -> str:
-    lines = ["| trainer | held-out L0 | dead latents | FVU |", "|---|---|---|---|"]
+    meta = any("meta_structure" in r for r in results.values())
+    lines = ["| trainer | held-out L0 | dead latents | FVU |" + (" meta-SAE var. expl. |" if meta else ""),
+             "|---|---|---|---|" + ("---|" if meta else "")]
     for v, r in results.items():
-        lines.append(f"| {v} | {r['l0']:.1f} | {100 * r['dead_fraction']:.1f}% | {r['fvu']:.3f} |")
+        line = f"| {v} | {r['l0']:.1f} | {100 * r['dead_fraction']:.1f}% | {r['fvu']:.3f} |"
+        if meta:
+            m = r.get("meta_structure")
+            std = m and m["variance_explained_std"]
+            line += " – |" if not m else f" {m['variance_explained']:.3f}" + (f" ± {std:.3f} |" if std else " |")
+        lines.append(line)
     return "\n".join(lines)
