@@ -38,6 +38,8 @@ def main(argv: list[str] | None = None) -> int:
                    help='more log-sparsity trainers, a JSON list of keyword dicts, e.g. \'[{"lr": 3e-3}]\'')
     p.add_argument("--meta-structure-seeds", nargs="+", type=int, metavar="SEED",
                    help="also run SAEBench's meta-structure eval on every decoder, one meta-SAE per seed")
+    p.add_argument("--meta-structure-steps", type=int,
+                   help="meta-SAE training steps (default: SAEBench's 1500 of 1024 decoder rows)")
     p.add_argument("--meta-structure-only", action="store_true",
                    help="skip training: add the meta-structure eval to the SAEs already in --out")
     p.add_argument("--threads", type=int, default=2)
@@ -57,7 +59,8 @@ def main(argv: list[str] | None = None) -> int:
             seed=a.seed, extra_log=json.loads(a.extra_log))
     if a.meta_structure_seeds:
         # SAEBench's settings; bf16 autocast is slow on a CPU
-        add_meta_structure(a.out, a.meta_structure_seeds, autocast=False)
+        steps = {} if a.meta_structure_steps is None else {"train_steps": a.meta_structure_steps}
+        add_meta_structure(a.out, a.meta_structure_seeds, autocast=False, **steps)
     return 0
 
 
