@@ -186,7 +186,7 @@ def test_end_to_end_on_a_tiny_model(tmp_path):
             data = json.loads((run_dir / "evals" / ev / f"{name}_custom_sae_eval_results.json").read_text())
             for group, key in fields:
                 assert key in data["eval_result_metrics"][group], (ev, group, key)
-            assert data["eval_config"]["model_name"] == "tiny-gpt2" or ev in ("core", "meta_structure")
+            assert ev in ("core", "meta_structure") or data["eval_config"]["model_name"] == "tiny-gpt2"
     assert torch.is_grad_enabled()  # SAEBench's SCR/TPP switch gradients off globally; the adapter restores them
 
     # The comparison table lists both SAEs with their metrics; one plot per metric.

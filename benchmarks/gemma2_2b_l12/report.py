@@ -186,7 +186,8 @@ def write_report(plan: Any, specs: Sequence[Any]) -> tuple[list[dict[str, Any]],
         f.write(_markdown(rows, metrics, plan))
     csv_path = out / "comparison.csv"
     with atomic_open(csv_path, newline="") as f:
-        stds = [f"{col}_{x}" for col, ev, _ in HEADLINE_METRICS if any(f"{col}_std" in r for r in rows) for x in ("std", "n")]
+        seeded = [col for col, _, _ in HEADLINE_METRICS if any(f"{col}_std" in r for r in rows)]
+        stds = [f"{col}_{x}" for col in seeded for x in ("std", "n")]
         w = csv.DictWriter(f, fieldnames=_ID_COLUMNS + [col for col, _, _ in HEADLINE_METRICS] + stds,
                            extrasaction="ignore")
         w.writeheader()

@@ -31,7 +31,8 @@ than asked for, absorption on a non-residual hook, and unknown eval-config field
 How the evals run
 =================
 ``absorption``, ``sparse_probing``, ``sparse_probing_sae_probes``, ``scr``, ``tpp`` and
-``meta_structure`` run through SAEBench's own ``run_eval`` (one SAE per call) and ``core`` through ``sae_bench.evals.core.main.multiple_evals``
+``meta_structure`` run through SAEBench's own ``run_eval`` (one SAE per call) and ``core``
+through ``sae_bench.evals.core.main.multiple_evals``
 (core has no ``run_eval``); results are SAEBench's JSON files, in SAEBench's layout:
 ``<output_dir>/<eval>/<name>_custom_sae_eval_results.json``. On top of that the adapter
 

@@ -121,8 +121,9 @@ def run_saebench(
         seeds: run the evals that sample (:data:`SEEDED_EVALS`: absorption's vocabulary split,
             the probing evals' train/test splits, the meta-SAE) once per seed; their results go
             to ``<output_dir>/seed_<seed>/<eval>/...`` and :meth:`SAEBenchRun.rows` gives the mean
-            and standard deviation over seeds (``summary_rows`` the per-metric table). Core runs
-            once (``random_seed``). Finished seeds are skipped like any other result.
+            and standard deviation over seeds (:meth:`SAEBenchRun.seed_results`: every seed's
+            results). Core runs once (``random_seed``). Finished seeds are skipped like any other
+            result.
         eval_overrides: ``{eval: {field: value}}`` on top of SAEBench's defaults, e.g.
             ``{"sparse_probing": {"dataset_names": [...]}, "core": {"n_eval_reconstruction_batches": 20}}``.
         model: a ``HookedTransformer`` to use instead of loading ``model_name`` (its
