@@ -154,4 +154,5 @@ def test_meta_structure_column(tmp_path, capsys, monkeypatch):
     got = json.loads((run / "record.json").read_text())["meta_variance_explained"]
     sae, _ = load_dictionary(run / "trainer_0")
     again = decoder_meta_structure(sae, seeds=[0], autocast=False, train_steps=50, train_batch_size=64)
-    assert 0.0 < got <= 1.0 and got == again["variance_explained"]
+    # 50 meta-SAE steps on a 3-latent decoder: not converged, the score can be negative; it is reproducible
+    assert got <= 1.0 and got == again["variance_explained"]
