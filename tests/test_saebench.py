@@ -320,6 +320,16 @@ def test_sparse_probing_sae_probes_end_to_end_offline(trained, tmp_path, no_mode
     again = run_saebench(saes, tmp_path, ["sparse_probing_sae_probes"], eval_overrides=over, progress=False)
     assert {r.status for r in again.records} == {"skipped"}
 
+    # A retrained SAE under an old name is probed afresh (sae-probes skips data sets whose result
+    # file exists): "ours" now holds the upstream SAE and gets the upstream SAE's scores.
+    sae_scores = {n: json.loads(result_path(tmp_path, n, "sparse_probing_sae_probes").read_text())[
+        "eval_result_metrics"]["sae"] for n in saes}
+    assert sae_scores["ours"] != sae_scores["upstream"]
+    run_saebench({"ours": trained["upstream"]}, tmp_path, ["sparse_probing_sae_probes"], model=models.tl_model,
+                 device="cpu", eval_overrides=over, force=True, progress=False)
+    redone = json.loads(result_path(tmp_path, "ours", "sparse_probing_sae_probes").read_text())
+    assert redone["eval_result_metrics"]["sae"] == sae_scores["upstream"]
+
 
 def test_new_eval_configs_are_checked_before_anything_loads(trained, tmp_path, no_model_loading):
     ok = {"m": trained["ours"]}
