@@ -103,9 +103,10 @@ def _saebench(args: argparse.Namespace) -> int:
     run = run_saebench(
         saes, args.output_dir, args.evals or EVAL_NAMES, model_name=args.model_name, hook_name=args.hook_name,
         device=args.device, llm_dtype=args.llm_dtype, llm_batch_size=args.llm_batch_size, force=args.force,
+        seeds=args.seeds,
     )
     for rec in run.records:
-        print(f"{rec.name:<30} {rec.eval:<15} {rec.status:<14} {rec.path}")
+        print(f"{rec.name:<30} {rec.eval:<26} {rec.status:<14} {rec.path}")
     return 0
 
 
@@ -162,7 +163,9 @@ def main(argv: list[str] | None = None) -> int:
     ev.add_argument("output_dir", help="results: OUTPUT_DIR/<eval>/<name>_custom_sae_eval_results.json")
     ev.add_argument("saes", nargs="+", metavar="NAME=SOURCE",
                     help="a trainer_i folder, a SAELens folder or saelens:RELEASE:SAE_ID")
-    ev.add_argument("--evals", nargs="+", help="core absorption sparse_probing scr tpp (default: all)")
+    ev.add_argument("--evals", nargs="+", help="core absorption sparse_probing sparse_probing_sae_probes scr tpp "
+                    "meta_structure (default: all)")
+    ev.add_argument("--seeds", nargs="+", type=int, help="repeat the evals that sample once per seed")
     ev.add_argument("--model-name", help="TransformerLens model name (default: from the SAEs; must match them)")
     ev.add_argument("--hook-name", help="require every SAE to be trained on this hook")
     ev.add_argument("--device", help="default: cuda if available")

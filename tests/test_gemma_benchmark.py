@@ -151,6 +151,8 @@ REQUIRED_FIELDS = {
     "sparse_probing": [("llm", "llm_test_accuracy"), ("sae", "sae_top_1_test_accuracy"), ("sae", "sae_test_accuracy")],
     "scr": [("scr_metrics", "scr_dir1_threshold_20"), ("scr_metrics", "scr_dir2_threshold_20")],
     "tpp": [("tpp_metrics", "tpp_threshold_20_total_metric"), ("tpp_metrics", "tpp_threshold_2_total_metric")],
+    "sparse_probing_sae_probes": [("llm", "llm_test_accuracy"), ("sae", "sae_top_1_test_accuracy")],
+    "meta_structure": [("meta_structure", "decoder_fraction_variance_explained")],
 }
 
 
@@ -184,7 +186,7 @@ def test_end_to_end_on_a_tiny_model(tmp_path):
             data = json.loads((run_dir / "evals" / ev / f"{name}_custom_sae_eval_results.json").read_text())
             for group, key in fields:
                 assert key in data["eval_result_metrics"][group], (ev, group, key)
-            assert data["eval_config"]["model_name"] == "tiny-gpt2" or ev == "core"
+            assert ev in ("core", "meta_structure") or data["eval_config"]["model_name"] == "tiny-gpt2"
     assert torch.is_grad_enabled()  # SAEBench's SCR/TPP switch gradients off globally; the adapter restores them
 
     # The comparison table lists both SAEs with their metrics; one plot per metric.
@@ -212,9 +214,11 @@ def test_end_to_end_on_a_tiny_model(tmp_path):
         "matryoshka", "batchtopk")
     for r in rows.values():
         assert 4 < float(r["l0"]) < 40 and 0 < float(r["explained_variance"]) <= 1
-        for col in ("ce_loss_score", "absorption", "sparse_probing_top1", "tpp_top20"):
+        for col in ("ce_loss_score", "absorption", "sparse_probing_top1", "tpp_top20", "sae_probes_top1",
+                    "meta_variance_explained"):
             assert r[col] != "", col
-    for metric in ("explained_variance", "absorption", "sparse_probing_top1", "scr_top20", "tpp_top20", "ce_loss_score"):
+    for metric in ("explained_variance", "absorption", "sparse_probing_top1", "scr_top20", "tpp_top20", "ce_loss_score",
+                   "sae_probes_top1", "meta_variance_explained"):
         png = run_dir / "report" / f"{metric}_vs_l0.png"
         assert png.stat().st_size > 5000 and png.read_bytes()[:4] == b"\x89PNG"
     print("\n" + md)

@@ -181,6 +181,13 @@ def test_eval_configs_fill_what_saebench_leaves_unset():
         if ev == "core":
             assert cfg["eval_batch_size_prompts"] == 32 and cfg["dataset"] == "Skylion007/openwebtext"
             continue
+        assert cfg.random_seed == 42
+        if ev == "meta_structure":  # trains on the decoder alone: no model settings
+            assert "model_name" not in cfg.to_dict() and cfg.llm_dtype == "bfloat16"
+            continue
+        if ev == "sparse_probing_sae_probes":  # sae-probes picks its own batch size
+            assert cfg.model_name == "gemma-2-2b" and len(cfg.dataset_names) == 113
+            continue
         assert (cfg.model_name, cfg.llm_batch_size, cfg.llm_dtype) == ("gemma-2-2b", 32, "bfloat16")
     assert sb.make_eval_config("scr", "x", llm_batch_size=1, llm_dtype="float32").perform_scr is True
     assert sb.make_eval_config("tpp", "x", llm_batch_size=1, llm_dtype="float32").perform_scr is False
@@ -198,3 +205,149 @@ def test_importing_the_adapter_loads_no_saebench():
     code = "import sys, matryoshka_plugin.saebench; print(sorted(m for m in sys.modules if m.startswith('sae_bench')))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+# ----------------------------------------------------------------------------------------------
+# meta_structure, sparse_probing_sae_probes and seeds
+# ----------------------------------------------------------------------------------------------
+
+# A short meta-SAE run (SAEBench's default is 1500 steps of 1024 rows).
+META = {"train_steps": 100, "train_batch_size": 128, "autocast": False}
+SAE_PROBES_DATASETS = ["23_headline_ischina", "105_click_bait"]  # texts shorter than the tiny model's context
+
+
+def _saelens_sae(w_dec: torch.Tensor):
+    """A stock SAELens SAE with the given decoder rows, recorded as trained on the tiny model."""
+    from sae_lens import StandardSAE, StandardSAEConfig
+    from sae_lens.saes.sae import SAEMetadata
+
+    n, d = w_dec.shape
+    sae = StandardSAE(StandardSAEConfig(d_in=d, d_sae=n, metadata=SAEMetadata(
+        model_name=MODEL_NAME, hook_name="blocks.1.hook_resid_post")))
+    with torch.no_grad():
+        sae.W_dec.copy_(w_dec)
+    return sae
+
+
+def test_meta_structure_runs_without_a_model_and_sees_shared_structure(trained, tmp_path, no_model_loading):
+    """SAEBench's meta-SAE on SAEs trained here, with no language model; and on decoders built to
+    have (rows = sums of 2 of 16 shared directions) or lack (random rows) shared structure."""
+    gen = torch.Generator().manual_seed(0)
+    atoms = torch.nn.functional.normalize(torch.randn(16, 64, generator=gen), dim=1)
+    pairs = torch.stack([torch.randperm(16, generator=gen)[:2] for _ in range(256)])
+    structured = torch.nn.functional.normalize(atoms[pairs].sum(1), dim=1)
+    random_rows = torch.nn.functional.normalize(torch.randn(256, 64, generator=gen), dim=1)
+    saes = {"ours": trained["ours"], "upstream": trained["upstream"], "structured": _saelens_sae(structured),
+            "random": _saelens_sae(random_rows)}
+    run = run_saebench(saes, tmp_path, ["meta_structure"], device="cpu", progress=False,
+                       eval_overrides={"meta_structure": {**META, "train_steps": 300, "k": 2}})
+    assert [(r.name, r.status) for r in run.records] == [(n, "done") for n in saes]
+    data = json.loads(result_path(tmp_path, "ours", "meta_structure").read_text())
+    assert data["eval_type_id"] == "meta_structure_decoder_variance"
+    assert data["eval_config"]["train_steps"] == 300 and data["eval_config"]["random_seed"] == 42
+    ve = {r["name"]: r["meta_variance_explained"] for r in run.rows()}
+    assert all(0.0 < v < 1.0 for v in ve.values()), ve
+    # 2 active meta-latents of 64 can rebuild a sum of 2 of 16 atoms, not a random direction
+    assert ve["structured"] > 0.7 and ve["random"] < 0.45, ve
+    assert not (tmp_path / "artifacts").exists() or not any((tmp_path / "artifacts").rglob("*.pt"))
+
+
+def test_seeds_repeat_the_sampled_evals_and_report_mean_and_std(trained, tmp_path, no_model_loading):
+    import statistics
+
+    saes = {"ours": trained["ours"]}
+    over = {"meta_structure": META}
+    run = run_saebench(saes, tmp_path, ["meta_structure"], seeds=[0, 1, 2], device="cpu", eval_overrides=over,
+                       progress=False)
+    assert [(r.name, r.seed, r.status) for r in run.records] == [("ours", s, "done") for s in (0, 1, 2)]
+    assert not result_path(tmp_path, "ours", "meta_structure").exists()
+    per_seed = {s: json.loads(result_path(sb.seed_dir(tmp_path, s), "ours", "meta_structure").read_text())
+                for s in (0, 1, 2)}
+    values = [per_seed[s]["eval_result_metrics"]["meta_structure"]["decoder_fraction_variance_explained"]
+              for s in (0, 1, 2)]
+    assert [per_seed[s]["eval_config"]["random_seed"] for s in (0, 1, 2)] == [0, 1, 2]
+    assert len(set(values)) == 3  # the seed changes the meta-SAE
+    (row,) = run.rows()
+    assert row["meta_variance_explained"] == pytest.approx(statistics.mean(values))
+    assert row["meta_variance_explained_std"] == pytest.approx(statistics.stdev(values))
+    assert row["meta_variance_explained_n"] == 3
+
+    # Resumable per seed: a fourth seed runs alone; an existing seed rerun gives the same value.
+    more = run_saebench(saes, tmp_path, ["meta_structure"], seeds=[0, 1, 2, 3], eval_overrides=over, device="cpu",
+                        progress=False)
+    assert [(r.seed, r.status) for r in more.records] == [
+        (0, "skipped"), (1, "skipped"), (2, "skipped"), (3, "done")]
+    again = run_saebench({"ours": trained["ours"]}, tmp_path, ["meta_structure"], seeds=[1], eval_overrides=over,
+                         device="cpu", force=True, progress=False)
+    assert again.records[0].metrics["meta_structure.decoder_fraction_variance_explained"] == values[1]
+    assert len(sb.remove_results(tmp_path, "ours")) == 4
+    for bad in ([], [1, 1], [-1], 3, ["a"]):
+        with pytest.raises(SAEBenchError, match="seeds"):
+            run_saebench(saes, tmp_path, ["meta_structure"], seeds=bad)
+
+
+def test_sparse_probing_sae_probes_end_to_end_offline(trained, tmp_path, no_model_loading):
+    """SAEBench's sae-probes eval on the tiny model with two data sets sae-probes ships: the model
+    activations it caches are the run's model's, the model's tokenizer is left as it was."""
+    models = trained["models"]
+    tok = models.tl_model.tokenizer
+    sides = (tok.truncation_side, tok.padding_side) = ("right", "left")
+    over = {"sparse_probing_sae_probes": {"dataset_names": SAE_PROBES_DATASETS, "ks": [1, 2]}}
+    saes = {"ours": trained["ours"], "upstream": trained["upstream"]}
+    run = run_saebench(saes, tmp_path, ["sparse_probing_sae_probes"], model=models.tl_model, device="cpu",
+                       eval_overrides=over, progress=False)
+    assert [(r.name, r.status) for r in run.records] == [(n, "done") for n in saes]
+    assert (tok.truncation_side, tok.padding_side) == sides
+    data = json.loads(result_path(tmp_path, "ours", "sparse_probing_sae_probes").read_text())
+    assert sorted(d["dataset_name"] for d in data["eval_result_details"]) == sorted(SAE_PROBES_DATASETS)
+    m = data["eval_result_metrics"]
+    assert 0.5 <= m["sae"]["sae_top_2_test_accuracy"] <= 1 and 0.5 <= m["llm"]["llm_test_accuracy"] <= 1
+    rows = {r["name"]: r for r in run.rows()}
+    assert rows["ours"]["sae_probes_top1"] == m["sae"]["sae_top_1_test_accuracy"]
+    assert rows["upstream"]["sae_probes_llm"] == m["llm"]["llm_test_accuracy"]  # one baseline for both SAEs
+
+    # The cached activations are the tiny model's residual stream at each text's last token.
+    (acts_file,) = (tmp_path / "artifacts" / "sparse_probing_sae_probes").glob(
+        f"model_activations_*/model_activations_{MODEL_NAME}/23_headline_ischina_blocks.1.hook_resid_post.pt")
+    acts = torch.load(acts_file, weights_only=True)
+    from sae_probes.utils_data import read_numbered_dataset_df
+
+    text = str(read_numbered_dataset_df("23_headline_ischina").prompt.iloc[0])
+    _, cache = models.tl_model.run_with_cache(tok(text, return_tensors="pt")["input_ids"],
+                                              names_filter="blocks.1.hook_resid_post")
+    torch.testing.assert_close(acts[0], cache["blocks.1.hook_resid_post"][0, -1], rtol=1e-4, atol=1e-4)
+
+    again = run_saebench(saes, tmp_path, ["sparse_probing_sae_probes"], eval_overrides=over, progress=False)
+    assert {r.status for r in again.records} == {"skipped"}
+
+    # A retrained SAE under an old name is probed afresh (sae-probes skips data sets whose result
+    # file exists): "ours" now holds the upstream SAE and gets the upstream SAE's scores.
+    sae_scores = {n: json.loads(result_path(tmp_path, n, "sparse_probing_sae_probes").read_text())[
+        "eval_result_metrics"]["sae"] for n in saes}
+    assert sae_scores["ours"] != sae_scores["upstream"]
+    run_saebench({"ours": trained["upstream"]}, tmp_path, ["sparse_probing_sae_probes"], model=models.tl_model,
+                 device="cpu", eval_overrides=over, force=True, progress=False)
+    redone = json.loads(result_path(tmp_path, "ours", "sparse_probing_sae_probes").read_text())
+    assert redone["eval_result_metrics"]["sae"] == sae_scores["upstream"]
+
+
+def test_new_eval_configs_are_checked_before_anything_loads(trained, tmp_path, no_model_loading):
+    ok = {"m": trained["ours"]}
+    for over, match in [({"dataset_names": ["no_such_dataset"]}, r"unknown dataset\(s\) \['no_such_dataset'\]"),
+                        ({"setting": "scarcity"}, "setting 'scarcity' is not aggregated"),
+                        ({"results_path": "x"}, r"\['results_path'\] are set by the run"),
+                        ({"ks": []}, "ks must be positive")]:
+        with pytest.raises(SAEBenchError, match=match):
+            run_saebench(ok, tmp_path, ["sparse_probing_sae_probes"],
+                         eval_overrides={"sparse_probing_sae_probes": over})
+    with pytest.raises(SAEBenchError, match=r"unknown meta_structure config fields \['steps'\]"):
+        run_saebench(ok, tmp_path, ["meta_structure"], eval_overrides={"meta_structure": {"steps": 3}})
+    assert not any(tmp_path.iterdir())
+
+
+def test_absorption_caches_are_kept_apart_per_seed():
+    """The run seeds Python's random state, which draws absorption's probe vocabulary split: the
+    cached probes of one seed must not serve another."""
+    keys = {sb.make_eval_config("absorption", "x", llm_batch_size=1, llm_dtype="float32", random_seed=s).cache_key()
+            for s in (0, 1)}
+    assert len(keys) == 2

@@ -133,3 +133,26 @@ def test_config_file_overrides_and_selects(tmp_path):
         build_config(_args(variants=["mat_grops"]))
     with pytest.raises(ValueError, match="must lie in"):
         parse_variant("btk_groups_b1.5")
+
+
+@pytest.mark.slow  # trains two toy SAEs and a meta-SAE for each
+def test_meta_structure_column(tmp_path, capsys, monkeypatch):
+    """--meta-structure adds SAEBench's meta-SAE variance explained of each run's decoder to its
+    record and a column to the table; the value is the one decoder_meta_structure gives."""
+    import benchmarks.toy.run as toy_run
+    from matryoshka_plugin import load_dictionary
+    from matryoshka_plugin.saebench import decoder_meta_structure
+
+    monkeypatch.setattr(toy_run, "META_STRUCTURE", {"autocast": False, "train_steps": 50, "train_batch_size": 64})
+    args = ["--setups", "hedging", "--variants", "mat_groups", "up_btk", "--seeds", "0", "--steps", "150",
+            "--out", str(tmp_path), "--no-figures"]
+    assert run_main(args) == 0
+    assert "meta-SAE" not in (tmp_path / "results.md").read_text()  # off by default
+    assert run_main(args + ["--meta-structure"]) == 0
+    assert "meta-SAE var. expl." in (tmp_path / "results.md").read_text()
+    run = tmp_path / "runs" / "hedging" / "mat_groups" / "seed0"
+    got = json.loads((run / "record.json").read_text())["meta_variance_explained"]
+    sae, _ = load_dictionary(run / "trainer_0")
+    again = decoder_meta_structure(sae, seeds=[0], autocast=False, train_steps=50, train_batch_size=64)
+    # 50 meta-SAE steps on a 3-latent decoder: not converged, the score can be negative; it is reproducible
+    assert got <= 1.0 and got == again["variance_explained"]

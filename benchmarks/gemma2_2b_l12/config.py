@@ -125,10 +125,14 @@ def _default_published() -> list[PublishedSuite]:
 
 @dataclass
 class EvalConfig:
-    evals: list[str] = field(default_factory=lambda: ["core", "absorption", "sparse_probing", "scr", "tpp"])
+    # SCR and TPP stay for comparison with SAEBench's published numbers; Chanin (arXiv:2605.18229)
+    # finds them unreliable at these settings and sae-probes' sparse probing the most reliable.
+    evals: list[str] = field(default_factory=lambda: ["core", "absorption", "sparse_probing",
+                                                      "sparse_probing_sae_probes", "scr", "tpp", "meta_structure"])
     llm_batch_size: int | None = None  # default: SAEBench's for the model (gemma-2-2b: 32)
     llm_dtype: str | None = None  # default: SAEBench's for the model (gemma-2-2b: bfloat16)
     random_seed: int = 42
+    seeds: list[int] | None = None  # repeat the evals that sample once per seed (mean and std in the report)
     overrides: dict[str, dict[str, Any]] = field(default_factory=dict)  # per eval, SAEBench config fields
     extra_saes: dict[str, str] = field(default_factory=dict)  # name -> folder or "saelens:RELEASE:ID"
 
@@ -255,6 +259,9 @@ class BenchmarkConfig:
                                  llm_dtype=e.llm_dtype or "float32", overrides=e.overrides.get(ev))
         except SAEBenchError as ex:
             errors.append(f"evals: {ex}")
+        if e.seeds is not None and (not e.seeds or len(set(e.seeds)) != len(e.seeds)
+                                    or any(isinstance(x, bool) or not isinstance(x, int) or x < 0 for x in e.seeds)):
+            errors.append(f"evals.seeds must be a list of distinct non-negative integers, got {e.seeds!r}")
         if e.llm_dtype is not None and e.llm_dtype not in _DTYPES:
             errors.append(f"evals.llm_dtype must be one of {_DTYPES}, got {e.llm_dtype!r}")
         if t.baselines == "published" and not self.published:

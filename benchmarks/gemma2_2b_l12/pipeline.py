@@ -142,9 +142,12 @@ def _check_existing_saes(plan: Plan) -> None:
 
 
 def _pending_evals(plan: Plan, force_evals: bool) -> dict[str, int]:
-    from matryoshka_plugin.saebench import read_result
+    from matryoshka_plugin.saebench import SEEDED_EVALS, read_result, seed_dir
 
-    return {ev: sum(1 for s in plan.saes if force_evals or read_result(plan.eval_dir, s.name, ev) is None)
+    seeds = plan.cfg.evals.seeds
+    folders = {ev: [seed_dir(plan.eval_dir, x) for x in seeds] if seeds and ev in SEEDED_EVALS else [plan.eval_dir]
+               for ev in plan.cfg.evals.evals}  # one result per SAE and seed
+    return {ev: sum(1 for s in plan.saes for f in folders[ev] if force_evals or read_result(f, s.name, ev) is None)
             for ev in plan.cfg.evals.evals}
 
 
@@ -317,7 +320,7 @@ def run_benchmark(
         run = run_saebench(
             {s.name: s.location for s in available}, plan.eval_dir, e.evals,
             model_name=cfg.tl_model_name, hook_name=cfg.hook_name, device=cfg.device, llm_dtype=e.llm_dtype,
-            llm_batch_size=e.llm_batch_size, random_seed=e.random_seed, eval_overrides=e.overrides,
+            llm_batch_size=e.llm_batch_size, random_seed=e.random_seed, seeds=e.seeds, eval_overrides=e.overrides,
             model=models.hooked_transformer(cfg), load_dataset=load_dataset, force=force_evals,
         )
         result.eval_records = run.records

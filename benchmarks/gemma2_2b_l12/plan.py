@@ -228,6 +228,10 @@ _SAEBENCH_GEMMA_SECONDS = {
     "sparse_probing": (2 * 60, 20),  # per dataset
     "scr": (2 * 60, 40),  # per (dataset, class pair)
     "tpp": (2 * 60, 40),  # per dataset
+    # Not documented by SAEBench; assumed: the model's activations on one sae-probes data set
+    # (at most 1500 texts) once, and the k-sparse L1 probes of one SAE on it.
+    "sparse_probing_sae_probes": (60, 5),  # per dataset
+    "meta_structure": (0, 60),  # "less than a minute on a 4090" (its README)
 }
 _GEMMA_PARAMS = 2.614e9
 
@@ -321,7 +325,10 @@ def estimate(plan: Plan, pending_evals: dict[str, int] | None = None) -> Estimat
     eval_peak = sum(eval_breakdown.values())
     scale = m.n_params / _GEMMA_PARAMS
     n_saes = len(plan.saes)
-    pending = pending_evals if pending_evals is not None else {ev: n_saes for ev in e.evals}
+    from matryoshka_plugin.saebench import SEEDED_EVALS
+
+    runs = {ev: n_saes * (len(e.seeds) if e.seeds and ev in SEEDED_EVALS else 1) for ev in e.evals}
+    pending = pending_evals if pending_evals is not None else runs
     eval_hours: dict[str, float] = {}
     for ev, c in configs.items():
         n = pending.get(ev, 0)
@@ -336,7 +343,7 @@ def estimate(plan: Plan, pending_evals: dict[str, int] | None = None) -> Estimat
             continue
         once, per_sae = _SAEBENCH_GEMMA_SECONDS[ev]
         units = 1
-        if ev == "sparse_probing" or ev == "tpp":
+        if ev in ("sparse_probing", "tpp", "sparse_probing_sae_probes"):
             units = len(c.dataset_names)
         elif ev == "scr":
             units = sum(len(c.column1_vals_lookup.get(ds, [])) for ds in c.dataset_names)

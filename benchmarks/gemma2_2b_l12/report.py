@@ -21,8 +21,12 @@ METRIC_LABELS = {
     "split_features": ("Split features per letter", False),
     "sparse_probing_top1": ("Sparse probing, top-1 latent accuracy", True),
     "sparse_probing_llm": ("Probing accuracy on the LM (reference)", True),
+    "sae_probes_top1": ("sae-probes sparse probing, top-1 latent accuracy", True),
+    "sae_probes_llm": ("sae-probes probing accuracy on the LM (reference)", True),
     "scr_top20": ("SCR, top-20 latents", True),
     "tpp_top20": ("TPP, top-20 latents", True),
+    # shared structure between latents; the paper reads lower as more disentangled
+    "meta_variance_explained": ("Meta-SAE variance explained", False),
 }
 
 # Bussmann et al. (ICML 2025), Gemma-2-2B layer 12, at L0 40: Matryoshka vs BatchTopK.
@@ -30,6 +34,8 @@ PAPER_REFERENCE = {
     "l0": 40,
     "explained_variance": {"matryoshka": 0.70, "batchtopk": 0.72},
     "absorption": {"matryoshka": 0.05, "batchtopk": 0.49},
+    # appendix D.1, 65k latents
+    "meta_variance_explained": {"matryoshka": 0.42, "batchtopk": 0.55},
 }
 
 _ID_COLUMNS = ["name", "architecture", "source", "width", "target_l0", "l1_penalty", "absorption_status"]
@@ -37,12 +43,18 @@ _ID_COLUMNS = ["name", "architecture", "source", "width", "target_l0", "l1_penal
 
 def comparison_rows(plan: Any, specs: Sequence[Any]) -> list[dict[str, Any]]:
     """One row per SAE: identity columns and the headline metrics (None where not available)."""
-    from matryoshka_plugin.saebench import collect_results, headline_row
+    from matryoshka_plugin.saebench import SEEDED_EVALS, collect_results, headline_row, seed_dir, seeded_headline
 
-    results = collect_results(plan.eval_dir, [s.name for s in specs], plan.cfg.evals.evals)
+    e = plan.cfg.evals
+    names = [s.name for s in specs]
+    results = collect_results(plan.eval_dir, names, e.evals)
+    seeded = [ev for ev in e.evals if ev in SEEDED_EVALS] if e.seeds else []
+    per_seed = {x: collect_results(seed_dir(plan.eval_dir, x), names, seeded) for x in e.seeds or ()}
     rows = []
     for s in specs:
         res = results.get(s.name, {})
+        if seeded:  # absorption's status from the first seed that has it
+            res = {**res, **{ev: r for x in reversed(list(per_seed)) for ev, r in per_seed[x].get(s.name, {}).items()}}
         absorption = res.get("absorption")
         row = {
             "name": s.name, "architecture": s.architecture, "source": s.source, "width": s.width,
@@ -50,6 +62,8 @@ def comparison_rows(plan: Any, specs: Sequence[Any]) -> list[dict[str, Any]]:
             "absorption_status": None if absorption is None else absorption["status"],
             **headline_row(res),
         }
+        if seeded:  # mean over seeds, with <column>_std and <column>_n
+            row.update(seeded_headline({x: per_seed[x].get(s.name, {}) for x in per_seed}, seeded))
         rows.append(row)
     rows.sort(key=lambda r: (r["width"] or 0, str(r["architecture"]), r["l0"] if r["l0"] is not None else math.inf,
                              r["name"]))
@@ -66,6 +80,11 @@ def _fmt(v: Any) -> str:
     return str(v)
 
 
+def _cell(r: dict[str, Any], m: str) -> str:
+    std = r.get(f"{m}_std")
+    return _fmt(r[m]) + ("" if std is None else f" ± {_fmt(std)}")
+
+
 def _markdown(rows: list[dict[str, Any]], metrics: list[str], plan: Any) -> str:
     cfg = plan.cfg
     header = ["SAE", "architecture", "width", "target L0"] + [METRIC_LABELS[m][0] for m in metrics]
@@ -73,7 +92,10 @@ def _markdown(rows: list[dict[str, Any]], metrics: list[str], plan: Any) -> str:
         f"# Matryoshka vs standard SAEs: {cfg.model.name}, {cfg.hook_name}",
         "",
         f"SAEBench evals: {', '.join(cfg.evals.evals)}. L0 is measured by the core eval; "
-        "absorption: lower is better; all other scores: higher is better (except MSE).",
+        "absorption and meta-SAE variance explained: lower is better; all other scores: higher is better "
+        "(except MSE). SCR and TPP are unreliable at these settings (Chanin 2026, arXiv:2605.18229); "
+        "sae-probes sparse probing is the most reliable metric that study tested."
+        + (f" Seeded evals: mean ± sample std over seeds {cfg.evals.seeds}." if cfg.evals.seeds else ""),
         "",
         "| " + " | ".join(header) + " |",
         "|" + "|".join("---" for _ in header) + "|",
@@ -85,7 +107,7 @@ def _markdown(rows: list[dict[str, Any]], metrics: list[str], plan: Any) -> str:
             if m in ("absorption", "full_absorption", "split_features") and r["absorption_status"] == "not_evaluated":
                 cells.append("n/e")
             else:
-                cells.append(_fmt(r[m]))
+                cells.append(_cell(r, m))
         lines.append("| " + " | ".join(cells) + " |")
     if any(r["absorption_status"] == "not_evaluated" for r in rows):
         lines += ["", "n/e: SAEBench computed no absorption score because too few first letters have a "
@@ -95,7 +117,9 @@ def _markdown(rows: list[dict[str, Any]], metrics: list[str], plan: Any) -> str:
         "",
         f"Paper reference (Bussmann et al., ICML 2025; Gemma-2-2B layer 12, L0 {ref['l0']}): variance explained "
         f"{ref['explained_variance']['matryoshka']:.2f} (Matryoshka) vs {ref['explained_variance']['batchtopk']:.2f} "
-        f"(BatchTopK); absorption {ref['absorption']['matryoshka']:.2f} vs {ref['absorption']['batchtopk']:.2f}.",
+        f"(BatchTopK); absorption {ref['absorption']['matryoshka']:.2f} vs {ref['absorption']['batchtopk']:.2f}; "
+        f"meta-SAE variance explained (65k latents) {ref['meta_variance_explained']['matryoshka']:.2f} vs "
+        f"{ref['meta_variance_explained']['batchtopk']:.2f}.",
     ]
     return "\n".join(lines) + "\n"
 
@@ -162,7 +186,10 @@ def write_report(plan: Any, specs: Sequence[Any]) -> tuple[list[dict[str, Any]],
         f.write(_markdown(rows, metrics, plan))
     csv_path = out / "comparison.csv"
     with atomic_open(csv_path, newline="") as f:
-        w = csv.DictWriter(f, fieldnames=_ID_COLUMNS + [col for col, _, _ in HEADLINE_METRICS], extrasaction="ignore")
+        seeded = [col for col, _, _ in HEADLINE_METRICS if any(f"{col}_std" in r for r in rows)]
+        stds = [f"{col}_{x}" for col in seeded for x in ("std", "n")]
+        w = csv.DictWriter(f, fieldnames=_ID_COLUMNS + [col for col, _, _ in HEADLINE_METRICS] + stds,
+                           extrasaction="ignore")
         w.writeheader()
         for r in rows:
             w.writerow({k: ("" if v is None else v) for k, v in r.items()})

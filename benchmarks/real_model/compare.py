@@ -17,10 +17,11 @@ import torch
 
 from .activations import DEFAULT_CACHE, cached_activations
 
-__all__ = ["trainer_configs", "evaluate", "run"]
+__all__ = ["trainer_configs", "evaluate", "run", "add_meta_structure"]
 
 PAPER_FRACTIONS = [1 / 32, 1 / 16, 1 / 8, 1 / 4, 1 / 2 + 1 / 32]
-VARIANTS = ("btk_groups", "btk_none", "log_sparsity")
+VARIANTS = ("btk_groups", "btk_none", "log_sparsity", "dl_batchtopk")
+DEFAULT_VARIANTS = ("btk_groups", "btk_none", "log_sparsity")
 
 
 def batches(acts: torch.Tensor, batch_size: int, seed: int = 0) -> Iterator[torch.Tensor]:
@@ -33,7 +34,7 @@ def batches(acts: torch.Tensor, batch_size: int, seed: int = 0) -> Iterator[torc
 
 
 def trainer_configs(
-    steps: int, d: int, dict_size: int, k: int, variants: tuple[str, ...] = VARIANTS,
+    steps: int, d: int, dict_size: int, k: int, variants: tuple[str, ...] = DEFAULT_VARIANTS,
     log_kwargs: dict[str, Any] | None = None, seed: int = 0, extra_log: list[dict[str, Any]] | None = None,
 ) -> list[dict[str, Any]]:
     """trainSAE configs; each dict of ``extra_log`` adds a log-sparsity trainer with those keywords."""
@@ -53,6 +54,11 @@ def trainer_configs(
             out.append({**btk, "prefix_mode": "groups", "group_fractions": PAPER_FRACTIONS, "wandb_name": v})
         elif v == "btk_none":
             out.append({**btk, "prefix_mode": "none", "wandb_name": v})
+        elif v == "dl_batchtopk":
+            # dictionary_learning's own BatchTopK trainer with the same schedule
+            from dictionary_learning.trainers.batch_top_k import BatchTopKTrainer
+
+            out.append({**btk, "trainer": BatchTopKTrainer, "wandb_name": v})
         elif v == "log_sparsity":
             out.append(dict(trainer=MatryoshkaLogSparsityTrainer, target_l0=k, wandb_name=v, **common,
                             **(log_kwargs or {})))
@@ -85,7 +91,7 @@ def evaluate(ae: torch.nn.Module, held_out: torch.Tensor, chunk: int = 8192) -> 
 
 def run(
     out_dir: str | Path, train_tokens: int = 1_048_576, held_out_tokens: int = 65_536, batch_size: int = 1024,
-    dict_size: int = 4096, k: int = 32, variants: tuple[str, ...] = VARIANTS,
+    dict_size: int = 4096, k: int = 32, variants: tuple[str, ...] = DEFAULT_VARIANTS,
     log_kwargs: dict[str, Any] | None = None, cache_dir: str | Path = DEFAULT_CACHE, seed: int = 0,
     extra_log: list[dict[str, Any]] | None = None,
 ) -> dict[str, dict[str, Any]]:
@@ -115,8 +121,37 @@ def run(
     return results
 
 
+def add_meta_structure(out_dir: str | Path, seeds: list[int], device: str = "cpu",
+                       **config: Any) -> dict[str, dict[str, Any]]:
+    """SAEBench's meta-structure eval (a BatchTopK meta-SAE on the decoder rows; SAEBench's
+    settings, ``config`` overrides them) of every SAE in ``out_dir/results.json``, one meta-SAE per
+    seed; adds ``meta_structure`` (mean, std, per seed) to each entry and rewrites the file."""
+    from matryoshka_plugin import load_dictionary
+    from matryoshka_plugin.io import atomic_write_json
+    from matryoshka_plugin.saebench.meta_structure import decoder_meta_structure
+
+    out_dir = Path(out_dir)
+    results = json.loads((out_dir / "results.json").read_text())
+    for i, (v, r) in enumerate(results.items()):
+        ae, _ = load_dictionary(out_dir / f"trainer_{i}")
+        r["meta_structure"] = {**decoder_meta_structure(ae, seeds=seeds, device=device, **config), "seeds": seeds,
+                               "config": config}
+        print(f"{v}: meta-SAE variance explained {r['meta_structure']['variance_explained']:.4f} "
+              f"(seeds {seeds}, {r['meta_structure']['seconds']:.0f} s)", flush=True)
+    atomic_write_json(results, out_dir / "results.json", indent=2, default=str)
+    print(format_table(results))
+    return results
+
+
 def format_table(results: dict[str, dict[str, Any]]) -> str:
-    lines = ["| trainer | held-out L0 | dead latents | FVU |", "|---|---|---|---|"]
+    meta = any("meta_structure" in r for r in results.values())
+    lines = ["| trainer | held-out L0 | dead latents | FVU |" + (" meta-SAE var. expl. |" if meta else ""),
+             "|---|---|---|---|" + ("---|" if meta else "")]
     for v, r in results.items():
-        lines.append(f"| {v} | {r['l0']:.1f} | {100 * r['dead_fraction']:.1f}% | {r['fvu']:.3f} |")
+        line = f"| {v} | {r['l0']:.1f} | {100 * r['dead_fraction']:.1f}% | {r['fvu']:.3f} |"
+        if meta:
+            m = r.get("meta_structure")
+            std = m and m["variance_explained_std"]
+            line += " – |" if not m else f" {m['variance_explained']:.3f}" + (f" ± {std:.3f} |" if std else " |")
+        lines.append(line)
     return "\n".join(lines)

@@ -33,6 +33,9 @@ SAELENS_COLUMNS = [
     ("saelens_uniqueness", "uniqueness", 3),
     ("saelens_explained_variance", "expl. var.", 3),
 ]
+# With --meta-structure: SAEBench's meta-SAE variance explained on the decoder rows (one meta-SAE
+# per run, seeded by the run's seed, so the std is over SAE and meta-SAE seeds together).
+META_COLUMNS = [("meta_variance_explained", "meta-SAE var. expl.", 3)]
 CLEAN = 0.01  # a seed counts as free of absorption at or below this rate
 
 
@@ -68,7 +71,7 @@ def summarise(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
         row: dict[str, Any] = {"setup": setup, "variant": key, "seeds": len(recs),
                                "steps": recs[0]["trainer"]["steps"],
                                "clean_seeds": sum(1 for r in recs if r["absorption"] is not None and r["absorption"] <= CLEAN)}
-        for col, _, _ in COLUMNS + SAELENS_COLUMNS:
+        for col, _, _ in COLUMNS + SAELENS_COLUMNS + META_COLUMNS:
             mean, std, n = _stats([r.get(col) for r in recs])
             row[col], row[col + "_std"] = mean, std
         row["train_seconds"] = float(np.mean([r["train_seconds"] for r in recs]))
@@ -89,6 +92,7 @@ def markdown(rows: list[dict[str, Any]], setups: dict[str, SetupConfig], true_l0
         if not sub:
             continue
         cols = COLUMNS + (SAELENS_COLUMNS if setup.builder == "synthetic_hierarchy" else [])
+        cols += [c for c in META_COLUMNS if any(not math.isnan(r[c[0]]) for r in sub)]
         lines.append(f"### {setup.title}\n")
         lines.append(f"{setup.steps} steps, batch {setup.batch_size}, true L0 {true_l0.get(name, float('nan')):.3f}; "
                      f"mean ± std over {max(r['seeds'] for r in sub)} seeds; 'clean' = seeds with absorption ≤ {CLEAN:.0%}.\n")
@@ -111,7 +115,8 @@ def write_reports(out: Path, setups: dict[str, SetupConfig], seeds: list[int], f
     written = []
     flat_keys = ["setup", "variant", "k", "seed", "absorption", "absorption_best", "recovery", "mean_max_cosine", "l0", "fvu",
                  "mixing_parent_child", "mixing_parent_child_signed", "mixing_sibling", "mixing_sibling_signed",
-                 "mixing_child_parent_signed", "dead_latents", "train_seconds", "final_sparsity_coeff"]
+                 "mixing_child_parent_signed", "dead_latents", "train_seconds", "final_sparsity_coeff",
+                 "meta_variance_explained"]
     extra = sorted({k for r in records for k in r if k.startswith("saelens_")})
     with open(out / "results.csv", "w", newline="") as f:
         w = csv.writer(f)

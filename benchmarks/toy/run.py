@@ -147,6 +147,30 @@ def remeasure(out: Path, jobs) -> None:
         atomic_write_json(record, folder / RECORD, indent=1)
 
 
+# The meta-SAE's settings for toy decoders: SAEBench's defaults, without CPU autocast (bf16 on a CPU).
+META_STRUCTURE = {"autocast": False}
+
+
+def add_meta_structure(out: Path, jobs) -> None:
+    """SAEBench's meta-structure eval on the decoder of every run that lacks it (seeded by the
+    run's seed), stored in its record as ``meta_variance_explained``."""
+    from tqdm.auto import tqdm
+
+    from matryoshka_plugin.io import atomic_write_json
+    from matryoshka_plugin.saebench.meta_structure import decoder_meta_structure
+
+    from .train import load_sae
+
+    for setup, variant, k, seed in tqdm(jobs, desc="meta-structure", file=sys.stdout, mininterval=2.0):
+        folder = run_dir(out, setup.name, variant, k, seed)
+        record = json.loads((folder / RECORD).read_text())
+        if record.get("meta_variance_explained") is not None:
+            continue
+        got = decoder_meta_structure(load_sae(folder / SAE_FOLDER), seeds=[seed], **META_STRUCTURE)
+        record["meta_variance_explained"] = got["variance_explained"]
+        atomic_write_json(record, folder / RECORD, indent=1)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.toy.run", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -162,6 +186,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--retrain", action="store_true", help="ignore cached runs")
     p.add_argument("--remeasure", action="store_true",
                    help="recompute the metrics of cached runs from their saved SAEs (after a metric change)")
+    p.add_argument("--meta-structure", action="store_true",
+                   help="add SAEBench's meta-SAE variance explained on each run's decoder (a column)")
     p.add_argument("--figures-dir", help="write the figures here instead of OUT/figures")
     p.add_argument("--dpi", type=int, default=110, help="figure resolution (default: %(default)s)")
     args = p.parse_args(argv)
@@ -202,6 +228,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.remeasure:
         trained = {(j[0].name, j[1], j[2], j[3]) for j in pending}
         remeasure(out, [j for j in jobs if (j[0].name, j[1], j[2], j[3]) not in trained])
+    if args.meta_structure:
+        add_meta_structure(out, jobs)
     written = write_reports(out, setups, seeds, figures=not args.no_figures,
                             figures_dir=Path(args.figures_dir) if args.figures_dir else None, dpi=args.dpi)
     print(f"done in {time.perf_counter() - t0:.0f} s; wrote {', '.join(str(w) for w in written)}")

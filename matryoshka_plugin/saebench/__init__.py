@@ -30,8 +30,9 @@ than asked for, absorption on a non-residual hook, and unknown eval-config field
 
 How the evals run
 =================
-``absorption``, ``sparse_probing``, ``scr`` and ``tpp`` run through SAEBench's own
-``run_eval`` (one SAE per call) and ``core`` through ``sae_bench.evals.core.main.multiple_evals``
+``absorption``, ``sparse_probing``, ``sparse_probing_sae_probes``, ``scr``, ``tpp`` and
+``meta_structure`` run through SAEBench's own ``run_eval`` (one SAE per call) and ``core``
+through ``sae_bench.evals.core.main.multiple_evals``
 (core has no ``run_eval``); results are SAEBench's JSON files, in SAEBench's layout:
 ``<output_dir>/<eval>/<name>_custom_sae_eval_results.json``. On top of that the adapter
 
@@ -54,7 +55,12 @@ How the evals run
   ``<output_dir>/absorption/<name>_custom_sae_absorption_not_evaluated.json`` with the reason and
   the probe F1 of every letter, and reports status ``"not_evaluated"`` with no absorption metrics.
   That file counts as finished for resuming;
-* restores torch's grad mode after each eval (SAEBench's SCR/TPP turn gradients off globally).
+* restores torch's grad mode after each eval (SAEBench's SCR/TPP turn gradients off globally)
+  and the model tokenizer's truncation and padding sides (sae-probes changes them);
+* loads no language model when only ``meta_structure`` (trained on the decoder rows) is pending;
+* with ``seeds=[...]`` repeats the evals that sample (:data:`SEEDED_EVALS`) once per seed into
+  ``<output_dir>/seed_<seed>/``; ``SAEBenchRun.rows()`` gives their mean, standard deviation and
+  count per SAE.
 
 Model and dataset injection replace two module attributes of SAEBench (the model loader each eval
 module calls, and its ``load_dataset``) for the duration of the call, and absorption runs with
@@ -65,11 +71,20 @@ Modules
 =======
 ``references`` (what an SAE is, the checks, loading), ``configs`` (:class:`EvalConfig`, one type
 for every eval), ``results`` (result files, records, comparison rows), ``patches`` (every change
-made to SAEBench's behaviour), ``runners`` (one runner per eval), ``run`` (the run loop). Importing
+made to SAEBench's behaviour), ``runners`` (one runner per eval), ``run`` (the run loop),
+``meta_structure`` (SAEBench's meta-SAE on any decoder, for SAEs outside TransformerLens). Importing
 this package imports none of SAEBench, SAELens or TransformerLens; they load on first use.
 """
 
-from .configs import EVAL_NAMES, EvalConfig, check_eval_names, default_llm_settings, make_eval_config
+from .configs import (
+    EVAL_NAMES,
+    MODEL_FREE_EVALS,
+    SEEDED_EVALS,
+    EvalConfig,
+    check_eval_names,
+    default_llm_settings,
+    make_eval_config,
+)
 from ..errors import SAEBenchError
 from .references import SAERef, check_saes, describe_sae
 from .results import (
@@ -78,10 +93,14 @@ from .results import (
     SAEBenchRun,
     collect_results,
     headline_row,
+    mean_std,
     read_result,
     remove_results,
     result_path,
+    seed_dir,
+    seeded_headline,
 )
+from .meta_structure import decoder_meta_structure
 from .run import run_saebench
 
 __all__ = [
@@ -90,6 +109,8 @@ __all__ = [
     "SAEBenchRun",
     "EvalRecord",
     "EVAL_NAMES",
+    "MODEL_FREE_EVALS",
+    "SEEDED_EVALS",
     "EvalConfig",
     "make_eval_config",
     "default_llm_settings",
@@ -103,4 +124,8 @@ __all__ = [
     "remove_results",
     "HEADLINE_METRICS",
     "headline_row",
+    "mean_std",
+    "seed_dir",
+    "seeded_headline",
+    "decoder_meta_structure",
 ]

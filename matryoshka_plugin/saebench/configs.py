@@ -17,7 +17,13 @@ from typing import Any, Iterable, Mapping
 
 from ..errors import SAEBenchError
 
-EVAL_NAMES = ("core", "absorption", "sparse_probing", "scr", "tpp")
+EVAL_NAMES = ("core", "absorption", "sparse_probing", "sparse_probing_sae_probes", "scr", "tpp", "meta_structure")
+MODEL_FREE_EVALS = frozenset({"meta_structure"})
+"""Evals that need no language model (the meta-SAE trains on the decoder rows alone)."""
+SEEDED_EVALS = ("absorption", "sparse_probing", "sparse_probing_sae_probes", "scr", "tpp", "meta_structure")
+"""Evals whose result depends on the random seed (absorption's vocabulary split, the probing
+train/test splits, the meta-SAE's initialisation and batches); ``run_saebench(seeds=...)`` repeats
+these once per seed. Core reads the same text in the same order whatever the seed."""
 
 # SAEBench's settings for its own custom-SAE runs of the core eval
 # (sae_bench/custom_saes/run_all_evals_dictionary_learning_saes.py).
@@ -38,14 +44,23 @@ _CONFIG_CLASSES = {
     "sparse_probing": ("sae_bench.evals.sparse_probing.eval_config", "SparseProbingEvalConfig"),
     "scr": ("sae_bench.evals.scr_and_tpp.eval_config", "ScrAndTppEvalConfig"),
     "tpp": ("sae_bench.evals.scr_and_tpp.eval_config", "ScrAndTppEvalConfig"),
+    "sparse_probing_sae_probes": ("sae_bench.evals.sparse_probing_sae_probes.eval_config",
+                                  "SparseProbingSaeProbesEvalConfig"),
+    "meta_structure": ("sae_bench.evals.meta_structure.eval_config", "MetaStructureEvalConfig"),
 }
+# Fields the run sets itself, per eval: sae-probes' results and model-activation folders go under
+# the run's artifacts folder (SAEBench's defaults are relative to the working directory).
+_RUN_SET_FIELDS = {"sparse_probing_sae_probes": ("results_path", "model_cache_path")}
+# The only setting SAEBench aggregates sae-probes' results for (run_eval raises on the others).
+_SAE_PROBES_SETTINGS = ("normal",)
 # multiple_evals' arguments that the run sets itself (one SAE, staging folder, dtype, device).
 _CORE_FIXED = {"selected_saes", "output_folder", "dtype", "device", "force_rerun"}
 
 # What SAEBench caches per eval and which config fields it depends on. Absorption re-runs its
 # per-SAE experiments on every call (force_rerun) and caches only the first-letter probes, which
-# depend on the model (SAEBench keys them by name), the prompt and the dtype.
-_ABSORPTION_CACHE_FIELDS = ("prompt_template", "prompt_token_pos", "llm_dtype", "model_name")
+# depend on the model (SAEBench keys them by name), the prompt, the dtype and the seed (the run
+# seeds Python's random state, which draws the probes' train/test vocabulary split).
+_ABSORPTION_CACHE_FIELDS = ("prompt_template", "prompt_token_pos", "llm_dtype", "model_name", "random_seed")
 # Fields that change nothing SAEBench caches for the probing evals (batch sizes, post-processing).
 _UNCACHED_FIELDS = ("llm_batch_size", "sae_batch_size", "eval_batch_size_prompts", "n_values", "lower_vram_usage")
 
@@ -97,7 +112,10 @@ class EvalConfig:
         if self.eval_name == "absorption":
             d = {k: d[k] for k in _ABSORPTION_CACHE_FIELDS}
         else:
-            d = {k: v for k, v in d.items() if k not in _UNCACHED_FIELDS}
+            d = {k: v for k, v in d.items()
+                 if k not in _UNCACHED_FIELDS and k not in _RUN_SET_FIELDS.get(self.eval_name, ())}
+            # sae-probes' configs have no llm_dtype field, but its cached activations depend on it
+            d.setdefault("llm_dtype", self.llm_dtype)
         blob = json.dumps({"eval": self.eval_name, **d}, sort_keys=True, default=str)
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
@@ -160,8 +178,12 @@ def make_eval_config(
     fixed = {"model_name", "llm_dtype"} & set(overrides)
     if fixed:
         raise SAEBenchError(f"{sorted(fixed)} are set by the run (model_name=, llm_dtype=), not per eval")
-    kw: dict[str, Any] = {"model_name": model_name, "llm_batch_size": llm_batch_size, "llm_dtype": llm_dtype,
-                          "random_seed": random_seed}
+    run_set = set(_RUN_SET_FIELDS.get(eval_name, ())) & set(overrides)
+    if run_set:
+        raise SAEBenchError(f"{sorted(run_set)} are set by the run (under artifacts_dir), not per eval")
+    run_kw = {"model_name": model_name, "llm_batch_size": llm_batch_size, "llm_dtype": llm_dtype,
+              "random_seed": random_seed}
+    kw: dict[str, Any] = {k: v for k, v in run_kw.items() if k in names}  # meta_structure has no model fields
     if eval_name in ("scr", "tpp"):
         if "perform_scr" in overrides:
             raise SAEBenchError("perform_scr is implied by the eval name (scr or tpp)")
@@ -170,7 +192,30 @@ def make_eval_config(
     if eval_name == "absorption" and int(kw.get("min_feats_for_eval", 20)) < 2:
         # SAEBench reports a standard deviation over letters
         raise SAEBenchError("absorption needs min_feats_for_eval >= 2")
+    if eval_name == "sparse_probing_sae_probes":
+        _check_sae_probes(kw)
     try:
         return EvalConfig(eval_name, llm_dtype, cls(**kw))
     except Exception as e:  # pydantic validation
         raise SAEBenchError(f"invalid {eval_name} config: {e}") from None
+
+
+def _check_sae_probes(kw: Mapping[str, Any]) -> None:
+    """What SAEBench's sae-probes wrapper would only find out after the model is loaded."""
+    setting = kw.get("setting", "normal")
+    if setting not in _SAE_PROBES_SETTINGS:
+        raise SAEBenchError(f"sparse_probing_sae_probes: setting {setting!r} is not aggregated by SAEBench; "
+                            f"use one of {list(_SAE_PROBES_SETTINGS)}")
+    if kw.get("reg_type", "l1") not in ("l1", "l2"):
+        raise SAEBenchError(f"sparse_probing_sae_probes: reg_type must be 'l1' or 'l2', got {kw['reg_type']!r}")
+    if "dataset_names" in kw:
+        from sae_probes import DATASETS
+
+        names = list(kw["dataset_names"])
+        unknown = [n for n in names if n not in DATASETS]
+        if unknown or not names:
+            raise SAEBenchError(f"sparse_probing_sae_probes: unknown dataset(s) {unknown or '(none given)'}; "
+                                f"sae-probes ships {len(DATASETS)}, e.g. {DATASETS[:3]}")
+    ks = list(kw.get("ks", [1]))
+    if not ks or any(int(k) < 1 for k in ks):
+        raise SAEBenchError(f"sparse_probing_sae_probes: ks must be positive, got {ks}")

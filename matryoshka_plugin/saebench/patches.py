@@ -27,6 +27,9 @@ _EVAL_MODULES = (
     "sae_bench.evals.sparse_probing.main",
     "sae_bench.evals.scr_and_tpp.main",
     "sae_bench.evals.core.main",
+    # sparse_probing_sae_probes: the sae-probes package loads the model (without a dtype) when
+    # its cached activations are missing
+    "sae_probes.generate_model_activations",
 )
 # The modules that read hub data sets with their own reference to datasets.load_dataset (the core
 # eval reads its text through SAELens' ActivationsStore).
@@ -56,6 +59,8 @@ class _ProvidedModel:
         self.model_name = model_name
 
     def from_pretrained_no_processing(self, model_name: str, *args: Any, **kwargs: Any) -> Any:
+        if self.model is None:
+            raise SAEBenchError(f"SAEBench asked for model {model_name!r} in an eval the run holds no model for")
         if model_name != self.model_name:
             raise SAEBenchError(f"SAEBench asked for model {model_name!r} but this run evaluates {self.model_name!r}")
         dtype = kwargs.get("dtype")
@@ -140,6 +145,20 @@ def core_errors_logged() -> Iterator[list[str]]:
         yield capture.messages
     finally:
         core.logger.removeHandler(capture)
+
+
+@contextlib.contextmanager
+def tokenizer_restored(model: Any) -> Iterator[None]:
+    """The shared model's tokenizer sides as they were before: sae-probes sets
+    ``truncation_side="left"`` and ``padding_side="right"`` on the model's tokenizer (it expects a
+    model of its own), which would change how the evals after it tokenize."""
+    tok = getattr(model, "tokenizer", None)
+    sides = {a: getattr(tok, a) for a in ("truncation_side", "padding_side") if hasattr(tok, a)}
+    try:
+        yield
+    finally:
+        for attr, value in sides.items():
+            setattr(tok, attr, value)
 
 
 @contextlib.contextmanager

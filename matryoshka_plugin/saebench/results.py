@@ -3,18 +3,20 @@
 Results are SAEBench's own JSON files in SAEBench's layout,
 ``<output_dir>/<eval>/<name>_custom_sae_eval_results.json``, plus
 ``<output_dir>/absorption/<name>_custom_sae_absorption_not_evaluated.json`` when SAEBench's
-absorption eval computes no score (see :func:`write_not_evaluated`).
+absorption eval computes no score (see :func:`write_not_evaluated`). With several seeds, the evals
+that sample keep the same layout under ``<output_dir>/seed_<seed>/`` (:func:`seed_dir`).
 """
 
 from __future__ import annotations
 
 import os
+import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Mapping
 
 from ..io import atomic_write_json, read_json
-from .configs import EVAL_NAMES
+from .configs import EVAL_NAMES, SEEDED_EVALS
 
 if TYPE_CHECKING:
     from .references import SAERef
@@ -35,14 +37,22 @@ HEADLINE_METRICS: tuple[tuple[str, str, str], ...] = (
     ("split_features", "absorption", "mean.mean_num_split_features"),
     ("sparse_probing_top1", "sparse_probing", "sae.sae_top_1_test_accuracy"),
     ("sparse_probing_llm", "sparse_probing", "llm.llm_test_accuracy"),
+    ("sae_probes_top1", "sparse_probing_sae_probes", "sae.sae_top_1_test_accuracy"),
+    ("sae_probes_llm", "sparse_probing_sae_probes", "llm.llm_test_accuracy"),
     ("scr_top20", "scr", "scr_metrics.scr_metric_threshold_20"),
     ("tpp_top20", "tpp", "tpp_metrics.tpp_threshold_20_total_metric"),
+    ("meta_variance_explained", "meta_structure", "meta_structure.decoder_fraction_variance_explained"),
 )
 
 
 def result_path(output_dir: str | Path, name: str, eval_name: str) -> Path:
     """Where SAEBench's result JSON for SAE ``name`` and ``eval_name`` lives."""
     return Path(output_dir) / eval_name / f"{name}{RESULT_SUFFIX}"
+
+
+def seed_dir(output_dir: str | Path, seed: int) -> Path:
+    """Where the results of the seeded evals (:data:`SEEDED_EVALS`) for one seed live."""
+    return Path(output_dir) / f"seed_{int(seed)}"
 
 
 def not_evaluated_path(output_dir: str | Path, name: str) -> Path:
@@ -59,13 +69,16 @@ def outcome_paths(output_dir: str | Path, name: str, eval_name: str) -> list[Pat
 
 
 def remove_results(output_dir: str | Path, name: str) -> list[Path]:
-    """Delete every eval result of SAE ``name`` (e.g. after retraining it); returns what was removed."""
+    """Delete every eval result of SAE ``name``, every seed's included (e.g. after retraining it);
+    returns what was removed."""
     removed = []
-    for ev in EVAL_NAMES:
-        for p in outcome_paths(output_dir, name, ev):
-            if p.is_file():
-                p.unlink()
-                removed.append(p)
+    folders = [Path(output_dir), *sorted(Path(output_dir).glob("seed_*"))]
+    for folder in folders:
+        for ev in EVAL_NAMES:
+            for p in outcome_paths(folder, name, ev):
+                if p.is_file():
+                    p.unlink()
+                    removed.append(p)
     return removed
 
 
@@ -152,6 +165,31 @@ def headline_row(results: Mapping[str, Mapping[str, Any]]) -> dict[str, float | 
     return row
 
 
+def mean_std(values: Iterable[float | None]) -> tuple[float | None, float | None, int]:
+    """``(mean, sample standard deviation, n)`` of the values that are not None; the standard
+    deviation is None below two values."""
+    vals = [float(v) for v in values if v is not None]
+    if not vals:
+        return None, None, 0
+    return statistics.fmean(vals), (statistics.stdev(vals) if len(vals) > 1 else None), len(vals)
+
+
+def seeded_headline(per_seed: Mapping[int, Mapping[str, Mapping[str, Any]]], evals: Iterable[str]) -> dict[str, Any]:
+    """Mean, standard deviation and count over seeds of the seeded :data:`HEADLINE_METRICS` of one
+    SAE (``per_seed``: ``{seed: {eval: read_result(...)}}``): columns ``c``, ``c_std``, ``c_n``."""
+    evals = set(evals)
+    row: dict[str, Any] = {}
+    for column, ev, key in HEADLINE_METRICS:
+        if ev not in SEEDED_EVALS or ev not in evals:
+            continue
+        got = []
+        for res in per_seed.values():
+            r = res.get(ev)
+            got.append(None if r is None else r["metrics"].get(key))
+        row[column], row[f"{column}_std"], row[f"{column}_n"] = mean_std(got)
+    return row
+
+
 @dataclass
 class EvalRecord:
     """What one eval of one SAE did in a :func:`~matryoshka_plugin.saebench.run_saebench` call."""
@@ -171,6 +209,8 @@ class EvalRecord:
     """SAEBench's ``eval_result_metrics``, flattened (``"sparsity.l0"``); empty when not evaluated."""
     reason: str | None = None
     """Why absorption computed no score (status ``"not_evaluated"``)."""
+    seed: int | None = None
+    """The seed the eval ran with."""
 
 
 @dataclass
@@ -186,14 +226,32 @@ class SAEBenchRun:
     evals: tuple[str, ...]
     """The evals asked for, in canonical order."""
     records: list[EvalRecord] = field(default_factory=list)
-    """One per (SAE, eval) pair, in the order they ran or were skipped."""
+    """One per (SAE, eval, seed), in the order they ran or were skipped."""
+    seeds: tuple[int, ...] | None = None
+    """The seeds of the seeded evals (``run_saebench(seeds=...)``), or None for one run."""
 
     def results(self) -> dict[str, dict[str, dict]]:
-        """:func:`collect_results` for this run's SAEs and evals."""
+        """:func:`collect_results` for this run's SAEs and evals (without ``seeds``: all of them;
+        with: the evals that do not sample, e.g. core)."""
         return collect_results(self.output_dir, [r.name for r in self.saes], self.evals)
 
+    def seed_results(self) -> dict[int, dict[str, dict[str, dict]]]:
+        """``{seed: {sae name: {eval: read_result(...)}}}`` for the seeded evals; empty without ``seeds``."""
+        evals = [e for e in self.evals if e in SEEDED_EVALS]
+        names = [r.name for r in self.saes]
+        return {s: collect_results(seed_dir(self.output_dir, s), names, evals) for s in self.seeds or ()}
+
     def rows(self) -> list[dict[str, Any]]:
-        """One row per SAE: name, architecture, k, d_sae and the headline metrics."""
+        """One row per SAE: name, architecture, k, d_sae and the headline metrics. With ``seeds``,
+        the seeded evals' columns hold the mean over seeds, with ``<column>_std`` (sample standard
+        deviation, None below two seeds) and ``<column>_n`` (seeds with a value) beside them."""
         res = self.results()
-        return [{"name": r.name, "architecture": r.architecture, "k": r.k, "d_sae": r.d_sae,
-                 **headline_row(res.get(r.name, {}))} for r in self.saes]
+        per_seed = self.seed_results()
+        rows = []
+        for r in self.saes:
+            row = {"name": r.name, "architecture": r.architecture, "k": r.k, "d_sae": r.d_sae,
+                   **headline_row(res.get(r.name, {}))}
+            if self.seeds:
+                row.update(seeded_headline({s: per_seed[s].get(r.name, {}) for s in self.seeds}, self.evals))
+            rows.append(row)
+        return rows

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import operator
 import shutil
 import time
 from pathlib import Path
@@ -10,11 +11,19 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import torch
 
-from .configs import EVAL_NAMES, check_eval_names, default_llm_settings, make_eval_config
+from .configs import (
+    EVAL_NAMES,
+    MODEL_FREE_EVALS,
+    SEEDED_EVALS,
+    EvalConfig,
+    check_eval_names,
+    default_llm_settings,
+    make_eval_config,
+)
 from ..errors import SAEBenchError
-from .patches import grad_mode_restored, model_and_datasets
+from .patches import grad_mode_restored, model_and_datasets, tokenizer_restored
 from .references import SAERef, check_saes, describe_sae, load_sae, named_sources, prepare_sae
-from .results import EvalRecord, SAEBenchRun, outcome_paths, read_result
+from .results import EvalRecord, SAEBenchRun, outcome_paths, read_result, seed_dir
 from .runners import RUNNERS, EvalDirs
 
 
@@ -56,6 +65,22 @@ def _check_model(model: Any, model_name: str, refs: Sequence[SAERef], llm_dtype:
             raise SAEBenchError(f"{r.describe()} hooks layer {r.hook_layer}; {model_name} has {cfg.n_layers} layers")
 
 
+def _check_seeds(seeds: Sequence[int] | None) -> list[int] | None:
+    if seeds is None:
+        return None
+    if isinstance(seeds, (int, str)):
+        raise SAEBenchError(f"seeds= takes a list of integers, got {seeds!r}")
+    try:
+        out = [operator.index(s) for s in seeds if not isinstance(s, bool)]
+    except TypeError:
+        out = []
+    if not out or len(out) != len(list(seeds)) or any(s < 0 for s in out):
+        raise SAEBenchError(f"seeds= must be a non-empty list of non-negative integers, got {list(seeds)!r}")
+    if len(set(out)) != len(out):
+        raise SAEBenchError(f"seeds= repeats a seed: {out!r}")
+    return out
+
+
 def run_saebench(
     saes: Any,
     output_dir: str | Path,
@@ -67,6 +92,7 @@ def run_saebench(
     llm_dtype: str | None = None,
     llm_batch_size: int | None = None,
     random_seed: int = 42,
+    seeds: Sequence[int] | None = None,
     eval_overrides: Mapping[str, Mapping[str, Any]] | None = None,
     model: Any = None,
     load_dataset: Callable[..., Any] | None = None,
@@ -82,14 +108,22 @@ def run_saebench(
             ``("saelens", release, sae_id)``) or a SAELens ``SAE``. Names default to folder names.
         output_dir: results go to ``<output_dir>/<eval>/<name>_custom_sae_eval_results.json``
             (SAEBench's own file names), exported SAEs to ``<output_dir>/saelens/<name>``.
-        evals: any of ``"core", "absorption", "sparse_probing", "scr", "tpp"``.
+        evals: any of :data:`EVAL_NAMES` (``"core", "absorption", "sparse_probing",
+            "sparse_probing_sae_probes", "scr", "tpp", "meta_structure"``). ``meta_structure``
+            needs no language model: a run of it alone loads none.
         model_name: the TransformerLens model name; default: the one all SAEs record. A mismatch
             with any SAE raises before anything is loaded.
         hook_name: when given, every SAE must be trained on this hook.
         device: default ``"cuda"`` when available, else ``"cpu"``.
         llm_dtype, llm_batch_size: default SAEBench's values for the model
             (``gemma-2-2b``: bfloat16, 32; unknown models: float32, 32).
-        random_seed: every eval's seed.
+        random_seed: every eval's seed (with ``seeds``: core's only).
+        seeds: run the evals that sample (:data:`SEEDED_EVALS`: absorption's vocabulary split,
+            the probing evals' train/test splits, the meta-SAE) once per seed; their results go
+            to ``<output_dir>/seed_<seed>/<eval>/...`` and :meth:`SAEBenchRun.rows` gives the mean
+            and standard deviation over seeds (:meth:`SAEBenchRun.seed_results`: every seed's
+            results). Core runs once (``random_seed``). Finished seeds are skipped like any other
+            result.
         eval_overrides: ``{eval: {field: value}}`` on top of SAEBench's defaults, e.g.
             ``{"sparse_probing": {"dataset_names": [...]}, "core": {"n_eval_reconstruction_batches": 20}}``.
         model: a ``HookedTransformer`` to use instead of loading ``model_name`` (its
@@ -117,30 +151,38 @@ def run_saebench(
         str_to_dtype(llm_dtype)
     except ValueError as e:
         raise SAEBenchError(str(e)) from None
-    configs = {
-        ev: make_eval_config(ev, model_name, llm_batch_size=llm_batch_size, llm_dtype=llm_dtype,
-                             random_seed=random_seed, overrides=overrides.get(ev))
-        for ev in evals
-    }
+    seed_list = _check_seeds(seeds)
+    # (eval, seed, folder) for every result each SAE gets
+    plan: list[tuple[str, int, Path]] = []
+    output_dir = Path(output_dir).resolve()
+    for ev in evals:
+        if seed_list is not None and ev in SEEDED_EVALS:
+            plan += [(ev, s, seed_dir(output_dir, s)) for s in seed_list]
+        else:
+            plan.append((ev, random_seed, output_dir))
+    configs: dict[tuple[str, int], EvalConfig] = {}
+    for ev, seed, _ in plan:
+        if (ev, seed) not in configs:
+            configs[ev, seed] = make_eval_config(ev, model_name, llm_batch_size=llm_batch_size, llm_dtype=llm_dtype,
+                                                 random_seed=seed, overrides=overrides.get(ev))
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    output_dir = Path(output_dir).resolve()
     artifacts_dir = Path(artifacts_dir).resolve() if artifacts_dir is not None else output_dir / "artifacts"
     staging = output_dir / ".staging"
     if model is not None:
         _check_model(model, model_name, refs, llm_dtype)
 
-    run = SAEBenchRun(output_dir, model_name, [], evals)
-    todo: list[tuple[SAERef, list[str]]] = []
+    run = SAEBenchRun(output_dir, model_name, [], evals, seeds=None if seed_list is None else tuple(seed_list))
+    todo: list[tuple[SAERef, list[tuple[str, int, Path]]]] = []
     for ref in refs:
         pending = []
-        for ev in evals:
-            existing = None if force else read_result(output_dir, ref.name, ev)
+        for ev, seed, where in plan:
+            existing = None if force else read_result(where, ref.name, ev)
             if existing is not None:
                 run.records.append(EvalRecord(ref.name, ev, "skipped", existing["path"], metrics=existing["metrics"],
-                                              reason=existing.get("reason")))
+                                              reason=existing.get("reason"), seed=seed))
             else:
-                pending.append(ev)
+                pending.append((ev, seed, where))
         todo.append((ref, pending))
 
     # Export the trainer folders that still have evals to run (surfaces unusable checkpoints, e.g. a
@@ -150,7 +192,8 @@ def run_saebench(
     n_jobs = sum(len(p) for _, p in todo)
     if n_jobs == 0:
         return run
-    if model is None:
+    needs_model = any(ev not in MODEL_FREE_EVALS for _, pending in todo for ev, _, _ in pending)
+    if model is None and needs_model:
         model = _load_model(model_name, device, llm_dtype)
         _check_model(model, model_name, refs, llm_dtype)
 
@@ -163,18 +206,19 @@ def run_saebench(
                 if not pending:
                     continue
                 sae = load_sae(prep, device=device)
-                for ev in pending:
-                    bar.set_postfix_str(f"{ref.name}: {ev}")
-                    cfg = configs[ev]
-                    dirs = EvalDirs(output_dir, staging, artifacts_dir / ev / cfg.cache_key())
+                for ev, seed, where in pending:
+                    bar.set_postfix_str(f"{ref.name}: {ev}" + (f" (seed {seed})" if seed_list is not None else ""))
+                    cfg = configs[ev, seed]
+                    dirs = EvalDirs(where, staging, artifacts_dir / ev / cfg.cache_key())
                     t0 = time.time()
-                    for stale in outcome_paths(output_dir, ref.name, ev):
+                    for stale in outcome_paths(where, ref.name, ev):
                         stale.unlink(missing_ok=True)  # force=True: never leave an old outcome beside a new one
-                    _seed_everything(random_seed)
-                    with grad_mode_restored():
+                    _seed_everything(seed)
+                    with grad_mode_restored(), tokenizer_restored(model):
                         rec = RUNNERS[ev](cfg, ref.name, sae, device, dirs)
                     rec.seconds = time.time() - t0
-                    got = read_result(output_dir, ref.name, ev)
+                    rec.seed = seed
+                    got = read_result(where, ref.name, ev)
                     rec.metrics = got["metrics"] if got else {}
                     run.records.append(rec)
                     bar.update(1)

@@ -1,15 +1,19 @@
 """One runner per eval, in the table :data:`RUNNERS`: hand one SAE to SAEBench, check what it
 wrote and move it into place.
 
-``absorption``, ``sparse_probing``, ``scr`` and ``tpp`` run through SAEBench's own ``run_eval`` and
-``core`` through ``sae_bench.evals.core.main.multiple_evals`` (core has no ``run_eval``). SAEBench
+``absorption``, ``sparse_probing``, ``sparse_probing_sae_probes``, ``scr``, ``tpp`` and
+``meta_structure`` run through SAEBench's own ``run_eval`` and ``core`` through
+``sae_bench.evals.core.main.multiple_evals`` (core has no ``run_eval``). SAEBench
 writes to a staging folder; the runner checks the JSON and renames it into place, so a result file
 is either complete or absent.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import logging
+import shutil
 from pathlib import Path
 from typing import Any, Callable, NamedTuple
 
@@ -100,10 +104,50 @@ def run_probing(cfg: EvalConfig, name: str, sae: Any, device: str, dirs: EvalDir
     return _published(cfg.eval_name, name, dirs, staged)
 
 
+def sae_probes_model_cache(artifacts: Path, cfg: EvalConfig) -> Path:
+    """Where sae-probes keeps the model's activations: one folder per model and dtype beside the
+    config-hash folders, so runs with other datasets, ks or seeds reuse them."""
+    key = hashlib.sha256(f"{cfg.model_name}|{cfg.llm_dtype}".encode()).hexdigest()[:12]
+    return artifacts.parent / f"model_activations_{key}"
+
+
+def run_sae_probes(cfg: EvalConfig, name: str, sae: Any, device: str, dirs: EvalDirs) -> EvalRecord:
+    """``sparse_probing_sae_probes``: sae-probes' results go to ``dirs.artifacts`` (its LLM baseline
+    is shared by every SAE of the same config), the model's activations to
+    :func:`sae_probes_model_cache`."""
+    import sae_bench.evals.sparse_probing_sae_probes.main as module
+
+    config = dataclasses.replace(cfg.saebench, results_path=str(dirs.artifacts),
+                                 model_cache_path=str(sae_probes_model_cache(dirs.artifacts, cfg)))
+    # sae-probes skips every dataset whose result JSON exists: drop this SAE's old ones (a retrained
+    # SAE under the same name would otherwise be scored by its predecessor's probes).
+    shutil.rmtree(dirs.artifacts / f"{name}_custom_sae", ignore_errors=True)
+    out = dirs.staging / "sparse_probing_sae_probes"
+    module.run_eval(config, [(name, sae)], device, str(out), force_rerun=True)
+    staged = out / f"{name}{RESULT_SUFFIX}"
+    if not staged.is_file():
+        raise RuntimeError(f"SAEBench's sparse_probing_sae_probes eval finished without writing {staged}")
+    return _published("sparse_probing_sae_probes", name, dirs, staged)
+
+
+def run_meta_structure(cfg: EvalConfig, name: str, sae: Any, device: str, dirs: EvalDirs) -> EvalRecord:
+    """``meta_structure``: a BatchTopK meta-SAE trained on the decoder rows (no language model)."""
+    import sae_bench.evals.meta_structure.main as module
+
+    out = dirs.staging / "meta_structure"
+    module.run_eval(cfg.saebench, [(name, sae)], device, str(out), force_rerun=True)
+    staged = out / f"{name}{RESULT_SUFFIX}"
+    if not staged.is_file():
+        raise RuntimeError(f"SAEBench's meta_structure eval finished without writing {staged}")
+    return _published("meta_structure", name, dirs, staged)
+
+
 RUNNERS: dict[str, Runner] = {
     "core": run_core,
     "absorption": run_absorption,
     "sparse_probing": run_probing,
     "scr": run_probing,
     "tpp": run_probing,
+    "sparse_probing_sae_probes": run_sae_probes,
+    "meta_structure": run_meta_structure,
 }
