@@ -54,7 +54,8 @@ class Plan:
         return max(1, min(self.k, size // 4))
 
 
-FULL = Plan(reference_sizes=(32, 128, 512), large_size=2048, k=32, train_tokens=524_288, held_out_tokens=32_768)
+FULL = Plan(reference_sizes=(32, 128, 512), large_size=2048, k=32, train_tokens=262_144, held_out_tokens=32_768,
+            batch_size=512)
 QUICK = Plan(reference_sizes=(16, 64), large_size=256, k=16, train_tokens=32_768, held_out_tokens=8192,
              batch_size=512, sample_tokens=1500)
 
@@ -114,6 +115,21 @@ def train_one(name: str, config: dict[str, Any], train: torch.Tensor, plan: Plan
     return final
 
 
+def _check_plan(path: Path, plan: Plan) -> None:
+    """Resume only the same plan: SAEs trained under another one would be mixed in silently."""
+    from matryoshka_plugin.io import atomic_write_json
+
+    want = json.loads(json.dumps(asdict(plan)))
+    if path.is_file():
+        have = json.loads(path.read_text())
+        if have != want:
+            diff = {k: (have.get(k), want[k]) for k in want if have.get(k) != want[k]}
+            raise ValueError(f"{path.parent} holds a run of another plan ({diff}, as (saved, asked)); "
+                             "use another --out folder or delete that one")
+    else:
+        atomic_write_json(want, path)
+
+
 def _cached_json(path: Path, compute: Callable[[], Any]) -> Any:
     from matryoshka_plugin.io import atomic_write_json
 
@@ -138,6 +154,7 @@ def run(
     report = Path(report_dir) if report_dir is not None else out_dir
     saes_dir = out_dir / "saes"
     saes_dir.mkdir(parents=True, exist_ok=True)
+    _check_plan(out_dir / "plan.json", plan)
     report.mkdir(parents=True, exist_ok=True)
     configs = sae_configs(plan, train.shape[1])
     for name, cfg in configs.items():
