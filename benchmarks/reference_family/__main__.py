@@ -20,7 +20,8 @@ def main(argv: list[str] | None = None) -> None:
                    "(default docs/reference_family for the full run, the --out folder for --quick)")
     p.add_argument("--cache", default=None, help="MiniLM activation cache (default $MINILM_ACTS or /tmp/minilm_acts)")
     p.add_argument("--train-tokens", type=int, default=None)
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch CPU threads (1: on a shared machine more threads contend and run slower)")
     a = p.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     torch.set_num_threads(a.threads)
