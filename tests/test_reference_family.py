@@ -24,14 +24,14 @@ def test_pipeline_trains_measures_reports_and_resumes(tmp_path):
     out, report = tmp_path / "run", tmp_path / "report"
     results = run(out, plan, train, held_out, sample=(held_out[:256], snippets), report_dir=report, tree_roots=2)
 
-    names = ["ref_4", "ref_8", "vanilla", "mat_groups", "mat_every", "log_sparsity"]
+    names = ["ref_4", "ref_8", "vanilla", "mat_groups", "mat_every", "log_sparsity", "log_none"]
     assert sorted(p.name for p in (out / "saes").iterdir()) == sorted(names)
     rows = list(csv.DictReader((report / "results.csv").open()))
     assert [r["sae"] for r in rows] == names
     for r in rows:  # 16 training steps: measured, not good
         assert math.isfinite(float(r["fvu"])) and float(r["fvu"]) > 0 and float(r["l0"]) > 0
     corr = results["mean_max_correlation"]
-    assert set(corr) == {"vanilla", "mat_groups", "mat_every", "log_sparsity"}
+    assert set(corr) == {"vanilla", "mat_groups", "mat_every", "log_sparsity", "log_none"}
     for row in corr.values():
         for c in row.values():
             assert -1 <= c["mean"] <= 1 and len(c["max_corr"]) in (4, 8) and c["n_tokens"] == 1024
@@ -50,6 +50,10 @@ def test_pipeline_trains_measures_reports_and_resumes(tmp_path):
     again = run(out, plan, train, held_out, report_dir=report)
     assert again["mean_max_correlation"] == results["mean_max_correlation"]
     assert {p: p.stat().st_mtime_ns for p in (out / "saes").glob("*/ae.pt")} == stamps
+    # Fewer large variants: the same folder, nothing retrained, the others' measurements kept.
+    fewer = run(out, replace(plan, variants=("vanilla",)), train, held_out, report_dir=tmp_path / "r2")
+    assert fewer["mean_max_correlation"] == {"vanilla": results["mean_max_correlation"]["vanilla"]}
+    assert set(json.loads((out / "correlations.json").read_text())) == set(corr)
     # Another plan is not mixed into this run's folder.
     with pytest.raises(ValueError, match="another plan"):
         run(out, replace(plan, k=2), train, held_out)

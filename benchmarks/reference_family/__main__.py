@@ -20,6 +20,9 @@ def main(argv: list[str] | None = None) -> None:
                    "(default docs/reference_family for the full run, the --out folder for --quick)")
     p.add_argument("--cache", default=None, help="MiniLM activation cache (default $MINILM_ACTS or /tmp/minilm_acts)")
     p.add_argument("--train-tokens", type=int, default=None)
+    p.add_argument("--large-size", type=int, default=None, help="latents of the large SAEs")
+    p.add_argument("--reference-sizes", type=int, nargs="+", default=None, help="latents of the reference SAEs")
+    p.add_argument("--seed", type=int, default=0, help="training seed (every SAE); other seeds go to their own folders")
     p.add_argument("--threads", type=int, default=1,
                    help="torch CPU threads (1: on a shared machine more threads contend and run slower)")
     a = p.parse_args(argv)
@@ -28,8 +31,14 @@ def main(argv: list[str] | None = None) -> None:
     plan = QUICK if a.quick else FULL
     if a.train_tokens:
         plan = replace(plan, train_tokens=a.train_tokens)
-    out = Path(a.out or ("runs/reference_family_quick" if a.quick else "runs/reference_family"))
-    report = Path(a.report or (out if a.quick else "docs/reference_family"))
+    if a.large_size:
+        plan = replace(plan, large_size=a.large_size)
+    if a.reference_sizes:
+        plan = replace(plan, reference_sizes=tuple(a.reference_sizes))
+    plan = replace(plan, seed=a.seed)
+    suffix = f"_seed{a.seed}" if a.seed else ""
+    out = Path(a.out or ("runs/reference_family_quick" if a.quick else "runs/reference_family") + suffix)
+    report = Path(a.report or (out if a.quick else "docs/reference_family" + suffix))
 
     from benchmarks.real_model.activations import DEFAULT_CACHE, cached_activations
 

@@ -23,12 +23,13 @@ from benchmarks.real_model.compare import PAPER_FRACTIONS, batches, evaluate
 
 __all__ = ["Plan", "FULL", "QUICK", "LARGE_VARIANTS", "sae_configs", "run"]
 
-LARGE_VARIANTS = ("vanilla", "mat_groups", "mat_every", "log_sparsity")
+LARGE_VARIANTS = ("vanilla", "mat_groups", "mat_every", "log_sparsity", "log_none")
 LABELS = {
     "vanilla": "vanilla BatchTopK (dictionary_learning)",
     "mat_groups": "Matryoshka BatchTopK, groups",
     "mat_every": "Matryoshka BatchTopK, every prefix",
     "log_sparsity": "Matryoshka log sparsity (target L0 = k)",
+    "log_none": "log sparsity without prefixes (its vanilla)",
 }
 
 
@@ -87,9 +88,11 @@ def sae_configs(plan: Plan, d: int) -> dict[str, dict[str, Any]]:
                           group_fractions=PAPER_FRACTIONS, wandb_name=v, **large)
         elif v == "mat_every":
             out[v] = dict(trainer=MatryoshkaBatchTopKTrainer, k=plan.k, prefix_mode="every", wandb_name=v, **large)
-        elif v == "log_sparsity":
-            out[v] = dict(trainer=MatryoshkaLogSparsityTrainer, dict_size=plan.large_size, target_l0=plan.k, warmup_steps=warm,
-                          wandb_name=v, **common)
+        elif v in ("log_sparsity", "log_none"):
+            # log_none: the same SAE, penalty and controller with the prefix loss off (the post's vanilla).
+            mode = {} if v == "log_sparsity" else {"prefix_mode": "none"}
+            out[v] = dict(trainer=MatryoshkaLogSparsityTrainer, dict_size=plan.large_size, target_l0=plan.k,
+                          warmup_steps=warm, wandb_name=v, **mode, **common)
         else:
             raise ValueError(f"unknown large variant {v!r}; choose from {LARGE_VARIANTS}")
     return out
@@ -116,18 +119,41 @@ def train_one(name: str, config: dict[str, Any], train: torch.Tensor, plan: Plan
 
 
 def _check_plan(path: Path, plan: Plan) -> None:
-    """Resume only the same plan: SAEs trained under another one would be mixed in silently."""
+    """Resume only the same plan: SAEs trained under another one would be mixed in silently.
+    The large variants may differ (each SAE is trained on its own, from the same settings)."""
     from matryoshka_plugin.io import atomic_write_json
 
     want = json.loads(json.dumps(asdict(plan)))
     if path.is_file():
         have = json.loads(path.read_text())
+        have["variants"] = want["variants"]
         if have != want:
             diff = {k: (have.get(k), want[k]) for k in want if have.get(k) != want[k]}
             raise ValueError(f"{path.parent} holds a run of another plan ({diff}, as (saved, asked)); "
                              "use another --out folder or delete that one")
     else:
         atomic_write_json(want, path)
+
+
+def _correlations(path: Path, saes: dict[str, Any], large: list[str], refs: list[str],
+                  held_out: torch.Tensor) -> dict[str, dict[str, Any]]:
+    """Mean max correlation of every (large SAE, reference) pair, cached per pair in ``path``."""
+    from matryoshka_plugin.analysis import mean_max_correlation
+    from matryoshka_plugin.io import atomic_write_json
+
+    cached: dict[str, dict[str, Any]] = json.loads(path.read_text()) if path.is_file() else {}
+    for v in large:
+        for r in refs:
+            if r in cached.get(v, {}):
+                continue
+            t0 = time.time()
+            res = mean_max_correlation(saes[r], saes[v], held_out.float())
+            cached.setdefault(v, {})[r] = {
+                "mean": res.mean, "n_dead_reference": res.n_dead_reference, "n_dead_other": res.n_dead_other,
+                "n_tokens": res.n_tokens, "max_corr": res.max_corr.tolist(), "seconds": time.time() - t0}
+            atomic_write_json(cached, path)
+            print(f"mean max correlation {r} -> {v}: {res.mean:.4f} ({time.time() - t0:.1f} s)", flush=True)
+    return {v: {r: cached[v][r] for r in refs} for v in large}
 
 
 def _cached_json(path: Path, compute: Callable[[], Any]) -> Any:
@@ -148,7 +174,8 @@ def run(
     """Train what is missing, measure every SAE, and write ``results.{md,csv,json}``, the figure
     and (with a ``sample`` of activations and snippets) the tree view into ``report_dir``."""
     from matryoshka_plugin import load_dictionary
-    from matryoshka_plugin.analysis import mean_max_correlation, prefix_fvu
+    from matryoshka_plugin.analysis import prefix_fvu
+    from matryoshka_plugin.io import atomic_open, atomic_write_json
 
     out_dir = Path(out_dir)
     report = Path(report_dir) if report_dir is not None else out_dir
@@ -176,21 +203,8 @@ def run(
 
         metrics[name] = _cached_json(saes_dir / name / "metrics.json", measure)
 
-    def correlations() -> dict[str, dict[str, Any]]:
-        out: dict[str, dict[str, Any]] = {}
-        for v in large:
-            for r in refs:
-                t0 = time.time()
-                res = mean_max_correlation(saes[r], saes[v], held_out.float())
-                out.setdefault(v, {})[r] = {"mean": res.mean, "n_dead_reference": res.n_dead_reference,
-                                            "n_dead_other": res.n_dead_other, "n_tokens": res.n_tokens,
-                                            "max_corr": res.max_corr.tolist(), "seconds": time.time() - t0}
-                print(f"mean max correlation {r} -> {v}: {res.mean:.4f} ({time.time() - t0:.1f} s)", flush=True)
-        return out
-
-    corr = _cached_json(out_dir / "correlations.json", correlations)
+    corr = _correlations(out_dir / "correlations.json", saes, large, refs, held_out)
     results = {"plan": asdict(plan), "metrics": metrics, "mean_max_correlation": corr}
-    from matryoshka_plugin.io import atomic_open, atomic_write_json
 
     atomic_write_json({**results, "mean_max_correlation": {v: {r: {k: x for k, x in c.items() if k != "max_corr"}
                                                                    for r, c in row.items()} for v, row in corr.items()}},
