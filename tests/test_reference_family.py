@@ -43,6 +43,7 @@ def test_pipeline_trains_measures_reports_and_resumes(tmp_path):
     assert (report / "mean_max_correlation.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     page = (report / "tree.html").read_text()
     assert page.count('<li class="node"') >= 2 and "tok" in page
+    assert "mat_groups latents 0-1" in (report / "tree_prefixes.html").read_text()
     json.loads((report / "results.json").read_text())
 
     # A second run trains nothing and reuses the measurements.

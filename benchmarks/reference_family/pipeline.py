@@ -215,13 +215,17 @@ def run(
         f.write(results_markdown(plan, metrics, corr))
     plot(plan, corr, report / "mean_max_correlation.png")
     if sample is not None:
-        from matryoshka_plugin.tree_view import Level, write_tree_view
+        from matryoshka_plugin.tree_view import Level, prefix_levels, write_tree_view
 
         acts, snippets = sample
         top = "mat_groups" if "mat_groups" in saes else large[0]
         levels = [Level(r, saes[r]) for r in refs] + [Level(top, saes[top])]
         write_tree_view(report / "tree.html", levels, acts, snippets, n_roots=tree_roots, children=3,
                         title=f"MiniLM block 3: reference family {' -> '.join(refs)} -> {top}")
+        if "mat_groups" in saes:  # the Matryoshka SAE's own nested groups as levels
+            write_tree_view(report / "tree_prefixes.html", prefix_levels(saes["mat_groups"], name="mat_groups")[:4],
+                            acts, snippets, n_roots=tree_roots, children=3,
+                            title="MiniLM block 3: the nested groups of the Matryoshka BatchTopK SAE")
     return results
 
 
