@@ -36,9 +36,6 @@ __all__ = [
     "nested_widths",
 ]
 
-Activations = "torch.Tensor | Iterable[torch.Tensor]"
-
-
 # ----------------------------------------------------------------------------------------------
 # Results
 # ----------------------------------------------------------------------------------------------
@@ -215,7 +212,7 @@ def mean_max_correlation(
     n_other: int | None = None
     passes: list[tuple[int, int]] | None = None
     best = best_idx = None
-    stats_ref = stats_other = None
+    stats_ref = alive_other = None
     n_tokens = 0
     start = 0
     while passes is None or start < len(passes):
@@ -260,10 +257,10 @@ def mean_max_correlation(
             stats_ref = _moments(sum_r, sq_r, n_tokens)
             best = torch.full((cross.shape[0],), -math.inf, dtype=torch.float64, device=cross.device)
             best_idx = torch.full((cross.shape[0],), -1, dtype=torch.long, device=cross.device)
-            stats_other = torch.zeros(n_other, dtype=torch.bool)
+            alive_other = torch.zeros(n_other, dtype=torch.bool)
         mean_r, std_r = stats_ref
         mean_o, std_o = _moments(sum_o, sq_o, n_tokens)
-        stats_other[lo:hi] = (std_o > 0).cpu()
+        alive_other[lo:hi] = (std_o > 0).cpu()
         cov = cross / n_tokens - mean_r[:, None] * mean_o[None, :]
         corr = (cov / (std_r[:, None] * std_o[None, :])).clamp(-1.0, 1.0)
         corr = torch.where((std_o > 0)[None, :], corr, torch.full_like(corr, -math.inf))
@@ -278,7 +275,7 @@ def mean_max_correlation(
     best_idx = torch.where(undefined, torch.full_like(best_idx, -1), best_idx).cpu()
     valid = ~torch.isnan(best)
     mean = float(best[valid].mean()) if valid.any() else math.nan
-    return MeanMaxCorrelation(mean, best, best_idx, int((~(std_r > 0)).sum()), int((~stats_other).sum()), n_tokens)
+    return MeanMaxCorrelation(mean, best, best_idx, int((~(std_r > 0)).sum()), int((~alive_other).sum()), n_tokens)
 
 
 def _moments(total: torch.Tensor, squares: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:

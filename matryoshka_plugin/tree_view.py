@@ -22,9 +22,6 @@ from .analysis import _cross, _encode, decoder_directions, nested_widths
 
 __all__ = ["Level", "prefix_levels", "build_tree", "render_html", "write_tree_view"]
 
-Snippet = "str | tuple[str, str, str]"
-
-
 class Level(NamedTuple):
     """One level of the tree."""
 
