@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> None:
     plan = replace(plan, seed=a.seed)
     suffix = f"_seed{a.seed}" if a.seed else ""
     out = Path(a.out or ("runs/reference_family_quick" if a.quick else "runs/reference_family") + suffix)
-    report = Path(a.report or (out if a.quick else "docs/reference_family" + suffix))
+    report = Path(a.report or (out if a.quick else "docs/reference_family" + (f"/seed{a.seed}" if a.seed else "")))
 
     from benchmarks.real_model.activations import DEFAULT_CACHE, cached_activations
 
