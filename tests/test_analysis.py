@@ -9,7 +9,13 @@ import torch
 from dictionary_learning.dictionary import AutoEncoder
 from dictionary_learning.trainers.batch_top_k import BatchTopKSAE
 
-from matryoshka_plugin.analysis import cofiring_edges, mean_max_correlation, nested_widths, prefix_fvu
+from matryoshka_plugin.analysis import (
+    cofiring_edges,
+    decoder_directions,
+    mean_max_correlation,
+    nested_widths,
+    prefix_fvu,
+)
 from matryoshka_plugin.sae import MatryoshkaBatchTopKSAE
 
 
@@ -164,3 +170,13 @@ def test_cofiring_edges_known_answers():
     assert got.n_tokens == 80
     # min_p drops the weaker edge; order within a child is best first.
     assert cofiring_edges(parent, child, x, min_p=0.8).child.tolist() == [1, 2]
+
+
+def test_decoder_directions_of_each_layout():
+    torch.manual_seed(0)
+    relu = AutoEncoder(8, 16)  # nn.Linear decoder: weight [d, n]
+    assert torch.equal(decoder_directions(relu), relu.decoder.weight.detach().T)
+    btk = BatchTopKSAE(8, 10, k=2)  # W_dec [n, d]
+    assert torch.equal(decoder_directions(btk), btk.W_dec.detach())
+    with pytest.raises(TypeError, match="decoder"):
+        decoder_directions(torch.nn.Identity())
