@@ -1,8 +1,9 @@
 """Comparing trained SAEs on an activation stream: mean max correlation, prefix FVU, co-firing edges.
 
 Every function takes SAEs as any objects with ``encode(x) -> latents`` (``[tokens, n]``; the
-co-firing edges and the tree view also read the decoder: ``W_dec [n, d]`` as dictionary_learning's
-SAEs and this package's hold it, or a ``decoder`` ``nn.Linear``) and activations as a
+co-firing edges and the tree view also read the decoder: ``W_dec [n, d]`` as this package's SAEs
+and dictionary_learning's Matryoshka SAE hold it, or a ``decoder`` ``nn.Linear`` as its
+``AutoEncoder`` and ``BatchTopKSAE`` do) and activations as a
 ``[tokens, d]`` tensor (cut into ``batch_size`` rows) or any iterable of ``[tokens, d]`` batches.
 Statistics are summed over the stream in float64, so a stream in batches gives the result of
 the whole tensor at once (up to float64 rounding).
@@ -145,9 +146,9 @@ def _cross(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def decoder_directions(sae: Any) -> torch.Tensor:
-    """``[n, d]`` decoder rows of ``sae``: ``W_dec`` (dictionary_learning's BatchTopK and
-    Matryoshka SAEs, this package's) or ``decoder.weight.T`` (dictionary_learning's
-    ``AutoEncoder`` and other ``nn.Linear`` decoders)."""
+    """``[n, d]`` decoder rows of ``sae``: ``W_dec`` (this package's SAEs, dictionary_learning's
+    Matryoshka SAE) or ``decoder.weight.T`` (dictionary_learning's ``AutoEncoder`` and
+    ``BatchTopKSAE``, other ``nn.Linear`` decoders)."""
     w = getattr(sae, "W_dec", None)
     if isinstance(w, torch.Tensor):
         return w.detach()

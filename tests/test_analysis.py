@@ -174,9 +174,9 @@ def test_cofiring_edges_known_answers():
 
 def test_decoder_directions_of_each_layout():
     torch.manual_seed(0)
-    relu = AutoEncoder(8, 16)  # nn.Linear decoder: weight [d, n]
-    assert torch.equal(decoder_directions(relu), relu.decoder.weight.detach().T)
-    btk = BatchTopKSAE(8, 10, k=2)  # W_dec [n, d]
-    assert torch.equal(decoder_directions(btk), btk.W_dec.detach())
+    for upstream in (AutoEncoder(8, 16), BatchTopKSAE(8, 10, k=2)):  # nn.Linear decoders: weight [d, n]
+        assert torch.equal(decoder_directions(upstream), upstream.decoder.weight.detach().T)
+    mat = MatryoshkaBatchTopKSAE(8, 12, k=2, group_sizes=[4, 8])  # W_dec [n, d]
+    assert torch.equal(decoder_directions(mat), mat.W_dec.detach())
     with pytest.raises(TypeError, match="decoder"):
         decoder_directions(torch.nn.Identity())
