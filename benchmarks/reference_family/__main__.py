@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from .pipeline import FULL, QUICK, run
+from .pipeline import FULL, LARGE_VARIANTS, QUICK, run
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -22,6 +22,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--train-tokens", type=int, default=None)
     p.add_argument("--large-size", type=int, default=None, help="latents of the large SAEs")
     p.add_argument("--reference-sizes", type=int, nargs="+", default=None, help="latents of the reference SAEs")
+    p.add_argument("--variants", nargs="+", default=None, choices=LARGE_VARIANTS,
+                   help="large SAEs to train and compare (default: all)")
     p.add_argument("--seed", type=int, default=0, help="training seed (every SAE); other seeds go to their own folders")
     p.add_argument("--threads", type=int, default=1,
                    help="torch CPU threads (1: on a shared machine more threads contend and run slower)")
@@ -35,6 +37,8 @@ def main(argv: list[str] | None = None) -> None:
         plan = replace(plan, large_size=a.large_size)
     if a.reference_sizes:
         plan = replace(plan, reference_sizes=tuple(a.reference_sizes))
+    if a.variants:
+        plan = replace(plan, variants=tuple(a.variants))
     plan = replace(plan, seed=a.seed)
     suffix = f"_seed{a.seed}" if a.seed else ""
     out = Path(a.out or ("runs/reference_family_quick" if a.quick else "runs/reference_family") + suffix)
