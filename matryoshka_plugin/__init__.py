@@ -49,6 +49,10 @@ _EXPORTS = {
     "prefix_mse": "prefix_loss",
     "PrefixLoss": "prefix_loss",
     "SparseLatents": "sparse_latents",
+    "mean_max_correlation": "analysis",
+    "prefix_fvu": "analysis",
+    "cofiring_edges": "analysis",
+    "write_tree_view": "tree_view",
     "ActivationError": "errors",
     "CheckpointError": "errors",
     "TrainingError": "errors",
@@ -84,12 +88,14 @@ when_imported("sae_lens", _register_saelens)
 if TYPE_CHECKING:  # static analysers and IDEs see the real names
     from .activation_source import ActivationSource
     from .training import train
+    from .analysis import cofiring_edges, mean_max_correlation, prefix_fvu
     from .checkpoints import load_dictionary, register_dictionary_class
     from .errors import ActivationError, CheckpointError, SAEBenchError, TrainingError
     from .prefix_loss import PrefixLoss, prefix_mse
     from .prefixes import PrefixSampler, PrefixWeights
     from .registry import Architecture, register_architecture
     from .sae import MatryoshkaBatchTopKSAE, MatryoshkaLogSparsitySAE
+    from .tree_view import write_tree_view
     from .saebench import run_saebench
     from .saelens import (
         MatryoshkaJumpReLUSAE,

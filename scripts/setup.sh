@@ -16,6 +16,10 @@
 #   - else the default (CUDA) build with its nvidia-* libraries, which also runs on a CPU.
 # SETUP_GPU=0/1 overrides the GPU detection.
 #
+# Last, headless Chromium for the tree view's browser test: installed with apt-get when it is
+# missing, apt-get exists and the script runs as root (SETUP_BROWSER=0 skips this); otherwise
+# a message says why, and that test is skipped.
+#
 # Then the rest: on Python 3.11 without a GPU, the verified set in requirements/cpu-py311.txt
 # without resolution (USE_LOCK=0 resolves instead); elsewhere pip resolves with torch held
 # at the installed version. Finally, without a GPU, packages nothing needs are removed:
@@ -156,6 +160,10 @@ else
     log "clean-up: torchvision only next to a CPU torch; nvidia-* only where torch does not depend on them and no file is shared"
 fi
 
+# Headless Chromium for the tree view's browser test (tests/test_tree_view.py); optional.
+eval "$("$PY" "$HELPER" browser-plan)"
+log "browser: $BROWSER_ACTION. $BROWSER_WHY"
+
 if [ "$PLAN_ONLY" = 1 ]; then
     if [ "$PY" = "$VENV/bin/python" ] && [ "$HAS_GPU" = 0 ]; then
         REMOVE=$("$PY" "$HELPER" removable | tr '\n' ' ')
@@ -247,6 +255,17 @@ fi
 if [ "$installed" = 1 ]; then DEPS_DONE="the locked set"; else DEPS_DONE="resolution"; fi
 log "summary: torch $TORCH_VERSION ($TORCH_BUILD build; ${TORCH_SOURCE:-$TORCH_ACTION}), dependencies by \
 $DEPS_DONE, removed: ${REMOVED:-nothing}"
+
+if [ "$BROWSER_ACTION" = apt ]; then
+    log "installing chromium with apt-get (for the tree view's browser test)"
+    if DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium >/dev/null 2>&1 \
+        || { DEBIAN_FRONTEND=noninteractive apt-get update -q >/dev/null 2>&1 \
+             && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium >/dev/null 2>&1; }; then
+        log "chromium installed: $(command -v chromium)"
+    else
+        log "warning: apt-get could not install chromium; the tree view's browser test will be skipped"
+    fi
+fi
 
 "$PY" - <<'PY'
 import torch, dictionary_learning, nnsight, sae_lens, sae_bench, datasets, transformers  # noqa: F401

@@ -7,14 +7,17 @@ import anything outside the standard library (packaging is used when pip vendors
     python scripts/setup_helper.py torch-state          # shell assignments, for eval
     python scripts/setup_helper.py removable            # packages a CPU machine can drop
     python scripts/setup_helper.py probe URL TIMEOUT    # exit 0 when URL answers
+    python scripts/setup_helper.py browser-plan         # shell assignments, for eval
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import os
 import re
 import shlex
+import shutil
 import sys
 import urllib.request
 import warnings
@@ -245,6 +248,34 @@ def probe(url: str, timeout: float) -> int:
         return 1
 
 
+BROWSERS = ("chromium", "chromium-browser")
+
+
+def browser_plan(found: str | None, apt_get: str | None, root: bool, wanted: str = "1") -> tuple[str, str]:
+    """``(action, why)`` for the headless browser the tree-view test uses: ``present``, ``apt``
+    (install Debian's ``chromium`` with apt-get) or ``skip`` (the test is then skipped)."""
+    if found:
+        return "present", f"{found} is installed"
+    if wanted == "0":
+        return "skip", "SETUP_BROWSER=0; the tree-view browser test will be skipped"
+    if not apt_get:
+        return "skip", ("no chromium and no apt-get to install it; install chromium by hand or the "
+                        "tree-view browser test will be skipped")
+    if not root:
+        return "skip", ("no chromium, and apt-get needs root; run `sudo apt-get install -y chromium` "
+                        "or the tree-view browser test will be skipped")
+    return "apt", "no chromium: apt-get install -y chromium (Debian's package)"
+
+
+def print_browser_plan() -> int:
+    found = next((shutil.which(b) for b in BROWSERS if shutil.which(b)), None)
+    root = hasattr(os, "geteuid") and os.geteuid() == 0
+    action, why = browser_plan(found, shutil.which("apt-get"), root, os.environ.get("SETUP_BROWSER", "1"))
+    print(f"BROWSER_ACTION={shlex.quote(action)}")
+    print(f"BROWSER_WHY={shlex.quote(why)}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -256,6 +287,7 @@ def main(argv: list[str] | None = None) -> int:
     pr = sub.add_parser("probe")
     pr.add_argument("url")
     pr.add_argument("timeout", type=float)
+    sub.add_parser("browser-plan")
     args = parser.parse_args(argv)
     if args.command == "check-python":
         return check_python(args.version, args.requires)
@@ -263,6 +295,8 @@ def main(argv: list[str] | None = None) -> int:
         return torch_state()
     if args.command == "removable":
         return removable()
+    if args.command == "browser-plan":
+        return print_browser_plan()
     return probe(args.url, args.timeout)
 
 

@@ -11,6 +11,7 @@ import functools
 import http.server
 import os
 import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -159,6 +160,10 @@ def test_the_plan_for_a_new_environment_creates_nothing(tmp_path, wheels):
     lines = plan_lines(run_plan(target, wheels))
     assert lines["torch"].startswith("install torch==2.13.0 (source: cuda-fallback)"), lines
     assert not target.exists()
+    # The browser step is planned too (and installs nothing in plan mode).
+    found = any(shutil.which(b) for b in ("chromium", "chromium-browser"))
+    assert lines["browser"].startswith("present" if found else ("apt" if shutil.which("apt-get") and os.geteuid() == 0
+                                                                 else "skip")), lines
 
 
 def test_a_local_cpu_build_is_preferred_and_its_clean_up_drops_cuda_packages(venv, wheels):
@@ -258,3 +263,26 @@ def test_requires_python_admits_only_pythons_the_set_up_works_on(version, suppor
     assert (result.returncode == 0) == supported, result.stderr
     if tuple(map(int, version.split("."))) >= (3, 13):
         assert "numpy" in result.stderr and "sae-bench" in result.stderr
+
+
+def _helper_module():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("setup_helper", HELPER)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("found,apt,root,wanted,action", [
+    ("/usr/bin/chromium", "/usr/bin/apt-get", True, "1", "present"),
+    (None, "/usr/bin/apt-get", True, "1", "apt"),
+    (None, "/usr/bin/apt-get", True, "0", "skip"),
+    (None, None, True, "1", "skip"),
+    (None, "/usr/bin/apt-get", False, "1", "skip"),
+])
+def test_browser_plan(found, apt, root, wanted, action):
+    got, why = _helper_module().browser_plan(found, apt, root, wanted)
+    assert got == action
+    if action == "skip":
+        assert "test will be skipped" in why

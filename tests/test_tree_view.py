@@ -1,0 +1,135 @@
+"""matryoshka_plugin.tree_view: the tree on constructed SAEs, and the page in headless Chromium."""
+
+from __future__ import annotations
+
+import math
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+
+from matryoshka_plugin.sae import MatryoshkaBatchTopKSAE
+from matryoshka_plugin.tree_view import Level, build_tree, prefix_levels, render_html, write_tree_view
+
+CHROMIUM = next((shutil.which(n) for n in ("chromium", "chromium-browser") if shutil.which(n)), None)
+
+
+def _linear_sae(enc_rows, dec_rows, threshold=0.5) -> MatryoshkaBatchTopKSAE:
+    enc, dec = torch.tensor(enc_rows, dtype=torch.float32), torch.tensor(dec_rows, dtype=torch.float32)
+    sae = MatryoshkaBatchTopKSAE(enc.shape[1], enc.shape[0], k=1, group_sizes=[enc.shape[0]])
+    with torch.no_grad():
+        sae.W_enc.copy_(enc.T)
+        sae.W_dec.copy_(dec)
+        sae.b_enc.zero_()
+        sae.b_dec.zero_()
+        sae.threshold.fill_(threshold)
+    return sae
+
+
+def _family():
+    """Two constructed SAEs and tokens with known co-firing (as in test_analysis)."""
+    e = torch.eye(4)
+    x = torch.cat([(e[0] + e[1]).expand(30, 4), e[0].expand(20, 4), e[1].expand(10, 4),
+                   (e[2] + e[3]).expand(15, 4), e[2].expand(5, 4)])
+    # Scale each token a little so the top snippets have a defined order.
+    x = x * torch.linspace(1.0, 1.5, len(x))[:, None]
+    s = 1 / math.sqrt(2)
+    parent = _linear_sae([[1, 0, 0, 0], [0, 0, 1, 0]], [[1, 0, 0, 0], [0, 0, 1, 0]])
+    child = _linear_sae([[0, 1, 0, 0], [0, 0, 0, 1], [1, 0, 0, 0], [-1, -1, -1, -1]],
+                        [[s, s, 0, 0], [0, 0, -s, s], [1, 0, 0, 0], [0, 0, 0, 1]])
+    snippets = [(f"row {i} <", f"t{i}", "> & more") for i in range(len(x))]
+    return parent, child, x, snippets
+
+
+def _count(node) -> int:
+    return 1 + sum(_count(c) for c in node["children"])
+
+
+def test_tree_known_structure():
+    parent, child, x, snippets = _family()
+    tree = build_tree([Level("parent", parent), Level("child", child)], x, snippets, children=5, n_snippets=3)
+    assert [r["latent"] for r in tree["roots"]] == [0, 1]  # parent 0 fires on 50 tokens, parent 1 on 20
+    p0, p1 = tree["roots"]
+    assert p0["fires"] == pytest.approx(50 / 80) and p1["fires"] == pytest.approx(20 / 80)
+    assert [c["latent"] for c in p0["children"]] == [2, 0] and [c["latent"] for c in p1["children"]] == [1]
+    assert p0["children"][0]["edge"] == pytest.approx({"p_parent_given_child": 1.0, "decoder_cosine": 1.0})
+    assert p0["children"][1]["edge"] == pytest.approx({"p_parent_given_child": 0.75, "decoder_cosine": 1 / math.sqrt(2)})
+    # Top snippets: the largest activations. Parent 0 fires on rows 0-49, the latest rows scaled most.
+    assert [s["text"][1] for s in p0["snippets"]] == ["t49", "t48", "t47"]
+    assert tree["n_tokens"] == 80
+    # Roots by hand; children capped.
+    tree = build_tree([Level("parent", parent), Level("child", child)], x, snippets, roots=[1], children=1)
+    assert [r["latent"] for r in tree["roots"]] == [1] and len(tree["roots"][0]["children"]) == 1
+
+
+def test_prefix_levels_and_bad_input():
+    torch.manual_seed(0)
+    sae = MatryoshkaBatchTopKSAE(4, 12, k=2, group_sizes=[2, 4, 6])
+    levels = prefix_levels(sae, name="m")
+    assert [lvl.latents for lvl in levels] == [(0, 2), (2, 6), (6, 12)]
+    assert levels[1].name == "m latents 2-5"
+    parent, child, x, snippets = _family()
+    with pytest.raises(ValueError, match="snippets for 80 activation rows"):
+        build_tree([Level("p", parent), Level("c", child)], x, snippets[:-1])
+    with pytest.raises(ValueError, match="at least two levels"):
+        build_tree([Level("p", parent)], x, snippets)
+    with pytest.raises(ValueError, match="roots"):
+        build_tree([Level("p", parent), Level("c", child)], x, snippets, roots=[5])
+
+
+def test_page_escapes_text_and_fetches_nothing(tmp_path: Path):
+    parent, child, x, snippets = _family()
+    snippets[49] = ("<script>alert(1)</script>", "<b>", "</html>")
+    path = write_tree_view(tmp_path / "t.html", [Level("p", parent), Level("c", child)], x, snippets, title="a<b")
+    page = path.read_text()
+    assert "<script>alert(1)" not in page and "&lt;script&gt;alert(1)&lt;/script&gt;" in page
+    assert "<title>a&lt;b</title>" in page
+    # Self-contained: no external resources of any kind.
+    assert not re.search(r"\b(src|href)\s*=|<link|@import|url\(", page)
+    assert list(tmp_path.iterdir()) == [path]  # written atomically: no temporary file left behind
+
+
+def _chromium(page: Path, out: Path) -> tuple[str, list[str], bytes]:
+    """Load ``page`` from file:// in headless Chromium: (DOM after scripts ran, console lines, PNG)."""
+    shot = out / "shot.png"
+    proc = subprocess.run(
+        [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--enable-logging=stderr", "--v=0",
+         f"--user-data-dir={out / 'profile'}", "--window-size=1000,800", "--dump-dom", f"--screenshot={shot}",
+         page.resolve().as_uri()],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    console = [line for line in proc.stderr.splitlines() if ":CONSOLE" in line]
+    return proc.stdout, console, shot.read_bytes() if shot.is_file() else b""
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (scripts/setup.sh installs it with apt-get "
+                                              "where apt is available; or: apt-get install -y chromium)")
+def test_page_in_headless_chromium(tmp_path: Path):
+    import io
+
+    from PIL import Image
+
+    parent, child, x, snippets = _family()
+    levels = [Level("parent", parent), Level("child", child)] + prefix_levels(child, name="child")
+    tree = build_tree(levels, x, snippets, children=5)
+    n_nodes = sum(_count(r) for r in tree["roots"])
+    page = tmp_path / "tree.html"
+    page.write_text(render_html(tree, "constructed family"))
+    dom, console, png = _chromium(page, tmp_path)
+    assert console == []
+    assert 'data-ready="1"' in dom  # the inline script ran to its end
+    assert len(re.findall(r'<li class="node"', dom)) == n_nodes and f"{n_nodes} nodes" in dom
+    img = Image.open(io.BytesIO(png)).convert("L")
+    assert img.size == (1000, 800)
+    dark = sum(img.histogram()[:200])  # pixels clearly darker than the white background: text, bars
+    assert dark > 0.01 * img.size[0] * img.size[1]
+
+    # The console check can fail: a page with a script error is caught.
+    bad = tmp_path / "bad.html"
+    bad.write_text("<!DOCTYPE html><html><body><p>x</p><script>missingFunction();</script></body></html>")
+    _, console, _ = _chromium(bad, tmp_path / "b")
+    assert any("missingFunction" in line for line in console)
