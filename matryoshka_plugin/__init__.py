@@ -87,7 +87,6 @@ when_imported("sae_lens", _register_saelens)
 
 if TYPE_CHECKING:  # static analysers and IDEs see the real names
     from .activation_source import ActivationSource
-    from .training import train
     from .analysis import cofiring_edges, mean_max_correlation, prefix_fvu
     from .checkpoints import load_dictionary, register_dictionary_class
     from .errors import ActivationError, CheckpointError, SAEBenchError, TrainingError
@@ -113,3 +112,4 @@ if TYPE_CHECKING:  # static analysers and IDEs see the real names
         MatryoshkaLogSparsityConfig,
         MatryoshkaLogSparsityTrainer,
     )
+    from .training import train
