@@ -30,6 +30,7 @@ CANDIDATES = {
     "ours_log_sparsity": "matryoshka_plugin MatryoshkaLogSparsity, 10 Pareto prefixes (L0 set to k)",
     "upstream_matryoshka": "dictionary_learning MatryoshkaBatchTopKTrainer, 5 groups",
     "upstream_batchtopk": "dictionary_learning BatchTopKTrainer",
+    "saelens_matryoshka": "SAELens MatryoshkaBatchTopKTrainingSAE, 5 widths (forward, backward, Adam)",
 }
 FRACTIONS = [1 / 32, 1 / 16, 1 / 8, 1 / 4, 17 / 32]
 
@@ -44,6 +45,37 @@ def _sync(device: str) -> None:
 
     if device.startswith("cuda"):
         torch.cuda.synchronize()
+
+
+def _saelens_step(x, d: int, F: int, k: int, device: str):
+    """One SAELens training step: ``training_forward_pass`` (the loss over the nested widths,
+    the top-k auxiliary loss with no dead latents), backward and an Adam step, as SAELens'
+    ``SAETrainer`` runs it, with this benchmark's group widths."""
+    import torch
+    from sae_lens.saes.matryoshka_batchtopk_sae import (
+        MatryoshkaBatchTopKTrainingSAE,
+        MatryoshkaBatchTopKTrainingSAEConfig,
+    )
+    from sae_lens.saes.sae import TrainStepInput
+
+    widths, total = [], 0
+    for frac in FRACTIONS[:-1]:
+        total += int(frac * F)
+        widths.append(total)
+    cfg = MatryoshkaBatchTopKTrainingSAEConfig(d_in=d, d_sae=F, k=k, matryoshka_widths=widths + [F], device=device)
+    sae = MatryoshkaBatchTopKTrainingSAE(cfg)
+    opt = torch.optim.Adam(sae.parameters(), lr=1e-4)
+    dead = torch.zeros(F, dtype=torch.bool, device=device)
+
+    def step(i: int) -> None:
+        out = sae.training_forward_pass(
+            TrainStepInput(sae_in=x, coefficients={}, dead_neuron_mask=dead, n_training_steps=i, is_logging_step=False)
+        )
+        out.loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return step
 
 
 def worker(spec: dict) -> dict:
@@ -84,13 +116,15 @@ def worker(spec: dict) -> dict:
             from dictionary_learning.trainers.matryoshka_batch_top_k import MatryoshkaBatchTopKTrainer
 
             tr = MatryoshkaBatchTopKTrainer(k=k, group_fractions=FRACTIONS, warmup_steps=1, threshold_start_step=0, **common)
+        elif name == "saelens_matryoshka":
+            tr = None
         elif name == "upstream_batchtopk":
             from dictionary_learning.trainers.batch_top_k import BatchTopKTrainer
 
             tr = BatchTopKTrainer(k=k, warmup_steps=1, threshold_start_step=0, **common)
         else:
             raise ValueError(f"unknown candidate {name}")
-        step = lambda i: tr.update(i, x)  # noqa: E731
+        step = (lambda i: tr.update(i, x)) if tr is not None else _saelens_step(x, d, F, k, device)
     times = []
     for i in range(spec["warmup"] + spec["steps"]):
         _sync(device)
@@ -189,6 +223,7 @@ def main(argv: list[str] | None = None) -> dict:
         "machine": machine(),
         "upstream_matryoshka_over_ours": ratio("upstream_matryoshka", "ours_groups"),
         "upstream_batchtopk_over_ours": ratio("upstream_batchtopk", "ours_groups"),
+        "saelens_matryoshka_over_ours": ratio("saelens_matryoshka", "ours_groups"),
         "ours_over_matmul": ratio("ours_groups", "matmul"),
         "every_over_groups": ratio("ours_every", "ours_groups"),
         "peak_mb": {n: round(r["peak_mb"]) for n, r in results.items()},

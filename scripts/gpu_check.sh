@@ -13,16 +13,17 @@
 #   bash scripts/gpu_check.sh                 # on the GPU machine
 #   bash scripts/gpu_check.sh --cpu-dry-run   # here: the same steps on CPU at tiny shapes
 #
-# PYTHON (default python3) must see torch (and triton on the GPU); the wheels go into a venv
-# (VENV, default /tmp/gpu_check_venv) created with --system-site-packages so that the machine's
-# torch, triton and numpy stay the ones used. WHEELS (default gpu_wheels) names the folder.
+# PYTHON (default python3) must see torch (and triton on the GPU). The wheels are installed with
+# --no-deps into a folder of their own (TARGET, default /tmp/gpu_check_site) put on PYTHONPATH:
+# the machine's environment is left as it is, and its torch, triton and numpy are the ones used
+# (none of them is in the folder). WHEELS (default gpu_wheels) names the wheel folder.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
 DRY=0
 [ "${1:-}" = "--cpu-dry-run" ] && DRY=1
 PYTHON=${PYTHON:-python3}
-VENV=${VENV:-/tmp/gpu_check_venv}
+TARGET=${TARGET:-/tmp/gpu_check_site}
 WHEELS=${WHEELS:-gpu_wheels}
 RESULTS=${OUT:-outputs/gpu_check}
 mkdir -p "$RESULTS"
@@ -39,12 +40,10 @@ if [ ! -d "$WHEELS" ]; then
   echo "error: no wheel folder $WHEELS (build it with scripts/build_gpu_wheels.sh)" >&2
   exit 2
 fi
-"$PYTHON" -m venv --system-site-packages "$VENV"
-PY=$VENV/bin/python
-# By name, --no-deps: what the machine already has (torch, triton, numpy, ...) stays untouched.
-NAMES=$(ls "$WHEELS" | grep '\.whl$' | sed 's/-[0-9].*//')
-"$PY" -m pip install --quiet --no-index --no-deps --find-links "$WHEELS" $NAMES >>"$LOG" 2>&1
-export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 WANDB_MODE=disabled PYTHONPATH=$ROOT
+PY=$PYTHON
+rm -rf "$TARGET"
+"$PY" -m pip install --quiet --no-index --no-deps --target "$TARGET" "$WHEELS"/*.whl >>"$LOG" 2>&1
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 WANDB_MODE=disabled PYTHONPATH=$ROOT:$TARGET
 "$PY" - <<'P' | tee -a "$SUMMARY"
 import torch, dictionary_learning.training, dictionary_learning.trainers.matryoshka_batch_top_k  # noqa: F401
 import matryoshka_plugin
