@@ -27,7 +27,7 @@ PACKAGES=(
   python-socketio python-engineio bidict packaging               # nnsight -> transformers
   wandb protobuf pydantic pydantic-core annotated-types typing-inspection click platformdirs
   opentelemetry-api                                              # trainSAE imports wandb
-  pytest pluggy iniconfig                                        # the kernel tests
+  pytest pluggy iniconfig pygments                               # the kernel tests
 )
 
 pinned() {  # "name==version" from the lock file, else the bare name
