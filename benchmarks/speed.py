@@ -3,6 +3,7 @@
     python benchmarks/speed.py                      # CPU: d=2304, F=16384, k=80, B=2048
     python benchmarks/speed.py --device cuda        # GPU: F=65536 by default
     python benchmarks/speed.py --scaling            # also step time against F and k
+    python benchmarks/speed.py --grid               # prefix modes against groups and the matmul, over shapes
 
 Every candidate runs in its own process on identical data (same seed), so peak memory is
 measured per trainer: peak RSS above the process's baseline on CPU, peak allocated memory on
@@ -26,6 +27,8 @@ CANDIDATES = {
     "matmul": "one dense encoder matmul (floor)",
     "ours_groups": "matryoshka_plugin MatryoshkaBatchTopK, 5 fixed groups",
     "ours_every": "matryoshka_plugin MatryoshkaBatchTopK, every prefix",
+    "ours_pareto": "matryoshka_plugin MatryoshkaBatchTopK, Pareto expectation",
+    "ours_groups_bf16": "matryoshka_plugin MatryoshkaBatchTopK, 5 fixed groups, bf16 activations",
     "ours_groups_torch": "matryoshka_plugin MatryoshkaBatchTopK, 5 groups, plain torch backend",
     "ours_log_sparsity": "matryoshka_plugin MatryoshkaLogSparsity, 10 Pareto prefixes (L0 set to k)",
     "upstream_matryoshka": "dictionary_learning MatryoshkaBatchTopKTrainer, 5 groups",
@@ -109,7 +112,14 @@ def worker(spec: dict) -> dict:
         elif name.startswith("ours"):
             from matryoshka_plugin import MatryoshkaBatchTopKTrainer
 
-            mode = dict(prefix_mode="every", group_fractions=None) if "every" in name else dict(group_fractions=FRACTIONS)
+            if "every" in name:
+                mode = dict(prefix_mode="every", group_fractions=None)
+            elif "pareto" in name:
+                mode = dict(prefix_mode="pareto_expected", group_fractions=None)
+            else:
+                mode = dict(group_fractions=FRACTIONS)
+            if name.endswith("_bf16"):  # as trainSAE(autocast_dtype=torch.bfloat16) passes them on CPU
+                x = x.bfloat16()
             backend = "torch" if name.endswith("_torch") else "auto"
             tr = MatryoshkaBatchTopKTrainer(k=k, warmup_steps=1, threshold_start_step=0, backend=backend, **mode, **common)
         elif name == "upstream_matryoshka":
@@ -166,6 +176,108 @@ def machine() -> str:
     return desc
 
 
+# -- the shape grid: prefix modes against the groups mode, and the groups mode against the matmul --
+
+GRID = {"d": [384, 768, 2304], "F": [4096, 16384], "k": [16, 32, 80, 160], "B": [1024, 2048]}
+GRID_MODES = {"groups": dict(group_fractions=FRACTIONS), "every": dict(prefix_mode="every", group_fractions=None),
+              "pareto": dict(prefix_mode="pareto_expected", group_fractions=None)}
+MODE_TARGET, MATMUL_TARGET = 1.15, 1.6
+
+
+def grid_cell(d: int, F: int, k: int, B: int, device: str, steps: int, warmup: int, profile: bool) -> dict:
+    """One grid cell in this process: the three prefix modes and the matmul, stepped in turn
+    (round-robin, so background load hits them alike); minimum seconds per step of each."""
+    import torch
+
+    from matryoshka_plugin import MatryoshkaBatchTopKTrainer
+
+    gen = torch.Generator().manual_seed(0)
+    x = (torch.randn(B, d, generator=gen) * 4 + 1).to(device)
+    common = dict(steps=10_000, activation_dim=d, dict_size=F, k=k, layer=0, lm_name="bench", device=device, seed=0,
+                  warmup_steps=1, threshold_start_step=0)
+    trainers = {m: MatryoshkaBatchTopKTrainer(**common, **kw) for m, kw in GRID_MODES.items()}
+    W, b = torch.randn(d, F, generator=gen).to(device), torch.zeros(F, device=device)
+    steps_of = {m: (lambda i, t=t: t.update(i, x)) for m, t in trainers.items()}
+    steps_of["matmul"] = lambda i: torch.addmm(b, x, W)
+    times: dict[str, list[float]] = {m: [] for m in steps_of}
+    for i in range(warmup + steps):
+        for m, step in steps_of.items():
+            _sync(device)
+            t0 = time.perf_counter()
+            step(i)
+            _sync(device)
+            if i >= warmup:
+                times[m].append(time.perf_counter() - t0)
+    best = {m: min(t) for m, t in times.items()}
+    cell = {"seconds": {m: round(v, 5) for m, v in best.items()},
+            "every_over_groups": round(best["every"] / best["groups"], 3),
+            "pareto_over_groups": round(best["pareto"] / best["groups"], 3),
+            "groups_over_matmul": round(best["groups"] / best["matmul"], 3)}
+    missed = (max(cell["every_over_groups"], cell["pareto_over_groups"]) > MODE_TARGET
+              or cell["groups_over_matmul"] > MATMUL_TARGET)
+    if profile and missed:
+        cell["profile"] = {m: profile_step(steps_of[m], warmup + steps) for m in ("groups", "every", "pareto")}
+    return cell
+
+
+def profile_step(step, i: int, top: int = 8) -> list[list]:
+    """The ``top`` operations of one step by their own CPU time: ``[name, ms, calls]``."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        step(i)
+    rows = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)[:top]
+    return [[e.key, round(e.self_cpu_time_total / 1000, 1), e.count] for e in rows]
+
+
+def run_grid(args) -> dict:
+    """Every cell of the grid not yet in the cache (``--grid-cache``), each in a fresh process;
+    the cache is rewritten after each cell, so an interrupted grid resumes where it stopped."""
+    from matryoshka_plugin.io import atomic_write_json
+
+    cache_path = args.grid_cache
+    cache = json.load(open(cache_path)) if os.path.exists(cache_path) else {}
+    Fs = GRID["F"] + ([65536] if args.device.startswith("cuda") else [])
+    cells = [(d, F, k, B) for d in (args.grid_d or GRID["d"]) for F in (args.grid_F or Fs)
+             for k in (args.grid_k or GRID["k"]) for B in (args.grid_B or GRID["B"])]
+    for d, F, k, B in cells:
+        key = f"{args.device} d={d} F={F} k={k} B={B}"
+        if key in cache:
+            continue
+        spec = dict(d=d, F=F, k=k, B=B, device=args.device, steps=args.steps, warmup=args.warmup,
+                    profile=args.profile, threads=args.threads)
+        out = subprocess.run([sys.executable, __file__, "--grid-worker", json.dumps(spec)], capture_output=True,
+                             text=True, check=False)
+        if out.returncode != 0:
+            raise RuntimeError(f"grid cell {key} failed:\n{out.stderr[-3000:]}")
+        cache[key] = json.loads(out.stdout.strip().splitlines()[-1])
+        print(f"{key}: {cache[key]['seconds']}", flush=True)
+        atomic_write_json(cache, cache_path)
+    print(format_grid({k: v for k, v in cache.items() if k.startswith(args.device + " ")}))
+    return cache
+
+
+def format_grid(cache: dict) -> str:
+    lines = ["| d | F | k | B | groups s/step | matmul s | every / groups | pareto / groups | groups / matmul |",
+             "|---|---|---|---|---|---|---|---|---|"]
+
+    def mark(v: float, target: float) -> str:
+        return f"**{v:.2f}** ✗" if v > target else f"{v:.2f}"
+
+    def order(key: str):
+        return tuple(int(p.split("=")[1]) for p in key.split()[1:])
+
+    for key in sorted(cache, key=order):
+        c = cache[key]
+        d, F, k, B = order(key)
+        lines.append(f"| {d} | {F} | {k} | {B} | {c['seconds']['groups']:.3f} | {c['seconds']['matmul']:.3f} | "
+                     f"{mark(c['every_over_groups'], MODE_TARGET)} | {mark(c['pareto_over_groups'], MODE_TARGET)} | "
+                     f"{mark(c['groups_over_matmul'], MATMUL_TARGET)} |")
+    lines.append(f"\n✗: target missed (modes within {MODE_TARGET}x of groups, groups within {MATMUL_TARGET}x of one "
+                 "encoder matmul); minimum over the timed steps, the four stepped in turn in one process.")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cpu")
@@ -183,11 +295,32 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--only", nargs="+", choices=list(CANDIDATES), default=None)
     p.add_argument("--scaling", action="store_true", help="also time our step against F and k")
     p.add_argument("--json", default=None, help="also write the results to this file")
+    p.add_argument("--grid", action="store_true",
+                   help="time the prefix modes against groups and groups against the matmul over the shape grid")
+    p.add_argument("--grid-cache", default="outputs/speed_grid.json", help="per-cell results (resumable)")
+    p.add_argument("--grid-d", type=int, nargs="+", default=None, help="only these d (default: the whole grid)")
+    p.add_argument("--grid-F", type=int, nargs="+", default=None)
+    p.add_argument("--grid-k", type=int, nargs="+", default=None)
+    p.add_argument("--grid-B", type=int, nargs="+", default=None)
+    p.add_argument("--profile", action="store_true", help="with --grid: profile cells that miss a target")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--grid-worker", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.worker:
         print(json.dumps(worker(json.loads(args.worker))))
         return {}
+    if args.grid_worker:
+        spec = json.loads(args.grid_worker)
+        threads = spec.pop("threads")
+        if threads:
+            import torch
+
+            torch.set_num_threads(threads)
+        print(json.dumps(grid_cell(**spec)))
+        return {}
+    if args.grid:
+        os.makedirs(os.path.dirname(os.path.abspath(args.grid_cache)), exist_ok=True)
+        return run_grid(args)
 
     from tqdm import tqdm
 
