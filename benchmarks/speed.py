@@ -34,6 +34,7 @@ CANDIDATES = {
     "upstream_matryoshka": "dictionary_learning MatryoshkaBatchTopKTrainer, 5 groups",
     "upstream_batchtopk": "dictionary_learning BatchTopKTrainer",
     "saelens_matryoshka": "SAELens MatryoshkaBatchTopKTrainingSAE, 5 widths (forward, backward, Adam)",
+    "sparsify_topk": "EleutherAI sparsify SparseCoder, plain TopK (forward, backward, Adam)",
 }
 FRACTIONS = [1 / 32, 1 / 16, 1 / 8, 1 / 4, 17 / 32]
 
@@ -75,6 +76,27 @@ def _saelens_step(x, d: int, F: int, k: int, device: str):
             TrainStepInput(sae_in=x, coefficients={}, dead_neuron_mask=dead, n_training_steps=i, is_logging_step=False)
         )
         out.loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return step
+
+
+def _sparsify_step(x, d: int, F: int, k: int, device: str):
+    """One step of EleutherAI sparsify's TopK sparse coder (``pip install --no-deps eai-sparsify
+    natsort schedulefree simple-parsing``): forward (FVU and the AuxK loss, no dead latents),
+    backward, Adam. A per-token TopK SAE, not a Matryoshka one: a lower bound for a Matryoshka step
+    built on it."""
+    import torch
+    from sparsify import SparseCoder, SparseCoderConfig
+
+    sae = SparseCoder(d, SparseCoderConfig(num_latents=F, k=k), device=device)
+    opt = torch.optim.Adam(sae.parameters(), lr=1e-4)
+    dead = torch.zeros(F, dtype=torch.bool, device=device)
+
+    def step(i: int) -> None:
+        out = sae(x, dead_mask=dead)
+        (out.fvu + out.auxk_loss / 32).backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
 
@@ -128,13 +150,20 @@ def worker(spec: dict) -> dict:
             tr = MatryoshkaBatchTopKTrainer(k=k, group_fractions=FRACTIONS, warmup_steps=1, threshold_start_step=0, **common)
         elif name == "saelens_matryoshka":
             tr = None
+        elif name == "sparsify_topk":
+            tr = None
         elif name == "upstream_batchtopk":
             from dictionary_learning.trainers.batch_top_k import BatchTopKTrainer
 
             tr = BatchTopKTrainer(k=k, warmup_steps=1, threshold_start_step=0, **common)
         else:
             raise ValueError(f"unknown candidate {name}")
-        step = (lambda i: tr.update(i, x)) if tr is not None else _saelens_step(x, d, F, k, device)
+        if tr is not None:
+            step = lambda i: tr.update(i, x)  # noqa: E731
+        elif name == "sparsify_topk":
+            step = _sparsify_step(x, d, F, k, device)
+        else:
+            step = _saelens_step(x, d, F, k, device)
     times = []
     for i in range(spec["warmup"] + spec["steps"]):
         _sync(device)
@@ -357,6 +386,7 @@ def main(argv: list[str] | None = None) -> dict:
         "upstream_matryoshka_over_ours": ratio("upstream_matryoshka", "ours_groups"),
         "upstream_batchtopk_over_ours": ratio("upstream_batchtopk", "ours_groups"),
         "saelens_matryoshka_over_ours": ratio("saelens_matryoshka", "ours_groups"),
+        "sparsify_topk_over_ours": ratio("sparsify_topk", "ours_groups"),
         "ours_over_matmul": ratio("ours_groups", "matmul"),
         "every_over_groups": ratio("ours_every", "ours_groups"),
         "peak_mb": {n: round(r["peak_mb"]) for n, r in results.items()},
