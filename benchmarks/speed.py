@@ -3,6 +3,7 @@
     python benchmarks/speed.py                      # CPU: d=2304, F=16384, k=80, B=2048
     python benchmarks/speed.py --device cuda        # GPU: F=65536 by default
     python benchmarks/speed.py --scaling            # also step time against F and k
+    python benchmarks/speed.py --grid               # prefix modes against groups and the matmul, over shapes
 
 Every candidate runs in its own process on identical data (same seed), so peak memory is
 measured per trainer: peak RSS above the process's baseline on CPU, peak allocated memory on
@@ -26,10 +27,14 @@ CANDIDATES = {
     "matmul": "one dense encoder matmul (floor)",
     "ours_groups": "matryoshka_plugin MatryoshkaBatchTopK, 5 fixed groups",
     "ours_every": "matryoshka_plugin MatryoshkaBatchTopK, every prefix",
+    "ours_pareto": "matryoshka_plugin MatryoshkaBatchTopK, Pareto expectation",
+    "ours_groups_bf16": "matryoshka_plugin MatryoshkaBatchTopK, 5 fixed groups, bf16 activations",
     "ours_groups_torch": "matryoshka_plugin MatryoshkaBatchTopK, 5 groups, plain torch backend",
     "ours_log_sparsity": "matryoshka_plugin MatryoshkaLogSparsity, 10 Pareto prefixes (L0 set to k)",
     "upstream_matryoshka": "dictionary_learning MatryoshkaBatchTopKTrainer, 5 groups",
     "upstream_batchtopk": "dictionary_learning BatchTopKTrainer",
+    "saelens_matryoshka": "SAELens MatryoshkaBatchTopKTrainingSAE, 5 widths (forward, backward, Adam)",
+    "sparsify_topk": "EleutherAI sparsify SparseCoder, plain TopK (forward, backward, Adam)",
 }
 FRACTIONS = [1 / 32, 1 / 16, 1 / 8, 1 / 4, 17 / 32]
 
@@ -44,6 +49,58 @@ def _sync(device: str) -> None:
 
     if device.startswith("cuda"):
         torch.cuda.synchronize()
+
+
+def _saelens_step(x, d: int, F: int, k: int, device: str):
+    """One SAELens training step: ``training_forward_pass`` (the loss over the nested widths,
+    the top-k auxiliary loss with no dead latents), backward and an Adam step, as SAELens'
+    ``SAETrainer`` runs it, with this benchmark's group widths."""
+    import torch
+    from sae_lens.saes.matryoshka_batchtopk_sae import (
+        MatryoshkaBatchTopKTrainingSAE,
+        MatryoshkaBatchTopKTrainingSAEConfig,
+    )
+    from sae_lens.saes.sae import TrainStepInput
+
+    widths, total = [], 0
+    for frac in FRACTIONS[:-1]:
+        total += int(frac * F)
+        widths.append(total)
+    cfg = MatryoshkaBatchTopKTrainingSAEConfig(d_in=d, d_sae=F, k=k, matryoshka_widths=widths + [F], device=device)
+    sae = MatryoshkaBatchTopKTrainingSAE(cfg)
+    opt = torch.optim.Adam(sae.parameters(), lr=1e-4)
+    dead = torch.zeros(F, dtype=torch.bool, device=device)
+
+    def step(i: int) -> None:
+        out = sae.training_forward_pass(
+            TrainStepInput(sae_in=x, coefficients={}, dead_neuron_mask=dead, n_training_steps=i, is_logging_step=False)
+        )
+        out.loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return step
+
+
+def _sparsify_step(x, d: int, F: int, k: int, device: str):
+    """One step of EleutherAI sparsify's TopK sparse coder (``pip install --no-deps eai-sparsify
+    natsort schedulefree simple-parsing``): forward (FVU and the AuxK loss, no dead latents),
+    backward, Adam. A per-token TopK SAE, not a Matryoshka one: a lower bound for a Matryoshka step
+    built on it."""
+    import torch
+    from sparsify import SparseCoder, SparseCoderConfig
+
+    sae = SparseCoder(d, SparseCoderConfig(num_latents=F, k=k), device=device)
+    opt = torch.optim.Adam(sae.parameters(), lr=1e-4)
+    dead = torch.zeros(F, dtype=torch.bool, device=device)
+
+    def step(i: int) -> None:
+        out = sae(x, dead_mask=dead)
+        (out.fvu + out.auxk_loss / 32).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return step
 
 
 def worker(spec: dict) -> dict:
@@ -77,20 +134,36 @@ def worker(spec: dict) -> dict:
         elif name.startswith("ours"):
             from matryoshka_plugin import MatryoshkaBatchTopKTrainer
 
-            mode = dict(prefix_mode="every", group_fractions=None) if "every" in name else dict(group_fractions=FRACTIONS)
+            if "every" in name:
+                mode = dict(prefix_mode="every", group_fractions=None)
+            elif "pareto" in name:
+                mode = dict(prefix_mode="pareto_expected", group_fractions=None)
+            else:
+                mode = dict(group_fractions=FRACTIONS)
+            if name.endswith("_bf16"):  # as trainSAE(autocast_dtype=torch.bfloat16) passes them on CPU
+                x = x.bfloat16()
             backend = "torch" if name.endswith("_torch") else "auto"
             tr = MatryoshkaBatchTopKTrainer(k=k, warmup_steps=1, threshold_start_step=0, backend=backend, **mode, **common)
         elif name == "upstream_matryoshka":
             from dictionary_learning.trainers.matryoshka_batch_top_k import MatryoshkaBatchTopKTrainer
 
             tr = MatryoshkaBatchTopKTrainer(k=k, group_fractions=FRACTIONS, warmup_steps=1, threshold_start_step=0, **common)
+        elif name == "saelens_matryoshka":
+            tr = None
+        elif name == "sparsify_topk":
+            tr = None
         elif name == "upstream_batchtopk":
             from dictionary_learning.trainers.batch_top_k import BatchTopKTrainer
 
             tr = BatchTopKTrainer(k=k, warmup_steps=1, threshold_start_step=0, **common)
         else:
             raise ValueError(f"unknown candidate {name}")
-        step = lambda i: tr.update(i, x)  # noqa: E731
+        if tr is not None:
+            step = lambda i: tr.update(i, x)  # noqa: E731
+        elif name == "sparsify_topk":
+            step = _sparsify_step(x, d, F, k, device)
+        else:
+            step = _saelens_step(x, d, F, k, device)
     times = []
     for i in range(spec["warmup"] + spec["steps"]):
         _sync(device)
@@ -132,6 +205,108 @@ def machine() -> str:
     return desc
 
 
+# -- the shape grid: prefix modes against the groups mode, and the groups mode against the matmul --
+
+GRID = {"d": [384, 768, 2304], "F": [4096, 16384], "k": [16, 32, 80, 160], "B": [1024, 2048]}
+GRID_MODES = {"groups": dict(group_fractions=FRACTIONS), "every": dict(prefix_mode="every", group_fractions=None),
+              "pareto": dict(prefix_mode="pareto_expected", group_fractions=None)}
+MODE_TARGET, MATMUL_TARGET = 1.15, 1.6
+
+
+def grid_cell(d: int, F: int, k: int, B: int, device: str, steps: int, warmup: int, profile: bool) -> dict:
+    """One grid cell in this process: the three prefix modes and the matmul, stepped in turn
+    (round-robin, so background load hits them alike); minimum seconds per step of each."""
+    import torch
+
+    from matryoshka_plugin import MatryoshkaBatchTopKTrainer
+
+    gen = torch.Generator().manual_seed(0)
+    x = (torch.randn(B, d, generator=gen) * 4 + 1).to(device)
+    common = dict(steps=10_000, activation_dim=d, dict_size=F, k=k, layer=0, lm_name="bench", device=device, seed=0,
+                  warmup_steps=1, threshold_start_step=0)
+    trainers = {m: MatryoshkaBatchTopKTrainer(**common, **kw) for m, kw in GRID_MODES.items()}
+    W, b = torch.randn(d, F, generator=gen).to(device), torch.zeros(F, device=device)
+    steps_of = {m: (lambda i, t=t: t.update(i, x)) for m, t in trainers.items()}
+    steps_of["matmul"] = lambda i: torch.addmm(b, x, W)
+    times: dict[str, list[float]] = {m: [] for m in steps_of}
+    for i in range(warmup + steps):
+        for m, step in steps_of.items():
+            _sync(device)
+            t0 = time.perf_counter()
+            step(i)
+            _sync(device)
+            if i >= warmup:
+                times[m].append(time.perf_counter() - t0)
+    best = {m: min(t) for m, t in times.items()}
+    cell = {"seconds": {m: round(v, 5) for m, v in best.items()},
+            "every_over_groups": round(best["every"] / best["groups"], 3),
+            "pareto_over_groups": round(best["pareto"] / best["groups"], 3),
+            "groups_over_matmul": round(best["groups"] / best["matmul"], 3)}
+    missed = (max(cell["every_over_groups"], cell["pareto_over_groups"]) > MODE_TARGET
+              or cell["groups_over_matmul"] > MATMUL_TARGET)
+    if profile and missed:
+        cell["profile"] = {m: profile_step(steps_of[m], warmup + steps) for m in ("groups", "every", "pareto")}
+    return cell
+
+
+def profile_step(step, i: int, top: int = 8) -> list[list]:
+    """The ``top`` operations of one step by their own CPU time: ``[name, ms, calls]``."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        step(i)
+    rows = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)[:top]
+    return [[e.key, round(e.self_cpu_time_total / 1000, 1), e.count] for e in rows]
+
+
+def run_grid(args) -> dict:
+    """Every cell of the grid not yet in the cache (``--grid-cache``), each in a fresh process;
+    the cache is rewritten after each cell, so an interrupted grid resumes where it stopped."""
+    from matryoshka_plugin.io import atomic_write_json
+
+    cache_path = args.grid_cache
+    cache = json.load(open(cache_path)) if os.path.exists(cache_path) else {}
+    Fs = GRID["F"] + ([65536] if args.device.startswith("cuda") else [])
+    cells = [(d, F, k, B) for d in (args.grid_d or GRID["d"]) for F in (args.grid_F or Fs)
+             for k in (args.grid_k or GRID["k"]) for B in (args.grid_B or GRID["B"])]
+    for d, F, k, B in cells:
+        key = f"{args.device} d={d} F={F} k={k} B={B}"
+        if key in cache:
+            continue
+        spec = dict(d=d, F=F, k=k, B=B, device=args.device, steps=args.steps, warmup=args.warmup,
+                    profile=args.profile, threads=args.threads)
+        out = subprocess.run([sys.executable, __file__, "--grid-worker", json.dumps(spec)], capture_output=True,
+                             text=True, check=False)
+        if out.returncode != 0:
+            raise RuntimeError(f"grid cell {key} failed:\n{out.stderr[-3000:]}")
+        cache[key] = json.loads(out.stdout.strip().splitlines()[-1])
+        print(f"{key}: {cache[key]['seconds']}", flush=True)
+        atomic_write_json(cache, cache_path)
+    print(format_grid({k: v for k, v in cache.items() if k.startswith(args.device + " ")}))
+    return cache
+
+
+def format_grid(cache: dict) -> str:
+    lines = ["| d | F | k | B | groups s/step | matmul s | every / groups | pareto / groups | groups / matmul |",
+             "|---|---|---|---|---|---|---|---|---|"]
+
+    def mark(v: float, target: float) -> str:
+        return f"**{v:.2f}** ✗" if v > target else f"{v:.2f}"
+
+    def order(key: str):
+        return tuple(int(p.split("=")[1]) for p in key.split()[1:])
+
+    for key in sorted(cache, key=order):
+        c = cache[key]
+        d, F, k, B = order(key)
+        lines.append(f"| {d} | {F} | {k} | {B} | {c['seconds']['groups']:.3f} | {c['seconds']['matmul']:.3f} | "
+                     f"{mark(c['every_over_groups'], MODE_TARGET)} | {mark(c['pareto_over_groups'], MODE_TARGET)} | "
+                     f"{mark(c['groups_over_matmul'], MATMUL_TARGET)} |")
+    lines.append(f"\n✗: target missed (modes within {MODE_TARGET}x of groups, groups within {MATMUL_TARGET}x of one "
+                 "encoder matmul); minimum over the timed steps, the four stepped in turn in one process.")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cpu")
@@ -149,11 +324,32 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--only", nargs="+", choices=list(CANDIDATES), default=None)
     p.add_argument("--scaling", action="store_true", help="also time our step against F and k")
     p.add_argument("--json", default=None, help="also write the results to this file")
+    p.add_argument("--grid", action="store_true",
+                   help="time the prefix modes against groups and groups against the matmul over the shape grid")
+    p.add_argument("--grid-cache", default="outputs/speed_grid.json", help="per-cell results (resumable)")
+    p.add_argument("--grid-d", type=int, nargs="+", default=None, help="only these d (default: the whole grid)")
+    p.add_argument("--grid-F", type=int, nargs="+", default=None)
+    p.add_argument("--grid-k", type=int, nargs="+", default=None)
+    p.add_argument("--grid-B", type=int, nargs="+", default=None)
+    p.add_argument("--profile", action="store_true", help="with --grid: profile cells that miss a target")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--grid-worker", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.worker:
         print(json.dumps(worker(json.loads(args.worker))))
         return {}
+    if args.grid_worker:
+        spec = json.loads(args.grid_worker)
+        threads = spec.pop("threads")
+        if threads:
+            import torch
+
+            torch.set_num_threads(threads)
+        print(json.dumps(grid_cell(**spec)))
+        return {}
+    if args.grid:
+        os.makedirs(os.path.dirname(os.path.abspath(args.grid_cache)), exist_ok=True)
+        return run_grid(args)
 
     from tqdm import tqdm
 
@@ -189,6 +385,8 @@ def main(argv: list[str] | None = None) -> dict:
         "machine": machine(),
         "upstream_matryoshka_over_ours": ratio("upstream_matryoshka", "ours_groups"),
         "upstream_batchtopk_over_ours": ratio("upstream_batchtopk", "ours_groups"),
+        "saelens_matryoshka_over_ours": ratio("saelens_matryoshka", "ours_groups"),
+        "sparsify_topk_over_ours": ratio("sparsify_topk", "ours_groups"),
         "ours_over_matmul": ratio("ours_groups", "matmul"),
         "every_over_groups": ratio("ours_every", "ours_groups"),
         "peak_mb": {n: round(r["peak_mb"]) for n, r in results.items()},

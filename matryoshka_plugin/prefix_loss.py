@@ -143,7 +143,9 @@ def prefix_mse(
         b_dec: ``[d]`` decoder bias.
         weights: prefix weights over ``m = 0..n``.
         chunk_elements: size of one working tensor; only memory changes.
-        backend: ``"auto"`` (fused kernel where available), ``"fused"`` or ``"torch"``.
+        backend: ``"auto"`` (the fused kernel where available and once it has passed its
+            self-check on this device, see ``kernels.kernel_trusted``), ``"fused"`` (the kernel,
+            unchecked) or ``"torch"``.
         consume_grads: let the fused kernels hand their decoder-gradient buffer to autograd
             without a copy (saves one ``[n, d]`` tensor at the peak); the loss then supports a
             single backward pass, as in a training step.
@@ -158,7 +160,7 @@ def prefix_mse(
     cum = weights.cum.to(device=x.device)
     x = x.to(W_dec.dtype)
     latents = latents._replace(values=latents.values.to(W_dec.dtype))
-    if resolve_backend(backend, x, W_dec, b_dec) == "fused":
+    if resolve_backend(backend, x, W_dec, b_dec, self_check=True) == "fused":
         loss, residual = fused_prefix_mse(x, latents, W_dec, b_dec, cum, chunk_elements, consume_grads)
     else:
         loss, residual = _torch_prefix_mse(x, latents, W_dec, b_dec, cum, chunk_elements)

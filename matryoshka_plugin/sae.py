@@ -24,7 +24,7 @@ from dictionary_learning.dictionary import Dictionary
 
 from .errors import CheckpointError
 from .io import check_keys, read_state_dict
-from .sparse_encoder import batch_topk_select, encoder_entries
+from .sparse_encoder import batch_topk_select, dense_pre_activations, encoder_entries, encoder_matmul_dtype
 from .sparse_latents import SparseLatents, sparse_decode, sparse_from_flat
 
 __all__ = [
@@ -121,18 +121,24 @@ class MatryoshkaBatchTopKSAE(_SAEBase):
         return sparse_from_flat(flat, post_relu.reshape(-1)[flat], rows, n, presorted=True)
 
     def encode_training(
-        self, x: torch.Tensor, backend: str = "auto", collective: Any = None
+        self, x: torch.Tensor, backend: str = "auto", matmul_dtype: torch.dtype | None = None,
+        collective: Any = None,
     ) -> tuple[SparseLatents, torch.Tensor]:
         """BatchTopK latents of ``[tokens, d]`` input for training, and the dense ReLU output.
 
-        The dense pre-activations are computed without autograd; the selected latents carry
-        a sparse backward (``sparse_encoder.encoder_entries``). With a ``collective``
+        The dense pre-activations are computed without autograd (the matmul in ``matmul_dtype``
+        if given, e.g. bf16, see ``sparse_encoder.dense_pre_activations``; default: that of
+        ``sparse_encoder.encoder_matmul_dtype(x)``); the selected latents carry a sparse backward
+        (``sparse_encoder.encoder_entries``) in the weights' dtype. With a ``collective``
         (data-parallel training, ``distributed.ProcessGroupCollective``) ``x`` is this rank's
         shard and the selection is the top ``k`` times the *global* batch over all ranks.
         """
         rows, n = x.shape[0], self.dict_size
+        if matmul_dtype is None:
+            matmul_dtype = encoder_matmul_dtype(x)
+        x = x.to(self.W_enc.dtype)
         with torch.no_grad():
-            post_relu = torch.addmm(self.b_enc, x - self.b_dec, self.W_enc).relu_()
+            post_relu = dense_pre_activations(x - self.b_dec, self.W_enc, self.b_enc, matmul_dtype)
             if collective is None:
                 flat = batch_topk_select(post_relu, min(int(self.k) * rows, post_relu.numel()))
             else:

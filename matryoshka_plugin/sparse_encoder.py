@@ -13,7 +13,38 @@ import torch
 
 from .kernels import numba_supported, resolve_backend
 
-__all__ = ["batch_topk_select", "encoder_entries"]
+__all__ = ["batch_topk_select", "encoder_entries", "encoder_matmul_dtype", "dense_pre_activations"]
+
+LOW_PRECISION = (torch.bfloat16, torch.float16)
+
+
+def encoder_matmul_dtype(x: torch.Tensor) -> torch.dtype | None:
+    """The dtype the encoder's dense matmul should run in for input ``x``: ``x``'s own when it
+    is bf16/fp16 (``trainSAE(autocast_dtype=torch.bfloat16)`` on CPU passes bf16 activations),
+    else autocast's when autocast is on for ``x``'s device, else ``None`` (the weights' dtype)."""
+    if x.dtype in LOW_PRECISION:
+        return x.dtype
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return None
+
+
+@torch.no_grad()
+def dense_pre_activations(
+    centred: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, matmul_dtype: torch.dtype | None = None
+) -> torch.Tensor:
+    """``relu(centred @ W_enc + b_enc)`` in ``W_enc``'s dtype, without autograd.
+
+    With ``matmul_dtype`` (bf16/fp16) the matmul alone runs in that dtype (the GEMM accumulates in
+    fp32) on copies of its operands; the master weights, the bias and the result stay in
+    ``W_enc``'s dtype, so the top-k selection and every sparse part of the step run in fp32.
+    """
+    if matmul_dtype is None or matmul_dtype == W_enc.dtype:
+        with torch.autocast(centred.device.type, enabled=False):
+            return torch.addmm(b_enc, centred.to(W_enc.dtype), W_enc).relu_()
+    with torch.autocast(centred.device.type, enabled=False):
+        pre = centred.to(matmul_dtype) @ W_enc.to(matmul_dtype)
+    return pre.to(W_enc.dtype).add_(b_enc).relu_()
 
 _SAMPLE = 1 << 18
 _GENERATORS: dict[str, torch.Generator] = {}
@@ -102,5 +133,6 @@ def encoder_entries(
     ``values`` must hold those activations already (computed without autograd from the dense
     pre-activations that selected the entries); only the backward is new: it is sparse.
     """
+    x = x.to(W_enc.dtype)  # bf16 activations: the sparse gradient is accumulated in fp32
     resolved = resolve_backend(backend, x, W_enc) if backend != "torch" else "torch"
     return _EncoderEntries.apply(x, W_enc, b_enc, b_dec, rows, cols, values, resolved)

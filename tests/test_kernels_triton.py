@@ -54,6 +54,14 @@ CHECK = textwrap.dedent(
         tol = dict(rtol=1e-4, atol=1e-5) if dtype == torch.float32 else dict(rtol=3e-2, atol=3e-2)
         for name, a, c in zip(["loss", "resid", "x", "values", "W_dec", "b_dec"], *outs):
             torch.testing.assert_close(a.float(), c.float(), msg=name, **tol)
+    # The self-check that gates backend="auto" accepts the kernel (on CPU tensors the
+    # interpreted kernel stands in for numba's).
+    from matryoshka_plugin import kernels
+    if device == "cuda":
+        assert kernels.kernel_trusted(device, dtype), kernels._CHECKS
+    else:
+        with kernels.replace_kernel("cpu", kernels._triton_run, "triton", kernels.TRITON_DTYPES):
+            assert kernels.kernel_trusted("cpu", dtype), kernels._CHECKS
     print("ok")
     """
 )

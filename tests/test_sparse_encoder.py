@@ -84,3 +84,21 @@ def test_sparse_backward_matches_dense_autograd(backend, dtype):
     for name, a, b in zip(["x", "W_enc", "b_enc", "b_dec"], got, ref):
         torch.testing.assert_close(a, b, msg=name, **tol)
     assert got[1].shape == W_enc.shape and got[1].stride() == W_enc.stride()
+
+
+def test_dense_pre_activations_in_bf16_keep_fp32_around_the_matmul():
+    from matryoshka_plugin.sparse_encoder import dense_pre_activations, encoder_matmul_dtype
+
+    g = torch.Generator().manual_seed(0)
+    x, W, b = torch.randn(64, 40, generator=g), torch.randn(40, 300, generator=g), torch.randn(300, generator=g)
+    exact = torch.relu(x @ W + b)
+    assert torch.equal(dense_pre_activations(x, W, b), torch.relu(torch.addmm(b, x, W)))
+    low = dense_pre_activations(x, W, b, torch.bfloat16)
+    assert low.dtype == torch.float32 and W.dtype == torch.float32
+    # bf16-rounded operands, product rounded to bf16 once, bias added in fp32
+    ref = torch.relu((x.bfloat16().float() @ W.bfloat16().float()).bfloat16().float() + b)
+    torch.testing.assert_close(low, ref, rtol=1e-2, atol=2e-2)
+    assert not torch.equal(low, exact)
+    assert encoder_matmul_dtype(x) is None and encoder_matmul_dtype(x.bfloat16()) == torch.bfloat16
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert encoder_matmul_dtype(x) == torch.bfloat16

@@ -93,8 +93,10 @@ def run(
     out_dir: str | Path, train_tokens: int = 1_048_576, held_out_tokens: int = 65_536, batch_size: int = 1024,
     dict_size: int = 4096, k: int = 32, variants: tuple[str, ...] = DEFAULT_VARIANTS,
     log_kwargs: dict[str, Any] | None = None, cache_dir: str | Path = DEFAULT_CACHE, seed: int = 0,
-    extra_log: list[dict[str, Any]] | None = None,
+    extra_log: list[dict[str, Any]] | None = None, autocast_dtype: torch.dtype = torch.float32,
 ) -> dict[str, dict[str, Any]]:
+    """Train ``variants`` with trainSAE on cached activations (in bf16 with
+    ``autocast_dtype=torch.bfloat16``: trainSAE then passes bf16 batches on CPU) and evaluate them."""
     from dictionary_learning.training import trainSAE
 
     from matryoshka_plugin import load_dictionary
@@ -109,7 +111,7 @@ def run(
     print(f"training {', '.join(variants)} on {steps} steps x {batch_size} tokens (d={d}, {dict_size} latents, k={k})")
     t0 = time.time()
     trainSAE(data=batches(train, batch_size, seed), trainer_configs=configs, steps=steps, save_dir=str(out_dir),
-             normalize_activations=True, device="cpu")
+             normalize_activations=True, device="cpu", autocast_dtype=autocast_dtype)
     wall = time.time() - t0
     results: dict[str, dict[str, Any]] = {}
     for i, v in enumerate(names):

@@ -8,13 +8,25 @@ Each kernel has a plain torch counterpart (``prefix_loss`` and ``sparse_encoder`
 on any device and dtype and that the tests compare it with. numba and triton are optional and
 imported only when a kernel is about to run on tensors it covers, so importing the package
 stays cheap.
+
+A fused kernel is trusted on a device only after it has checked itself: on its first use per
+(device, dtype) under ``backend="auto"``, :func:`kernel_trusted` runs it and the torch
+reference on a small random problem and compares the loss and every gradient. On a mismatch,
+or if the kernel fails to compile or launch, it warns once (naming the device and the largest
+error) and the torch path runs on that device from then on. ``backend="fused"`` runs the kernel
+unchecked (it is what the kernel tests compare). :data:`KERNELS` maps a device type to its
+kernel; :func:`replace_kernel` swaps one in (tests inject faulty kernels through it).
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
-from typing import Any
+import threading
+import warnings
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator
 
 import torch
 
@@ -29,6 +41,12 @@ __all__ = [
     "triton_supported",
     "fused_prefix_mse",
     "scale_grad_once",
+    "FusedKernel",
+    "KERNELS",
+    "KernelSelfCheckWarning",
+    "kernel_trusted",
+    "self_check_error",
+    "replace_kernel",
 ]
 
 BACKENDS = ("auto", "torch", "fused")
@@ -75,10 +93,177 @@ def triton_supported(*tensors: torch.Tensor) -> bool:
     return _uniform(tensors, "cuda", TRITON_DTYPES) and triton_available()
 
 
-def resolve_backend(backend: str, *tensors: torch.Tensor) -> str:
+def _numba_run(x, latents, W_dec, b_dec, cum, chunk_elements, consume):
+    from .numba import numba_prefix_mse
+
+    return numba_prefix_mse(x, latents, W_dec, b_dec, cum, chunk_elements, consume)
+
+
+def _triton_run(x, latents, W_dec, b_dec, cum, chunk_elements, consume):
+    from .triton import triton_prefix_mse
+
+    return triton_prefix_mse(x, latents, W_dec, b_dec, cum, consume=consume)
+
+
+@dataclass(frozen=True)
+class FusedKernel:
+    """The fused prefix-loss kernel of one device type.
+
+    ``run(x, latents, W_dec, b_dec, cum, chunk_elements, consume)`` returns ``(loss, residual)``
+    like ``prefix_loss.prefix_mse`` (differentiable in ``x``, ``latents.values``, ``W_dec``,
+    ``b_dec``); ``dtypes`` are those it handles; ``available()`` says whether it can be imported.
+    """
+
+    name: str
+    dtypes: tuple[torch.dtype, ...]
+    available: Callable[[], bool]
+    run: Callable[..., tuple[torch.Tensor, torch.Tensor]]
+
+
+KERNELS: dict[str, FusedKernel] = {
+    "cpu": FusedKernel("numba", NUMBA_DTYPES, numba_available, _numba_run),
+    "cuda": FusedKernel("triton", TRITON_DTYPES, triton_available, _triton_run),
+}
+
+
+def _kernel_for(tensors: tuple[torch.Tensor, ...]) -> FusedKernel | None:
+    kernel = KERNELS.get(tensors[0].device.type) if tensors else None
+    if kernel is None or not _uniform(tensors, tensors[0].device.type, kernel.dtypes):
+        return None
+    return kernel if kernel.available() else None
+
+
+class KernelSelfCheckWarning(RuntimeWarning):
+    """A fused kernel disagreed with the torch reference (or failed) on a device: torch runs there."""
+
+
+# (device, dtype) -> max relative error of the self-check (inf: the kernel raised), or None
+# while it runs. Guarded by _CHECK_LOCK: trainers may call the loss from several threads.
+_CHECKS: dict[tuple[str, torch.dtype], float] = {}
+_CHECK_LOCK = threading.RLock()
+# Largest error, relative to each tensor's largest magnitude, that the self-check accepts.
+SELF_CHECK_TOLERANCE = {torch.float64: 1e-6, torch.float32: 1e-3, torch.bfloat16: 5e-2, torch.float16: 1e-2}
+
+
+def _self_check_problem(device: torch.device, dtype: torch.dtype):
+    """A small random problem that reaches every branch of the kernels: uneven rows (one token
+    with no active latent), ``d`` not a multiple of a tile, a prefix weight on every length."""
+    from ..prefixes import PrefixWeights
+
+    g = torch.Generator().manual_seed(1234)
+    B, n, d, k = 12, 48, 37, 5
+    x = torch.randn(B, d, generator=g)
+    W = torch.nn.functional.normalize(torch.randn(n, d, generator=g), dim=1)
+    b = 0.1 * torch.randn(d, generator=g)
+    pre = torch.rand(B, n, generator=g)
+    pre[3] = -1.0  # token 3 keeps no latent
+    flat = torch.topk(pre.flatten(), B * k).indices
+    flat = flat[torch.arange(flat.numel()) % 7 != 2]
+    vals = pre.flatten()[flat]
+    lam = torch.rand(n + 1, generator=g, dtype=torch.float64)
+    cum = PrefixWeights(lam).cum.to(device)
+    tensors = [t.to(device, dtype) for t in (x, W, b, vals)]
+    return tensors, flat.to(device), B, n, cum
+
+
+def self_check_error(device: torch.device | str, dtype: torch.dtype) -> float:
+    """Largest error of the fused kernel for ``device`` against the torch reference on a small
+    random problem, over the loss, the residual and every gradient, each relative to the
+    reference's largest magnitude. Exceptions of the kernel (compile, launch) propagate."""
+    from ..prefix_loss import _torch_prefix_mse
+    from ..sparse_latents import sparse_from_flat
+
+    device = torch.device(device)
+    kernel = KERNELS[device.type]
+    outs = []
+    # The check runs wherever the first call happens (eval, autocast): it needs gradients and
+    # the dtype it was asked about.
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(torch.inference_mode(False))
+        stack.enter_context(torch.enable_grad())
+        if device.type in ("cpu", "cuda"):
+            stack.enter_context(torch.autocast(device.type, enabled=False))
+        (x0, W0, b0, v0), flat, B, n, cum = _self_check_problem(device, dtype)
+        for impl in ("reference", "kernel"):
+            x, W, b, v = (t.detach().clone().requires_grad_() for t in (x0, W0, b0, v0))
+            lat = sparse_from_flat(flat, v, B, n)
+            if impl == "reference":
+                loss, resid = _torch_prefix_mse(x, lat, W, b, cum, 1 << 16)
+            else:
+                loss, resid = kernel.run(x, lat, W, b, cum, 1 << 16, False)
+            grads = torch.autograd.grad(loss * 1.5, [x, lat.values, W, b])
+            outs.append([loss.detach(), resid.detach(), *grads])
+    worst = 0.0
+    for ref, got in zip(*outs):
+        ref, got = ref.double(), got.double()
+        if ref.shape != got.shape:
+            return float("inf")
+        err = float((ref - got).abs().max()) / max(float(ref.abs().max()), 1e-12)
+        worst = max(worst, err if err == err else float("inf"))  # NaN counts as a failure
+    return worst
+
+
+def kernel_trusted(device: torch.device | str, dtype: torch.dtype) -> bool:
+    """Whether the fused kernel for ``device`` passed its self-check in ``dtype`` (run once per
+    device and dtype, on first use). On failure it warns once and returns False from then on."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    key = (str(device), dtype)
+    with _CHECK_LOCK:
+        if key in _CHECKS:
+            return _CHECKS[key] <= SELF_CHECK_TOLERANCE.get(dtype, 1e-3)
+        name = KERNELS[device.type].name
+        try:
+            err, why = self_check_error(device, dtype), None
+        except Exception as exc:  # a compile or launch error: torch runs instead
+            err, why = float("inf"), f"{type(exc).__name__}: {exc}"
+        _CHECKS[key] = err
+        ok = err <= SELF_CHECK_TOLERANCE.get(dtype, 1e-3)
+        if not ok:
+            where = str(device)
+            if device.type == "cuda":
+                where += f" ({torch.cuda.get_device_name(device)})"
+            problem = f"failed ({why})" if why else f"disagrees with the torch reference: max relative error {err:.3g}"
+            warnings.warn(
+                f"the fused {name} prefix-loss kernel {problem} on {where} in {dtype}; "
+                "the torch implementation runs there instead (backend='fused' forces the kernel)",
+                KernelSelfCheckWarning,
+                stacklevel=3,
+            )
+        return ok
+
+
+@contextlib.contextmanager
+def replace_kernel(device_type: str, run: Callable[..., tuple[torch.Tensor, torch.Tensor]],
+                   name: str = "replacement", dtypes: tuple[torch.dtype, ...] | None = None) -> Iterator[FusedKernel]:
+    """Use ``run`` as the fused prefix-loss kernel on ``device_type`` inside the block (its
+    self-checks start afresh, and are forgotten again on exit). ``run`` has the signature of
+    :attr:`FusedKernel.run`; ``dtypes`` default to those of the kernel it replaces."""
+    old = KERNELS[device_type]
+    new = FusedKernel(name, dtypes or old.dtypes, lambda: True, run)
+    with _CHECK_LOCK:
+        KERNELS[device_type] = new
+        _forget_checks(device_type)
+    try:
+        yield new
+    finally:
+        with _CHECK_LOCK:
+            KERNELS[device_type] = old
+            _forget_checks(device_type)
+
+
+def _forget_checks(device_type: str) -> None:
+    for key in [k for k in _CHECKS if torch.device(k[0]).type == device_type]:
+        del _CHECKS[key]
+
+
+def resolve_backend(backend: str, *tensors: torch.Tensor, self_check: bool = False) -> str:
     """``"fused"`` where a fused kernel exists for these tensors, else ``"torch"``.
 
-    The environment variable ``MATRYOSHKA_BACKEND`` overrides ``"auto"``.
+    The environment variable ``MATRYOSHKA_BACKEND`` overrides ``"auto"``. With ``self_check``,
+    ``"auto"`` picks the prefix-loss kernel only once it has passed :func:`kernel_trusted` on
+    the tensors' device and dtype.
     """
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
@@ -86,13 +271,15 @@ def resolve_backend(backend: str, *tensors: torch.Tensor) -> str:
         backend = os.environ.get("MATRYOSHKA_BACKEND", "auto")
         if backend not in BACKENDS:
             raise ValueError(f"MATRYOSHKA_BACKEND={backend!r} is not one of {BACKENDS}")
-    supported = numba_supported(*tensors) or triton_supported(*tensors)
+    supported = _kernel_for(tensors) is not None
     if backend == "fused" and not supported:
         raise ValueError(
             "no fused kernel for these tensors (CPU needs numba and float32/float64, CUDA needs "
             "triton and float32/bfloat16/float16); use backend='torch'"
         )
     if backend == "auto":
+        if supported and self_check and not kernel_trusted(tensors[0].device, tensors[0].dtype):
+            return "torch"
         return "fused" if supported else "torch"
     return backend
 
@@ -107,15 +294,9 @@ def fused_prefix_mse(
     consume: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(loss, residual)`` of ``prefix_loss.prefix_mse`` from the fused kernel for ``x``'s
-    device (Triton on CUDA, numba on CPU); ``cum`` holds the
+    device (:data:`KERNELS`: Triton on CUDA, numba on CPU); ``cum`` holds the
     prefix weights' cumulative sums. ``chunk_elements`` bounds the CPU kernel's working memory."""
-    if x.device.type == "cuda":
-        from .triton import triton_prefix_mse
-
-        return triton_prefix_mse(x, latents, W_dec, b_dec, cum, consume=consume)
-    from .numba import numba_prefix_mse
-
-    return numba_prefix_mse(x, latents, W_dec, b_dec, cum, chunk_elements, consume)
+    return KERNELS[x.device.type].run(x, latents, W_dec, b_dec, cum, chunk_elements, consume)
 
 
 def scale_grad_once(ctx: Any, grad: torch.Tensor | None, scale: torch.Tensor | float) -> torch.Tensor | None:

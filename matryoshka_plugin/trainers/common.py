@@ -17,6 +17,7 @@ from ..errors import CheckpointError, TrainingError, check_activations
 from ..kernels import BACKENDS
 from ..prefixes import PrefixSampler
 from ..registry import PACKAGE_MARK
+from ..sparse_encoder import encoder_matmul_dtype
 
 __all__ = [
     "LossLog",
@@ -213,6 +214,7 @@ class MatryoshkaTrainerBase(SAETrainer):
 
     def _prepare(self, x: torch.Tensor, step: int | None) -> torch.Tensor:
         check_activations(x, self.ae.activation_dim, step)
+        self.matmul_dtype = encoder_matmul_dtype(x)  # bf16 input or autocast: a bf16 encoder matmul
         return x.to(device=self.device, dtype=self.ae.W_enc.dtype)
 
     @staticmethod

@@ -213,7 +213,7 @@ class MatryoshkaBatchTopKTrainer(MatryoshkaTrainerBase):
         return (l2 / denom).nan_to_num(0.0), pre_norm
 
     def _forward(self, x: torch.Tensor, step: int | None, training: bool, collective=None) -> StepOutput:
-        latents, post_relu = self.ae.encode_training(x, self.backend, collective)
+        latents, post_relu = self.ae.encode_training(x, self.backend, self.matmul_dtype, collective)
         weights = self.prefixes.sample(self.generator) if training else self.prefixes.expected()
         recon = prefix_mse(
             x, latents, self.ae.W_dec, self.ae.b_dec, weights, backend=self.backend, consume_grads=training
