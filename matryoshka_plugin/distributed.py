@@ -236,9 +236,11 @@ class ProcessGroupCollective:
         largest values; entries above it are kept, and entries equal to it are handed out in rank
         order so that exactly ``count`` are selected overall.
         """
+        from .sparse_encoder import batch_topk_select
+
         flat = scores.reshape(-1)
         m = min(count, flat.numel())
-        local = torch.topk(flat, m, sorted=False).values
+        local = flat[batch_topk_select(scores, m)]  # this rank's m largest (sampled cut-off, exact)
         if m < count:
             local = torch.cat([local, local.new_full((count - m,), float("-inf"))])
         everything = self.gather_rows(local)
