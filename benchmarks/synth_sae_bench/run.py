@@ -143,26 +143,27 @@ def run_benchmark(p: Protocol, label: str, variants: list[Variant], model: Any, 
                   l0s: tuple[int, ...]) -> list[dict]:
     """Train and score every (variant, L0, seed) missing from ``csv_path``; returns the new rows."""
     done, rows = _done(csv_path), []
+    # the main variants with every seed first, then the others with the first seed
+    order = [(v, s) for s in seeds for v in variants if v.main] + [(v, seeds[0]) for v in variants if not v.main]
     for l0 in l0s:
-        for seed in seeds:
-            for v in variants:
-                if (not v.main and seed != seeds[0]) or (label, v.name, l0, seed) in done:
-                    continue
-                t0 = time.time()
-                folder = work / f"{v.name}-l0{l0}-s{seed}"
-                with torch.random.fork_rng():
-                    if v.source == "saelens":
-                        sae = _train_saelens(p, v, l0, seed, pool)
-                    else:
-                        sae = _train_ours(p, v, l0, seed, pool, folder)
-                    scores = _evaluate(sae, model, eval_features, p.device)
-                row = dict(protocol=label, sae=v.name, source=v.source, l0=l0, seed=seed,
-                           **{k: (round(x, 4) if isinstance(x, float) else x) for k, x in scores.items()})
-                _append(csv_path, row)
-                rows.append(row)
-                print(f"{v.name} L0={l0} seed={seed}: F1 {row['f1']:.4f} MCC {row['mcc']:.4f} uniq "
-                      f"{row['uniqueness']:.4f} EV {row['explained_variance']:.4f} dead {row['dead']} "
-                      f"(measured L0 {scores['l0_measured']:.1f}, {time.time() - t0:.0f} s)", flush=True)
+        for v, seed in order:
+            if (label, v.name, l0, seed) in done:
+                continue
+            t0 = time.time()
+            folder = work / f"{v.name}-l0{l0}-s{seed}"
+            with torch.random.fork_rng():
+                if v.source == "saelens":
+                    sae = _train_saelens(p, v, l0, seed, pool)
+                else:
+                    sae = _train_ours(p, v, l0, seed, pool, folder)
+                scores = _evaluate(sae, model, eval_features, p.device)
+            row = dict(protocol=label, sae=v.name, source=v.source, l0=l0, seed=seed,
+                       **{k: (round(x, 4) if isinstance(x, float) else x) for k, x in scores.items()})
+            _append(csv_path, row)
+            rows.append(row)
+            print(f"{v.name} L0={l0} seed={seed}: F1 {row['f1']:.4f} MCC {row['mcc']:.4f} uniq "
+                  f"{row['uniqueness']:.4f} EV {row['explained_variance']:.4f} dead {row['dead']} "
+                  f"(measured L0 {scores['l0_measured']:.1f}, {time.time() - t0:.0f} s)", flush=True)
     return rows
 
 
