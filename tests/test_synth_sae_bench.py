@@ -82,3 +82,38 @@ def test_tiny_benchmark_end_to_end_and_resumes(tmp_path, capsys):
     write_markdown(csv_path, md, {"matryoshka": "fixed groups"}, "# results")
     text = md.read_text()
     assert "### tiny, L0 = 3" in text and "| matryoshka | matryoshka_plugin | 0,1 |" in text
+
+
+def test_hedging_per_parent_against_a_direct_computation(tmp_path):
+    from sae_lens import StandardSAE, StandardSAEConfig
+
+    from benchmarks.synth_sae_bench.hedging import hedging_per_parent, parents_and_children
+
+    model = load_or_build(TINY, tmp_path)
+    pairs = parents_and_children(model.hierarchy)
+
+    def walk(node):  # the hierarchy's own serialisation, read independently
+        kids = [c["feature_index"] for c in node["children"]]
+        return ([(node["feature_index"], kids)] if kids else []) + [x for c in node["children"] for x in walk(c)]
+
+    assert sorted(x for r in model.hierarchy.to_dict()["roots"] for x in walk(r)) == pairs
+    F = model.feature_dict.feature_vectors.detach()
+    parents = [p for p, _ in pairs]
+    # an SAE whose latent i is parent i's direction plus 0.5 of its first child's
+    sae = StandardSAE(StandardSAEConfig(d_in=16, d_sae=len(parents)))
+    with torch.no_grad():
+        rows = torch.stack([F[p] + 0.5 * F[kids[0]] for p, kids in pairs])
+        sae.W_dec.copy_(rows)
+        sae.W_enc.copy_(rows.T)
+        sae.b_enc.fill_(-1e9)  # never fires: absorption 1 wherever a parent is seen with a child
+    hidden, feats = sample_pool(model, 2000, 3, tmp_path / "h.pt", batch_size=500)
+    got = hedging_per_parent(sae, F, pairs, hidden, feats)
+    Fn = F / F.norm(dim=1, keepdim=True)
+    want = []
+    for p, kids in pairs:
+        w = F[p] + 0.5 * F[kids[0]]
+        best = (F[p] / F[p].norm()) @ (rows / rows.norm(dim=1, keepdim=True)).T
+        assert int(best.argmax()) == parents.index(p)
+        want.append(float(((w / w.norm()) @ Fn[kids].T).mean()))
+    assert got["hedging"] == pytest.approx(sum(want) / len(want), abs=1e-5) and got["hedging"] > 0.05
+    assert got["absorption"] == 1.0 and got["parents"] == len(pairs)

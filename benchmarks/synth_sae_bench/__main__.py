@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from .config import PROTOCOLS, VARIANTS
+from .hedging import hedging_markdown, write_hedging
 from .model import SeededBatches, load_or_build, sample_pool
 from .run import Pool, run_benchmark, write_markdown
 
@@ -70,6 +71,12 @@ def main(argv: list[str] | None = None) -> int:
               f"`protocol` = name:model-width:training samples.")
     write_markdown(docs / "results.csv", docs / "results.md", {v.name: v.description for v in VARIANTS.values()},
                    header)
+    # hedging and absorption per parent of the hierarchy, for every SAE of this protocol trained so far
+    dense = eval_features.to_dense()
+    hedging = write_hedging(cache / "saes" / label.replace(":", "_"), model, model.feature_dict(dense.to(device)).cpu(),
+                            dense, docs / f"hedging-{label.replace(':', '_')}.csv")
+    with (docs / "results.md").open("a") as f:
+        f.write(hedging_markdown(label, hedging))
     print(f"wrote {docs / 'results.csv'} and {docs / 'results.md'}")
     return 0
 

@@ -98,6 +98,8 @@ VARIANTS = {v.name: v for v in [
             "latents reordered by an EMA of firing frequency"),
     Variant("matryoshka+anneal", "matryoshka_plugin", {"k_anneal": 0.1}, False,
             "k from d down to the target over the first tenth"),
+    Variant("matryoshka+beta0.75", "matryoshka_plugin", {"balance_beta": 0.75}, False,
+            "balance weighting, inner levels by 0.75**depth (feature-hedging remedy)"),
     Variant("matryoshka+all", "matryoshka_plugin",
             {"detach_inner_levels": True, "reorder_by": "frequency", "k_anneal": 0.1, "matryoshka_aux_loss": True},
             True, "detach + reorder + anneal + per-level AuxK"),

@@ -154,6 +154,7 @@ def run_benchmark(p: Protocol, label: str, variants: list[Variant], model: Any, 
             with torch.random.fork_rng():
                 if v.source == "saelens":
                     sae = _train_saelens(p, v, l0, seed, pool)
+                    sae.save_inference_model(str(folder / "saelens"))  # for the hedging report
                 else:
                     sae = _train_ours(p, v, l0, seed, pool, folder)
                 scores = _evaluate(sae, model, eval_features, p.device)
