@@ -190,7 +190,8 @@ def write_markdown(csv_path: Path, md_path: Path, descriptions: dict[str, str], 
         ranked = sorted(saes.items(), key=lambda kv: -statistics.mean(float(r["f1"]) for r in kv[1]))
         for name, rs in ranked:
             cols = [_mean_spread([float(r[c]) for r in rs]) for c in ("f1", "mcc", "uniqueness", "explained_variance")]
-            dead = _mean_spread([float(r["dead"]) for r in rs]).replace(".000", "")
+            deads = [float(r["dead"]) for r in rs]
+            dead = f"{statistics.mean(deads):.0f}" + (f" ± {statistics.stdev(deads):.0f}" if len(deads) > 1 else "")
             seeds = ",".join(r["seed"] for r in rs)
             out.append(f"| {name} | {rs[0]['source']} | {seeds} | " + " | ".join(cols)
                        + f" | {dead} | {descriptions.get(name, '')} |")
