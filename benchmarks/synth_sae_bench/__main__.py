@@ -10,6 +10,7 @@ results.md (one row per SAE; rerunning skips the rows already there).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 from pathlib import Path
 
@@ -37,11 +38,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cache", default=os.environ.get("SYNTH_SAE_BENCH_CACHE", "outputs/synth_sae_bench"),
                    help="synthetic model, sample pools and trained SAEs (default: %(default)s)")
     p.add_argument("--docs", default="docs/synth_sae_bench", help="where results.csv and results.md go")
+    p.add_argument("--dead-window", type=int, default=None,
+                   help="steps without firing before a latent counts as dead, for every SAE (default: the protocol's)")
     p.add_argument("--device", default=None)
     p.add_argument("--threads", type=int, default=None)
     a = p.parse_args(argv)
 
     proto = PROTOCOLS[a.protocol]
+    if a.dead_window:
+        proto = dataclasses.replace(proto, dead_window=a.dead_window)
     device = a.device or proto.device
     if a.threads:
         torch.set_num_threads(a.threads)

@@ -33,16 +33,20 @@ class Protocol:
     batch_size: int = 1024
     lr: float = 3e-4
     device: str = "cpu"
+    dead_window: int = 1000
+    """Steps without firing after which a latent counts as dead (AuxK) in every SAE (SAELens' default 1000)."""
 
-    def label(self, samples: int) -> str:
-        """The ``protocol`` column: model and sample count."""
-        return f"{self.name}:{self.num_features // 1024}k-d{self.hidden_dim}-w{self.width}:{samples}"
+    def label(self, samples: int, dead_window: int | None = None) -> str:
+        """The ``protocol`` column: model, sample count and dead-latent window."""
+        dw = self.dead_window if dead_window is None else dead_window
+        return f"{self.name}:{self.num_features // 1024}k-d{self.hidden_dim}-w{self.width}:{samples}:dw{dw}"
 
 
 PROTOCOLS = {
     "full": Protocol("full", 16_384, 768, 128, 4096, (128, 512, 2048, 4096), (25, 20), 200_000_000, (0, 1, 2),
                      500_000, device="cuda"),
-    "cpu": Protocol("cpu", 4096, 256, 32, 1024, (32, 128, 512, 1024), (12,), 2_000_000, (0, 1), 100_000),
+    "cpu": Protocol("cpu", 4096, 256, 32, 1024, (32, 128, 512, 1024), (12,), 2_000_000, (0, 1), 100_000,
+                    dead_window=100),
 }
 
 

@@ -85,8 +85,8 @@ def _train_ours(p: Protocol, v: Variant, l0: int, seed: int, pool: Pool, folder:
     cfg = dict(
         trainer=MatryoshkaBatchTopKTrainer, steps=steps, activation_dim=p.hidden_dim, dict_size=p.width, k=l0,
         group_fractions=fractions, lr=p.lr, warmup_steps=0, threshold_start_step=min(1000, steps // 4),
-        # SAELens counts a latent dead after dead_feature_window=1000 steps without firing
-        dead_feature_threshold=1000 * p.batch_size, seed=seed, device=p.device, layer=0, lm_name="synthetic",
+        # the same dead-latent window as SAELens' dead_feature_window
+        dead_feature_threshold=p.dead_window * p.batch_size, seed=seed, device=p.device, layer=0, lm_name="synthetic",
         k_anneal_steps=int(anneal * steps) if anneal else None, **options,
     )
     train(iter(pool), [cfg], steps, save_dir=str(folder / "train"), device=p.device, progress=False)
@@ -114,7 +114,7 @@ def _train_saelens(p: Protocol, v: Variant, l0: int, seed: int, pool: Pool) -> A
             use_matryoshka_aux_loss=v.options.get("use_matryoshka_aux_loss", False)))
     cfg = SAETrainerConfig(
         total_training_samples=pool.samples, train_batch_size_samples=p.batch_size, lr=p.lr, lr_end=p.lr,
-        lr_scheduler_name="constant", device=p.device, dead_feature_window=1000, feature_sampling_window=2000,
+        lr_scheduler_name="constant", device=p.device, dead_feature_window=p.dead_window, feature_sampling_window=2000,
         logger=LoggingConfig(log_to_wandb=False, eval_every_n_wandb_logs=2**31 - 1),
     )
     return SAETrainer(cfg=cfg, sae=sae, data_provider=iter(pool)).fit()
