@@ -85,6 +85,9 @@ def _train_ours(p: Protocol, v: Variant, l0: int, seed: int, pool: Pool, folder:
     cfg = dict(
         trainer=MatryoshkaBatchTopKTrainer, steps=steps, activation_dim=p.hidden_dim, dict_size=p.width, k=l0,
         group_fractions=fractions, lr=p.lr, warmup_steps=0, threshold_start_step=min(1000, steps // 4),
+        # the inference threshold's EMA at SAELens' rate (topk_threshold_lr=0.01): with the default
+        # 0.999 the threshold lags over a short run and the exported SAE fires below the target L0
+        threshold_beta=0.99,
         # the same dead-latent window as SAELens' dead_feature_window
         dead_feature_threshold=p.dead_window * p.batch_size, seed=seed, device=p.device, layer=0, lm_name="synthetic",
         k_anneal_steps=int(anneal * steps) if anneal else None, **options,
