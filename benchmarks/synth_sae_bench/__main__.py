@@ -10,6 +10,7 @@ results.md (one row per SAE; rerunning skips the rows already there).
 from __future__ import annotations
 
 import argparse
+import csv
 import dataclasses
 import os
 from pathlib import Path
@@ -30,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="a few minutes: 64k samples, 3 variants, one seed")
     p.add_argument("--samples", type=int, default=None,
                    help="distinct training samples (cpu: cached once and shared; default: the protocol's)")
-    p.add_argument("--epochs", type=int, default=1, help="passes over the cached samples (cpu protocol)")
+    p.add_argument("--epochs", type=int, default=None, help="passes over the samples (default: the protocol's)")
     p.add_argument("--eval-samples", type=int, default=None)
     p.add_argument("--variants", nargs="+", choices=sorted(VARIANTS), default=None)
     p.add_argument("--seeds", type=int, nargs="+", default=None)
@@ -55,6 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     names = a.variants or (QUICK_VARIANTS if a.quick else list(VARIANTS))
     seeds = tuple(a.seeds or (proto.seeds[:1] if a.quick else proto.seeds))
     l0s = tuple(a.l0 or proto.l0s)
+    epochs = a.epochs or (1 if a.quick else proto.epochs)
     if samples < proto.batch_size:
         p.error(f"--samples must be at least one batch ({proto.batch_size})")
 
@@ -63,9 +65,9 @@ def main(argv: list[str] | None = None) -> int:
     eval_features = sample_pool(model, eval_samples, 999, cache / f"{proto.name}-eval-{eval_samples}.pt")[1]
     if device == "cpu":  # sampling is slower than training here: draw once, share between the SAEs
         hidden, _ = sample_pool(model, samples, 1, cache / f"{proto.name}-train-{samples}.pt")
-        data = Pool(hidden, proto.batch_size, a.epochs, device)
+        data = Pool(hidden, proto.batch_size, epochs, device)
     else:
-        data = SeededBatches(model, proto.batch_size, samples * a.epochs // proto.batch_size, seed=1, device=device)
+        data = SeededBatches(model, proto.batch_size, samples * epochs // proto.batch_size, seed=1, device=device)
     label = proto.label(data.samples)
     docs = Path(a.docs)
     variants = [VARIANTS[n] for n in names]
@@ -73,15 +75,18 @@ def main(argv: list[str] | None = None) -> int:
                   docs / "results.csv", seeds, l0s)
     header = (f"# SynthSAEBench results\n\nWritten by `python -m benchmarks.synth_sae_bench`; see "
               f"[../synth_sae_bench.md](../synth_sae_bench.md) for the protocols. Mean ± standard deviation over seeds; "
-              f"`protocol` = name:model-width:training samples.")
+              f"`protocol` = name:model-width:training samples:dead-latent window (steps).")
     write_markdown(docs / "results.csv", docs / "results.md", {v.name: v.description for v in VARIANTS.values()},
                    header)
     # hedging and absorption per parent of the hierarchy, for every SAE of this protocol trained so far
     dense = eval_features.to_dense()
-    hedging = write_hedging(cache / "saes" / label.replace(":", "_"), model, model.feature_dict(dense.to(device)).cpu(),
-                            dense, docs / f"hedging-{label.replace(':', '_')}.csv")
+    write_hedging(cache / "saes" / label.replace(":", "_"), model, model.feature_dict(dense.to(device)).cpu(),
+                  dense, docs / f"hedging-{label.replace(':', '_')}.csv")
     with (docs / "results.md").open("a") as f:
-        f.write(hedging_markdown(label, hedging))
+        for path in sorted(docs.glob("hedging-*.csv")):
+            with path.open() as g:
+                rows = [{**r, **{k: float(r[k]) for k in ("hedging", "absorption")}} for r in csv.DictReader(g)]
+            f.write(hedging_markdown(path.stem[len("hedging-"):], rows))
     print(f"wrote {docs / 'results.csv'} and {docs / 'results.md'}")
     return 0
 

@@ -33,6 +33,8 @@ class Protocol:
     batch_size: int = 1024
     lr: float = 3e-4
     device: str = "cpu"
+    epochs: int = 1
+    """Passes over the cached training samples (CPU: sampling costs more than a training step)."""
     dead_window: int = 1000
     """Steps without firing after which a latent counts as dead (AuxK) in every SAE (SAELens' default 1000)."""
 
@@ -45,8 +47,8 @@ class Protocol:
 PROTOCOLS = {
     "full": Protocol("full", 16_384, 768, 128, 4096, (128, 512, 2048, 4096), (25, 20), 200_000_000, (0, 1, 2),
                      500_000, device="cuda"),
-    "cpu": Protocol("cpu", 4096, 256, 32, 1024, (32, 128, 512, 1024), (12,), 2_000_000, (0, 1), 100_000,
-                    dead_window=100),
+    "cpu": Protocol("cpu", 4096, 256, 32, 1024, (32, 128, 512, 1024), (12,), 262_144, (0, 1, 2), 16_384,
+                    dead_window=100, epochs=4),
 }
 
 

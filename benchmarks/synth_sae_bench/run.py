@@ -192,6 +192,7 @@ def write_markdown(csv_path: Path, md_path: Path, descriptions: dict[str, str], 
                 "|---|---|---|---|---|---|---|---|---|"]
         ranked = sorted(saes.items(), key=lambda kv: -statistics.mean(float(r["f1"]) for r in kv[1]))
         for name, rs in ranked:
+            rs = sorted(rs, key=lambda r: int(r["seed"]))
             cols = [_mean_spread([float(r[c]) for r in rs]) for c in ("f1", "mcc", "uniqueness", "explained_variance")]
             deads = [float(r["dead"]) for r in rs]
             dead = f"{statistics.mean(deads):.0f}" + (f" ± {statistics.stdev(deads):.0f}" if len(deads) > 1 else "")
