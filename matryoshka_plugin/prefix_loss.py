@@ -24,15 +24,16 @@ The active latents come as :class:`~.sparse_latents.SparseLatents`.
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import NamedTuple, Sequence
 
 import torch
+import torch.nn.functional as F
 
 from .kernels import fused_prefix_mse, resolve_backend
 from .prefixes import PrefixWeights
 from .sparse_latents import SparseLatents
 
-__all__ = ["PrefixLoss", "prefix_mse", "segment_weights"]
+__all__ = ["PrefixLoss", "detached_level_mse", "level_residuals", "prefix_mse", "segment_weights"]
 
 # Elements of one [rows, K, d] working tensor of the torch implementation.
 DEFAULT_CHUNK_ELEMENTS = 1 << 23
@@ -165,3 +166,77 @@ def prefix_mse(
     else:
         loss, residual = _torch_prefix_mse(x, latents, W_dec, b_dec, cum, chunk_elements)
     return PrefixLoss(loss, residual)
+
+
+# -- nested levels (fixed groups): residuals per level, stop-gradient between levels ---------
+
+
+def _level_bounds(level_ends: Sequence[int], n: int) -> list[tuple[int, int]]:
+    ends = [int(e) for e in level_ends]
+    if not ends or ends[-1] != n or any(b <= a for a, b in zip([0, *ends], ends)):
+        raise ValueError(f"level ends must increase strictly from above 0 to n={n}, got {ends}")
+    return list(zip([0, *ends[:-1]], ends))
+
+
+def _level_parts(latents: SparseLatents, W_dec: torch.Tensor, bounds: list[tuple[int, int]]):
+    """Each level's decoded contribution ``sum_{s <= i < e} a_i w_i`` (``[B, d]``, differentiable)."""
+    values, indices = latents.padded()
+    values = values.to(W_dec.dtype)
+    for s, e in bounds:
+        inside = (indices >= s) & (indices < e)
+        yield F.embedding_bag(indices, W_dec, per_sample_weights=values * inside, mode="sum")
+
+
+@torch.no_grad()
+def level_residuals(
+    x: torch.Tensor, latents: SparseLatents, W_dec: torch.Tensor, b_dec: torch.Tensor, level_ends: Sequence[int]
+) -> list[torch.Tensor]:
+    """``x - b - sum_{i < e} a_i w_i`` for each level end ``e`` (``[B, d]`` each, no graph).
+
+    Level ``g`` holds latents ``[e_{g-1}, e_g)``; the last residual is the full SAE's.
+    """
+    out, recon = [], b_dec.to(W_dec.dtype).expand_as(x)
+    for part in _level_parts(latents, W_dec, _level_bounds(level_ends, latents.n_latents)):
+        recon = recon + part
+        out.append(x.to(W_dec.dtype) - recon)
+    return out
+
+
+def detached_level_mse(
+    x: torch.Tensor,
+    latents: SparseLatents,
+    W_dec: torch.Tensor,
+    b_dec: torch.Tensor,
+    weights: PrefixWeights,
+    level_ends: Sequence[int],
+) -> PrefixLoss:
+    """The fixed-groups Matryoshka loss with a stop-gradient between levels.
+
+    The value equals :func:`prefix_mse` with the same weights (which must sit on the level ends
+    only). The gradient differs: level ``g``'s term ``lam[e_g] * mean_b ||x - xhat_g||^2`` uses
+    ``xhat_g = stopgrad(xhat_{g-1}) + sum_{e_{g-1} <= i < e_g} a_i w_i`` (``xhat_{-1} = b``), so it
+    trains only level ``g``'s own latents (activations, hence the encoder, and decoder rows); the
+    decoder bias belongs to the first level. Each level learns the residual the inner levels
+    leave, and inner latents are trained by their own level's term alone.
+
+    Plain autograd over one sparse decode per level (``O(G B K d)``): the fused kernels
+    compute the undetached gradient only.
+    """
+    n = latents.n_latents
+    bounds = _level_bounds(level_ends, n)
+    lam = weights.lam
+    if weights.n != n:
+        raise ValueError(f"prefix weights cover {weights.n} latents but the SAE has {n}")
+    ends = torch.tensor([e for _, e in bounds])
+    off = torch.ones_like(lam, dtype=torch.bool)
+    off[ends] = False
+    if bool((lam[off] > 0).any()):
+        raise ValueError("a stop-gradient between levels needs prefix weights on the level ends only")
+    x = x.to(W_dec.dtype)
+    total = x.new_zeros(())
+    recon = b_dec.to(W_dec.dtype).expand_as(x)
+    for (_, e), part in zip(bounds, _level_parts(latents, W_dec, bounds)):
+        recon = (recon if e == bounds[0][1] else recon.detach()) + part
+        if float(lam[e]) > 0:
+            total = total + float(lam[e]) * (x - recon).pow(2).sum(-1).mean()
+    return PrefixLoss(total, (x - recon).detach())

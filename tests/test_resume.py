@@ -45,24 +45,33 @@ TRAINERS = [(cls, mode) for cls in (MatryoshkaBatchTopKTrainer, MatryoshkaLogSpa
             for mode in ("groups", "every", "pareto", "pareto_expected", "none")]
 
 
-@pytest.mark.parametrize("cls,mode", TRAINERS, ids=[f"{c.__name__[10:14]}-{m}" for c, m in TRAINERS])
-def test_state_dict_round_trip_continues_exactly(cls, mode):
-    full = cls(**_settings(cls, mode))
+# MatryoshkaBatchTopKTrainer's options, each with the per-latent state it adds.
+OPTIONS = [dict(matryoshka_aux_loss=True), dict(detach_inner_levels=True), dict(reorder_by="frequency"),
+           dict(reorder_by="contribution", reorder_decay=0.9), dict(k_anneal_steps=10),
+           dict(matryoshka_aux_loss=True, detach_inner_levels=True, reorder_by="frequency", k_anneal_steps=10)]
+CASES = [(cls, mode, {}) for cls, mode in TRAINERS] + [(MatryoshkaBatchTopKTrainer, "groups", o) for o in OPTIONS]
+
+
+@pytest.mark.parametrize("cls,mode,options", CASES,
+                         ids=[f"{c.__name__[10:14]}-{m}" + "".join(f"-{k}" for k in o) for c, m, o in CASES])
+def test_state_dict_round_trip_continues_exactly(cls, mode, options):
+    settings = dict(_settings(cls, mode), **options)
+    full = cls(**settings)
     for s in range(16):
         full.update(s, _batch(s))
-    part = cls(**_settings(cls, mode))
+    part = cls(**settings)
     for s in range(7):
         part.update(s, _batch(s))
     state = trainer_state_dict(part)
     torch.manual_seed(1234)  # the resumed trainer must not depend on the global RNG of the new process
-    resumed = cls(**_settings(cls, mode))
+    resumed = cls(**settings)
     load_trainer_state(resumed, state)
     for s in range(7, 16):
         resumed.update(s, _batch(s))
     assert _equal(full.ae.state_dict(), resumed.ae.state_dict())
 
     # What a by-hand resume (the SAE's weights only) loses: it does not end at the same weights.
-    naive = cls(**_settings(cls, mode))
+    naive = cls(**settings)
     naive.ae.load_state_dict(state["ae"])
     for s in range(7, 16):
         naive.update(s, _batch(s))

@@ -26,6 +26,8 @@ from matryoshka_plugin.trainers.matryoshka_log_sparsity import MatryoshkaLogSpar
 LEGACY = Path(__file__).parent / "data" / "folders_v0_1_0"
 # Keys the log-sparsity trainer gained with its language-model defaults.
 NEW_LOG_SPARSITY_KEYS = {"controller_log_range", "normalize_decoder", "dead_feature_threshold", "resample_dead"}
+# Options the BatchTopK trainer gained (per-level AuxK, detached levels, reordering, k annealing).
+NEW_BATCH_TOP_K_KEYS = {"matryoshka_aux_loss", "detach_inner_levels", "reorder_by", "reorder_decay", "k_anneal_steps"}
 
 
 def same_settings(trainer_cfg: dict) -> dict:
@@ -38,7 +40,7 @@ def same_settings(trainer_cfg: dict) -> dict:
 def test_config_json_keeps_its_keys(i, cls):
     old = json.loads((LEGACY / f"trainer_{i}" / "config.json").read_text())["trainer"]
     new = cls(**same_settings(old)).config
-    expected = set(old) | (NEW_LOG_SPARSITY_KEYS if cls is MatryoshkaLogSparsityTrainer else set())
+    expected = set(old) | (NEW_LOG_SPARSITY_KEYS if cls is MatryoshkaLogSparsityTrainer else NEW_BATCH_TOP_K_KEYS)
     assert set(new) == expected
     # Defaults the log-sparsity trainer changed for language-model activations (docs/real_model.md).
     changed = {"package_version"} | ({"controller_rate", "lr"} if cls is MatryoshkaLogSparsityTrainer else set())

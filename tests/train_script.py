@@ -1,7 +1,7 @@
 """A small ``matryoshka_plugin.train`` run, started as its own process by the resume and
 distributed tests (directly, or by torchrun).
 
-    python tests/train_script.py OUT --set all|dp --steps 24 [--kill-at BATCH] [--resume]
+    python tests/train_script.py OUT --set all|dp|dp-options|dp-reorder --steps 24 [--kill-at BATCH] [--resume]
         [--normalize] [--distributed trainers|data] [--batch 64] [--die-rank R --die-at STEP]
 
 ``--kill-at`` sends SIGKILL to this process when the data source is asked for that batch (so at
@@ -33,6 +33,13 @@ def trainer_configs(which: str, steps: int) -> list[dict]:
         out.append(dict(trainer=MatryoshkaBatchTopKTrainer, **common, k=4, prefix_mode=mode, seed=10 + i,
                         group_fractions=fractions if mode == "groups" else None, warmup_steps=3,
                         threshold_start_step=4, dead_feature_threshold=256, n_prefixes=4))
+    if which in ("dp-options", "dp-reorder"):  # the new options: data-parallel or a clear refusal
+        opts = [dict(matryoshka_aux_loss=True, detach_inner_levels=True, k_anneal_steps=6), dict(k_anneal_steps=3)]
+        if which == "dp-reorder":
+            opts = [dict(reorder_by="frequency")]
+        return [dict(trainer=MatryoshkaBatchTopKTrainer, **common, k=4, seed=40 + i, group_fractions=fractions,
+                     warmup_steps=3, threshold_start_step=4, dead_feature_threshold=128, **o)
+                for i, o in enumerate(opts)]
     for i, mode in enumerate(PREFIX_MODES):
         # a short dead-latent threshold, so latents are resampled (and resampling is resumed)
         out.append(dict(trainer=MatryoshkaLogSparsityTrainer, **common, target_l0=4, prefix_mode=mode, seed=20 + i,
@@ -59,7 +66,7 @@ def batches(kill_at: int, batch: int):
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser()
     p.add_argument("out")
-    p.add_argument("--set", default="all", choices=["all", "dp"])
+    p.add_argument("--set", default="all", choices=["all", "dp", "dp-options", "dp-reorder"])
     p.add_argument("--steps", type=int, default=24)
     p.add_argument("--kill-at", type=int, default=-1)
     p.add_argument("--resume", action="store_true")

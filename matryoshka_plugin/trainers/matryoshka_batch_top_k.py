@@ -10,6 +10,10 @@ Differences, all deliberate:
 * ``prefix_mode``: ``"groups"`` (default), ``"every"`` prefix exactly, ``"pareto"`` random
   prefixes, their exact expectation ``"pareto_expected"``, or ``"none"`` (plain BatchTopK);
 * ``balance_beta``: inner levels weighted ``beta**depth`` (feature-hedging remedy);
+* options from the other Matryoshka implementations: per-level AuxK (``matryoshka_aux_loss``,
+  SAELens), a stop-gradient between levels (``detach_inner_levels``, the ICML paper's
+  ablation), latents reordered by an EMA statistic (``reorder_by``) and a decreasing k
+  (``k_anneal_steps``, dictionary_learning's head);
 * upstream defects avoided: no dense encoding before a threshold exists (falls back to
   BatchTopK), bf16 input works, counters live on the trainer's device, ``loss(logging=True)``
   changes no state, and ``effective_l0`` is measured.
@@ -23,7 +27,7 @@ from typing import Any, NamedTuple, Sequence
 import torch
 import torch.nn.functional as F
 
-from ..prefix_loss import PrefixLoss, prefix_mse
+from ..prefix_loss import PrefixLoss, detached_level_mse, level_residuals, prefix_mse
 from ..prefixes import group_sizes_from_fractions
 from ..sae import MatryoshkaBatchTopKSAE
 from ..sparse_encoder import encoder_entries
@@ -37,11 +41,24 @@ from .common import (
     constant_warmup_decay_schedule,
     geometric_median,
     make_adam,
+    permute_latents_,
     prefix_sampler,
     project_out_radial_,
 )
 
-__all__ = ["MatryoshkaBatchTopKTrainer", "MatryoshkaBatchTopKConfig", "StepOutput"]
+__all__ = ["MatryoshkaBatchTopKTrainer", "MatryoshkaBatchTopKConfig", "StepOutput", "annealed_k"]
+
+REORDER_STATISTICS = (None, "frequency", "contribution")
+
+
+def annealed_k(step: int, k: int, activation_dim: int, k_anneal_steps: int | None) -> int:
+    """The k used at ``step`` (see ``MatryoshkaBatchTopKConfig.k_anneal_steps``)."""
+    if not k_anneal_steps:
+        return k
+    if step <= 0:
+        return activation_dim
+    r = min(step - 1, k_anneal_steps) / k_anneal_steps
+    return int(activation_dim * (1 - r) + k * r)
 
 
 @dataclass(kw_only=True)
@@ -84,6 +101,32 @@ class MatryoshkaBatchTopKConfig(TrainerConfig):
     """Tokens without firing after which a latent counts as dead (AuxK)."""
     top_k_aux: int | None = None
     """Dead latents used by AuxK per token; ``None``: ``activation_dim // 2``."""
+    matryoshka_aux_loss: bool = False
+    """Per-level AuxK (SAELens' ``use_matryoshka_aux_loss``): each group's dead latents (top
+    ``min(top_k_aux, dead in the group)`` per token) reconstruct the residual of the prefix
+    ending with that group, ``x - b - sum_{i < e_g} a_i w_i``; each group's term is normalised
+    like this trainer's AuxK (by that residual's variance), scaled by
+    ``min(dead in the group / top_k_aux, 1)`` as SAELens does, and the terms are summed.
+    ``prefix_mode="groups"`` only."""
+    detach_inner_levels: bool = False
+    """Stop-gradient between levels (the ICML paper's ablation): group ``g``'s loss term sees the
+    inner groups' reconstruction as a constant and trains only group ``g``'s latents; the
+    decoder bias belongs to the first group (``prefix_loss.detached_level_mse``). The loss value
+    is unchanged. ``prefix_mode="groups"`` only; uses the torch path, not the fused kernels."""
+    reorder_by: str | None = None
+    """Reorder latents after every step by an EMA of a per-latent statistic, most used first:
+    ``"frequency"`` (share of the batch's tokens on which the latent fired) or
+    ``"contribution"`` (batch mean of ``(a_i * ||w_i||)**2``, as the log-sparsity trainer).
+    Weights, Adam moments, firing counters and the EMA move together. ``None``: fixed order.
+    Not available with ``train(distributed="data")``."""
+    reorder_decay: float = 0.99
+    """EMA decay of the statistic ``reorder_by`` sorts by (``ema = decay * ema + (1 - decay) * stat``)."""
+    k_anneal_steps: int | None = None
+    """dictionary_learning's (head) k schedule: the k used at step ``s >= 1`` is
+    ``int(activation_dim * (1 - r) + k * r)`` with ``r = min(s - 1, k_anneal_steps) / k_anneal_steps``
+    (dictionary_learning sets it after step ``s - 1``), and ``activation_dim`` at step 0; so k
+    falls linearly from ``activation_dim`` to the target. ``None`` or 0: constant k. Needs
+    ``k < activation_dim`` and ``k_anneal_steps < steps``."""
     group_sizes: list[int] = field(init=False)
     """Latents per group, derived from ``group_fractions``."""
 
@@ -117,6 +160,24 @@ class MatryoshkaBatchTopKConfig(TrainerConfig):
         check_positive("lr", self.lr)
         self.dead_feature_threshold = int(self.dead_feature_threshold)
         self.top_k_aux = int(self.top_k_aux) if self.top_k_aux is not None else self.activation_dim // 2
+        self.matryoshka_aux_loss, self.detach_inner_levels = bool(self.matryoshka_aux_loss), bool(self.detach_inner_levels)
+        for name in ("matryoshka_aux_loss", "detach_inner_levels"):
+            if getattr(self, name) and self.prefix_mode != "groups":
+                raise ValueError(f"{name} needs prefix_mode='groups' (levels are the groups), got {self.prefix_mode!r}")
+        if self.reorder_by not in REORDER_STATISTICS:
+            raise ValueError(f"reorder_by must be one of {REORDER_STATISTICS}, got {self.reorder_by!r}")
+        self.reorder_decay = float(self.reorder_decay)
+        if not (0.0 <= self.reorder_decay < 1.0):
+            raise ValueError(f"reorder_decay must lie in [0, 1), got {self.reorder_decay}")
+        if self.k_anneal_steps is not None:
+            ka = self.k_anneal_steps
+            if isinstance(ka, bool) or int(ka) != ka or not (0 <= int(ka) < self.steps):
+                raise ValueError(f"k_anneal_steps must be an integer in [0, steps={self.steps}), got {ka!r}")
+            self.k_anneal_steps = int(ka) or None
+            if self.k_anneal_steps and not self.k < self.activation_dim:
+                raise ValueError(
+                    f"k_anneal_steps anneals k from activation_dim={self.activation_dim} down, so k={self.k} must be smaller"
+                )
 
 
 class StepOutput(NamedTuple):
@@ -152,6 +213,7 @@ class MatryoshkaBatchTopKTrainer(MatryoshkaTrainerBase):
     state_attributes = (
         "num_tokens_since_fired", "_b_dec_initialised",
         "effective_l0", "threshold_l0", "dead_features", "pre_norm_auxk_loss",
+        "reorder_ema", "latent_origin",
     )
     supports_data_parallel = True
 
@@ -167,6 +229,10 @@ class MatryoshkaBatchTopKTrainer(MatryoshkaTrainerBase):
 
         self.num_tokens_since_fired = torch.zeros(cfg.dict_size, dtype=torch.long, device=cfg.device)
         self._b_dec_initialised = False
+        # Per-latent statistics; reorder_by permutes them with the latents.
+        self.reorder_ema = torch.zeros(cfg.dict_size, dtype=torch.float32, device=cfg.device)
+        self.latent_origin = torch.arange(cfg.dict_size, device=cfg.device)
+        self.level_ends = [int(e) for e in torch.tensor(cfg.group_sizes).cumsum(0)]
         # Set by train(distributed="data"): update() then sees this rank's shard of each batch.
         self.collective = None
         self.logging_parameters = ["effective_l0", "threshold_l0", "dead_features", "pre_norm_auxk_loss"]
@@ -174,6 +240,20 @@ class MatryoshkaBatchTopKTrainer(MatryoshkaTrainerBase):
         self.threshold_l0 = -1.0
         self.dead_features = -1
         self.pre_norm_auxk_loss = -1.0
+
+    @property
+    def collective(self):
+        return self.__dict__.get("_collective")
+
+    @collective.setter
+    def collective(self, value) -> None:
+        if value is not None and self.cfg.reorder_by is not None:
+            # Reordering needs the statistic over the global batch before the permutation.
+            raise ValueError(
+                f"reorder_by={self.cfg.reorder_by!r} is not supported with train(distributed='data'); "
+                "use distributed='trainers' or one process"
+            )
+        self.__dict__["_collective"] = value
 
     # -- the loss ---------------------------------------------------------------------------
 
@@ -204,7 +284,7 @@ class MatryoshkaBatchTopKTrainer(MatryoshkaTrainerBase):
         r = residual.float()
         if collective is None:
             denom = (r - r.mean(0)).pow(2).sum(-1).mean()
-            pre_norm = float(l2)
+            pre_norm = float(l2.detach())
         else:  # the residual's variance over the global batch, in two passes like the one above
             n = r.shape[0] * collective.world_size
             mean = collective.sum_(r.sum(0)) / n
@@ -212,14 +292,38 @@ class MatryoshkaBatchTopKTrainer(MatryoshkaTrainerBase):
             pre_norm = float(collective.sum_(l2.detach().clone())) / collective.world_size
         return (l2 / denom).nan_to_num(0.0), pre_norm
 
+    def _level_auxk_loss(self, x, latents, residual, post_relu, dead, collective=None):
+        """Per-level AuxK (``matryoshka_aux_loss``): each group's dead latents fit its own residual."""
+        if not bool(dead.any()) or self.auxk_alpha == 0:
+            return residual.new_zeros(()), -1.0
+        ae = self.ae
+        residuals = level_residuals(x, latents, ae.W_dec, ae.b_dec, self.level_ends)
+        total, pre_norm, start = residual.new_zeros((), dtype=torch.float32), 0.0, 0
+        for end, r in zip(self.level_ends, residuals):
+            mine = torch.zeros_like(dead)
+            mine[start:end] = dead[start:end]
+            start = end
+            n_dead = int(mine.sum())
+            if n_dead == 0:
+                continue
+            loss, pre = self._auxk_loss(x, r, post_relu, mine, collective)
+            scale = min(n_dead / self.top_k_aux, 1.0)
+            total, pre_norm = total + scale * loss, pre_norm + scale * pre
+        return total, pre_norm
+
     def _forward(self, x: torch.Tensor, step: int | None, training: bool, collective=None) -> StepOutput:
         latents, post_relu = self.ae.encode_training(x, self.backend, self.matmul_dtype, collective)
         weights = self.prefixes.sample(self.generator) if training else self.prefixes.expected()
-        recon = prefix_mse(
-            x, latents, self.ae.W_dec, self.ae.b_dec, weights, backend=self.backend, consume_grads=training
-        )
+        ae = self.ae
+        if self.detach_inner_levels:
+            recon = detached_level_mse(x, latents, ae.W_dec, ae.b_dec, weights, self.level_ends)
+        else:
+            recon = prefix_mse(x, latents, ae.W_dec, ae.b_dec, weights, backend=self.backend, consume_grads=training)
         since, dead = self._dead_mask(latents, collective)
-        auxk, pre_norm_auxk = self._auxk_loss(x, recon.residual, post_relu, dead, collective)
+        if self.matryoshka_aux_loss:
+            auxk, pre_norm_auxk = self._level_auxk_loss(x, latents, recon.residual, post_relu, dead, collective)
+        else:
+            auxk, pre_norm_auxk = self._auxk_loss(x, recon.residual, post_relu, dead, collective)
         loss = recon.loss + self.auxk_alpha * auxk
         terms = torch.stack([recon.loss.detach().float(), auxk.detach().float()])
         if collective is not None:  # every rank sees the global values, so all raise together
@@ -265,6 +369,8 @@ class MatryoshkaBatchTopKTrainer(MatryoshkaTrainerBase):
         """One optimisation step on ``x`` (with ``collective`` set: this rank's shard of the batch)."""
         x = self._prepare(x, step)
         dp = self.collective
+        if self.k_anneal_steps:
+            self.ae.k.fill_(annealed_k(step, self.cfg.k, self.activation_dim, self.k_anneal_steps))
         if not self._b_dec_initialised:
             first = x if dp is None else dp.gather_rows(x)
             self.ae.b_dec.data.copy_(geometric_median(first).to(self.ae.b_dec.dtype))
@@ -287,6 +393,7 @@ class MatryoshkaBatchTopKTrainer(MatryoshkaTrainerBase):
             # Estimated on up to 256 tokens: a full pass over [B, n] would cost a tenth of a step.
             sample = post_relu[:256]
             self.threshold_l0 = float((sample > thr).sum()) / sample.shape[0] if thr >= 0 else -1.0
+            perm = self._reorder_permutation(latents) if self.reorder_by is not None else None
         parts = out.parts
         del post_relu, out  # the dense [B, n] activations are not needed for backward
 
@@ -301,5 +408,35 @@ class MatryoshkaBatchTopKTrainer(MatryoshkaTrainerBase):
         self.scheduler.step()
         with torch.no_grad():
             W.div_(W.norm(dim=1, keepdim=True).clamp_min(torch.finfo(W.dtype).eps))
+        if perm is not None:
+            self.reorder(perm)
         # With a collective: the global batch's loss, the same on every rank.
         return parts["l2_loss"] + self.auxk_alpha * parts["auxk_loss"] if dp is not None else loss.item()
+
+    # -- dynamic prefixes ---------------------------------------------------------------------
+
+    @torch.no_grad()
+    def _reorder_permutation(self, latents: SparseLatents) -> torch.Tensor:
+        """Update the EMA of ``reorder_by``'s statistic with this batch; the order it sorts to."""
+        n, B = self.dict_size, latents.batch_size
+        on = latents.values > 0
+        idx, vals = latents.indices[on], latents.values.detach()[on].float()
+        if self.reorder_by == "frequency":
+            stat = torch.zeros(n, device=idx.device).index_add_(0, idx, torch.ones_like(vals))
+        else:  # squared contribution a_i * ||w_i||
+            norms = self.ae.W_dec.detach().float().norm(dim=1)
+            stat = torch.zeros(n, device=idx.device).index_add_(0, idx, (vals * norms[idx]).pow(2))
+        ema = self.reorder_ema
+        ema.mul_(self.reorder_decay).add_((1 - self.reorder_decay) * stat.to(ema.device) / B)
+        return torch.argsort(ema, descending=True, stable=True)
+
+    @torch.no_grad()
+    def reorder(self, perm: torch.Tensor) -> None:
+        """Put latent ``perm[i]`` at position ``i``: weights, Adam moments and statistics."""
+        ae = self.ae
+        permute_latents_(
+            perm,
+            self.optimizer,
+            [(ae.W_enc, 1), (ae.b_enc, 0), (ae.W_dec, 0)],
+            [self.reorder_ema, self.num_tokens_since_fired, self.latent_origin],
+        )

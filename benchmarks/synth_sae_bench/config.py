@@ -1,0 +1,120 @@
+"""SynthSAEBench protocols (synthetic model, SAE width, L0, samples) and the SAE variants compared.
+
+``full`` is SynthSAEBench-16k as published (Chanin and Garriga-Alonso 2026; SAELens
+docs/synth_sae_bench.md and synth-sae-bench-experiments experiments/sweeps/common.py): 16,384
+features in d=768, SAEs of width 4096 with Matryoshka widths 128/512/2048/4096, 200M samples,
+batch 1024, lr 3e-4, constant schedule. ``cpu`` is the same generator at a quarter of the size
+in every count (4,096 features in d=256, 32 hierarchy roots, SAE width 1024, widths
+32/128/512/1024), which builds in a minute.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = ["PROTOCOLS", "PUBLISHED", "Protocol", "Variant", "VARIANTS", "model_config"]
+
+
+@dataclass(frozen=True)
+class Protocol:
+    """One benchmark set-up: the synthetic model and the training budget."""
+
+    name: str
+    num_features: int
+    hidden_dim: int
+    root_nodes: int
+    width: int
+    matryoshka_widths: tuple[int, ...]
+    l0s: tuple[int, ...]
+    samples: int
+    seeds: tuple[int, ...]
+    eval_samples: int
+    batch_size: int = 1024
+    lr: float = 3e-4
+    device: str = "cpu"
+    epochs: int = 1
+    """Passes over the cached training samples (CPU: sampling costs more than a training step)."""
+    dead_window: int = 1000
+    """Steps without firing after which a latent counts as dead (AuxK) in every SAE (SAELens' default 1000)."""
+
+    def label(self, samples: int, dead_window: int | None = None) -> str:
+        """The ``protocol`` column: model, sample count and dead-latent window."""
+        dw = self.dead_window if dead_window is None else dead_window
+        return f"{self.name}:{self.num_features // 1024}k-d{self.hidden_dim}-w{self.width}:{samples}:dw{dw}"
+
+
+PROTOCOLS = {
+    "full": Protocol("full", 16_384, 768, 128, 4096, (128, 512, 2048, 4096), (25, 20), 200_000_000, (0, 1, 2),
+                     500_000, device="cuda"),
+    "cpu": Protocol("cpu", 4096, 256, 32, 1024, (32, 128, 512, 1024), (12,), 262_144, (0, 1, 2), 16_384,
+                    dead_window=100, epochs=4),
+}
+
+
+def model_config(p: Protocol) -> Any:
+    """SAELens' ``SyntheticModelConfig`` of SynthSAEBench-16k, resized to ``p`` (seed 42)."""
+    from sae_lens.synthetic import (
+        FoldedNormalMagnitudeConfig,
+        HierarchyConfig,
+        LinearMagnitudeConfig,
+        LowRankCorrelationConfig,
+        OrthogonalizationConfig,
+        SyntheticModelConfig,
+        ZipfianFiringProbabilityConfig,
+    )
+
+    return SyntheticModelConfig(
+        num_features=p.num_features,
+        hidden_dim=p.hidden_dim,
+        firing_probability=ZipfianFiringProbabilityConfig(exponent=0.5, max_prob=0.4, min_prob=5e-4),
+        hierarchy=HierarchyConfig(
+            total_root_nodes=p.root_nodes, branching_factor=4, max_depth=3, mutually_exclusive_portion=1.0,
+            mutually_exclusive_min_depth=0, compensate_probabilities=True, scale_children_by_parent=True,
+        ),
+        orthogonalization=OrthogonalizationConfig(num_steps=100, lr=3e-4),
+        correlation=LowRankCorrelationConfig(rank=25, correlation_scale=0.1),
+        mean_firing_magnitudes=LinearMagnitudeConfig(start=5.0, end=4.0),
+        std_firing_magnitudes=FoldedNormalMagnitudeConfig(mean=0.5, std=0.5),
+        bias=0.5,
+        seed=42,
+    )
+
+
+@dataclass(frozen=True)
+class Variant:
+    """An SAE trained in the benchmark: this package's trainer with options, or a SAELens SAE."""
+
+    name: str
+    source: str  # "matryoshka_plugin" or "saelens"
+    options: dict = field(default_factory=dict)
+    main: bool = False  # trained with every seed; the others with the first seed only
+    description: str = ""
+
+
+VARIANTS = {v.name: v for v in [
+    Variant("saelens-batchtopk", "saelens", {"architecture": "batchtopk"}, True, "SAELens BatchTopKTrainingSAE"),
+    Variant("saelens-matryoshka", "saelens", {"architecture": "matryoshka", "use_matryoshka_aux_loss": True}, True,
+            "SAELens MatryoshkaBatchTopKTrainingSAE, per-level AuxK (as published)"),
+    Variant("matryoshka", "matryoshka_plugin", {}, True, "fixed groups, equal weights"),
+    Variant("matryoshka+aux", "matryoshka_plugin", {"matryoshka_aux_loss": True}, False, "per-level AuxK"),
+    Variant("matryoshka+detach", "matryoshka_plugin", {"detach_inner_levels": True}, False,
+            "stop-gradient between levels"),
+    Variant("matryoshka+reorder", "matryoshka_plugin", {"reorder_by": "frequency"}, False,
+            "latents reordered by an EMA of firing frequency"),
+    Variant("matryoshka+anneal", "matryoshka_plugin", {"k_anneal": 0.1}, False,
+            "k from d down to the target over the first tenth"),
+    Variant("matryoshka+beta0.75", "matryoshka_plugin", {"balance_beta": 0.75}, False,
+            "balance weighting, inner levels by 0.75**depth (feature-hedging remedy)"),
+    Variant("matryoshka+all", "matryoshka_plugin",
+            {"detach_inner_levels": True, "reorder_by": "frequency", "k_anneal": 0.1, "matryoshka_aux_loss": True},
+            True, "detach + reorder + anneal + per-level AuxK"),
+]}
+
+# Published SynthSAEBench-16k results (width 4096, 200M samples; SAELens docs, mean of seeds).
+PUBLISHED = {
+    (25, "BatchTopK"): dict(f1=0.7316, mcc=0.7574, uniqueness=0.9837, explained_variance=0.7923),
+    (25, "Matryoshka"): dict(f1=0.8793, mcc=0.7927, uniqueness=0.9987, explained_variance=0.7792),
+    (20, "BatchTopK"): dict(f1=0.8183, mcc=0.7526, uniqueness=0.9760, explained_variance=0.7889),
+    (20, "Matryoshka"): dict(f1=0.8601, mcc=0.7455, uniqueness=0.9874, explained_variance=0.7699),
+}

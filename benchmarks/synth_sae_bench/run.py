@@ -1,0 +1,210 @@
+"""Train every variant on one pool of synthetic samples, evaluate with SAELens, write the table.
+
+Every SAE of a protocol reads the same batches in the same order (``model.sample_pool``) and is
+scored by ``sae_lens.synthetic.eval_sae_on_synthetic_data`` on the same held-out samples. This
+package's trainers train through :func:`matryoshka_plugin.train` (trainSAE's loop) and are
+exported with :func:`matryoshka_plugin.export_to_saelens`; SAELens' BatchTopK and
+MatryoshkaBatchTopK training SAEs train with SAELens' ``SAETrainer`` (the settings
+``train_toy_sae`` and ``SyntheticSAERunner`` use). One CSV row per SAE; rows already present
+are skipped, so an interrupted run continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import csv
+import statistics
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+
+from .config import PUBLISHED, Protocol, Variant
+
+__all__ = ["COLUMNS", "Pool", "run_benchmark", "write_markdown"]
+
+COLUMNS = ["protocol", "sae", "source", "l0", "seed", "f1", "mcc", "uniqueness", "explained_variance", "dead"]
+
+
+class Pool:
+    """The training batches: the cached samples in order, ``epochs`` times (the same for every SAE)."""
+
+    def __init__(self, hidden: torch.Tensor, batch_size: int, epochs: int, device: str):
+        self.hidden, self.batch_size, self.epochs, self.device = hidden, batch_size, epochs, device
+        self.batches_per_epoch = hidden.shape[0] // batch_size
+        if self.batches_per_epoch < 1:
+            raise ValueError(f"{hidden.shape[0]} samples hold no batch of {batch_size}")
+
+    @property
+    def steps(self) -> int:
+        return self.batches_per_epoch * self.epochs
+
+    @property
+    def samples(self) -> int:
+        return self.steps * self.batch_size
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        for _ in range(self.epochs):
+            for i in range(self.batches_per_epoch):
+                yield self.hidden[i * self.batch_size : (i + 1) * self.batch_size].to(self.device)
+
+
+class _Replay:
+    """An ``ActivationGenerator`` stand-in for the eval: hands out the cached feature activations."""
+
+    def __init__(self, features: torch.Tensor, device: str):
+        self.features, self.device, self.at = features, device, 0
+
+    def sample(self, n: int) -> torch.Tensor:
+        rows = self.features.index_select(0, torch.arange(self.at, self.at + n))
+        self.at += n
+        return rows.to_dense().to(self.device)
+
+
+def _evaluate(sae: Any, model: Any, eval_features: torch.Tensor, device: str) -> dict[str, float]:
+    from sae_lens.synthetic import eval_sae_on_synthetic_data
+
+    n = eval_features.shape[0]
+    res = eval_sae_on_synthetic_data(sae.to(device), model.feature_dict.to(device), _Replay(eval_features, device),
+                                     num_samples=n, batch_size=1024)
+    return dict(l0_measured=res.sae_l0, f1=res.classification.f1_score, mcc=res.mcc, uniqueness=res.uniqueness,
+                explained_variance=res.explained_variance, dead=res.dead_latents)
+
+
+def _train_ours(p: Protocol, v: Variant, l0: int, seed: int, pool: Pool, folder: Path) -> Any:
+    from sae_lens import SAE
+
+    from matryoshka_plugin import MatryoshkaBatchTopKTrainer, export_to_saelens, train
+
+    steps = pool.steps
+    widths = list(p.matryoshka_widths)
+    fractions = [(b - a) / p.width for a, b in zip([0, *widths[:-1]], widths)]
+    options = dict(v.options)
+    anneal = options.pop("k_anneal", None)
+    cfg = dict(
+        trainer=MatryoshkaBatchTopKTrainer, steps=steps, activation_dim=p.hidden_dim, dict_size=p.width, k=l0,
+        group_fractions=fractions, lr=p.lr, warmup_steps=0, threshold_start_step=min(1000, steps // 4),
+        # the inference threshold's EMA at SAELens' rate (topk_threshold_lr=0.01): with the default
+        # 0.999 the threshold lags over a short run and the exported SAE fires below the target L0
+        threshold_beta=0.99,
+        # the same dead-latent window as SAELens' dead_feature_window
+        dead_feature_threshold=p.dead_window * p.batch_size, seed=seed, device=p.device, layer=0, lm_name="synthetic",
+        k_anneal_steps=int(anneal * steps) if anneal else None, **options,
+    )
+    train(iter(pool), [cfg], steps, save_dir=str(folder / "train"), device=p.device, progress=False)
+    export_to_saelens(folder / "train" / "trainer_0", folder / "saelens", model_name="synthetic",
+                      hook_name="synthetic", overwrite=True)
+    return SAE.load_from_disk(str(folder / "saelens"), device=p.device)
+
+
+def _train_saelens(p: Protocol, v: Variant, l0: int, seed: int, pool: Pool) -> Any:
+    from sae_lens import (
+        BatchTopKTrainingSAE,
+        BatchTopKTrainingSAEConfig,
+        MatryoshkaBatchTopKTrainingSAE,
+        MatryoshkaBatchTopKTrainingSAEConfig,
+    )
+    from sae_lens.config import LoggingConfig, SAETrainerConfig
+    from sae_lens.training.sae_trainer import SAETrainer
+
+    torch.manual_seed(seed)
+    if v.options["architecture"] == "batchtopk":
+        sae = BatchTopKTrainingSAE(BatchTopKTrainingSAEConfig(k=l0, d_in=p.hidden_dim, d_sae=p.width))
+    else:  # inner widths as synth-sae-bench-experiments (the outer level is the SAE itself)
+        sae = MatryoshkaBatchTopKTrainingSAE(MatryoshkaBatchTopKTrainingSAEConfig(
+            k=l0, d_in=p.hidden_dim, d_sae=p.width, matryoshka_widths=list(p.matryoshka_widths),
+            use_matryoshka_aux_loss=v.options.get("use_matryoshka_aux_loss", False)))
+    cfg = SAETrainerConfig(
+        total_training_samples=pool.samples, train_batch_size_samples=p.batch_size, lr=p.lr, lr_end=p.lr,
+        lr_scheduler_name="constant", device=p.device, dead_feature_window=p.dead_window, feature_sampling_window=2000,
+        logger=LoggingConfig(log_to_wandb=False, eval_every_n_wandb_logs=2**31 - 1),
+    )
+    return SAETrainer(cfg=cfg, sae=sae, data_provider=iter(pool)).fit()
+
+
+def _done(csv_path: Path) -> set[tuple[str, str, int, int]]:
+    if not csv_path.exists():
+        return set()
+    with csv_path.open() as f:
+        return {(r["protocol"], r["sae"], int(r["l0"]), int(r["seed"])) for r in csv.DictReader(f)}
+
+
+def _append(csv_path: Path, row: dict) -> None:
+    new = not csv_path.exists()
+    csv_path.parent.mkdir(parents=True, exist_ok=True)
+    with csv_path.open("a", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=COLUMNS)
+        if new:
+            w.writeheader()
+        w.writerow({k: row[k] for k in COLUMNS})
+        f.flush()
+
+
+def run_benchmark(p: Protocol, label: str, variants: list[Variant], model: Any, pool: Pool,
+                  eval_features: torch.Tensor, work: Path, csv_path: Path, seeds: tuple[int, ...],
+                  l0s: tuple[int, ...]) -> list[dict]:
+    """Train and score every (variant, L0, seed) missing from ``csv_path``; returns the new rows."""
+    done, rows = _done(csv_path), []
+    # the main variants with every seed first, then the others with the first seed
+    order = [(v, s) for s in seeds for v in variants if v.main] + [(v, seeds[0]) for v in variants if not v.main]
+    for l0 in l0s:
+        for v, seed in order:
+            if (label, v.name, l0, seed) in done:
+                continue
+            t0 = time.time()
+            folder = work / f"{v.name}-l0{l0}-s{seed}"
+            with torch.random.fork_rng():
+                if v.source == "saelens":
+                    sae = _train_saelens(p, v, l0, seed, pool)
+                    sae.save_inference_model(str(folder / "saelens"))  # for the hedging report
+                else:
+                    sae = _train_ours(p, v, l0, seed, pool, folder)
+                scores = _evaluate(sae, model, eval_features, p.device)
+            row = dict(protocol=label, sae=v.name, source=v.source, l0=l0, seed=seed,
+                       **{k: (round(x, 4) if isinstance(x, float) else x) for k, x in scores.items()})
+            _append(csv_path, row)
+            rows.append(row)
+            print(f"{v.name} L0={l0} seed={seed}: F1 {row['f1']:.4f} MCC {row['mcc']:.4f} uniq "
+                  f"{row['uniqueness']:.4f} EV {row['explained_variance']:.4f} dead {row['dead']} "
+                  f"(measured L0 {scores['l0_measured']:.1f}, {time.time() - t0:.0f} s)", flush=True)
+    return rows
+
+
+def _mean_spread(values: list[float]) -> str:
+    if len(values) == 1:
+        return f"{values[0]:.3f}"
+    return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
+
+
+def write_markdown(csv_path: Path, md_path: Path, descriptions: dict[str, str], header: str) -> None:
+    """The CSV as tables (mean ± standard deviation over seeds), one per protocol and L0, with the
+    published SynthSAEBench-16k numbers beside the ``full`` protocol."""
+    with csv_path.open() as f:
+        rows = list(csv.DictReader(f))
+    groups: dict[tuple[str, int], dict[str, list[dict]]] = defaultdict(lambda: defaultdict(list))
+    for r in rows:
+        groups[(r["protocol"], int(r["l0"]))][r["sae"]].append(r)
+    out = [header, ""]
+    for (protocol, l0), saes in groups.items():
+        out += [f"### {protocol}, L0 = {l0}", "",
+                "| SAE | source | seeds | F1 | MCC | uniqueness | var. explained | dead | what |",
+                "|---|---|---|---|---|---|---|---|---|"]
+        ranked = sorted(saes.items(), key=lambda kv: -statistics.mean(float(r["f1"]) for r in kv[1]))
+        for name, rs in ranked:
+            rs = sorted(rs, key=lambda r: int(r["seed"]))
+            cols = [_mean_spread([float(r[c]) for r in rs]) for c in ("f1", "mcc", "uniqueness", "explained_variance")]
+            deads = [float(r["dead"]) for r in rs]
+            dead = f"{statistics.mean(deads):.0f}" + (f" ± {statistics.stdev(deads):.0f}" if len(deads) > 1 else "")
+            seeds = ",".join(r["seed"] for r in rs)
+            out.append(f"| {name} | {rs[0]['source']} | {seeds} | " + " | ".join(cols)
+                       + f" | {dead} | {descriptions.get(name, '')} |")
+        if protocol.startswith("full"):
+            for arch in ("Matryoshka", "BatchTopK"):
+                pub = PUBLISHED.get((l0, arch))
+                if pub:
+                    out.append(f"| published {arch} | paper | 3 | {pub['f1']:.3f} | {pub['mcc']:.3f} | "
+                               f"{pub['uniqueness']:.3f} | {pub['explained_variance']:.3f} | | SAELens docs |")
+        out.append("")
+    md_path.parent.mkdir(parents=True, exist_ok=True)
+    md_path.write_text("\n".join(out))

@@ -1,0 +1,119 @@
+"""SynthSAEBench benchmark: the cached model's fingerprint, shared samples, a tiny run end to end."""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+
+import pytest
+import torch
+
+from benchmarks.synth_sae_bench.config import PROTOCOLS, VARIANTS, Protocol, model_config
+from benchmarks.synth_sae_bench.model import SeededBatches, fingerprint, load_or_build, sample_pool
+from benchmarks.synth_sae_bench.run import COLUMNS, Pool, run_benchmark, write_markdown
+
+TINY = Protocol("tiny", 64, 16, 2, 32, (4, 8, 16, 32), (3,), 4096, (0, 1), 512, batch_size=128)
+
+
+def test_full_protocol_is_synthsaebench_16k():
+    cfg = model_config(PROTOCOLS["full"]).to_dict()
+    assert (cfg["num_features"], cfg["hidden_dim"], cfg["seed"], cfg["bias"]) == (16384, 768, 42, 0.5)
+    assert cfg["hierarchy"]["total_root_nodes"] == 128 and cfg["hierarchy"]["branching_factor"] == 4
+    assert cfg["hierarchy"]["max_depth"] == 3 and cfg["hierarchy"]["scale_children_by_parent"] is True
+    assert cfg["correlation"]["rank"] == 25 and cfg["orthogonalization"]["num_steps"] == 100
+    full = PROTOCOLS["full"]
+    assert (full.width, full.matryoshka_widths, full.l0s, full.samples) == (4096, (128, 512, 2048, 4096), (25, 20),
+                                                                            200_000_000)
+
+
+def test_cached_model_is_checked_on_load(tmp_path):
+    built = load_or_build(TINY, tmp_path)
+    again = load_or_build(TINY, tmp_path)
+    assert fingerprint(again) == fingerprint(built)
+    assert torch.equal(again.feature_dict.feature_vectors, built.feature_dict.feature_vectors)
+    # a changed feature dictionary is refused, not silently used
+    folder = next(p for p in tmp_path.iterdir() if p.is_dir())
+    from safetensors.torch import load_file, save_file
+
+    weights_file = next(folder.glob("*.safetensors"))
+    weights = load_file(weights_file)
+    weights["feature_vectors"] = weights["feature_vectors"] * 1.001
+    save_file(weights, weights_file)
+    with pytest.raises(RuntimeError, match="fingerprint"):
+        load_or_build(TINY, tmp_path)
+    with pytest.raises(RuntimeError, match="another configuration"):
+        load_or_build(dataclasses.replace(TINY, root_nodes=3), tmp_path)
+
+
+def test_every_sae_sees_the_same_batches(tmp_path):
+    model = load_or_build(TINY, tmp_path)
+    hidden, feats = sample_pool(model, 300, 1, tmp_path / "pool.pt", batch_size=128)
+    assert hidden.shape == (300, 16) and feats.shape == (300, 64)
+    # the hidden activations are the feature dictionary applied to the stored features
+    assert torch.allclose(model.feature_dict(feats.to_dense()), hidden, atol=1e-5)
+    again, _ = sample_pool(model, 300, 1, tmp_path / "pool.pt")
+    assert torch.equal(again, hidden)
+    pool = Pool(hidden, 128, 2, "cpu")
+    first, second = list(pool), list(pool)
+    assert pool.steps == 4 and all(torch.equal(a, b) for a, b in zip(first, second))
+    seeded = SeededBatches(model, 32, 3, seed=5)
+    assert all(torch.equal(a, b) for a, b in zip(seeded, seeded))
+
+
+@pytest.mark.slow
+def test_tiny_benchmark_end_to_end_and_resumes(tmp_path, capsys):
+    model = load_or_build(TINY, tmp_path)
+    hidden, _ = sample_pool(model, 2048, 1, tmp_path / "train.pt", batch_size=512)
+    feats = sample_pool(model, 512, 999, tmp_path / "eval.pt", batch_size=512)[1]
+    variants = [VARIANTS[n] for n in ("saelens-batchtopk", "matryoshka", "matryoshka+all", "matryoshka+detach")]
+    csv_path, md = tmp_path / "docs" / "results.csv", tmp_path / "docs" / "results.md"
+    pool = Pool(hidden, 128, 1, "cpu")
+    rows = run_benchmark(TINY, "tiny", variants, model, pool, feats, tmp_path / "saes", csv_path, (0, 1), (3,))
+    # main variants with both seeds, the others with the first
+    assert sorted((r["sae"], r["seed"]) for r in rows) == [
+        ("matryoshka", 0), ("matryoshka", 1), ("matryoshka+all", 0), ("matryoshka+all", 1), ("matryoshka+detach", 0),
+        ("saelens-batchtopk", 0), ("saelens-batchtopk", 1)]
+    for r in rows:
+        assert 0 <= r["f1"] <= 1 and 0 <= r["mcc"] <= 1 and 0 <= r["uniqueness"] <= 1 and r["dead"] >= 0
+    with csv_path.open() as f:
+        assert next(csv.reader(f)) == COLUMNS
+    # rerunning trains nothing
+    assert run_benchmark(TINY, "tiny", variants, model, pool, feats, tmp_path / "saes", csv_path, (0, 1), (3,)) == []
+    write_markdown(csv_path, md, {"matryoshka": "fixed groups"}, "# results")
+    text = md.read_text()
+    assert "### tiny, L0 = 3" in text and "| matryoshka | matryoshka_plugin | 0,1 |" in text
+
+
+def test_hedging_per_parent_against_a_direct_computation(tmp_path):
+    from sae_lens import StandardSAE, StandardSAEConfig
+
+    from benchmarks.synth_sae_bench.hedging import hedging_per_parent, parents_and_children
+
+    model = load_or_build(TINY, tmp_path)
+    pairs = parents_and_children(model.hierarchy)
+
+    def walk(node):  # the hierarchy's own serialisation, read independently
+        kids = [c["feature_index"] for c in node["children"]]
+        return ([(node["feature_index"], kids)] if kids else []) + [x for c in node["children"] for x in walk(c)]
+
+    assert sorted(x for r in model.hierarchy.to_dict()["roots"] for x in walk(r)) == pairs
+    F = model.feature_dict.feature_vectors.detach()
+    parents = [p for p, _ in pairs]
+    # an SAE whose latent i is parent i's direction plus 0.5 of its first child's
+    sae = StandardSAE(StandardSAEConfig(d_in=16, d_sae=len(parents)))
+    with torch.no_grad():
+        rows = torch.stack([F[p] + 0.5 * F[kids[0]] for p, kids in pairs])
+        sae.W_dec.copy_(rows)
+        sae.W_enc.copy_(rows.T)
+        sae.b_enc.fill_(-1e9)  # never fires: absorption 1 wherever a parent is seen with a child
+    hidden, feats = sample_pool(model, 2000, 3, tmp_path / "h.pt", batch_size=500)
+    got = hedging_per_parent(sae, F, pairs, hidden, feats)
+    Fn = F / F.norm(dim=1, keepdim=True)
+    want = []
+    for p, kids in pairs:
+        w = F[p] + 0.5 * F[kids[0]]
+        best = (F[p] / F[p].norm()) @ (rows / rows.norm(dim=1, keepdim=True)).T
+        assert int(best.argmax()) == parents.index(p)
+        want.append(float(((w / w.norm()) @ Fn[kids].T).mean()))
+    assert got["hedging"] == pytest.approx(sum(want) / len(want), abs=1e-5) and got["hedging"] > 0.05
+    assert got["absorption"] == 1.0 and got["parents"] == len(pairs)
