@@ -124,6 +124,9 @@ def test_loading_a_different_configuration_names_the_differences():
     log = MatryoshkaLogSparsityTrainer(**_settings(MatryoshkaLogSparsityTrainer, "groups"))
     with pytest.raises(CheckpointError, match="MatryoshkaBatchTopKTrainer state.*MatryoshkaLogSparsityTrainer"):
         log.load_state_dict(state)
+    # a checkpoint from before a setting existed resumes as that setting's default
+    old = dict(state, config={k: v for k, v in state["config"].items() if k != "k_anneal_steps"})
+    MatryoshkaBatchTopKTrainer(**_settings(MatryoshkaBatchTopKTrainer, "groups")).load_state_dict(old)
     # the device may change between runs
     moved = MatryoshkaBatchTopKTrainer(**dict(_settings(MatryoshkaBatchTopKTrainer, "groups"), device="cpu:0"))
     moved.load_state_dict(state)

@@ -160,13 +160,6 @@ def test_reordering_is_a_relabelling_when_the_loss_ignores_order(by):
     assert torch.equal(moved.num_tokens_since_fired, plain.num_tokens_since_fired[origin])
 
 
-def test_reordering_refuses_data_parallel():
-    t = MatryoshkaBatchTopKTrainer(**_settings(reorder_by="frequency"))
-    with pytest.raises(ValueError, match="reorder_by='frequency' is not supported with train\\(distributed='data'\\)"):
-        t.collective = object()
-    MatryoshkaBatchTopKTrainer(**_settings(k_anneal_steps=5, detach_inner_levels=True)).collective = object()
-
-
 def _upstream_k_schedule(steps: int, k: int, d: int, anneal: int) -> list[int]:
     """dictionary_learning head: after the update at step s, k <- int(d (1 - r) + k r), r = min(s, A) / A."""
     out, current = [], d

@@ -33,10 +33,9 @@ def trainer_configs(which: str, steps: int) -> list[dict]:
         out.append(dict(trainer=MatryoshkaBatchTopKTrainer, **common, k=4, prefix_mode=mode, seed=10 + i,
                         group_fractions=fractions if mode == "groups" else None, warmup_steps=3,
                         threshold_start_step=4, dead_feature_threshold=256, n_prefixes=4))
-    if which in ("dp-options", "dp-reorder"):  # the new options: data-parallel or a clear refusal
-        opts = [dict(matryoshka_aux_loss=True, detach_inner_levels=True, k_anneal_steps=6), dict(k_anneal_steps=3)]
-        if which == "dp-reorder":
-            opts = [dict(reorder_by="frequency")]
+    if which == "dp-options":  # the MatryoshkaBatchTopKTrainer options, data-parallel
+        opts = [dict(matryoshka_aux_loss=True, detach_inner_levels=True, k_anneal_steps=6), dict(k_anneal_steps=3),
+                dict(reorder_by="frequency"), dict(reorder_by="contribution", reorder_decay=0.9)]
         return [dict(trainer=MatryoshkaBatchTopKTrainer, **common, k=4, seed=40 + i, group_fractions=fractions,
                      warmup_steps=3, threshold_start_step=4, dead_feature_threshold=128, **o)
                 for i, o in enumerate(opts)]
@@ -66,7 +65,7 @@ def batches(kill_at: int, batch: int):
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser()
     p.add_argument("out")
-    p.add_argument("--set", default="all", choices=["all", "dp", "dp-options", "dp-reorder"])
+    p.add_argument("--set", default="all", choices=["all", "dp", "dp-options"])
     p.add_argument("--steps", type=int, default=24)
     p.add_argument("--kill-at", type=int, default=-1)
     p.add_argument("--resume", action="store_true")

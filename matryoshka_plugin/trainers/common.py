@@ -170,7 +170,9 @@ class MatryoshkaTrainerBase(SAETrainer):
             raise CheckpointError(
                 f"the checkpoint holds a {state.get('trainer_class')} state; this trainer is a {self.trainer_class_name}"
             )
-        check_same_config(state["config"], self.config)
+        # Settings added to the trainer after the checkpoint was written count as their defaults.
+        defaults = {f.name: f.default for f in dataclasses.fields(self.cfg) if f.default is not dataclasses.MISSING}
+        check_same_config({**defaults, **state["config"]}, self.config)
         for key, value in state.get("settings", {}).items():
             # Settings resolved at the first step (None until then) come back as resolved.
             if key in self.cfg.__dataclass_fields__ and getattr(self.cfg, key) is None and value is not None:

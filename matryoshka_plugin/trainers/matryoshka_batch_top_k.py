@@ -241,20 +241,6 @@ class MatryoshkaBatchTopKTrainer(MatryoshkaTrainerBase):
         self.dead_features = -1
         self.pre_norm_auxk_loss = -1.0
 
-    @property
-    def collective(self):
-        return self.__dict__.get("_collective")
-
-    @collective.setter
-    def collective(self, value) -> None:
-        if value is not None and self.cfg.reorder_by is not None:
-            # Reordering needs the statistic over the global batch before the permutation.
-            raise ValueError(
-                f"reorder_by={self.cfg.reorder_by!r} is not supported with train(distributed='data'); "
-                "use distributed='trainers' or one process"
-            )
-        self.__dict__["_collective"] = value
-
     # -- the loss ---------------------------------------------------------------------------
 
     def _dead_mask(self, latents: SparseLatents, collective=None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -419,6 +405,7 @@ class MatryoshkaBatchTopKTrainer(MatryoshkaTrainerBase):
     def _reorder_permutation(self, latents: SparseLatents) -> torch.Tensor:
         """Update the EMA of ``reorder_by``'s statistic with this batch; the order it sorts to."""
         n, B = self.dict_size, latents.batch_size
+        dp = self.collective
         on = latents.values > 0
         idx, vals = latents.indices[on], latents.values.detach()[on].float()
         if self.reorder_by == "frequency":
@@ -426,6 +413,8 @@ class MatryoshkaBatchTopKTrainer(MatryoshkaTrainerBase):
         else:  # squared contribution a_i * ||w_i||
             norms = self.ae.W_dec.detach().float().norm(dim=1)
             stat = torch.zeros(n, device=idx.device).index_add_(0, idx, (vals * norms[idx]).pow(2))
+        if dp is not None:  # the statistic of the global batch, so every rank sorts alike
+            stat, B = dp.sum_(stat), B * dp.world_size
         ema = self.reorder_ema
         ema.mul_(self.reorder_decay).add_((1 - self.reorder_decay) * stat.to(ema.device) / B)
         return torch.argsort(ema, descending=True, stable=True)
