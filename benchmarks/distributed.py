@@ -88,7 +88,7 @@ def _measure(a: argparse.Namespace, mode: str, saes: int, nproc: int) -> float:
         cmd = [sys.executable, *args]
     root = Path(__file__).resolve().parents[1]
     env = dict(os.environ, PYTHONPATH=str(root) + os.pathsep + os.environ.get("PYTHONPATH", ""),
-               OMP_NUM_THREADS="1", DISTRIBUTED_BENCH=spec)
+               OMP_NUM_THREADS="1", NUMBA_NUM_THREADS="1", DISTRIBUTED_BENCH=spec)
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=root)
     if out.returncode:
         raise RuntimeError(out.stderr[-3000:])

@@ -149,6 +149,8 @@ def setup(mode: str | None, timeout_s: float = DEFAULT_TIMEOUT_S, backend: str |
         if backend == "nccl":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group(backend=backend, timeout=timedelta(seconds=timeout_s))
+        if backend == "gloo":
+            _match_numba_threads()
         # The group stays for later train() calls in this process (re-creating it from torchrun's
         # store hangs) and is destroyed at exit.
         atexit.register(_destroy)
@@ -158,6 +160,16 @@ def setup(mode: str | None, timeout_s: float = DEFAULT_TIMEOUT_S, backend: str |
         world_size=dist.get_world_size(),
         local_rank=int(os.environ.get("LOCAL_RANK", dist.get_rank())),
     )
+
+
+def _match_numba_threads() -> None:
+    """CPU processes share the cores: the numba kernels take as many threads as torch (torchrun
+    sets OMP_NUM_THREADS=1) instead of one per core each, which oversubscribed 2 cores 2x."""
+    try:
+        import numba
+    except ImportError:
+        return
+    numba.set_num_threads(max(1, min(numba.config.NUMBA_NUM_THREADS, torch.get_num_threads())))
 
 
 def _destroy() -> None:
