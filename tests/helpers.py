@@ -49,3 +49,19 @@ def brute_force(x, f, W, b, weights):
         x_hat = f[:, :m] @ W[:m] + b
         total = total + weights.lam[m] * (x - x_hat).pow(2).sum(-1).mean()
     return total
+
+
+def linear_sae(enc_rows, dec_rows, threshold: float = 0.5):
+    """A MatryoshkaBatchTopKSAE with the given encoder and decoder rows, zero biases and an
+    inference threshold: constructed SAEs whose firing is known in advance."""
+    from matryoshka_plugin import MatryoshkaBatchTopKSAE
+
+    enc, dec = torch.tensor(enc_rows, dtype=torch.float32), torch.tensor(dec_rows, dtype=torch.float32)
+    sae = MatryoshkaBatchTopKSAE(enc.shape[1], enc.shape[0], k=1, group_sizes=[enc.shape[0]])
+    with torch.no_grad():
+        sae.W_enc.copy_(enc.T)
+        sae.W_dec.copy_(dec)
+        sae.b_enc.zero_()
+        sae.b_dec.zero_()
+        sae.threshold.fill_(threshold)
+    return sae

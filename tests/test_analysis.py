@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from helpers import linear_sae
 from dictionary_learning.dictionary import AutoEncoder
 from dictionary_learning.trainers.batch_top_k import BatchTopKSAE
 
@@ -137,27 +138,15 @@ def test_prefix_fvu_matches_direct_computation():
         prefix_fvu(sae, x, widths=[30])
 
 
-def _linear_sae(enc_rows, dec_rows, threshold=0.5) -> MatryoshkaBatchTopKSAE:
-    enc, dec = torch.tensor(enc_rows, dtype=torch.float32), torch.tensor(dec_rows, dtype=torch.float32)
-    sae = MatryoshkaBatchTopKSAE(enc.shape[1], enc.shape[0], k=1, group_sizes=[enc.shape[0]])
-    with torch.no_grad():
-        sae.W_enc.copy_(enc.T)
-        sae.W_dec.copy_(dec)
-        sae.b_enc.zero_()
-        sae.b_dec.zero_()
-        sae.threshold.fill_(threshold)
-    return sae
-
-
 def test_cofiring_edges_known_answers():
     e = torch.eye(4)
     # Token types and counts: A = e0+e1 (30), B = e0 (20), E = e1 (10), C = e2+e3 (15), D = e2 (5).
     x = torch.cat([(e[0] + e[1]).expand(30, 4), e[0].expand(20, 4), e[1].expand(10, 4),
                    (e[2] + e[3]).expand(15, 4), e[2].expand(5, 4)])
-    parent = _linear_sae([[1, 0, 0, 0], [0, 0, 1, 0]], [[1, 0, 0, 0], [0, 0, 1, 0]])
+    parent = linear_sae([[1, 0, 0, 0], [0, 0, 1, 0]], [[1, 0, 0, 0], [0, 0, 1, 0]])
     s = 1 / math.sqrt(2)
     # child 0 reads e1 (fires on A, E), child 1 reads e3 (C), child 2 reads e0 (A, B), child 3 never fires.
-    child = _linear_sae([[0, 1, 0, 0], [0, 0, 0, 1], [1, 0, 0, 0], [-1, -1, -1, -1]],
+    child = linear_sae([[0, 1, 0, 0], [0, 0, 0, 1], [1, 0, 0, 0], [-1, -1, -1, -1]],
                         [[s, s, 0, 0], [0, 0, -s, s], [1, 0, 0, 0], [0, 0, 0, 1]])
     got = cofiring_edges(parent, child, [x[:33], x[33:]], top=2)
     edges = {(int(c), int(p)): (float(q), float(cos)) for c, p, q, cos in

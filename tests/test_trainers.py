@@ -8,7 +8,7 @@ import torch
 from dictionary_learning.trainers.matryoshka_batch_top_k import MatryoshkaBatchTopKTrainer as Upstream
 from helpers import brute_force
 
-import matryoshka_plugin.trainers.matryoshka_log_sparsity as log_module
+import matryoshka_plugin.trainers.common as common_module
 from matryoshka_plugin import (
     ActivationError,
     MatryoshkaBatchTopKSAE,
@@ -250,12 +250,12 @@ def test_reordering_permutes_adam_state_with_the_latents():
 
 def test_reordering_without_permuting_adam_state_diverges(monkeypatch):
     """Negative control: the reference code's bug (weights only) breaks the equivalence."""
-    real = log_module.permute_latents_
+    real = common_module.permute_latents_
 
     def weights_only(perm, optimizer, params, statistics=()):
         real(perm, torch.optim.Adam([torch.zeros(1)]), params, statistics)
 
-    monkeypatch.setattr(log_module, "permute_latents_", weights_only)
+    monkeypatch.setattr(common_module, "permute_latents_", weights_only)
     plain, reordered = _train_pair(False, True)
     diff = (reordered.ae.W_dec - plain.ae.W_dec[reordered.latent_origin]).abs().max()
     assert diff > 1e-4

@@ -10,23 +10,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import linear_sae
 
 from matryoshka_plugin.sae import MatryoshkaBatchTopKSAE
 from matryoshka_plugin.tree_view import Level, build_tree, prefix_levels, render_html, write_tree_view
 
 CHROMIUM = next((shutil.which(n) for n in ("chromium", "chromium-browser") if shutil.which(n)), None)
-
-
-def _linear_sae(enc_rows, dec_rows, threshold=0.5) -> MatryoshkaBatchTopKSAE:
-    enc, dec = torch.tensor(enc_rows, dtype=torch.float32), torch.tensor(dec_rows, dtype=torch.float32)
-    sae = MatryoshkaBatchTopKSAE(enc.shape[1], enc.shape[0], k=1, group_sizes=[enc.shape[0]])
-    with torch.no_grad():
-        sae.W_enc.copy_(enc.T)
-        sae.W_dec.copy_(dec)
-        sae.b_enc.zero_()
-        sae.b_dec.zero_()
-        sae.threshold.fill_(threshold)
-    return sae
 
 
 def _family():
@@ -37,8 +26,8 @@ def _family():
     # Scale each token a little so the top snippets have a defined order.
     x = x * torch.linspace(1.0, 1.5, len(x))[:, None]
     s = 1 / math.sqrt(2)
-    parent = _linear_sae([[1, 0, 0, 0], [0, 0, 1, 0]], [[1, 0, 0, 0], [0, 0, 1, 0]])
-    child = _linear_sae([[0, 1, 0, 0], [0, 0, 0, 1], [1, 0, 0, 0], [-1, -1, -1, -1]],
+    parent = linear_sae([[1, 0, 0, 0], [0, 0, 1, 0]], [[1, 0, 0, 0], [0, 0, 1, 0]])
+    child = linear_sae([[0, 1, 0, 0], [0, 0, 0, 1], [1, 0, 0, 0], [-1, -1, -1, -1]],
                         [[s, s, 0, 0], [0, 0, -s, s], [1, 0, 0, 0], [0, 0, 0, 1]])
     snippets = [(f"row {i} <", f"t{i}", "> & more") for i in range(len(x))]
     return parent, child, x, snippets

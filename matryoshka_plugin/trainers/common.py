@@ -108,6 +108,8 @@ class MatryoshkaTrainerBase(SAETrainer):
     # Attributes besides the SAE, optimizer, scheduler and generators that a checkpoint must hold
     # for training to continue exactly (counters, EMAs, flags, last logged values).
     state_attributes: tuple[str, ...] = ()
+    # Per-latent statistics that move with the latents when they are reordered.
+    permuted_statistics: tuple[str, ...] = ()
     # Whether ``update`` can train one SAE over several processes (``train(distributed="data")``).
     supports_data_parallel: bool = False
 
@@ -193,6 +195,17 @@ class MatryoshkaTrainerBase(SAETrainer):
         assert self.ae.W_enc.device == device
         if restore_rng:
             set_rng_state(state["rng"])
+
+    @torch.no_grad()
+    def reorder(self, perm: torch.Tensor) -> None:
+        """Put latent ``perm[i]`` at position ``i``: weights, Adam moments and per-latent statistics."""
+        ae = self.ae
+        permute_latents_(
+            perm,
+            self.optimizer,
+            [(ae.W_enc, 1), (ae.b_enc, 0), (ae.W_dec, 0)],
+            [getattr(self, name) for name in self.permuted_statistics],
+        )
 
     def __getattr__(self, name: str) -> Any:
         # Settings read as attributes; only reached when normal lookup fails.

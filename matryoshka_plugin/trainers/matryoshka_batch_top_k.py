@@ -41,7 +41,6 @@ from .common import (
     constant_warmup_decay_schedule,
     geometric_median,
     make_adam,
-    permute_latents_,
     prefix_sampler,
     project_out_radial_,
 )
@@ -210,6 +209,7 @@ class MatryoshkaBatchTopKTrainer(MatryoshkaTrainerBase):
     config_class = MatryoshkaBatchTopKConfig
     trainer_class_name = "MatryoshkaBatchTopKTrainer"
     loss_convention = "weighted mean of prefix MSEs (prefix weights sum to 1)"
+    permuted_statistics = ("reorder_ema", "num_tokens_since_fired", "latent_origin")
     state_attributes = (
         "num_tokens_since_fired", "_b_dec_initialised",
         "effective_l0", "threshold_l0", "dead_features", "pre_norm_auxk_loss",
@@ -418,14 +418,3 @@ class MatryoshkaBatchTopKTrainer(MatryoshkaTrainerBase):
         ema = self.reorder_ema
         ema.mul_(self.reorder_decay).add_((1 - self.reorder_decay) * stat.to(ema.device) / B)
         return torch.argsort(ema, descending=True, stable=True)
-
-    @torch.no_grad()
-    def reorder(self, perm: torch.Tensor) -> None:
-        """Put latent ``perm[i]`` at position ``i``: weights, Adam moments and statistics."""
-        ae = self.ae
-        permute_latents_(
-            perm,
-            self.optimizer,
-            [(ae.W_enc, 1), (ae.b_enc, 0), (ae.W_dec, 0)],
-            [self.reorder_ema, self.num_tokens_since_fired, self.latent_origin],
-        )

@@ -48,7 +48,6 @@ from .common import (
     check_positive,
     make_adam,
     prefix_sampler,
-    permute_latents_,
     project_out_radial_,
     warmup_stable_decay_schedule,
 )
@@ -197,6 +196,7 @@ class MatryoshkaLogSparsityTrainer(MatryoshkaTrainerBase):
     config_class = MatryoshkaLogSparsityConfig
     trainer_class_name = "MatryoshkaLogSparsityTrainer"
     loss_convention = "weighted mean of prefix MSEs on input scaled to norm sqrt(d)"
+    permuted_statistics = ("contribution_ema", "num_tokens_since_fired", "latent_origin")
     state_attributes = (
         "controller", "contribution_ema", "num_tokens_since_fired", "latent_origin", "_input_norm_initialised",
         "resampled", "effective_l0", "sparsity_coefficient", "dead_features", "input_norm",
@@ -429,14 +429,3 @@ class MatryoshkaLogSparsityTrainer(MatryoshkaTrainerBase):
 
     def _cpu_generator_for(self, t: torch.Tensor) -> torch.Generator | None:
         return self.generator if t.device.type == "cpu" else None
-
-    @torch.no_grad()
-    def reorder(self, perm: torch.Tensor) -> None:
-        """Put latent ``perm[i]`` at position ``i``: weights, Adam moments and statistics."""
-        ae = self.ae
-        permute_latents_(
-            perm,
-            self.optimizer,
-            [(ae.W_enc, 1), (ae.b_enc, 0), (ae.W_dec, 0)],
-            [self.contribution_ema, self.num_tokens_since_fired, self.latent_origin],
-        )
