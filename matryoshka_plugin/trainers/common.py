@@ -131,6 +131,8 @@ class MatryoshkaTrainerBase(SAETrainer):
                 torch.cuda.manual_seed_all(seed)
         # A private generator keeps random prefixes reproducible and independent of other RNG use.
         self.generator = torch.Generator()
+        # The encoder matmul's dtype, set from each batch by _prepare (None: decided from the input).
+        self.matmul_dtype: torch.dtype | None = None
         self.generator.manual_seed(seed if seed is not None else torch.initial_seed() % (2**63))
 
     # -- full training state (exact resume) ------------------------------------------------------
