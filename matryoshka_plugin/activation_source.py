@@ -67,6 +67,7 @@ class ActivationSource:
         self._carry = torch.empty(0, self.d_submodule)
         self._docs: Iterator[Any] | None = None
         self._block: torch.Tensor | None = None
+        self._n_docs = 0  # documents in the current block
         self._exhausted = False
 
     @property

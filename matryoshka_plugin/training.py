@@ -37,6 +37,7 @@ from .resume import (
     load_trainer_state,
     rng_state,
     set_rng_state,
+    to_cpu,
     trainer_state_dict,
 )
 
@@ -49,8 +50,8 @@ NORM_FACTOR_BATCHES = 100
 class _Counted(Iterator):
     """An iterator that counts what it hands out (the data position of a plain iterable)."""
 
-    def __init__(self, it: Iterator, start: int = 0):
-        self.it, self.count = it, start
+    def __init__(self, it: Iterator):
+        self.it, self.count = it, 0
 
     def __iter__(self) -> "_Counted":
         return self
@@ -71,6 +72,11 @@ def _is_iterator(data: Any) -> bool:
 def _trainer_cost(cfg: dict[str, Any]) -> float:
     # Step time grows with the SAE's parameters; enough to balance ranks.
     return float(cfg.get("dict_size", 1)) * float(cfg.get("activation_dim", 1))
+
+
+def _save_weights(trainer: Any, path: str) -> None:
+    """The SAE's state dict on the CPU, as trainSAE saves ``ae.pt`` and ``checkpoints/ae_<step>.pt``."""
+    atomic_torch_save(to_cpu(trainer.ae.state_dict()), path)
 
 
 def _json_default(value: Any) -> Any:
@@ -239,7 +245,7 @@ def _train(ctx, data, trainer_configs, steps, use_wandb, wandb_entity, wandb_pro
         write_config(i, t)
 
     # -- data -----------------------------------------------------------------------------------
-    main_reads = ctx.is_main or not ctx.active
+    main_reads = ctx.is_main  # rank 0 reads the data (the only rank of a single-process run)
     resumable = main_reads and hasattr(data, "state_dict") and hasattr(data, "load_state_dict")
     if main_reads and data is None:
         raise ValueError("data is None on the process that reads it (rank 0)")
@@ -326,8 +332,7 @@ def _train(ctx, data, trainer_configs, steps, use_wandb, wandb_entity, wandb_pro
                 if normalize_activations:
                     t.ae.scale_biases(norm_factor)
                 os.makedirs(os.path.join(save_dirs[i], "checkpoints"), exist_ok=True)
-                atomic_torch_save({k: v.cpu() for k, v in t.ae.state_dict().items()},
-                                  os.path.join(save_dirs[i], "checkpoints", f"ae_{step}.pt"))
+                _save_weights(t, os.path.join(save_dirs[i], "checkpoints", f"ae_{step}.pt"))
                 if normalize_activations:
                     t.ae.scale_biases(1 / norm_factor)
 
@@ -344,7 +349,7 @@ def _train(ctx, data, trainer_configs, steps, use_wandb, wandb_entity, wandb_pro
         if normalize_activations:
             t.ae.scale_biases(norm_factor)
         if save_dirs[i] is not None and writes:
-            atomic_torch_save({k: v.cpu() for k, v in t.ae.state_dict().items()}, os.path.join(save_dirs[i], "ae.pt"))
+            _save_weights(t, os.path.join(save_dirs[i], "ae.pt"))
     ctx.barrier()
 
     for q in log_queues:

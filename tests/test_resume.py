@@ -41,6 +41,24 @@ def _equal(a: dict, b: dict) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def _train(trainer, steps: range):
+    for s in steps:
+        trainer.update(s, _batch(s))
+    return trainer
+
+
+def _round_trip(make, split: int, steps: int = 16, rng_seed: int = 1234):
+    """An uninterrupted run of ``steps`` steps, the state saved after ``split`` steps, and a fresh
+    trainer resumed from that state and trained to the end (built under another global RNG state,
+    so it must not depend on the new process's RNG)."""
+    full = _train(make(), range(steps))
+    state = trainer_state_dict(_train(make(), range(split)))
+    torch.manual_seed(rng_seed)
+    resumed = make()
+    load_trainer_state(resumed, state)
+    return full, state, _train(resumed, range(split, steps))
+
+
 TRAINERS = [(cls, mode) for cls in (MatryoshkaBatchTopKTrainer, MatryoshkaLogSparsityTrainer)
             for mode in ("groups", "every", "pareto", "pareto_expected", "none")]
 
@@ -56,25 +74,13 @@ CASES = [(cls, mode, {}) for cls, mode in TRAINERS] + [(MatryoshkaBatchTopKTrain
                          ids=[f"{c.__name__[10:14]}-{m}" + "".join(f"-{k}" for k in o) for c, m, o in CASES])
 def test_state_dict_round_trip_continues_exactly(cls, mode, options):
     settings = dict(_settings(cls, mode), **options)
-    full = cls(**settings)
-    for s in range(16):
-        full.update(s, _batch(s))
-    part = cls(**settings)
-    for s in range(7):
-        part.update(s, _batch(s))
-    state = trainer_state_dict(part)
-    torch.manual_seed(1234)  # the resumed trainer must not depend on the global RNG of the new process
-    resumed = cls(**settings)
-    load_trainer_state(resumed, state)
-    for s in range(7, 16):
-        resumed.update(s, _batch(s))
+    full, state, resumed = _round_trip(lambda: cls(**settings), split=7)
     assert _equal(full.ae.state_dict(), resumed.ae.state_dict())
 
     # What a by-hand resume (the SAE's weights only) loses: it does not end at the same weights.
     naive = cls(**settings)
     naive.ae.load_state_dict(state["ae"])
-    for s in range(7, 16):
-        naive.update(s, _batch(s))
+    _train(naive, range(7, 16))
     assert not _equal(full.ae.state_dict(), naive.ae.state_dict())
 
 
@@ -98,19 +104,8 @@ def _upstream(name: str) -> tuple[type, dict]:
 def test_upstream_trainer_state_round_trip(name):
     """dictionary_learning's trainers (the Gemma benchmark's baselines) resume exactly too."""
     cls, kw = _upstream(name)
-    full = cls(**kw)
-    for s in range(16):
-        full.update(s, _batch(s))
-    part = cls(**kw)
-    for s in range(6):
-        part.update(s, _batch(s))
-    state = trainer_state_dict(part)
+    full, state, resumed = _round_trip(lambda: cls(**kw), split=6, rng_seed=77)
     assert "optimizer" in state and "scheduler" in state
-    torch.manual_seed(77)
-    resumed = cls(**kw)
-    load_trainer_state(resumed, state)
-    for s in range(6, 16):
-        resumed.update(s, _batch(s))
     assert _equal(full.ae.state_dict(), resumed.ae.state_dict())
 
 

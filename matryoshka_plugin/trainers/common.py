@@ -31,8 +31,6 @@ __all__ = [
 
 # Version of the dict ``state_dict()`` returns; bumped when its layout changes.
 TRAINER_STATE_FORMAT = 1
-# Settings that may legitimately change between the interrupted and the resumed run.
-NON_RESUMED_SETTINGS = frozenset({"device", "wandb_name"})
 
 # What dictionary_learning's trainSAE unpacks from loss(..., logging=True).
 LossLog = namedtuple("LossLog", ["x", "x_hat", "f", "losses"])
@@ -150,8 +148,7 @@ class MatryoshkaTrainerBase(SAETrainer):
         return {
             "format": TRAINER_STATE_FORMAT,
             "trainer_class": self.trainer_class_name,
-            "config": self.config,
-            "settings": self.cfg.to_dict(),  # resolved at the first step (e.g. dead_feature_threshold)
+            "config": self.config,  # the settings too, as resolved at the first step
             "ae": to_cpu(self.ae.state_dict()),
             "optimizer": to_cpu(self.optimizer.state_dict()),
             "scheduler": self.scheduler.state_dict(),
@@ -177,11 +174,10 @@ class MatryoshkaTrainerBase(SAETrainer):
         # Settings added to the trainer after the checkpoint was written count as their defaults.
         defaults = {f.name: f.default for f in dataclasses.fields(self.cfg) if f.default is not dataclasses.MISSING}
         check_same_config({**defaults, **state["config"]}, self.config)
-        for key, value in state.get("settings", {}).items():
+        for key, value in state["config"].items():
             # Settings resolved at the first step (None until then) come back as resolved.
             if key in self.cfg.__dataclass_fields__ and getattr(self.cfg, key) is None and value is not None:
                 setattr(self.cfg, key, value)
-        device = self.ae.W_enc.device
         self.ae.load_state_dict(state["ae"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
@@ -194,7 +190,6 @@ class MatryoshkaTrainerBase(SAETrainer):
                 value.copy_(saved.to(device=value.device, dtype=value.dtype))
             else:
                 setattr(self, name, saved)
-        assert self.ae.W_enc.device == device
         if restore_rng:
             set_rng_state(state["rng"])
 
