@@ -120,6 +120,7 @@ class _TorchPrefixMSE(torch.autograd.Function):
 
 def _torch_prefix_mse(x, latents, W_dec, b_dec, cum, chunk_elements):
     values, indices = latents.padded()
+    chunk_elements = chunk_elements or DEFAULT_CHUNK_ELEMENTS
     return _TorchPrefixMSE.apply(x, b_dec, values, indices, W_dec, cum, latents.n_latents, chunk_elements)
 
 
@@ -129,7 +130,7 @@ def prefix_mse(
     W_dec: torch.Tensor,
     b_dec: torch.Tensor,
     weights: PrefixWeights,
-    chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
+    chunk_elements: int | None = None,
     backend: str = "auto",
     consume_grads: bool = False,
 ) -> PrefixLoss:
@@ -143,7 +144,9 @@ def prefix_mse(
         W_dec: ``[n, d]`` decoder rows (norms are not assumed).
         b_dec: ``[d]`` decoder bias.
         weights: prefix weights over ``m = 0..n``.
-        chunk_elements: size of one working tensor; only memory changes.
+        chunk_elements: size of one working tensor (only memory changes): the torch path's
+            ``[rows, K, d]`` tensors (default ``DEFAULT_CHUNK_ELEMENTS``), the CPU kernel's
+            suffix-sum buffer (default ``kernels.numba.DEFAULT_WORK_ELEMENTS``).
         backend: ``"auto"`` (the fused kernel where available and once it has passed its
             self-check on this device, see ``kernels.kernel_trusted``), ``"fused"`` (the kernel,
             unchecked) or ``"torch"``.

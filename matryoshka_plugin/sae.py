@@ -98,9 +98,9 @@ class MatryoshkaBatchTopKSAE(_SAEBase):
         nn.init.kaiming_uniform_(w)
         w = w / w.norm(dim=1, keepdim=True).clamp_min(1e-12)
         # Registration order as upstream (W_enc, b_enc, W_dec, b_dec), so optimizer states line up.
-        # W_enc is [d, n] like upstream but stored latent-major (a transposed view of [n, d]):
-        # the matmul reads it as is, and the sparse gradient fills whole latent rows.
-        self.W_enc = nn.Parameter(w.clone().T)
+        # W_enc is [d, n] and contiguous, as upstream: fused Adam steps a transposed view only
+        # through a contiguous copy (a third of a large step was spent there).
+        self.W_enc = nn.Parameter(w.T.contiguous())
         self.b_enc = nn.Parameter(torch.zeros(dict_size))
         self.W_dec = nn.Parameter(w)
         self.b_dec = nn.Parameter(torch.zeros(activation_dim))

@@ -14,6 +14,8 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 from helpers import make_texts  # noqa: E402
 
+from matryoshka_plugin.kernels import numba_available  # noqa: E402
+
 warnings.filterwarnings("ignore", category=UserWarning)
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
@@ -34,3 +36,23 @@ def tiny_lm():
     torch.manual_seed(0)
     model = GPT2LMHeadModel(cfg).eval()
     return LanguageModel(model, tokenizer=hf_tok), texts
+
+
+@pytest.fixture(params=["serial", "parallel"])
+def kernel_path(request, monkeypatch):
+    """Run the numba kernels serially (small work, the default here) or force the parallel
+    compilation with two threads (what large batches use)."""
+    if not numba_available():
+        yield request.param
+        return
+    from matryoshka_plugin.kernels import numba as kernels
+
+    if request.param == "parallel":
+        monkeypatch.setattr(kernels, "PARALLEL_MIN_WORK", 0)
+        threads = torch.get_num_threads()
+        torch.set_num_threads(2)
+        yield request.param
+        torch.set_num_threads(threads)
+    else:
+        monkeypatch.setattr(kernels, "PARALLEL_MIN_WORK", 1 << 62)
+        yield request.param

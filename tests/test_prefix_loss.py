@@ -30,26 +30,6 @@ def random_problem(B=7, n=17, d=6, density=0.35, seed=0):
     return x, f, W, b
 
 
-@pytest.fixture(params=["serial", "parallel"])
-def kernel_path(request, monkeypatch):
-    """Run the numba kernels serially (small work, the default here) or force the parallel
-    compilation with two threads (what large batches use)."""
-    if not HAS_NUMBA:
-        yield request.param
-        return
-    from matryoshka_plugin.kernels import numba as kernels
-
-    if request.param == "parallel":
-        monkeypatch.setattr(kernels, "PARALLEL_MIN_WORK", 0)
-        threads = torch.get_num_threads()
-        torch.set_num_threads(2)
-        yield request.param
-        torch.set_num_threads(threads)
-    else:
-        monkeypatch.setattr(kernels, "PARALLEL_MIN_WORK", 1 << 62)
-        yield request.param
-
-
 N = 17
 WEIGHTS = {
     "groups": PrefixWeights.fixed_groups([2, 5, 10]),

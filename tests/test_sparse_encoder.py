@@ -11,7 +11,7 @@ BACKENDS = ["torch"] + (["fused"] if HAS_NUMBA else [])
 
 
 @pytest.mark.parametrize("shape,count", [((64, 32), 100), ((512, 4096), 512 * 16), ((512, 4096), 512 * 600)])
-def test_selection_equals_full_topk(shape, count):
+def test_selection_equals_full_topk(shape, count, kernel_path):
     g = torch.Generator().manual_seed(0)
     scores = torch.randn(*shape, generator=g).relu()
     got = batch_topk_select(scores, count)
@@ -35,9 +35,9 @@ def test_selection_adversarial_structure_falls_back_exactly(structure, falls_bac
     g = torch.Generator().manual_seed(0)
     scores = torch.rand(2048, 512, generator=g) * 1e-3  # 2**20 entries: large enough to sample
     if structure == "tied_plateau":
-        # 4096 equal values on top (rows 0, 256, ...): the sampled cut-off lands on them, nothing lies strictly above
+        # 65536 equal values on top (rows 0, 16, ...): the sampled cut-off lands on them, nothing lies strictly above
         # it, and the full torch.topk has to run
-        scores[::256] = 1.0
+        scores[::16] = 1.0
     else:
         # a few rows hold all the large values: the sample sees few of them, the cut-off is low
         scores[:4] += 10 + torch.rand(4, 512, generator=g)
@@ -62,11 +62,14 @@ def test_selection_adversarial_structure_falls_back_exactly(structure, falls_bac
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_sparse_backward_matches_dense_autograd(backend, dtype):
+@pytest.mark.parametrize("layout", ["contiguous", "transposed"])
+def test_sparse_backward_matches_dense_autograd(backend, dtype, layout, kernel_path):
     g = torch.Generator().manual_seed(0)
-    B, d, n, k = 40, 12, 30, 4
+    B, d, n, k = 40, 12, 37, 4  # n not a multiple of the column kernel's 16-latent tile
     x = torch.randn(B, d, generator=g, dtype=dtype, requires_grad=True)
-    W_enc = (torch.randn(n, d, generator=g, dtype=dtype) / d**0.5).T.requires_grad_()  # transposed storage
+    W_enc = torch.randn(n, d, generator=g, dtype=dtype) / d**0.5
+    # the SAE's [d, n] layout (the fused column kernel) and a transposed view (plain torch)
+    W_enc = (W_enc.T.contiguous() if layout == "contiguous" else W_enc.T).requires_grad_()
     b_enc = torch.randn(n, generator=g, dtype=dtype, requires_grad=True)
     b_dec = torch.randn(d, generator=g, dtype=dtype, requires_grad=True)
     upstream = torch.randn(B * k, generator=g, dtype=dtype)  # arbitrary incoming gradient

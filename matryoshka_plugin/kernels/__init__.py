@@ -1,7 +1,7 @@
 """Fused kernels of the sparse training path, and the choice between them and plain torch.
 
 * :mod:`.numba` (CPU, float32/float64): the all-prefix loss in one pass per token, and the
-  encoder's sparse weight gradient (:func:`~.numba.segment_accumulate`).
+  encoder's sparse weight gradient (:func:`~.numba.column_accumulate`).
 * :mod:`.triton` (CUDA, float32/bfloat16/float16): the all-prefix loss.
 
 Each kernel has a plain torch counterpart (``prefix_loss`` and ``sparse_encoder``) that runs
@@ -94,9 +94,9 @@ def triton_supported(*tensors: torch.Tensor) -> bool:
 
 
 def _numba_run(x, latents, W_dec, b_dec, cum, chunk_elements, consume):
-    from .numba import numba_prefix_mse
+    from .numba import DEFAULT_WORK_ELEMENTS, numba_prefix_mse
 
-    return numba_prefix_mse(x, latents, W_dec, b_dec, cum, chunk_elements, consume)
+    return numba_prefix_mse(x, latents, W_dec, b_dec, cum, chunk_elements or DEFAULT_WORK_ELEMENTS, consume)
 
 
 def _triton_run(x, latents, W_dec, b_dec, cum, chunk_elements, consume):
@@ -290,7 +290,7 @@ def fused_prefix_mse(
     W_dec: torch.Tensor,
     b_dec: torch.Tensor,
     cum: torch.Tensor,
-    chunk_elements: int,
+    chunk_elements: int | None,
     consume: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(loss, residual)`` of ``prefix_loss.prefix_mse`` from the fused kernel for ``x``'s

@@ -1,12 +1,24 @@
 """Fused CPU kernels (numba) for the sparse training path.
 
-* :func:`numba_prefix_mse` — the all-prefix loss of ``prefix_loss`` in one forward and one
-  backward scan per token, computing the loss and every gradient in the same call, in
-  chunks of tokens, so no ``[B, K, d]`` tensor ever exists. Decoder-row gradients are
-  accumulated race-free: entries are grouped by latent (counting sort) and each thread owns
-  whole rows.
-* :func:`segment_accumulate` — ``out[f] += sum_e coef[e] * src[src_row[e]]`` over the entries
-  ``e`` of latent ``f``; the encoder's sparse weight gradient uses it.
+* :func:`numba_prefix_mse` — the all-prefix loss and every gradient in two passes:
+
+  1. a forward scan per token (parallel over tokens) subtracts the active decoder rows in index
+     order and keeps the residual only where its weight ``c_j`` is non-zero (a *segment
+     boundary*: every active latent in ``"every"`` mode, a group change in ``"groups"`` mode),
+     then turns those few residuals into the suffix sums ``G`` in place, while they are in cache;
+  2. a pass per latent (parallel over latents, balanced by entries) reads its decoder row once
+     and, for each of its entries, the suffix sum that entry needs: ``<w_p, G>`` (the activation
+     gradient) and ``dW[p] += a G`` (each decoder-gradient row written once, no atomics).
+
+  So the decoder is gathered once per entry (not twice), a fixed-groups loss stores ~G vectors
+  per token instead of K, and no ``[B, K, d]`` tensor exists in ``"groups"`` mode; the working
+  buffer is bounded by ``chunk_elements`` (tokens are processed in chunks when it overflows).
+* :func:`column_accumulate` — ``out[:, f] = sum_e coef[e] * src[src_row[e]]`` over the
+  entries ``e`` of latent ``f``, for a ``[d, n]`` output: the encoder's sparse weight gradient
+  in ``W_enc``'s layout, written a tile of latents at a time.
+* :func:`above` — the entries above the batch top-k's sampled cut-off, in one pass;
+* :func:`project_out_rows_` and :func:`normalise_rows_` — the decoder's radial gradient
+  projection and unit-norm constraint, one pass over the rows each.
 
 Each kernel is compiled twice, parallel and serial; :data:`PARALLEL_MIN_WORK` decides which
 one a call runs. Importing this module imports numba (``kernels.numba_available`` asks).
@@ -14,88 +26,167 @@ one a call runs. Importing this module imports numba (``kernels.numba_available`
 
 from __future__ import annotations
 
+import threading
+
 import numba
 import numpy as np
 import torch
 from numba import njit, prange
 
 from ..sparse_latents import SparseLatents
-from . import scale_grad_once
 
-__all__ = ["PARALLEL_MIN_WORK", "numba_prefix_mse", "segment_accumulate", "group_by_latent"]
+__all__ = [
+    "PARALLEL_MIN_WORK", "DEFAULT_WORK_ELEMENTS", "numba_prefix_mse", "column_accumulate",
+    "group_by_latent", "project_out_rows_", "normalise_rows_", "above",
+]
 
 # Below this many multiply-adds a parallel region costs more than it saves: numba's worker
 # threads spin between regions and starve the rest of a small training step (measured on toy
 # shapes, B=200, d=20: 5x slower steps than the serial kernels).
 PARALLEL_MIN_WORK = 1 << 20
 
+# Default size of the suffix-sum buffer (elements): 256 MB in fp32. Large enough that a
+# fixed-groups batch fits in one chunk, so each decoder-gradient row is written once.
+DEFAULT_WORK_ELEMENTS = 1 << 26
+
+# Latent pieces per thread in the per-latent passes: early Matryoshka latents fire far more
+# often than late ones, so equal latent ranges would leave one thread with most of the work.
+_PIECES_PER_THREAD = 16
+
+
+def _threads() -> int:
+    return max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
+
 
 def _kernel(parallel_fn, serial_fn, work: int):
     """The parallel kernel with numba's threads matched to torch's, or the serial one where one
     thread is allowed or the work is small."""
-    threads = max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
+    threads = _threads()
     if threads == 1 or work < PARALLEL_MIN_WORK:
         return serial_fn
     numba.set_num_threads(threads)
     return parallel_fn
 
 
-@njit(parallel=True, fastmath=True, cache=True)
-def _prefix_scan(x, b, vals, idx, offsets, W, cum, n, t0, t1, base, want_grad, G, gvals, resid, G0, loss_tok):
-    """Tokens ``t0..t1``: loss, final residual and (if ``want_grad``) per-entry suffix sums.
+@njit(cache=True)
+def _segments(idx, offsets, cum, n):
+    """Segment rows of every token: ``seg_ptr [B+1]`` (token ``t`` owns rows
+    ``seg_ptr[t]..seg_ptr[t+1]-1``, the last its final residual), ``brow [E]`` (the row that keeps
+    the residual before entry ``j``, or -1 when ``c_j = 0``), ``erow [E]`` (the row whose suffix
+    sum entry ``j``'s gradients read) and ``crow`` (each row's weight ``c``)."""
+    B = offsets.size - 1
+    E = idx.size
+    cj = np.empty(E, dtype=np.float64)
+    seg_ptr = np.zeros(B + 1, dtype=np.int64)
+    for t in range(B):
+        prev = -1
+        nb = 0
+        for j in range(offsets[t], offsets[t + 1]):
+            p = idx[j]
+            c = cum[p + 1] - cum[prev + 1]
+            cj[j] = c
+            if c != 0.0:
+                nb += 1
+            prev = p
+        seg_ptr[t + 1] = seg_ptr[t] + nb + 1
+    brow = np.full(E, -1, dtype=np.int64)
+    erow = np.empty(E, dtype=np.int64)
+    crow = np.empty(seg_ptr[B], dtype=np.float64)
+    for t in range(B):
+        row = seg_ptr[t]
+        last = -1
+        for j in range(offsets[t], offsets[t + 1]):
+            if cj[j] != 0.0:
+                brow[j] = row
+                crow[row] = cj[j]
+                row += 1
+            erow[j] = row
+            last = idx[j]
+        crow[row] = cum[n + 1] - cum[last + 1]
+    return seg_ptr, brow, erow, crow
 
-    ``G[j - base]`` receives ``G_l`` for entry ``j``; ``gvals[j]`` receives ``<w_{p_l}, G_l>``;
-    ``G0[t]`` receives ``G_0``. Scaling by ``-2/B`` happens outside.
+
+@njit(parallel=True, fastmath=True, cache=True)
+def _forward_scan(x, b, vals, idx, offsets, W, seg_ptr, brow, crow, t0, t1, want, R, resid, G0, loss_tok, zero):
+    """Tokens ``t0..t1``: loss per token, final residual and (``want``) the suffix sums.
+
+    ``R`` holds rows ``seg_ptr[t0]..seg_ptr[t1]-1``. After the call row ``s`` of token ``t``
+    holds ``G_s = sum_{s' >= s} c_{s'} r_{s'}`` and ``G0[t]`` the token's full sum (gradients
+    before the ``-2/B`` factor).
     """
     d = x.shape[1]
+    base = seg_ptr[t0]
     for t in prange(t0, t1):
-        s = offsets[t]
-        e = offsets[t + 1]
-        r = np.empty(d, dtype=x.dtype)
+        fin = seg_ptr[t + 1] - 1 - base
+        r = R[fin]  # the running residual lives in the token's final row
         for q in range(d):
             r[q] = x[t, q] - b[q]
         acc = 0.0
-        prev = -1
-        for j in range(s, e):
-            p = idx[j]
-            c = cum[p + 1] - cum[prev + 1]
+        for j in range(offsets[t], offsets[t + 1]):
+            br = brow[j]
+            if br >= 0:  # keep r_{j-1}: its weight is non-zero
+                keep = R[br - base]
+                sq = zero
+                for q in range(d):
+                    v = r[q]
+                    sq += v * v
+                    keep[q] = v
+                acc += crow[br] * sq
             a = vals[j]
-            sq = 0.0
+            p = idx[j]
             for q in range(d):
-                rq = r[q]
-                sq += rq * rq
-                r[q] = rq - a * W[p, q]
-            acc += c * sq
-            prev = p
-        c_last = cum[n + 1] - cum[prev + 1]
-        sq = 0.0
+                r[q] -= a * W[p, q]
+        sq = zero
         for q in range(d):
-            sq += r[q] * r[q]
-            resid[t, q] = r[q]
-        loss_tok[t] = acc + c_last * sq
-        if not want_grad:
+            v = r[q]
+            sq += v * v
+            resid[t, q] = v
+        acc += crow[fin + base] * sq
+        loss_tok[t] = acc
+        if not want:
             continue
-        g = np.empty(d, dtype=x.dtype)
+        c = zero + crow[fin + base]
         for q in range(d):
-            g[q] = c_last * r[q]
-        for j in range(e - 1, s - 1, -1):
-            p = idx[j]
-            a = vals[j]
-            pp = idx[j - 1] if j > s else -1
-            c = cum[p + 1] - cum[pp + 1]
-            row = j - base
-            dot = 0.0
+            r[q] *= c
+        first = seg_ptr[t] - base
+        for s in range(fin - 1, first - 1, -1):
+            c = zero + crow[s + base]
+            cur = R[s]
+            nxt = R[s + 1]
             for q in range(d):
-                gq = g[q]
-                w = W[p, q]
-                dot += w * gq
-                G[row, q] = gq
-                rq = r[q] + a * w  # r_{l-1} = r_l + a_l w_l
-                r[q] = rq
-                g[q] = gq + c * rq
-            gvals[j] = dot
+                cur[q] = c * cur[q] + nxt[q]
+        g = R[first]
         for q in range(d):
             G0[t, q] = g[q]
+
+
+@njit(parallel=True, fastmath=True, cache=True)
+def _latent_pass(dW, W, pieces, ptr, order, e0, vals, erow, base, R, gvals, assign, want_w, scale, zero):
+    """Per latent ``p`` (over balanced ``pieces``), for its entries ``e``:
+    ``gvals[e] = scale <w_p, G_e>`` and ``dW[p] (+)= scale * a_e G_e`` (``assign``: rows are
+    overwritten, and rows without entries zeroed)."""
+    d = W.shape[1]
+    for c in prange(pieces.size - 1):
+        for p in range(pieces[c], pieces[c + 1]):
+            lo = ptr[p]
+            hi = ptr[p + 1]
+            if want_w and assign:
+                for q in range(d):
+                    dW[p, q] = zero
+            for k in range(lo, hi):
+                e = order[k] + e0
+                g = R[erow[e] - base]
+                a = vals[e] * scale
+                dot = zero
+                if want_w:
+                    for q in range(d):
+                        gq = g[q]
+                        dot += W[p, q] * gq
+                        dW[p, q] += a * gq
+                else:
+                    for q in range(d):
+                        dot += W[p, q] * g[q]
+                gvals[e] = dot * scale
 
 
 @njit(cache=True)
@@ -115,21 +206,132 @@ def _group_by_latent(idx, n):
     return ptr, order
 
 
+@njit(cache=True)
+def _pieces(ptr, count, align):
+    """About ``count`` consecutive latent ranges of equal work (entries, plus one per latent
+    for its zero-fill), each starting at a multiple of ``align``."""
+    n = ptr.size - 1
+    total = ptr[n] + n
+    target = max(1, (total + count - 1) // count)
+    out = [0]
+    acc = 0
+    for f in range(n):
+        acc += ptr[f + 1] - ptr[f] + 1
+        if acc >= target and (f + 1) % align == 0:
+            out.append(f + 1)
+            acc = 0
+    if out[-1] != n:
+        out.append(n)
+    return np.array(out, dtype=np.int64)
+
+
+_TILE = 16  # latents per tile of the column-layout accumulation: one 64-byte line of fp32
+
+
 @njit(parallel=True, fastmath=True, cache=True)
-def _segment_accumulate(out, ptr, order, coef, src_row, src):
-    d = out.shape[1]
-    for f in prange(out.shape[0]):
-        for k in range(ptr[f], ptr[f + 1]):
-            i = order[k]
-            cf = coef[i]
-            r = src_row[i]
+def _column_accumulate(out, pieces, ptr, order, coef, src_row, src, zero):
+    """``out[:, f] = sum_e coef[e] * src[src_row[e]]`` over the entries of latent ``f`` for a
+    ``[d, n]`` ``out``: each tile of :data:`_TILE` latents is summed as rows in a scratch tile,
+    then written out whole cache lines at a time. ``pieces`` are tile-aligned latent ranges."""
+    d, n = out.shape
+    for c in prange(pieces.size - 1):
+        tile = np.empty((_TILE, d), dtype=out.dtype)
+        for f0 in range(pieces[c], pieces[c + 1], _TILE):
+            width = min(_TILE, n - f0)
+            for j in range(width):
+                row = tile[j]
+                for q in range(d):
+                    row[q] = zero
+                for k in range(ptr[f0 + j], ptr[f0 + j + 1]):
+                    i = order[k]
+                    cf = coef[i]
+                    r = src_row[i]
+                    for q in range(d):
+                        row[q] += cf * src[r, q]
             for q in range(d):
-                out[f, q] += cf * src[r, q]
+                for j in range(width):
+                    out[q, f0 + j] = tile[j, q]
+
+
+@njit(parallel=True, fastmath=True, cache=True)
+def _project_out_rows(G, W, zero):
+    """``G[f] -= (<G[f], W[f]> / max(|W[f]|^2, 1e-12)) W[f]`` for every row, in one pass."""
+    n, d = W.shape
+    for f in prange(n):
+        dot = zero
+        sq = zero
+        for q in range(d):
+            w = W[f, q]
+            dot += G[f, q] * w
+            sq += w * w
+        c = dot / max(sq, 1e-12)
+        for q in range(d):
+            G[f, q] -= c * W[f, q]
+
+
+@njit(parallel=True, fastmath=True, cache=True)
+def _normalise_rows(W, eps, zero):
+    """``W[f] /= max(|W[f]|, eps)`` for every row, in one pass."""
+    n, d = W.shape
+    for f in prange(n):
+        sq = zero
+        for q in range(d):
+            sq += W[f, q] * W[f, q]
+        inv = 1.0 / max(np.sqrt(sq), eps)
+        for q in range(d):
+            W[f, q] *= inv
+
+
+@njit(parallel=True, cache=True)
+def _above(flat, cutoff, pieces):
+    """Indices (ascending) and values of the entries of ``flat`` above ``cutoff``: count per
+    piece, then fill, one read of ``flat`` each."""
+    m = pieces.size - 1
+    counts = np.zeros(m + 1, dtype=np.int64)
+    for c in prange(m):
+        k = 0
+        for i in range(pieces[c], pieces[c + 1]):
+            if flat[i] > cutoff:
+                k += 1
+        counts[c + 1] = k
+    for c in range(m):
+        counts[c + 1] += counts[c]
+    idx = np.empty(counts[m], dtype=np.int64)
+    vals = np.empty(counts[m], dtype=flat.dtype)
+    for c in prange(m):
+        k = counts[c]
+        for i in range(pieces[c], pieces[c + 1]):
+            v = flat[i]
+            if v > cutoff:
+                idx[k] = i
+                vals[k] = v
+                k += 1
+    return idx, vals
 
 
 # prange runs as range in a non-parallel compilation
-_prefix_scan_serial = njit(fastmath=True, cache=True)(_prefix_scan.py_func)
-_segment_accumulate_serial = njit(fastmath=True, cache=True)(_segment_accumulate.py_func)
+_forward_scan_serial = njit(fastmath=True, cache=True)(_forward_scan.py_func)
+_latent_pass_serial = njit(fastmath=True, cache=True)(_latent_pass.py_func)
+_column_accumulate_serial = njit(fastmath=True, cache=True)(_column_accumulate.py_func)
+_above_serial = njit(cache=True)(_above.py_func)
+_project_out_rows_serial = njit(fastmath=True, cache=True)(_project_out_rows.py_func)
+_normalise_rows_serial = njit(fastmath=True, cache=True)(_normalise_rows.py_func)
+
+
+def _zero(dtype: np.dtype):
+    return np.zeros(1, dtype=dtype)[0]
+
+
+_workspace = threading.local()
+
+
+def _suffix_buffer(rows: int, d: int, dtype: np.dtype) -> np.ndarray:
+    """A ``[rows, d]`` scratch buffer kept between calls (per thread): a fresh one would cost a
+    page fault per 4 KiB on every training step."""
+    have = getattr(_workspace, "buf", None)
+    if have is None or have.dtype != dtype or have.size < rows * d:
+        have = _workspace.buf = np.empty(rows * d, dtype=dtype)
+    return have[: rows * d].reshape(rows, d)
 
 
 def group_by_latent(indices: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -138,22 +340,51 @@ def group_by_latent(indices: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.
     return torch.from_numpy(ptr), torch.from_numpy(order)
 
 
-def segment_accumulate(
+def column_accumulate(
     out: torch.Tensor, indices: torch.Tensor, coef: torch.Tensor, src_row: torch.Tensor, src: torch.Tensor
 ) -> None:
-    """In place: ``out[indices[e]] += coef[e] * src[src_row[e]]`` for every entry ``e``."""
-    ptr, order = _group_by_latent(indices.numpy(), out.shape[0])
-    accumulate = _kernel(_segment_accumulate, _segment_accumulate_serial, indices.numel() * out.shape[1])
-    accumulate(out.numpy(), ptr, order, coef.numpy(), src_row.numpy(), src.numpy())
+    """``out[:, f] = sum over entries e of latent f of coef[e] * src[src_row[e]]`` for a
+    contiguous ``[d, n]`` ``out`` (overwritten whole; columns without entries become 0): the
+    encoder's weight gradient in ``W_enc``'s own layout."""
+    d, n = out.shape
+    accumulate = _kernel(_column_accumulate, _column_accumulate_serial, indices.numel() * d)
+    ptr, order = _group_by_latent(indices.numpy(), n)
+    pieces = _pieces(ptr, _threads() * _PIECES_PER_THREAD, _TILE)
+    o = out.numpy()
+    accumulate(o, pieces, ptr, order, coef.numpy(), src_row.numpy(), src.numpy(), _zero(o.dtype))
 
 
-def _token_chunks(offsets: np.ndarray, max_entries: int):
-    """Consecutive token ranges holding at most ``max_entries`` entries (at least one token)."""
-    batch = offsets.size - 1
+def above(flat: torch.Tensor, cutoff: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Indices (ascending) and values of the entries of a contiguous 1-D ``flat`` above
+    ``cutoff``: ``nonzero(flat > cutoff)`` and the gather, in two reads of ``flat``."""
+    run = _kernel(_above, _above_serial, flat.numel())
+    n = flat.numel()
+    pieces = np.linspace(0, n, _threads() * _PIECES_PER_THREAD + 1).astype(np.int64)
+    idx, vals = run(flat.numpy(), flat.numpy().dtype.type(cutoff), pieces)
+    return torch.from_numpy(idx), torch.from_numpy(vals)
+
+
+def project_out_rows_(grad: torch.Tensor, W: torch.Tensor) -> None:
+    """In place: remove from each row of ``grad`` its component along the row of ``W``
+    (contiguous ``[n, d]`` tensors)."""
+    run = _kernel(_project_out_rows, _project_out_rows_serial, W.numel())
+    g = grad.numpy()
+    run(g, W.detach().numpy(), _zero(g.dtype))
+
+
+def normalise_rows_(W: torch.Tensor, eps: float) -> None:
+    """In place: each row of a contiguous ``[n, d]`` ``W`` divided by ``max(its norm, eps)``."""
+    run = _kernel(_normalise_rows, _normalise_rows_serial, W.numel())
+    w = W.detach().numpy()
+    run(w, eps, _zero(w.dtype))
+
+
+def _token_chunks(seg_ptr: np.ndarray, max_rows: int):
+    """Consecutive token ranges holding at most ``max_rows`` segment rows (at least one token)."""
+    batch = seg_ptr.size - 1
     t0 = 0
     while t0 < batch:
-        limit = offsets[t0] + max_entries
-        t1 = int(np.searchsorted(offsets, limit, side="right")) - 1
+        t1 = int(np.searchsorted(seg_ptr, seg_ptr[t0] + max_rows, side="right")) - 1
         t1 = min(batch, max(t1, t0 + 1))
         yield t0, t1
         t0 = t1
@@ -164,40 +395,48 @@ class _NumbaPrefixMSE(torch.autograd.Function):
     def forward(ctx, x, b_dec, values, indices, offsets, W_dec, cum, n, chunk_elements, consume):
         batch, d = x.shape
         work = indices.numel() * d
-        scan = _kernel(_prefix_scan, _prefix_scan_serial, work)
-        accumulate = _kernel(_segment_accumulate, _segment_accumulate_serial, work)
+        scan = _kernel(_forward_scan, _forward_scan_serial, work)
+        latent_pass = _kernel(_latent_pass, _latent_pass_serial, work)
         need_x, need_b, need_v, _, _, need_w = ctx.needs_input_grad[:6]
         want = need_x or need_b or need_v or need_w
         xs, Ws = x.detach().contiguous(), W_dec.detach().contiguous()
         vals = values.detach().contiguous()
+        zero = _zero(xs.numpy().dtype)
+        idx, offs = indices.numpy(), offsets.numpy()
+        seg_ptr, brow, erow, crow = _segments(idx, offs, cum.numpy(), n)
+        crow_x = crow.astype(zero.dtype)
         resid = torch.empty_like(xs)
         loss_tok = np.empty(batch)
-        gvals = torch.zeros_like(vals)
+        gvals = torch.empty_like(vals)
         G0 = torch.empty_like(xs) if want else torch.empty((1, d), dtype=xs.dtype)
-        dW = torch.zeros_like(Ws) if need_w else None
-        offs = offsets.numpy()
-        idx = indices.numpy()
-        max_entries = max(1, chunk_elements // d)
-        G = torch.empty((min(max_entries, max(1, idx.size)) if want else 1, d), dtype=xs.dtype)
-        args = (xs.numpy(), b_dec.detach().numpy(), vals.numpy(), idx, offs, Ws.numpy(), cum.numpy(), n)
-        chunks = _token_chunks(offs, max_entries) if want else [(0, batch)]
-        for t0, t1 in chunks:
-            lo, hi = int(offs[t0]), int(offs[t1])
-            if want and hi - lo > G.shape[0]:  # a single token longer than the chunk
-                G = torch.empty((hi - lo, d), dtype=xs.dtype)
-            scan(*args, t0, t1, lo, want, G.numpy(), gvals.numpy(), resid.numpy(), G0.numpy(), loss_tok)
-            if need_w and hi > lo:
-                # dW[p_l] += a_l * G_l, grouped by latent so each thread owns whole rows.
-                ptr, order = _group_by_latent(idx[lo:hi], n)
-                rows = np.arange(hi - lo, dtype=np.int64)
-                accumulate(dW.numpy(), ptr, order, vals.numpy()[lo:hi], rows, G.numpy())
+        dW = torch.empty_like(Ws) if need_w else torch.empty((1, d), dtype=xs.dtype)
+        max_rows = max(1, chunk_elements // d)
+        R = _suffix_buffer(min(max_rows, int(seg_ptr[-1])), d, zero.dtype)
         scale = -2.0 / batch
-        ctx.scale = scale
+        pieces_wanted = _threads() * _PIECES_PER_THREAD
+        x_np, b_np, v_np, W_np = xs.numpy(), b_dec.detach().contiguous().numpy(), vals.numpy(), Ws.numpy()
+        first = True
+        for t0, t1 in _token_chunks(seg_ptr, max_rows):
+            rows = int(seg_ptr[t1] - seg_ptr[t0])
+            if rows > R.shape[0]:  # a single token with more rows than the chunk
+                R = _suffix_buffer(rows, d, zero.dtype)
+            scan(x_np, b_np, v_np, idx, offs, W_np, seg_ptr, brow, crow_x, t0, t1, want, R,
+                 resid.numpy(), G0.numpy(), loss_tok, zero)
+            if not (need_v or need_w):
+                continue
+            lo, hi = int(offs[t0]), int(offs[t1])
+            ptr, order = _group_by_latent(idx[lo:hi], n)
+            if hi == lo and not first:
+                continue
+            pieces = _pieces(ptr, pieces_wanted, 1)
+            latent_pass(dW.numpy(), W_np, pieces, ptr, order, lo, v_np, erow, int(seg_ptr[t0]), R,
+                        gvals.numpy(), first, need_w, zero.dtype.type(scale), zero)
+            first = False
         ctx.save_for_backward(
             gvals if need_v else None,
             dW if need_w else None,
-            G0.sum(0) if need_b else None,
-            G0 if need_x else None,
+            G0.sum(0).mul_(scale) if need_b else None,
+            G0.mul_(-scale) if need_x else None,
         )
         ctx.mark_non_differentiable(resid)
         ctx.consume, ctx.used = consume, False
@@ -206,15 +445,22 @@ class _NumbaPrefixMSE(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_resid):
-        if ctx.consume and ctx.used:
-            raise RuntimeError("this prefix loss was built with consume_grads=True: one backward pass only")
-        gvals, dW, g0sum, G0 = ctx.saved_tensors
-        s = ctx.scale * grad_loss
-        g_x = -s * G0 if G0 is not None else None
-        g_b = s * g0sum if g0sum is not None else None
-        g_v = s * gvals if gvals is not None else None
-        g_w = scale_grad_once(ctx, dW, s)
-        return g_x, g_b, g_v, None, None, g_w, None, None, None, None
+        gvals, dW, g_b, g_x = ctx.saved_tensors
+        if ctx.consume:
+            if ctx.used:
+                raise RuntimeError("this prefix loss was built with consume_grads=True: one backward pass only")
+            ctx.used = True
+        # The gradients were computed for d(loss) = 1; training passes exactly that, so the
+        # decoder-sized buffer is handed over without another pass over it.
+        unit = grad_loss.numel() == 1 and float(grad_loss) == 1.0
+
+        def scaled(g, in_place):
+            if g is None or unit:
+                return g
+            return g.mul_(grad_loss) if in_place else g * grad_loss
+
+        return (scaled(g_x, ctx.consume), scaled(g_b, ctx.consume), scaled(gvals, ctx.consume), None, None,
+                scaled(dW, ctx.consume), None, None, None, None)
 
 
 def numba_prefix_mse(
@@ -228,7 +474,7 @@ def numba_prefix_mse(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(loss, residual)`` of ``prefix_loss.prefix_mse`` on CPU tensors; ``latents`` is a
     ``SparseLatents``, ``cum`` the prefix weights' cumulative sums, ``chunk_elements`` the size
-    of one ``[entries, d]`` working buffer."""
+    of the ``[rows, d]`` suffix-sum buffer."""
     return _NumbaPrefixMSE.apply(
         x,
         b_dec,

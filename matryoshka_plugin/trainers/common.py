@@ -14,7 +14,7 @@ import torch
 from dictionary_learning.trainers.trainer import SAETrainer, get_lr_schedule
 
 from ..errors import CheckpointError, TrainingError, check_activations
-from ..kernels import BACKENDS
+from ..kernels import BACKENDS, numba_supported
 from ..prefixes import PrefixSampler
 from ..registry import PACKAGE_MARK
 from ..sparse_encoder import encoder_matmul_dtype
@@ -180,6 +180,10 @@ class MatryoshkaTrainerBase(SAETrainer):
                 setattr(self.cfg, key, value)
         self.ae.load_state_dict(state["ae"])
         self.optimizer.load_state_dict(state["optimizer"])
+        for p, slots in self.optimizer.state.items():  # moments saved when W_enc was a transposed view
+            for name, value in slots.items():
+                if isinstance(value, torch.Tensor) and value.shape == p.shape and value.stride() != p.stride():
+                    slots[name] = value.contiguous() if p.is_contiguous() else value
         self.scheduler.load_state_dict(state["scheduler"])
         self.generator.set_state(state["generator"])
         for name in self.state_attributes:
@@ -263,16 +267,50 @@ def make_adam(params, lr: float, betas) -> torch.optim.Adam:
         return torch.optim.Adam(params, lr=lr, betas=tuple(betas))
 
 
+def _numba_rows(*tensors: torch.Tensor) -> bool:
+    return all(t.is_contiguous() for t in tensors) and numba_supported(*tensors)
+
+
 @torch.no_grad()
 def project_out_radial_(grad: torch.Tensor, W: torch.Tensor) -> None:
     """Remove from each row of ``grad`` its component along the matching row of ``W``.
 
     Keeps unit-norm decoder rows on the sphere to first order; in place, with no temporary of
-    the decoder's size.
+    the decoder's size (one pass on CPU with numba).
     """
+    if _numba_rows(grad, W):
+        from ..kernels.numba import project_out_rows_
+
+        return project_out_rows_(grad, W)
     dots = torch.einsum("fd,fd->f", grad, W)
     sq = torch.einsum("fd,fd->f", W, W).clamp_min(1e-12)
     grad.addcmul_(W, (dots / sq).unsqueeze(1), value=-1.0)
+
+
+@torch.no_grad()
+def normalise_rows_(W: torch.Tensor) -> None:
+    """Each row of ``W`` divided by its norm (at least the dtype's eps), in place."""
+    eps = torch.finfo(W.dtype).eps
+    if _numba_rows(W):
+        from ..kernels.numba import normalise_rows_ as run
+
+        return run(W, eps)
+    W.div_(W.norm(dim=1, keepdim=True).clamp_min(eps))
+
+
+@torch.no_grad()
+def clip_grad_norm_(params: Iterable[torch.nn.Parameter], max_norm: float) -> torch.Tensor:
+    """``torch.nn.utils.clip_grad_norm_`` (same norm, same factor), except that on CPU the
+    gradients are not multiplied by 1 when the norm is within ``max_norm``: a pass over every
+    gradient saved on most steps. Returns the total norm."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return torch.zeros(())
+    total = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+    coef = (max_norm / (total + 1e-6)).clamp(max=1.0)
+    if total.device.type != "cpu" or float(coef) < 1.0:  # on GPU: no host sync, as torch
+        torch._foreach_mul_(grads, coef.to(grads[0].device))
+    return total
 
 
 def constant_warmup_decay_schedule(

@@ -38,10 +38,12 @@ from .common import (
     MatryoshkaTrainerBase,
     TrainerConfig,
     check_positive,
+    clip_grad_norm_,
     constant_warmup_decay_schedule,
     geometric_median,
     make_adam,
     prefix_sampler,
+    normalise_rows_,
     project_out_radial_,
 )
 
@@ -378,7 +380,7 @@ class MatryoshkaBatchTopKTrainer(MatryoshkaTrainerBase):
             thr = float(self.ae.threshold)
             # Estimated on up to 256 tokens: a full pass over [B, n] would cost a tenth of a step.
             sample = post_relu[:256]
-            self.threshold_l0 = float((sample > thr).sum()) / sample.shape[0] if thr >= 0 else -1.0
+            self.threshold_l0 = float((sample > thr).count_nonzero()) / sample.shape[0] if thr >= 0 else -1.0
             perm = self._reorder_permutation(latents) if self.reorder_by is not None else None
         parts = out.parts
         del post_relu, out  # the dense [B, n] activations are not needed for backward
@@ -388,12 +390,12 @@ class MatryoshkaBatchTopKTrainer(MatryoshkaTrainerBase):
             dp.average_gradients_(list(self.ae.parameters()))
         W = self.ae.W_dec
         project_out_radial_(W.grad, W)
-        torch.nn.utils.clip_grad_norm_(self.ae.parameters(), 1.0)
+        clip_grad_norm_(self.ae.parameters(), 1.0)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
         with torch.no_grad():
-            W.div_(W.norm(dim=1, keepdim=True).clamp_min(torch.finfo(W.dtype).eps))
+            normalise_rows_(W)
         if perm is not None:
             self.reorder(perm)
         # With a collective: the global batch's loss, the same on every rank.

@@ -46,8 +46,10 @@ from .common import (
     MatryoshkaTrainerBase,
     TrainerConfig,
     check_positive,
+    clip_grad_norm_,
     make_adam,
     prefix_sampler,
+    normalise_rows_,
     project_out_radial_,
     warmup_stable_decay_schedule,
 )
@@ -363,12 +365,12 @@ class MatryoshkaLogSparsityTrainer(MatryoshkaTrainerBase):
         W = self.ae.W_dec
         if self.normalize_decoder:
             project_out_radial_(W.grad, W)
-        torch.nn.utils.clip_grad_norm_(self.ae.parameters(), self.grad_clip)
+        clip_grad_norm_(self.ae.parameters(), self.grad_clip)
         self.optimizer.step()
         self.scheduler.step()
         if self.normalize_decoder:
             with torch.no_grad():
-                W.div_(W.norm(dim=1, keepdim=True).clamp_min(torch.finfo(W.dtype).eps))
+                normalise_rows_(W)
         self.resampled = 0
         if self.resample_dead and self.dead_features and step < self.steps * (1 - self.decay_fraction):
             if dp is None:
