@@ -83,6 +83,12 @@ def test_saelens_variants_take_config_fields_and_a_geometric_median_start(tmp_pa
     published = _train_saelens(TINY, VARIANTS["saelens-matryoshka"], 3, 0, untrained)
     assert torch.allclose(published.W_dec.norm(dim=1), torch.full((32,), 0.1), atol=1e-6)
     assert torch.equal(published.b_dec, torch.zeros(16))
+    monkeypatch.undo()  # two real steps: unit_decoder keeps the rows at norm 1, without it they drift
+    pool = Pool(hidden, 128, 1, "cpu")
+    held = _train_saelens(TINY, VARIANTS["saelens-matryoshka+unit-decoder"], 3, 0, pool)
+    assert torch.allclose(held.W_dec.norm(dim=1), torch.ones(32), atol=1e-5)
+    free = _train_saelens(TINY, VARIANTS["saelens-matryoshka+unit-init"], 3, 0, pool)
+    assert not torch.allclose(free.W_dec.norm(dim=1), torch.ones(32), atol=1e-5)
     with pytest.raises(ValueError, match="b_dec_init"):
         _train_saelens(TINY, Variant("y", "saelens", {"architecture": "batchtopk", "b_dec_init": "mean"}), 3, 0,
                        untrained)

@@ -110,6 +110,7 @@ def _train_saelens(p: Protocol, v: Variant, l0: int, seed: int, pool: Pool) -> A
 
     options = dict(v.options)
     architecture, b_dec_init = options.pop("architecture"), options.pop("b_dec_init", "zeros")
+    unit_decoder = options.pop("unit_decoder", False)
     torch.manual_seed(seed)
     if architecture == "batchtopk":  # other options: fields of SAELens' config (decoder_init_norm...)
         sae = BatchTopKTrainingSAE(BatchTopKTrainingSAEConfig(k=l0, d_in=p.hidden_dim, d_sae=p.width, **options))
@@ -128,7 +129,15 @@ def _train_saelens(p: Protocol, v: Variant, l0: int, seed: int, pool: Pool) -> A
         lr_scheduler_name="constant", device=p.device, dead_feature_window=p.dead_window, feature_sampling_window=2000,
         logger=LoggingConfig(log_to_wandb=False, eval_every_n_wandb_logs=2**31 - 1),
     )
-    return SAETrainer(cfg=cfg, sae=sae, data_provider=iter(pool)).fit()
+    trainer = SAETrainer(cfg=cfg, sae=sae, data_provider=iter(pool))
+    if unit_decoder:  # decoder rows back to norm 1 after every step, as this package's trainers keep them
+
+        def renormalise(*_):
+            with torch.no_grad():
+                sae.W_dec.div_(sae.W_dec.norm(dim=1, keepdim=True))
+
+        trainer.optimizer.register_step_post_hook(renormalise)
+    return trainer.fit()
 
 
 def _done(csv_path: Path) -> set[tuple[str, str, int, int]]:
