@@ -8,9 +8,8 @@ import dataclasses
 import pytest
 import torch
 
-from benchmarks.synth_sae_bench.config import PROTOCOLS, VARIANTS, Protocol, model_config
+from benchmarks.synth_sae_bench.config import PROTOCOLS, VARIANTS, Protocol, Variant, model_config
 from benchmarks.synth_sae_bench.model import SeededBatches, fingerprint, load_or_build, sample_pool
-from benchmarks.synth_sae_bench.config import Variant
 from benchmarks.synth_sae_bench.run import COLUMNS, Pool, _train_saelens, run_benchmark, write_markdown
 
 TINY = Protocol("tiny", 64, 16, 2, 32, (4, 8, 16, 32), (3,), 4096, (0, 1), 512, batch_size=128)
