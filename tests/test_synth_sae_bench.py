@@ -8,9 +8,9 @@ import dataclasses
 import pytest
 import torch
 
-from benchmarks.synth_sae_bench.config import PROTOCOLS, VARIANTS, Protocol, model_config
+from benchmarks.synth_sae_bench.config import PROTOCOLS, VARIANTS, Protocol, Variant, model_config
 from benchmarks.synth_sae_bench.model import SeededBatches, fingerprint, load_or_build, sample_pool
-from benchmarks.synth_sae_bench.run import COLUMNS, Pool, run_benchmark, write_markdown
+from benchmarks.synth_sae_bench.run import COLUMNS, Pool, _train_saelens, run_benchmark, write_markdown
 
 TINY = Protocol("tiny", 64, 16, 2, 32, (4, 8, 16, 32), (3,), 4096, (0, 1), 512, batch_size=128)
 
@@ -58,6 +58,39 @@ def test_every_sae_sees_the_same_batches(tmp_path):
     assert pool.steps == 4 and all(torch.equal(a, b) for a, b in zip(first, second))
     seeded = SeededBatches(model, 32, 3, seed=5)
     assert all(torch.equal(a, b) for a, b in zip(seeded, seeded))
+
+
+def test_saelens_variants_take_config_fields_and_a_geometric_median_start(tmp_path, monkeypatch):
+    """SAELens' SAEs configured like this package's: decoder_init_norm=1.0 gives unit decoder rows
+    and W_enc = W_dec.T; b_dec_init="geometric_median" sets b_dec as the trainers do (Weiszfeld on
+    the first batch); the default keeps SAELens' zero b_dec and its 0.1 decoder norm."""
+    from matryoshka_plugin.trainers.common import geometric_median
+
+    model = load_or_build(TINY, tmp_path)
+    hidden, _ = sample_pool(model, 256, 1, tmp_path / "train.pt", batch_size=128)
+    from sae_lens.training.sae_trainer import SAETrainer
+
+    monkeypatch.setattr(SAETrainer, "fit", lambda self: self.sae)  # no step: the SAE as it starts
+    untrained = Pool(hidden, 128, 1, "cpu")
+    like_ours = Variant("x", "saelens", {"architecture": "matryoshka", "use_matryoshka_aux_loss": True,
+                                         "decoder_init_norm": 1.0, "b_dec_init": "geometric_median"})
+    sae = _train_saelens(TINY, like_ours, 3, 0, untrained)
+    assert sae.cfg.decoder_init_norm == 1.0 and sae.cfg.use_matryoshka_aux_loss
+    assert torch.allclose(sae.W_dec.norm(dim=1), torch.ones(32), atol=1e-5)
+    assert torch.equal(sae.W_enc, sae.W_dec.T)
+    assert torch.allclose(sae.b_dec, geometric_median(hidden[:128]), atol=1e-6)
+    published = _train_saelens(TINY, VARIANTS["saelens-matryoshka"], 3, 0, untrained)
+    assert torch.allclose(published.W_dec.norm(dim=1), torch.full((32,), 0.1), atol=1e-6)
+    assert torch.equal(published.b_dec, torch.zeros(16))
+    monkeypatch.undo()  # two real steps: unit_decoder keeps the rows at norm 1, without it they drift
+    pool = Pool(hidden, 128, 1, "cpu")
+    held = _train_saelens(TINY, VARIANTS["saelens-matryoshka+unit-decoder"], 3, 0, pool)
+    assert torch.allclose(held.W_dec.norm(dim=1), torch.ones(32), atol=1e-5)
+    free = _train_saelens(TINY, VARIANTS["saelens-matryoshka+unit-init"], 3, 0, pool)
+    assert not torch.allclose(free.W_dec.norm(dim=1), torch.ones(32), atol=1e-5)
+    with pytest.raises(ValueError, match="b_dec_init"):
+        _train_saelens(TINY, Variant("y", "saelens", {"architecture": "batchtopk", "b_dec_init": "mean"}), 3, 0,
+                       untrained)
 
 
 @pytest.mark.slow

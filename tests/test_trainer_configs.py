@@ -26,8 +26,9 @@ from matryoshka_plugin.trainers.matryoshka_log_sparsity import MatryoshkaLogSpar
 LEGACY = Path(__file__).parent / "data" / "folders_v0_1_0"
 # Keys the log-sparsity trainer gained with its language-model defaults.
 NEW_LOG_SPARSITY_KEYS = {"controller_log_range", "normalize_decoder", "dead_feature_threshold", "resample_dead"}
-# Options the BatchTopK trainer gained (per-level AuxK, detached levels, reordering, k annealing).
-NEW_BATCH_TOP_K_KEYS = {"matryoshka_aux_loss", "detach_inner_levels", "reorder_by", "reorder_decay", "k_anneal_steps"}
+# Options the BatchTopK trainer gained (per-level AuxK, detached levels, reordering, k annealing, b_dec start).
+NEW_BATCH_TOP_K_KEYS = {"matryoshka_aux_loss", "detach_inner_levels", "reorder_by", "reorder_decay", "k_anneal_steps",
+                        "b_dec_init"}
 
 
 def same_settings(trainer_cfg: dict) -> dict:

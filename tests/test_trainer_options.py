@@ -1,5 +1,6 @@
 """MatryoshkaBatchTopKTrainer's options against reference computations: per-level AuxK,
-stop-gradient between levels, latents reordered by an EMA statistic, annealed k."""
+stop-gradient between levels, latents reordered by an EMA statistic, annealed k, the decoder
+bias's start."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from matryoshka_plugin import MatryoshkaBatchTopKTrainer
 from matryoshka_plugin.prefix_loss import detached_level_mse, level_residuals, prefix_mse
 from matryoshka_plugin.prefixes import PrefixSampler
 from matryoshka_plugin.sparse_latents import sparse_from_dense
+from matryoshka_plugin.trainers.common import geometric_median
 from matryoshka_plugin.trainers.matryoshka_batch_top_k import annealed_k
 
 from helpers import brute_force
@@ -184,7 +186,30 @@ def test_k_anneal_follows_dictionary_learning_schedule():
     assert t.effective_l0 == pytest.approx(4, abs=0.5)
 
 
+@pytest.mark.parametrize("init", ["geometric_median", "mean", "zeros"])
+def test_b_dec_init_is_a_start_from_the_first_batch(init):
+    """The first step with ``b_dec_init`` equals the first step of a trainer whose ``b_dec`` was set
+    by hand (zeros, the batch mean, Weiszfeld's geometric median) and marked as started."""
+    x = _batch(0)
+    want = {"zeros": torch.zeros(16), "mean": x.mean(0), "geometric_median": geometric_median(x)}[init]
+    if init == "geometric_median":  # Weiszfeld's fixed point: the unit vectors to the points sum to 0
+        u = (x - want) / (x - want).norm(dim=1, keepdim=True)
+        assert u.sum(0).norm() < 1e-3 * x.shape[0]
+    got = MatryoshkaBatchTopKTrainer(**_settings(b_dec_init=init))
+    ref = MatryoshkaBatchTopKTrainer(**_settings())
+    with torch.no_grad():
+        ref.ae.b_dec.copy_(want)
+    ref._b_dec_initialised = True
+    assert torch.equal(got.ae.W_enc, ref.ae.W_enc)
+    for s in range(3):
+        assert got.update(s, _batch(s)) == pytest.approx(ref.update(s, _batch(s)), rel=1e-5)
+    for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
+        assert torch.allclose(getattr(got.ae, name), getattr(ref.ae, name), atol=1e-5), name
+    assert got.config["b_dec_init"] == init
+
+
 @pytest.mark.parametrize("bad,match", [
+    (dict(b_dec_init="median"), "b_dec_init must be one of"),
     (dict(matryoshka_aux_loss=True, prefix_mode="every"), "matryoshka_aux_loss needs prefix_mode='groups'"),
     (dict(detach_inner_levels=True, prefix_mode="pareto"), "detach_inner_levels needs prefix_mode='groups'"),
     (dict(reorder_by="size"), "reorder_by must be one of"),

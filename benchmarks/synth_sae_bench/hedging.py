@@ -52,7 +52,8 @@ def hedging_per_parent(sae: Any, feature_vectors: torch.Tensor, pairs: list[tupl
 
 
 def write_hedging(saes_dir: Path, model: Any, hidden: torch.Tensor, features: torch.Tensor, out_csv: Path) -> list[dict]:
-    """Score every SAELens folder ``saes_dir/<variant>-l0<L>-s<seed>/saelens``; one CSV row per SAE."""
+    """Score every SAELens folder ``saes_dir/<variant>-l0<L>-s<seed>/saelens``; one CSV row per SAE
+    (rows already in ``out_csv`` for SAEs not found there are kept)."""
     from sae_lens import SAE
 
     pairs = parents_and_children(model.hierarchy)
@@ -66,11 +67,17 @@ def write_hedging(saes_dir: Path, model: Any, hidden: torch.Tensor, features: to
         rows.append(dict(sae=variant, l0=int(l0), seed=int(seed), **{k: round(v, 4) if isinstance(v, float) else v
                                                                        for k, v in scores.items()}))
     if rows:
+        # rows of SAEs not in saes_dir (trained from another cache) stay, as in results.csv
+        scored = {(r["sae"], r["l0"], r["seed"]) for r in rows}
+        kept = []
+        if out_csv.exists():
+            with out_csv.open() as f:
+                kept = [r for r in csv.DictReader(f) if (r["sae"], int(r["l0"]), int(r["seed"])) not in scored]
         out_csv.parent.mkdir(parents=True, exist_ok=True)
         with out_csv.open("w", newline="") as f:
             w = csv.DictWriter(f, fieldnames=list(rows[0]))
             w.writeheader()
-            w.writerows(rows)
+            w.writerows(kept + rows)
     return rows
 
 

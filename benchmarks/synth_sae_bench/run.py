@@ -108,19 +108,36 @@ def _train_saelens(p: Protocol, v: Variant, l0: int, seed: int, pool: Pool) -> A
     from sae_lens.config import LoggingConfig, SAETrainerConfig
     from sae_lens.training.sae_trainer import SAETrainer
 
+    options = dict(v.options)
+    architecture, b_dec_init = options.pop("architecture"), options.pop("b_dec_init", "zeros")
+    unit_decoder = options.pop("unit_decoder", False)
     torch.manual_seed(seed)
-    if v.options["architecture"] == "batchtopk":
-        sae = BatchTopKTrainingSAE(BatchTopKTrainingSAEConfig(k=l0, d_in=p.hidden_dim, d_sae=p.width))
+    if architecture == "batchtopk":  # other options: fields of SAELens' config (decoder_init_norm...)
+        sae = BatchTopKTrainingSAE(BatchTopKTrainingSAEConfig(k=l0, d_in=p.hidden_dim, d_sae=p.width, **options))
     else:  # inner widths as synth-sae-bench-experiments (the outer level is the SAE itself)
         sae = MatryoshkaBatchTopKTrainingSAE(MatryoshkaBatchTopKTrainingSAEConfig(
-            k=l0, d_in=p.hidden_dim, d_sae=p.width, matryoshka_widths=list(p.matryoshka_widths),
-            use_matryoshka_aux_loss=v.options.get("use_matryoshka_aux_loss", False)))
+            k=l0, d_in=p.hidden_dim, d_sae=p.width, matryoshka_widths=list(p.matryoshka_widths), **options))
+    if b_dec_init == "geometric_median":  # as this package's trainers: Weiszfeld on the first batch
+        from matryoshka_plugin.trainers.common import geometric_median
+
+        with torch.no_grad():
+            sae.b_dec.copy_(geometric_median(next(iter(pool))).to(sae.b_dec.dtype))
+    elif b_dec_init != "zeros":
+        raise ValueError(f"b_dec_init must be 'zeros' (SAELens) or 'geometric_median', got {b_dec_init!r}")
     cfg = SAETrainerConfig(
         total_training_samples=pool.samples, train_batch_size_samples=p.batch_size, lr=p.lr, lr_end=p.lr,
         lr_scheduler_name="constant", device=p.device, dead_feature_window=p.dead_window, feature_sampling_window=2000,
         logger=LoggingConfig(log_to_wandb=False, eval_every_n_wandb_logs=2**31 - 1),
     )
-    return SAETrainer(cfg=cfg, sae=sae, data_provider=iter(pool)).fit()
+    trainer = SAETrainer(cfg=cfg, sae=sae, data_provider=iter(pool))
+    if unit_decoder:  # decoder rows back to norm 1 after every step, as this package's trainers keep them
+
+        def renormalise(*_):
+            with torch.no_grad():
+                sae.W_dec.div_(sae.W_dec.norm(dim=1, keepdim=True))
+
+        trainer.optimizer.register_step_post_hook(renormalise)
+    return trainer.fit()
 
 
 def _done(csv_path: Path) -> set[tuple[str, str, int, int]]:

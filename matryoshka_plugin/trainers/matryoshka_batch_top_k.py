@@ -12,8 +12,9 @@ Differences, all deliberate:
 * ``balance_beta``: inner levels weighted ``beta**depth`` (feature-hedging remedy);
 * options from the other Matryoshka implementations: per-level AuxK (``matryoshka_aux_loss``,
   SAELens), a stop-gradient between levels (``detach_inner_levels``, the ICML paper's
-  ablation), latents reordered by an EMA statistic (``reorder_by``) and a decreasing k
-  (``k_anneal_steps``, dictionary_learning's head);
+  ablation), latents reordered by an EMA statistic (``reorder_by``), a decreasing k
+  (``k_anneal_steps``, dictionary_learning's head) and SAELens' zero decoder-bias start
+  (``b_dec_init="zeros"``);
 * upstream defects avoided: no dense encoding before a threshold exists (falls back to
   BatchTopK), bf16 input works, counters live on the trainer's device, ``loss(logging=True)``
   changes no state, and ``effective_l0`` is measured.
@@ -50,6 +51,7 @@ from .common import (
 __all__ = ["MatryoshkaBatchTopKTrainer", "MatryoshkaBatchTopKConfig", "StepOutput", "annealed_k"]
 
 REORDER_STATISTICS = (None, "frequency", "contribution")
+B_DEC_INITS = ("geometric_median", "mean", "zeros")
 
 
 def annealed_k(step: int, k: int, activation_dim: int, k_anneal_steps: int | None) -> int:
@@ -128,6 +130,11 @@ class MatryoshkaBatchTopKConfig(TrainerConfig):
     (dictionary_learning sets it after step ``s - 1``), and ``activation_dim`` at step 0; so k
     falls linearly from ``activation_dim`` to the target. ``None`` or 0: constant k. Needs
     ``k < activation_dim`` and ``k_anneal_steps < steps``."""
+    b_dec_init: str = "geometric_median"
+    """How the decoder bias starts, set from the first training batch: ``"geometric_median"``
+    (dictionary_learning's trainers), ``"mean"``, or ``"zeros"`` (SAELens' training SAEs, whose
+    ``b_dec`` starts at zero). On SynthSAEBench's CPU protocol ``"zeros"`` scores +0.03 F1
+    (docs/synth_sae_bench.md)."""
     group_sizes: list[int] = field(init=False)
     """Latents per group, derived from ``group_fractions``."""
 
@@ -165,6 +172,8 @@ class MatryoshkaBatchTopKConfig(TrainerConfig):
         for name in ("matryoshka_aux_loss", "detach_inner_levels"):
             if getattr(self, name) and self.prefix_mode != "groups":
                 raise ValueError(f"{name} needs prefix_mode='groups' (levels are the groups), got {self.prefix_mode!r}")
+        if self.b_dec_init not in B_DEC_INITS:
+            raise ValueError(f"b_dec_init must be one of {B_DEC_INITS}, got {self.b_dec_init!r}")
         if self.reorder_by not in REORDER_STATISTICS:
             raise ValueError(f"reorder_by must be one of {REORDER_STATISTICS}, got {self.reorder_by!r}")
         self.reorder_decay = float(self.reorder_decay)
@@ -360,8 +369,12 @@ class MatryoshkaBatchTopKTrainer(MatryoshkaTrainerBase):
         if self.k_anneal_steps:
             self.ae.k.fill_(annealed_k(step, self.cfg.k, self.activation_dim, self.k_anneal_steps))
         if not self._b_dec_initialised:
-            first = x if dp is None else dp.gather_rows(x)
-            self.ae.b_dec.data.copy_(geometric_median(first).to(self.ae.b_dec.dtype))
+            if self.b_dec_init == "zeros":
+                self.ae.b_dec.data.zero_()
+            else:
+                first = (x if dp is None else dp.gather_rows(x)).float()
+                start = geometric_median(first) if self.b_dec_init == "geometric_median" else first.mean(0)
+                self.ae.b_dec.data.copy_(start.to(self.ae.b_dec.dtype))
             self._b_dec_initialised = True
         out = self._forward(x, step, training=True, collective=dp)
         loss, latents, post_relu = out.loss, out.latents, out.post_relu
