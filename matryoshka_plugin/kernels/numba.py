@@ -425,9 +425,9 @@ class _NumbaPrefixMSE(torch.autograd.Function):
             if not (need_v or need_w):
                 continue
             lo, hi = int(offs[t0]), int(offs[t1])
-            ptr, order = _group_by_latent(idx[lo:hi], n)
-            if hi == lo and not first:
+            if hi == lo and not first:  # no entries, and the gradient rows are already zeroed
                 continue
+            ptr, order = _group_by_latent(idx[lo:hi], n)
             pieces = _pieces(ptr, pieces_wanted, 1)
             latent_pass(dW.numpy(), W_np, pieces, ptr, order, lo, v_np, erow, int(seg_ptr[t0]), R,
                         gvals.numpy(), first, need_w, zero.dtype.type(scale), zero)

@@ -407,8 +407,7 @@ class MatryoshkaBatchTopKTrainer(MatryoshkaTrainerBase):
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
-        with torch.no_grad():
-            normalise_rows_(W)
+        normalise_rows_(W)
         if perm is not None:
             self.reorder(perm)
         # With a collective: the global batch's loss, the same on every rank.

@@ -369,8 +369,7 @@ class MatryoshkaLogSparsityTrainer(MatryoshkaTrainerBase):
         self.optimizer.step()
         self.scheduler.step()
         if self.normalize_decoder:
-            with torch.no_grad():
-                normalise_rows_(W)
+            normalise_rows_(W)
         self.resampled = 0
         if self.resample_dead and self.dead_features and step < self.steps * (1 - self.decay_fraction):
             if dp is None:
