@@ -228,9 +228,18 @@ class MatryoshkaLogSparsitySAE(_SAEBase):
         norm = self.input_norm.to(self.W_enc.dtype)
         return torch.where(norm > 0, norm / math.sqrt(self.activation_dim), torch.ones_like(norm))
 
-    def raw_encode(self, x_scaled: torch.Tensor) -> torch.Tensor:
-        """Training-time activations ``a`` on scaled input (decoder norms not folded in)."""
-        return torch.relu(x_scaled @ self.W_enc + self.b_enc)
+    def raw_encode(self, x_scaled: torch.Tensor, matmul_dtype: torch.dtype | None = None) -> torch.Tensor:
+        """Training-time activations ``a`` on scaled input (decoder norms not folded in).
+
+        With ``matmul_dtype`` (bf16/fp16, see ``sparse_encoder.encoder_matmul_dtype``) the matmul
+        and its backward run in that dtype under autocast (fp32 accumulation) on copies of the fp32
+        master weights; the bias, the ReLU and everything downstream stay in ``W_enc``'s dtype.
+        """
+        if matmul_dtype is None or matmul_dtype == self.W_enc.dtype:
+            return torch.relu(x_scaled @ self.W_enc + self.b_enc)
+        with torch.autocast(x_scaled.device.type, dtype=matmul_dtype):
+            pre = x_scaled @ self.W_enc
+        return torch.relu(pre.to(self.W_enc.dtype) + self.b_enc)
 
     def folded_weights(self) -> dict[str, torch.Tensor]:
         """Weights of the equivalent plain ReLU SAE on raw input with unit-norm decoder rows.

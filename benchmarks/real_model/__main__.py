@@ -42,6 +42,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="meta-SAE training steps (default: SAEBench's 1500 of 1024 decoder rows)")
     p.add_argument("--meta-structure-only", action="store_true",
                    help="skip training: add the meta-structure eval to the SAEs already in --out")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                   help="trainSAE's autocast_dtype (bfloat16: bf16 batches on CPU, bf16 encoder matmuls)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
@@ -56,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--meta-structure-only needs --meta-structure-seeds")
     if not a.meta_structure_only:
         run(a.out, a.tokens, a.held_out_tokens, a.batch_size, a.dict_size, a.k, tuple(a.variants), log_kwargs,
-            seed=a.seed, extra_log=json.loads(a.extra_log))
+            seed=a.seed, extra_log=json.loads(a.extra_log), autocast_dtype=getattr(torch, a.dtype))
     if a.meta_structure_seeds:
         # SAEBench's settings; bf16 autocast is slow on a CPU
         steps = {} if a.meta_structure_steps is None else {"train_steps": a.meta_structure_steps}

@@ -244,7 +244,7 @@ class MatryoshkaLogSparsityTrainer(MatryoshkaTrainerBase):
 
     def _forward(self, x_scaled: torch.Tensor, training: bool) -> LogSparsityForward:
         """Activations, their magnitudes, the prefix reconstruction and the sparsity term."""
-        a = self.ae.raw_encode(x_scaled)
+        a = self.ae.raw_encode(x_scaled, self.matmul_dtype)  # bf16 input or autocast: a bf16 matmul
         weights = self.prefixes.sample(self.generator) if training else self.prefixes.expected()
         recon = prefix_mse(
             x_scaled, sparse_from_dense(a), self.ae.W_dec, self.ae.b_dec, weights,
