@@ -17,6 +17,7 @@ from ..errors import CheckpointError, TrainingError, check_activations
 from ..kernels import BACKENDS, numba_supported
 from ..prefixes import PrefixSampler
 from ..registry import PACKAGE_MARK
+from ..host_memory import reuse_freed_memory
 from ..sparse_encoder import encoder_matmul_dtype
 
 __all__ = [
@@ -131,6 +132,8 @@ class MatryoshkaTrainerBase(SAETrainer):
         self.generator = torch.Generator()
         # The encoder matmul's dtype, set from each batch by _prepare (None: decided from the input).
         self.matmul_dtype: torch.dtype | None = None
+        if torch.device(cfg.device).type == "cpu":
+            reuse_freed_memory()  # steps reuse their large blocks instead of page-faulting them in
         self.generator.manual_seed(seed if seed is not None else torch.initial_seed() % (2**63))
 
     # -- full training state (exact resume) ------------------------------------------------------
