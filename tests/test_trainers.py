@@ -156,6 +156,25 @@ def _in_original_order(tr) -> dict:
     return {"W_enc": sd["W_enc"][:, order], "W_dec": sd["W_dec"][order], "b_enc": sd["b_enc"][order]}
 
 
+def test_activation_check_passes_large_finite_values_and_names_nan_inf():
+    """The check's one-reduction shortcut must not reject finite batches whose sum overflows,
+    nor pass a batch whose NaN and Inf would cancel in a sum (+inf + -inf = nan, still caught)."""
+    from matryoshka_plugin.errors import check_activations
+
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        big = torch.full((4, D), torch.finfo(dtype).max / 2, dtype=dtype)
+        check_activations(big, D)  # sum overflows; every value is finite
+        for bad_value, name in ((float("nan"), "1 NaN"), (float("inf"), "1 Inf")):
+            bad = big.clone()
+            bad[2, 7] = bad_value
+            with pytest.raises(ActivationError, match=rf"{name}.*row 2, dim 7"):
+                check_activations(bad, D)
+    both = torch.zeros(4, D)
+    both[0, 0], both[1, 1] = float("inf"), float("-inf")
+    with pytest.raises(ActivationError, match="0 NaN and 2 Inf"):
+        check_activations(both, D)
+
+
 def test_short_training_never_encodes_densely():
     tr = btk(steps=20, threshold_start_step=1000)
     for s in range(20):
