@@ -120,3 +120,25 @@ def test_self_check_runs_under_inference_mode_and_autocast():
 def test_numba_kernel_passes_its_self_check(dtype):
     err = self_check_error("cpu", dtype)
     assert err < (1e-5 if dtype == torch.float32 else 1e-12)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_above_matches_nonzero_and_gather(threads, dtype):
+    """The cut-off kernel against ``nonzero(flat > cutoff)`` and a gather: sizes that do not
+    split evenly into pieces, a cut-off nothing exceeds, ties at the cut-off (strictly above)."""
+    numba_kernels = pytest.importorskip("matryoshka_plugin.kernels.numba")
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        gen = torch.Generator().manual_seed(threads)
+        for n in (1, 7, 1000, 262_147):
+            flat = torch.randn(n, generator=gen, dtype=dtype).relu_()
+            flat[::5] = 0.5  # ties exactly at the cut-off stay out
+            for cutoff in (0.5, 1.5, float(flat.max())):
+                idx, vals = numba_kernels.above(flat, cutoff)
+                ref = torch.nonzero(flat > cutoff).squeeze(1)
+                assert torch.equal(idx, ref), (n, cutoff)
+                assert torch.equal(vals, flat[ref]) and vals.dtype == dtype
+    finally:
+        torch.set_num_threads(before)

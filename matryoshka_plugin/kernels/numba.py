@@ -282,6 +282,26 @@ def _normalise_rows(W, eps, zero):
             W[f, q] *= inv
 
 
+@njit(fastmath=True, cache=True)
+def _count_above(seg, cutoff):
+    # A separate function over a slice: inlined in _above's loop over pieces, LLVM did not
+    # vectorise this count (46 ms against 17 ms for 2048 x 16384 values).
+    k = 0
+    for i in range(seg.size):
+        k += seg[i] > cutoff
+    return k
+
+
+@njit(fastmath=True, cache=True)
+def _fill_above(seg, base, cutoff, idx, vals, k):
+    for i in range(seg.size):
+        v = seg[i]
+        if v > cutoff:
+            idx[k] = base + i
+            vals[k] = v
+            k += 1
+
+
 @njit(parallel=True, cache=True)
 def _above(flat, cutoff, pieces):
     """Indices (ascending) and values of the entries of ``flat`` above ``cutoff``: count per
@@ -289,23 +309,13 @@ def _above(flat, cutoff, pieces):
     m = pieces.size - 1
     counts = np.zeros(m + 1, dtype=np.int64)
     for c in prange(m):
-        k = 0
-        for i in range(pieces[c], pieces[c + 1]):
-            if flat[i] > cutoff:
-                k += 1
-        counts[c + 1] = k
+        counts[c + 1] = _count_above(flat[pieces[c] : pieces[c + 1]], cutoff)
     for c in range(m):
         counts[c + 1] += counts[c]
     idx = np.empty(counts[m], dtype=np.int64)
     vals = np.empty(counts[m], dtype=flat.dtype)
     for c in prange(m):
-        k = counts[c]
-        for i in range(pieces[c], pieces[c + 1]):
-            v = flat[i]
-            if v > cutoff:
-                idx[k] = i
-                vals[k] = v
-                k += 1
+        _fill_above(flat[pieces[c] : pieces[c + 1]], pieces[c], cutoff, idx, vals, counts[c])
     return idx, vals
 
 
