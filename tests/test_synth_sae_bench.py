@@ -10,7 +10,13 @@ import torch
 
 from benchmarks.synth_sae_bench.config import PROTOCOLS, VARIANTS, Protocol, Variant, model_config
 from benchmarks.synth_sae_bench.model import SeededBatches, fingerprint, load_or_build, sample_pool
-from benchmarks.synth_sae_bench.run import COLUMNS, Pool, _train_saelens, run_benchmark, write_markdown
+from benchmarks.synth_sae_bench.run import (
+    COLUMNS,
+    Pool,
+    _train_saelens,
+    run_benchmark,
+    write_markdown,
+)
 
 TINY = Protocol("tiny", 64, 16, 2, 32, (4, 8, 16, 32), (3,), 4096, (0, 1), 512, batch_size=128)
 
@@ -150,3 +156,27 @@ def test_hedging_per_parent_against_a_direct_computation(tmp_path):
         want.append(float(((w / w.norm()) @ Fn[kids].T).mean()))
     assert got["hedging"] == pytest.approx(sum(want) / len(want), abs=1e-5) and got["hedging"] > 0.05
     assert got["absorption"] == 1.0 and got["parents"] == len(pairs)
+
+
+@pytest.mark.slow
+def test_logsparsity_variant_end_to_end(tmp_path):
+    """The log-sparsity variant trains MatryoshkaLogSparsityTrainer, with its controller at the
+    protocol's L0, exports it and writes a scored row; the exported SAE fires near the target."""
+    import json
+
+    model = load_or_build(TINY, tmp_path)
+    hidden, _ = sample_pool(model, 2048, 1, tmp_path / "train.pt", batch_size=512)
+    feats = sample_pool(model, 512, 999, tmp_path / "eval.pt", batch_size=512)[1]
+    csv_path = tmp_path / "docs" / "results.csv"
+    pool = Pool(hidden, 128, 16, "cpu")  # 256 steps: the controller starts after 51
+    rows = run_benchmark(TINY, "tiny", [VARIANTS["logsparsity"]], model, pool, feats, tmp_path / "saes", csv_path,
+                         (0,), (3,))
+    assert [(r["sae"], r["seed"], r["l0"]) for r in rows] == [("logsparsity", 0, 3)]
+    row = rows[0]
+    assert 0 < row["f1"] <= 1 and 0 <= row["mcc"] <= 1 and row["dead"] >= 0
+    config = json.loads((tmp_path / "saes" / "logsparsity-l03-s0" / "train" / "trainer_0" / "config.json").read_text())
+    assert config["trainer"]["trainer_class"] == "MatryoshkaLogSparsityTrainer"
+    assert config["trainer"]["target_l0"] == 3 and config["trainer"]["dead_feature_threshold"] == TINY.dead_window * 128
+    assert 2.0 <= row["l0_measured"] <= 4.0  # the controller steers to 3 (2.4 measured at this size)
+    with csv_path.open() as f:
+        assert [(r["sae"], r["l0"]) for r in csv.DictReader(f)] == [("logsparsity", "3")]

@@ -83,7 +83,13 @@ def model_config(p: Protocol) -> Any:
 
 @dataclass(frozen=True)
 class Variant:
-    """An SAE trained in the benchmark: this package's trainer with options, or a SAELens SAE."""
+    """An SAE trained in the benchmark: this package's trainer with options, or a SAELens SAE.
+
+    The options of a ``matryoshka_plugin`` variant are the trainer's keywords, except these, which
+    the benchmark reads (``run._train_ours``): ``trainer`` (``"batchtopk"``, the default:
+    ``MatryoshkaBatchTopKTrainer``; ``"logsparsity"``: ``MatryoshkaLogSparsityTrainer`` with its
+    L0 controller at the target L0) and ``k_anneal`` (fraction of the steps).
+    """
 
     name: str
     source: str  # "matryoshka_plugin" or "saelens"
@@ -129,6 +135,9 @@ VARIANTS = {v.name: v for v in [
     Variant("matryoshka+all", "matryoshka_plugin",
             {"detach_inner_levels": True, "reorder_by": "frequency", "k_anneal": 0.1, "matryoshka_aux_loss": True},
             True, "detach + reorder + anneal + per-level AuxK"),
+    Variant("logsparsity", "matryoshka_plugin", {"trainer": "logsparsity"}, True,
+            "MatryoshkaLogSparsityTrainer: random Pareto prefixes, log sparsity penalty, L0 controller at the target "
+            "L0; its own optimiser defaults (lr 3e-3, warm-up 100, decay over the last 20%)"),
 ]}
 
 # Published SynthSAEBench-16k results (width 4096, 200M samples; SAELens docs, mean of seeds).

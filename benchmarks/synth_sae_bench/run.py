@@ -72,26 +72,45 @@ def _evaluate(sae: Any, model: Any, eval_features: torch.Tensor, device: str) ->
                 explained_variance=res.explained_variance, dead=res.dead_latents)
 
 
+TRAINERS = ("batchtopk", "logsparsity")
+"""``Variant.options["trainer"]``: this package's ``MatryoshkaBatchTopKTrainer`` (the default) or
+``MatryoshkaLogSparsityTrainer``."""
+
+
 def _train_ours(p: Protocol, v: Variant, l0: int, seed: int, pool: Pool, folder: Path) -> Any:
     from sae_lens import SAE
 
-    from matryoshka_plugin import MatryoshkaBatchTopKTrainer, export_to_saelens, train
+    from matryoshka_plugin import MatryoshkaBatchTopKTrainer, MatryoshkaLogSparsityTrainer, export_to_saelens, train
 
     steps = pool.steps
-    widths = list(p.matryoshka_widths)
-    fractions = [(b - a) / p.width for a, b in zip([0, *widths[:-1]], widths)]
     options = dict(v.options)
+    trainer = options.pop("trainer", "batchtopk")
     anneal = options.pop("k_anneal", None)
-    cfg = dict(
-        trainer=MatryoshkaBatchTopKTrainer, steps=steps, activation_dim=p.hidden_dim, dict_size=p.width, k=l0,
-        group_fractions=fractions, lr=p.lr, warmup_steps=0, threshold_start_step=min(1000, steps // 4),
-        # the inference threshold's EMA at SAELens' rate (topk_threshold_lr=0.01): with the default
-        # 0.999 the threshold lags over a short run and the exported SAE fires below the target L0
-        threshold_beta=0.99,
-        # the same dead-latent window as SAELens' dead_feature_window
-        dead_feature_threshold=p.dead_window * p.batch_size, seed=seed, device=p.device, layer=0, lm_name="synthetic",
-        k_anneal_steps=int(anneal * steps) if anneal else None, **options,
-    )
+    shared = dict(steps=steps, activation_dim=p.hidden_dim, dict_size=p.width, seed=seed, device=p.device, layer=0,
+                  lm_name="synthetic",
+                  # the same dead-latent window as SAELens' dead_feature_window (AuxK here, resampling there)
+                  dead_feature_threshold=p.dead_window * p.batch_size)
+    if trainer == "logsparsity":
+        if anneal is not None:
+            raise ValueError("k_anneal applies to the BatchTopK trainer")
+        # random Pareto prefixes, the controller steering the sparsity coefficient to the target L0;
+        # the optimiser settings are the trainer's own (lr 3e-3, Adam (0.5, 0.9375), decay over the
+        # last 20%), its 100 warm-up steps cut to a tenth of a shorter run
+        cfg = dict(trainer=MatryoshkaLogSparsityTrainer, target_l0=l0, warmup_steps=min(100, steps // 10), **shared)
+        cfg.update(options)
+    elif trainer == "batchtopk":
+        widths = list(p.matryoshka_widths)
+        fractions = [(b - a) / p.width for a, b in zip([0, *widths[:-1]], widths)]
+        cfg = dict(
+            trainer=MatryoshkaBatchTopKTrainer, k=l0, group_fractions=fractions, lr=p.lr,
+            warmup_steps=0, threshold_start_step=min(1000, steps // 4),
+            # the inference threshold's EMA at SAELens' rate (topk_threshold_lr=0.01): with the default
+            # 0.999 the threshold lags over a short run and the exported SAE fires below the target L0
+            threshold_beta=0.99,
+            k_anneal_steps=int(anneal * steps) if anneal else None, **shared, **options,
+        )
+    else:
+        raise ValueError(f"trainer must be one of {TRAINERS}, got {trainer!r}")
     train(iter(pool), [cfg], steps, save_dir=str(folder / "train"), device=p.device, progress=False)
     export_to_saelens(folder / "train" / "trainer_0", folder / "saelens", model_name="synthetic",
                       hook_name="synthetic", overwrite=True)
