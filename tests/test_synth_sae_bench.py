@@ -13,6 +13,8 @@ from benchmarks.synth_sae_bench.model import SeededBatches, fingerprint, load_or
 from benchmarks.synth_sae_bench.run import (
     COLUMNS,
     Pool,
+    _ablated,
+    _as_batchtopk,
     _train_saelens,
     run_benchmark,
     write_markdown,
@@ -180,3 +182,87 @@ def test_logsparsity_variant_end_to_end(tmp_path):
     assert 2.0 <= row["l0_measured"] <= 4.0  # the controller steers to 3 (2.4 measured at this size)
     with csv_path.open() as f:
         assert [(r["sae"], r["l0"]) for r in csv.DictReader(f)] == [("logsparsity", "3")]
+
+
+def _tiny_trainer(cls: type, seed: int = 0, **options):
+    return cls(steps=10, activation_dim=16, dict_size=32, k=3, group_fractions=[0.125, 0.125, 0.25, 0.5], lr=3e-4,
+               warmup_steps=0, seed=seed, device="cpu", b_dec_init="zeros", matryoshka_aux_loss=True, **options)
+
+
+def _tiny_batch(tmp_path) -> torch.Tensor:
+    model = load_or_build(TINY, tmp_path)
+    return sample_pool(model, 128, 1, tmp_path / "x.pt", batch_size=128)[0]
+
+
+def test_encoder_gain_scales_the_encoder_at_step_0():
+    from matryoshka_plugin import MatryoshkaBatchTopKTrainer
+
+    base = _tiny_trainer(MatryoshkaBatchTopKTrainer)
+    low = _tiny_trainer(_ablated(MatryoshkaBatchTopKTrainer, encoder_gain=0.01, recon_scale=None, grad_clip=True))
+    assert torch.allclose(low.ae.W_enc, 0.01 * base.ae.W_enc, rtol=1e-6, atol=0)
+    assert torch.equal(low.ae.W_dec, base.ae.W_dec) and torch.equal(low.ae.b_enc, base.ae.b_enc)
+    assert low.trainer_class_name == "MatryoshkaBatchTopKTrainer"
+    assert _ablated(MatryoshkaBatchTopKTrainer, None, None, True) is MatryoshkaBatchTopKTrainer
+
+
+def test_recon_scale_multiplies_the_reconstruction_gradient(tmp_path):
+    from matryoshka_plugin import MatryoshkaBatchTopKTrainer
+
+    x = _tiny_batch(tmp_path)
+    grads = []
+    for cls in (MatryoshkaBatchTopKTrainer, _ablated(MatryoshkaBatchTopKTrainer, None, 4.0, True)):
+        t = _tiny_trainer(cls)
+        out = t._forward(x, 0, training=True)
+        scale = 1.0 if cls is MatryoshkaBatchTopKTrainer else 4.0
+        # no latent is dead at step 0, so the AuxK term is 0 and the loss is the scaled reconstruction
+        assert float(out.loss.detach()) == pytest.approx(scale * float(out.recon.loss.detach()), rel=1e-6)
+        out.loss.backward()
+        grads.append({n: q.grad.clone() for n, q in t.ae.named_parameters() if q.grad is not None})
+    assert grads[0].keys() == grads[1].keys() and {"W_enc", "W_dec"} <= grads[0].keys()
+    for name in grads[0]:
+        assert torch.allclose(grads[1][name], 4.0 * grads[0][name], rtol=1e-5, atol=1e-7), name
+
+
+def test_grad_clip_false_hands_adam_the_unclipped_gradient(tmp_path):
+    from matryoshka_plugin import MatryoshkaBatchTopKTrainer
+    from matryoshka_plugin.trainers.common import project_out_radial_
+
+    x = 30.0 * _tiny_batch(tmp_path)  # a gradient far above the clipping norm of 1
+    reference = _tiny_trainer(MatryoshkaBatchTopKTrainer)
+    reference._forward(x, 0, training=True).loss.backward()
+    project_out_radial_(reference.ae.W_dec.grad, reference.ae.W_dec)
+    unclipped = {n: q.grad.clone() for n, q in reference.ae.named_parameters() if q.grad is not None}
+    assert torch.linalg.vector_norm(torch.stack([g.norm() for g in unclipped.values()])) > 10
+    for cls, clipped in ((MatryoshkaBatchTopKTrainer, True), (_ablated(MatryoshkaBatchTopKTrainer, None, None, False),
+                                                                False)):
+        t = _tiny_trainer(cls)
+        seen = {}
+        t.optimizer.register_step_pre_hook(  # after the benchmark's hook: what Adam steps with
+            lambda *_: seen.update({n: q.grad.clone() for n, q in t.ae.named_parameters() if q.grad is not None}))
+        t.update(0, x)
+        assert seen.keys() == unclipped.keys()
+        norm = torch.linalg.vector_norm(torch.stack([g.norm() for g in seen.values()]))
+        if clipped:
+            assert float(norm) == pytest.approx(1.0, abs=1e-4)
+        else:
+            for name, g in unclipped.items():
+                assert torch.allclose(seen[name], g, rtol=1e-5, atol=1e-6), name
+
+
+def test_batchtopk_scoring_keeps_k_per_sample_on_average():
+    from sae_lens import JumpReLUSAE, JumpReLUSAEConfig
+
+    torch.manual_seed(0)
+    sae = JumpReLUSAE(JumpReLUSAEConfig(d_in=16, d_sae=32))
+    with torch.no_grad():
+        for q in (sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec):
+            q.copy_(torch.randn_like(q))
+        sae.threshold.fill_(1e9)  # the threshold rule would fire nothing
+    btk = _as_batchtopk(sae, 3)
+    x = torch.randn(64, 16)
+    with torch.no_grad():
+        acts = btk.encode(x)
+        assert int((acts > 0).sum()) == 3 * 64 and int((sae.encode(x) > 0).sum()) == 0
+        pre = torch.relu((x - sae.b_dec) @ sae.W_enc + sae.b_enc)
+    assert torch.allclose(acts[acts > 0], pre[acts > 0])
+    assert float(pre[acts == 0].max()) <= float(acts[acts > 0].min())  # the batch's top 3 * 64

@@ -88,7 +88,12 @@ class Variant:
     The options of a ``matryoshka_plugin`` variant are the trainer's keywords, except these, which
     the benchmark reads (``run._train_ours``): ``trainer`` (``"batchtopk"``, the default:
     ``MatryoshkaBatchTopKTrainer``; ``"logsparsity"``: ``MatryoshkaLogSparsityTrainer`` with its
-    L0 controller at the target L0) and ``k_anneal`` (fraction of the steps).
+    L0 controller at the target L0), ``k_anneal`` (fraction of the steps), and the ablations of
+    the BatchTopK trainer: ``encoder_gain`` (``W_enc`` times this once the trainer is built),
+    ``recon_scale`` (the reconstruction term times this in the training loss), ``grad_clip=False``
+    (the trainer's gradient clipping undone before every optimizer step) and
+    ``eval_rule="batchtopk"`` (the exported SAE scored as a SAELens BatchTopK SAE: top ``k * B``
+    of each eval batch, as SAELens' training SAEs are scored, instead of its JumpReLU threshold).
     """
 
     name: str
@@ -138,6 +143,20 @@ VARIANTS = {v.name: v for v in [
     Variant("logsparsity", "matryoshka_plugin", {"trainer": "logsparsity"}, True,
             "MatryoshkaLogSparsityTrainer: random Pareto prefixes, log sparsity penalty, L0 controller at the target "
             "L0; its own optimiser defaults (lr 3e-3, warm-up 100, decay over the last 20%)"),
+    # ablations of the comparison with SAELens (docs/synth_sae_bench.md): benchmark-side options, see _train_ours
+    Variant("matryoshka+gain0.01", "matryoshka_plugin", {"encoder_gain": 0.01}, False,
+            "W_enc x 0.01 at init (SAELens' starting pre-activation gain with its 0.1 decoder norm)"),
+    Variant("matryoshka+zeros+aux+loss4", "matryoshka_plugin",
+            {"b_dec_init": "zeros", "matryoshka_aux_loss": True, "recon_scale": 4.0}, False,
+            "matryoshka+zeros+aux with the reconstruction term x 4 (SAELens sums the 4 level MSEs)"),
+    Variant("matryoshka+zeros+aux+noclip", "matryoshka_plugin",
+            {"b_dec_init": "zeros", "matryoshka_aux_loss": True, "grad_clip": False}, False,
+            "matryoshka+zeros+aux without gradient clipping"),
+    Variant("matryoshka+btk-eval", "matryoshka_plugin", {"eval_rule": "batchtopk"}, False,
+            "matryoshka scored as SAELens scores its training SAEs: BatchTopK over each eval batch"),
+    Variant("matryoshka+zeros+aux+btk-eval", "matryoshka_plugin",
+            {"b_dec_init": "zeros", "matryoshka_aux_loss": True, "eval_rule": "batchtopk"}, False,
+            "matryoshka+zeros+aux scored as BatchTopK over each eval batch"),
 ]}
 
 # Published SynthSAEBench-16k results (width 4096, 200M samples; SAELens docs, mean of seeds).

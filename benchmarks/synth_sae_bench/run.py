@@ -77,6 +77,78 @@ TRAINERS = ("batchtopk", "logsparsity")
 ``MatryoshkaLogSparsityTrainer``."""
 
 
+def _ablated(base: type, encoder_gain: float | None, recon_scale: float | None, grad_clip: bool) -> type:
+    """``base`` (the BatchTopK trainer class), or a subclass with the benchmark's ablations: ``W_enc``
+    times ``encoder_gain`` once built, the reconstruction term times ``recon_scale`` in the training
+    loss (AuxK unchanged), and with ``grad_clip=False`` the clipping undone (:func:`_undo_clipping`)."""
+    if encoder_gain is None and recon_scale is None and grad_clip:
+        return base
+
+    class Ablated(base):  # type: ignore[misc, valid-type]
+        def __init__(self, **settings: Any):
+            super().__init__(**settings)
+            if encoder_gain is not None:
+                with torch.no_grad():
+                    self.ae.W_enc.mul_(encoder_gain)
+            if not grad_clip:
+                _undo_clipping(self)
+
+        def _forward(self, x: torch.Tensor, step: int | None, training: bool, collective: Any = None) -> Any:
+            out = super()._forward(x, step, training, collective)
+            if recon_scale is None or not training:
+                return out
+            return out._replace(loss=out.loss + (recon_scale - 1.0) * out.recon.loss)
+
+    Ablated.__name__ = Ablated.__qualname__ = f"Ablated{base.__name__}"
+    return Ablated
+
+
+def _undo_clipping(trainer: Any) -> None:
+    """Train ``trainer`` (a ``MatryoshkaBatchTopKTrainer``) without its ``clip_grad_norm_(1.0)``: each
+    gradient is saved as backward leaves it, and just before Adam steps the saved gradients are put
+    back, with the decoder's radial component removed again as the trainer does before clipping."""
+    from matryoshka_plugin.trainers.common import project_out_radial_
+
+    params = list(trainer.ae.parameters())
+    saved: dict[int, torch.Tensor] = {}
+
+    def keep(p: torch.Tensor) -> None:
+        saved[id(p)] = p.grad.detach().clone()
+
+    for p in params:
+        p.register_post_accumulate_grad_hook(keep)
+
+    def restore(*_: Any) -> None:
+        with torch.no_grad():
+            for p in params:
+                if p.grad is None:
+                    continue
+                if id(p) not in saved:
+                    raise RuntimeError("a gradient reached the optimizer without passing backward's hook")
+                p.grad.copy_(saved.pop(id(p)))
+            W = trainer.ae.W_dec
+            project_out_radial_(W.grad, W)
+
+    trainer.optimizer.register_step_pre_hook(restore)
+
+
+def _as_batchtopk(sae: Any, k: int) -> Any:
+    """The exported SAE's weights in SAELens' ``BatchTopKTrainingSAE``: scored as SAELens scores its
+    training SAEs (the top ``k * B`` pre-activations of each eval batch), not by its threshold."""
+    from sae_lens import BatchTopKTrainingSAE, BatchTopKTrainingSAEConfig
+
+    cfg = sae.cfg
+    if cfg.normalize_activations != "none":
+        raise ValueError(f"BatchTopK scoring needs an export without input normalisation, got {cfg.normalize_activations}")
+    btk = BatchTopKTrainingSAE(BatchTopKTrainingSAEConfig(
+        k=k, d_in=cfg.d_in, d_sae=cfg.d_sae, apply_b_dec_to_input=cfg.apply_b_dec_to_input,
+        rescale_acts_by_decoder_norm=False, device=str(sae.W_enc.device)))
+    with torch.no_grad():
+        for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
+            getattr(btk, name).copy_(getattr(sae, name))
+    return btk
+
+
 def _train_ours(p: Protocol, v: Variant, l0: int, seed: int, pool: Pool, folder: Path) -> Any:
     from sae_lens import SAE
 
@@ -86,13 +158,18 @@ def _train_ours(p: Protocol, v: Variant, l0: int, seed: int, pool: Pool, folder:
     options = dict(v.options)
     trainer = options.pop("trainer", "batchtopk")
     anneal = options.pop("k_anneal", None)
+    ablations = dict(encoder_gain=options.pop("encoder_gain", None), recon_scale=options.pop("recon_scale", None),
+                     grad_clip=options.pop("grad_clip", True))
+    eval_rule = options.pop("eval_rule", "trained")
+    if eval_rule not in ("trained", "batchtopk"):
+        raise ValueError(f"eval_rule must be 'trained' or 'batchtopk', got {eval_rule!r}")
     shared = dict(steps=steps, activation_dim=p.hidden_dim, dict_size=p.width, seed=seed, device=p.device, layer=0,
                   lm_name="synthetic",
                   # the same dead-latent window as SAELens' dead_feature_window (AuxK here, resampling there)
                   dead_feature_threshold=p.dead_window * p.batch_size)
     if trainer == "logsparsity":
-        if anneal is not None:
-            raise ValueError("k_anneal applies to the BatchTopK trainer")
+        if anneal is not None or ablations != dict(encoder_gain=None, recon_scale=None, grad_clip=True):
+            raise ValueError("k_anneal and the ablation options apply to the BatchTopK trainer")
         # random Pareto prefixes, the controller steering the sparsity coefficient to the target L0;
         # the optimiser settings are the trainer's own (lr 3e-3, Adam (0.5, 0.9375), decay over the
         # last 20%), its 100 warm-up steps cut to a tenth of a shorter run
@@ -102,7 +179,7 @@ def _train_ours(p: Protocol, v: Variant, l0: int, seed: int, pool: Pool, folder:
         widths = list(p.matryoshka_widths)
         fractions = [(b - a) / p.width for a, b in zip([0, *widths[:-1]], widths)]
         cfg = dict(
-            trainer=MatryoshkaBatchTopKTrainer, k=l0, group_fractions=fractions, lr=p.lr,
+            trainer=_ablated(MatryoshkaBatchTopKTrainer, **ablations), k=l0, group_fractions=fractions, lr=p.lr,
             warmup_steps=0, threshold_start_step=min(1000, steps // 4),
             # the inference threshold's EMA at SAELens' rate (topk_threshold_lr=0.01): with the default
             # 0.999 the threshold lags over a short run and the exported SAE fires below the target L0
@@ -114,7 +191,8 @@ def _train_ours(p: Protocol, v: Variant, l0: int, seed: int, pool: Pool, folder:
     train(iter(pool), [cfg], steps, save_dir=str(folder / "train"), device=p.device, progress=False)
     export_to_saelens(folder / "train" / "trainer_0", folder / "saelens", model_name="synthetic",
                       hook_name="synthetic", overwrite=True)
-    return SAE.load_from_disk(str(folder / "saelens"), device=p.device)
+    sae = SAE.load_from_disk(str(folder / "saelens"), device=p.device)
+    return _as_batchtopk(sae, l0) if eval_rule == "batchtopk" else sae
 
 
 def _train_saelens(p: Protocol, v: Variant, l0: int, seed: int, pool: Pool) -> Any:
