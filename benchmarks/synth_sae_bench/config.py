@@ -123,7 +123,7 @@ VARIANTS = {v.name: v for v in [
             "SAELens' settings as far as the trainer has them: b_dec from zero, per-level AuxK"),
     Variant("matryoshka+zeros+beta0.5", "matryoshka_plugin", {"b_dec_init": "zeros", "balance_beta": 0.5}, True,
             "b_dec from zero, balance weighting beta 0.5"),
-    Variant("matryoshka+zeros+beta0.75", "matryoshka_plugin", {"b_dec_init": "zeros", "balance_beta": 0.75}, False,
+    Variant("matryoshka+zeros+beta0.75", "matryoshka_plugin", {"b_dec_init": "zeros", "balance_beta": 0.75}, True,
             "b_dec from zero, balance weighting beta 0.75"),
     Variant("matryoshka+zeros+all", "matryoshka_plugin",
             {"b_dec_init": "zeros", "detach_inner_levels": True, "reorder_by": "frequency", "k_anneal": 0.1,
@@ -140,6 +140,9 @@ VARIANTS = {v.name: v for v in [
     Variant("matryoshka+all", "matryoshka_plugin",
             {"detach_inner_levels": True, "reorder_by": "frequency", "k_anneal": 0.1, "matryoshka_aux_loss": True},
             True, "detach + reorder + anneal + per-level AuxK"),
+    Variant("matryoshka+zeros", "matryoshka_plugin", {"b_dec_init": "zeros"}, True, "b_dec from zero"),
+    Variant("matryoshka+zeros+beta0.25", "matryoshka_plugin", {"b_dec_init": "zeros", "balance_beta": 0.25}, True,
+            "b_dec from zero, balance weighting beta 0.25"),
     Variant("logsparsity", "matryoshka_plugin", {"trainer": "logsparsity"}, True,
             "MatryoshkaLogSparsityTrainer: random Pareto prefixes, log sparsity penalty, L0 controller at the target "
             "L0; its own optimiser defaults (lr 3e-3, warm-up 100, decay over the last 20%)"),
