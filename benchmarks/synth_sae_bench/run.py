@@ -77,11 +77,15 @@ TRAINERS = ("batchtopk", "logsparsity")
 ``MatryoshkaLogSparsityTrainer``."""
 
 
+NO_ABLATION = dict(encoder_gain=None, recon_scale=None, grad_clip=True)
+"""The ablation options of a BatchTopK variant (``Variant.options``) at their defaults: the trainer as is."""
+
+
 def _ablated(base: type, encoder_gain: float | None, recon_scale: float | None, grad_clip: bool) -> type:
     """``base`` (the BatchTopK trainer class), or a subclass with the benchmark's ablations: ``W_enc``
     times ``encoder_gain`` once built, the reconstruction term times ``recon_scale`` in the training
     loss (AuxK unchanged), and with ``grad_clip=False`` the clipping undone (:func:`_undo_clipping`)."""
-    if encoder_gain is None and recon_scale is None and grad_clip:
+    if dict(encoder_gain=encoder_gain, recon_scale=recon_scale, grad_clip=grad_clip) == NO_ABLATION:
         return base
 
     class Ablated(base):  # type: ignore[misc, valid-type]
@@ -158,8 +162,7 @@ def _train_ours(p: Protocol, v: Variant, l0: int, seed: int, pool: Pool, folder:
     options = dict(v.options)
     trainer = options.pop("trainer", "batchtopk")
     anneal = options.pop("k_anneal", None)
-    ablations = dict(encoder_gain=options.pop("encoder_gain", None), recon_scale=options.pop("recon_scale", None),
-                     grad_clip=options.pop("grad_clip", True))
+    ablations = {name: options.pop(name, default) for name, default in NO_ABLATION.items()}
     eval_rule = options.pop("eval_rule", "trained")
     if eval_rule not in ("trained", "batchtopk"):
         raise ValueError(f"eval_rule must be 'trained' or 'batchtopk', got {eval_rule!r}")
@@ -168,7 +171,7 @@ def _train_ours(p: Protocol, v: Variant, l0: int, seed: int, pool: Pool, folder:
                   # the same dead-latent window as SAELens' dead_feature_window (AuxK here, resampling there)
                   dead_feature_threshold=p.dead_window * p.batch_size)
     if trainer == "logsparsity":
-        if anneal is not None or ablations != dict(encoder_gain=None, recon_scale=None, grad_clip=True):
+        if anneal is not None or ablations != NO_ABLATION:
             raise ValueError("k_anneal and the ablation options apply to the BatchTopK trainer")
         # random Pareto prefixes, the controller steering the sparsity coefficient to the target L0;
         # the optimiser settings are the trainer's own (lr 3e-3, Adam (0.5, 0.9375), decay over the

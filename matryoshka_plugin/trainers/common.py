@@ -14,10 +14,10 @@ import torch
 from dictionary_learning.trainers.trainer import SAETrainer, get_lr_schedule
 
 from ..errors import CheckpointError, TrainingError, check_activations
+from ..host_memory import reuse_freed_memory
 from ..kernels import BACKENDS, numba_supported
 from ..prefixes import PrefixSampler
 from ..registry import PACKAGE_MARK
-from ..host_memory import reuse_freed_memory
 from ..sparse_encoder import encoder_matmul_dtype
 
 __all__ = [
