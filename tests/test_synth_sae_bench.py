@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import warnings
 
 import pytest
 import torch
@@ -266,3 +267,90 @@ def test_batchtopk_scoring_keeps_k_per_sample_on_average():
         pre = torch.relu((x - sae.b_dec) @ sae.W_enc + sae.b_enc)
     assert torch.allclose(acts[acts > 0], pre[acts > 0])
     assert float(pre[acts == 0].max()) <= float(acts[acts > 0].min())  # the batch's top 3 * 64
+
+
+def test_protocol_label_names_the_model_and_the_passes():
+    cpu = PROTOCOLS["cpu"]
+    assert cpu.label(262144, 4, "e1f6a4b72ee4") == "cpu:4k-d256-w1024@e1f6a4b7:262144x4:dw100"
+    assert cpu.label(1048576) == "cpu:4k-d256-w1024:1048576:dw100"
+    assert PROTOCOLS["full"].label(200_000_000, 1, "ab" * 32, dead_window=500) == \
+        "full:16k-d768-w4096@abababab:200000000:dw500"
+
+
+def test_a_build_that_differs_from_the_committed_model_is_reported(tmp_path):
+    expected = fingerprint(load_or_build(TINY, tmp_path / "a"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        load_or_build(dataclasses.replace(TINY, fingerprint=expected), tmp_path / "b")  # the same model: silent
+    with pytest.warns(UserWarning, match="not the 00000000"):
+        load_or_build(dataclasses.replace(TINY, fingerprint="0" * 64), tmp_path / "c")
+
+
+def test_sources_reenter_at_a_batch(tmp_path):
+    """Pool and SeededBatches hand out from batch N exactly what a full pass hands out there, and
+    report how many batches the current pass has handed out (what train() checkpoints)."""
+    model = load_or_build(TINY, tmp_path)
+    hidden = torch.randn(5 * 8, 16)
+    for source in (Pool(hidden, 8, 3, "cpu"), SeededBatches(model, 8, 15, seed=2)):
+        full = list(source)
+        assert len(full) == 15 and source.state_dict() == {"batch": 15}
+        source.load_state_dict({"batch": 6})
+        it = iter(source)
+        rest = [next(it) for _ in range(4)]
+        assert all(torch.equal(a, b) for a, b in zip(rest, full[6:10]))
+        assert source.state_dict() == {"batch": 10}
+        assert torch.equal(next(iter(source)), full[0])  # a restored position is used once
+        with pytest.raises(ValueError, match="outside"):
+            source.load_state_dict({"batch": 16})
+
+
+class _Interrupt(Exception):
+    pass
+
+
+class _InterruptedPool(Pool):
+    """A pool whose pass stops once, with an exception, when batch ``stop_at`` is due."""
+
+    def __init__(self, *args, stop_at: int):
+        super().__init__(*args)
+        self.stop_at = stop_at
+
+    def from_step(self, start):
+        for i, x in enumerate(super().from_step(start), start):
+            if i == self.stop_at and self.stop_at is not None:
+                self.stop_at = None
+                raise _Interrupt
+            yield x
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["matryoshka+zeros+beta0.25", "saelens-matryoshka"])
+def test_an_interrupted_sae_continues_from_its_checkpoint_bit_for_bit(tmp_path, name):
+    """An SAE killed mid-training (this package's trainer, SAELens' trainer) continues from its
+    newest checkpoint, on the data from that batch, and ends with the weights of an uninterrupted run."""
+    from benchmarks.synth_sae_bench.run import _saelens_checkpoints, _train_ours
+
+    model = load_or_build(TINY, tmp_path)
+    hidden, _ = sample_pool(model, 2048, 1, tmp_path / "train.pt", batch_size=512)
+    v = VARIANTS[name]
+
+    def run(pool, folder):
+        with torch.random.fork_rng():
+            if v.source == "saelens":
+                return _train_saelens(TINY, v, 3, 0, pool, folder, checkpoint_every=5)
+            return _train_ours(TINY, v, 3, 0, pool, folder, checkpoint_every=5)
+
+    whole = run(Pool(hidden, 128, 2, "cpu"), tmp_path / "whole")  # 32 steps
+    broken = _InterruptedPool(hidden, 128, 2, "cpu", stop_at=23)
+    with pytest.raises(_Interrupt):
+        run(broken, tmp_path / "broken")
+    if v.source == "saelens":
+        assert [p.name for p in _saelens_checkpoints(tmp_path / "broken" / "checkpoints")] == ["step_000000020", "step_000000015"]
+        (tmp_path / "broken" / "checkpoints" / "step_000000020" / "trainer_state.pt").write_bytes(b"truncated")
+        with pytest.warns(UserWarning, match="unreadable SAELens checkpoint"):
+            resumed = run(broken, tmp_path / "broken")  # from step 15: step 20's files are damaged
+    else:
+        assert sorted(p.name for p in (tmp_path / "broken" / "train" / "resume").iterdir()) == ["step_000000015", "step_000000020"]
+        resumed = run(broken, tmp_path / "broken")
+    for q in ("W_enc", "b_enc", "W_dec", "b_dec"):
+        assert torch.equal(getattr(resumed, q), getattr(whole, q)), q

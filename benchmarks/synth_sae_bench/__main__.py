@@ -19,7 +19,7 @@ import torch
 
 from .config import PROTOCOLS, VARIANTS
 from .hedging import hedging_markdown, write_hedging
-from .model import SeededBatches, load_or_build, sample_pool
+from .model import SeededBatches, fingerprint, load_or_build, sample_pool
 from .run import Pool, run_benchmark, write_markdown
 
 QUICK_VARIANTS = ["saelens-matryoshka", "matryoshka", "matryoshka+all"]
@@ -41,6 +41,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--docs", default="docs/synth_sae_bench", help="where results.csv and results.md go")
     p.add_argument("--dead-window", type=int, default=None,
                    help="steps without firing before a latent counts as dead, for every SAE (default: the protocol's)")
+    p.add_argument("--checkpoint-every", type=int, default=None,
+                   help="steps between full-state checkpoints of the SAE in training, from which a rerun "
+                        "continues it (default: a tenth of its steps; 0: none)")
     p.add_argument("--device", default=None)
     p.add_argument("--threads", type=int, default=None)
     a = p.parse_args(argv)
@@ -57,6 +60,8 @@ def main(argv: list[str] | None = None) -> int:
     seeds = tuple(a.seeds or (proto.seeds[:1] if a.quick else proto.seeds))
     l0s = tuple(a.l0 or proto.l0s)
     epochs = a.epochs or (1 if a.quick else proto.epochs)
+    if a.checkpoint_every is not None and a.checkpoint_every < 0:
+        p.error("--checkpoint-every must be 0 (no checkpoints) or a number of steps")
     if samples < proto.batch_size:
         p.error(f"--samples must be at least one batch ({proto.batch_size})")
 
@@ -66,16 +71,19 @@ def main(argv: list[str] | None = None) -> int:
     if device == "cpu":  # sampling is slower than training here: draw once, share between the SAEs
         hidden, _ = sample_pool(model, samples, 1, cache / f"{proto.name}-train-{samples}.pt")
         data = Pool(hidden, proto.batch_size, epochs, device)
-    else:
+        label = proto.label(data.batches_per_epoch * proto.batch_size, epochs, fingerprint(model))
+    else:  # drawn afresh for every batch: all samples are distinct
         data = SeededBatches(model, proto.batch_size, samples * epochs // proto.batch_size, seed=1, device=device)
-    label = proto.label(data.samples)
+        label = proto.label(data.samples, 1, fingerprint(model))
     docs = Path(a.docs)
     variants = [VARIANTS[n] for n in names]
+    every = max(1, data.steps // 10) if a.checkpoint_every is None else (a.checkpoint_every or None)
     run_benchmark(proto, label, variants, model, data, eval_features, cache / "saes" / label.replace(":", "_"),
-                  docs / "results.csv", seeds, l0s)
+                  docs / "results.csv", seeds, l0s, checkpoint_every=every)
     header = (f"# SynthSAEBench results\n\nWritten by `python -m benchmarks.synth_sae_bench`; see "
               f"[../synth_sae_bench.md](../synth_sae_bench.md) for the protocols. Mean ± standard deviation over seeds; "
-              f"`protocol` = name:model-width:training samples:dead-latent window (steps).")
+              f"`protocol` = name:model-width@model fingerprint:training samples (distinct x passes):"
+              f"dead-latent window (steps).")
     write_markdown(docs / "results.csv", docs / "results.md", {v.name: v.description for v in VARIANTS.values()},
                    header)
     # hedging and absorption per parent of the hierarchy, for every SAE of this protocol trained so far

@@ -37,18 +37,27 @@ class Protocol:
     """Passes over the cached training samples (CPU: sampling costs more than a training step)."""
     dead_window: int = 1000
     """Steps without firing after which a latent counts as dead (AuxK) in every SAE (SAELens' default 1000)."""
+    fingerprint: str | None = None
+    """The fingerprint (``model.fingerprint``) of the model the committed results were measured on;
+    a build that differs is reported, since its rows are not comparable with those."""
 
-    def label(self, samples: int, dead_window: int | None = None) -> str:
-        """The ``protocol`` column: model, sample count and dead-latent window."""
+    def label(self, distinct: int, passes: int = 1, model: str | None = None, dead_window: int | None = None) -> str:
+        """The ``protocol`` column: the model (with the first 8 hex digits of its fingerprint), the
+        training samples (``distinct`` samples read ``passes`` times: ``262144x4``) and the dead-latent
+        window, e.g. ``cpu:4k-d256-w1024@e1f6a4b7:262144x4:dw100``."""
         dw = self.dead_window if dead_window is None else dead_window
-        return f"{self.name}:{self.num_features // 1024}k-d{self.hidden_dim}-w{self.width}:{samples}:dw{dw}"
+        at = f"@{model[:8]}" if model else ""
+        samples = f"{distinct}x{passes}" if passes > 1 else f"{distinct}"
+        return f"{self.name}:{self.num_features // 1024}k-d{self.hidden_dim}-w{self.width}{at}:{samples}:dw{dw}"
 
 
 PROTOCOLS = {
     "full": Protocol("full", 16_384, 768, 128, 4096, (128, 512, 2048, 4096), (25, 20), 200_000_000, (0, 1, 2),
                      500_000, device="cuda"),
     "cpu": Protocol("cpu", 4096, 256, 32, 1024, (32, 128, 512, 1024), (12,), 262_144, (0, 1, 2), 16_384,
-                    dead_window=100, epochs=4),
+                    dead_window=100, epochs=4,
+                    # built identically with 1 and 2 threads (torch 2.13, SAELens 6.54.12, this machine)
+                    fingerprint="e1f6a4b72ee460fd996a004923119d418316c5914ca32cad795b5d95fee8b645"),
 }
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import warnings
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -13,7 +14,7 @@ from matryoshka_plugin.io import atomic_write_json
 
 from .config import Protocol, model_config
 
-__all__ = ["fingerprint", "load_or_build", "sample_pool", "SampleStream", "SeededBatches"]
+__all__ = ["fingerprint", "load_or_build", "Replayable", "sample_pool", "SampleStream", "SeededBatches"]
 
 FINGERPRINT_FILE = "fingerprint.json"
 
@@ -52,12 +53,49 @@ def load_or_build(p: Protocol, cache: Path, device: str = "cpu") -> Any:
             )
         return model
     model = SyntheticModel(cfg, device=device)
+    got = fingerprint(model)
+    if p.fingerprint is not None and got != p.fingerprint:
+        warnings.warn(
+            f"the {p.name} model built here has fingerprint {got[:16]}, not the {p.fingerprint[:16]} of the "
+            "committed results (another torch or SAELens version?): its rows get their own protocol label "
+            "and are not comparable with those", stacklevel=2)
     model.save(str(folder))
-    atomic_write_json({"config": cfg.to_dict(), "fingerprint": fingerprint(model)}, record)
+    atomic_write_json({"config": cfg.to_dict(), "fingerprint": got}, record)
     return model
 
 
-class SeededBatches:
+class Replayable:
+    """Training batches that every SAE reads from the first one (``iter``), and that an interrupted
+    SAE re-enters at the batch it stopped at: :func:`matryoshka_plugin.train` saves
+    ``state_dict()`` in its checkpoints and calls ``load_state_dict()`` on resume; SAELens' trainer
+    is handed ``from_step(step)``. Subclasses define ``steps`` and ``from_step``."""
+
+    steps: int
+    _start = 0
+    _next = 0
+
+    def from_step(self, start: int) -> Iterator[torch.Tensor]:
+        raise NotImplementedError
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        start, self._start = self._start, 0  # a position is restored once: the next SAE starts at 0
+        self._next = start
+        for x in self.from_step(start):
+            self._next += 1
+            yield x
+
+    def state_dict(self) -> dict[str, int]:
+        """The batches handed out by the current pass."""
+        return {"batch": self._next}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        batch = int(state["batch"])
+        if not 0 <= batch <= self.steps:
+            raise ValueError(f"batch position {batch} is outside this source's {self.steps} batches")
+        self._start = batch
+
+
+class SeededBatches(Replayable):
     """``batches`` training batches drawn on the fly (:class:`SampleStream`); every iteration replays
     the same ones. For models too large to cache a pool of samples (the full protocol, on a GPU)."""
 
@@ -65,8 +103,10 @@ class SeededBatches:
         self.args = (model, batch_size, batches, seed, device)
         self.batch_size, self.steps, self.samples = batch_size, batches, batch_size * batches
 
-    def __iter__(self) -> "SampleStream":
-        return SampleStream(*self.args)
+    def from_step(self, start: int) -> "SampleStream":
+        stream = SampleStream(*self.args)
+        stream.i = start  # batch i depends on i alone: no need to draw the earlier ones
+        return stream
 
 
 class SampleStream:

@@ -12,6 +12,7 @@ are skipped, so an interrupted run continues where it stopped.
 from __future__ import annotations
 
 import csv
+import shutil
 import statistics
 import time
 from collections import defaultdict
@@ -21,13 +22,14 @@ from typing import Any, Iterator
 import torch
 
 from .config import PUBLISHED, Protocol, Variant
+from .model import Replayable
 
 __all__ = ["COLUMNS", "Pool", "run_benchmark", "write_markdown"]
 
 COLUMNS = ["protocol", "sae", "source", "l0", "seed", "f1", "mcc", "uniqueness", "explained_variance", "dead"]
 
 
-class Pool:
+class Pool(Replayable):
     """The training batches: the cached samples in order, ``epochs`` times (the same for every SAE)."""
 
     def __init__(self, hidden: torch.Tensor, batch_size: int, epochs: int, device: str):
@@ -44,10 +46,10 @@ class Pool:
     def samples(self) -> int:
         return self.steps * self.batch_size
 
-    def __iter__(self) -> Iterator[torch.Tensor]:
-        for _ in range(self.epochs):
-            for i in range(self.batches_per_epoch):
-                yield self.hidden[i * self.batch_size : (i + 1) * self.batch_size].to(self.device)
+    def from_step(self, start: int) -> Iterator[torch.Tensor]:
+        for step in range(start, self.steps):
+            i = step % self.batches_per_epoch
+            yield self.hidden[i * self.batch_size : (i + 1) * self.batch_size].to(self.device)
 
 
 class _Replay:
@@ -153,7 +155,11 @@ def _as_batchtopk(sae: Any, k: int) -> Any:
     return btk
 
 
-def _train_ours(p: Protocol, v: Variant, l0: int, seed: int, pool: Pool, folder: Path) -> Any:
+def _train_ours(p: Protocol, v: Variant, l0: int, seed: int, pool: Replayable, folder: Path,
+                checkpoint_every: int | None = None) -> Any:
+    """Train ``v`` with :func:`matryoshka_plugin.train`, export it to SAELens and load it back. With
+    ``checkpoint_every``, full-state checkpoints go to ``folder/train/resume`` and a rerun continues
+    from the newest one (the data at its batch, bit for bit as an uninterrupted run)."""
     from sae_lens import SAE
 
     from matryoshka_plugin import MatryoshkaBatchTopKTrainer, MatryoshkaLogSparsityTrainer, export_to_saelens, train
@@ -191,14 +197,21 @@ def _train_ours(p: Protocol, v: Variant, l0: int, seed: int, pool: Pool, folder:
         )
     else:
         raise ValueError(f"trainer must be one of {TRAINERS}, got {trainer!r}")
-    train(iter(pool), [cfg], steps, save_dir=str(folder / "train"), device=p.device, progress=False)
+    train(pool, [cfg], steps, save_dir=str(folder / "train"), device=p.device, progress=False,
+          checkpoint_every=checkpoint_every, resume=True)
     export_to_saelens(folder / "train" / "trainer_0", folder / "saelens", model_name="synthetic",
                       hook_name="synthetic", overwrite=True)
     sae = SAE.load_from_disk(str(folder / "saelens"), device=p.device)
     return _as_batchtopk(sae, l0) if eval_rule == "batchtopk" else sae
 
 
-def _train_saelens(p: Protocol, v: Variant, l0: int, seed: int, pool: Pool) -> Any:
+def _train_saelens(p: Protocol, v: Variant, l0: int, seed: int, pool: Replayable, folder: Path | None = None,
+                   checkpoint_every: int | None = None) -> Any:
+    """Train ``v`` with SAELens' ``SAETrainer``. With ``folder`` and ``checkpoint_every``, SAELens'
+    own checkpoints (``SAETrainer.save_checkpoint``: weights, optimizer, scheduler, dead-latent
+    counters) are written every that many steps to ``folder/checkpoints/step_<N>`` and a rerun
+    continues from the newest one that reads back (``load_weights_from_checkpoint`` and
+    ``load_trainer_state``), on the data from batch N."""
     from sae_lens import (
         BatchTopKTrainingSAE,
         BatchTopKTrainingSAEConfig,
@@ -229,7 +242,13 @@ def _train_saelens(p: Protocol, v: Variant, l0: int, seed: int, pool: Pool) -> A
         lr_scheduler_name="constant", device=p.device, dead_feature_window=p.dead_window, feature_sampling_window=2000,
         logger=LoggingConfig(log_to_wandb=False, eval_every_n_wandb_logs=2**31 - 1),
     )
-    trainer = SAETrainer(cfg=cfg, sae=sae, data_provider=iter(pool))
+    start, found = 0, _latest_saelens_checkpoint(folder / "checkpoints") if folder is not None else None
+    if found is not None:
+        start = int(found.name[len("step_"):])
+    batches = _SAELensCheckpoints(pool.from_step(start), start, checkpoint_every,
+                                  folder / "checkpoints" if folder is not None else None)
+    trainer = SAETrainer(cfg=cfg, sae=sae, data_provider=batches)
+    batches.trainer = trainer
     if unit_decoder:  # decoder rows back to norm 1 after every step, as this package's trainers keep them
 
         def renormalise(*_):
@@ -237,7 +256,77 @@ def _train_saelens(p: Protocol, v: Variant, l0: int, seed: int, pool: Pool) -> A
                 sae.W_dec.div_(sae.W_dec.norm(dim=1, keepdim=True))
 
         trainer.optimizer.register_step_post_hook(renormalise)
+    if found is not None:
+        sae.load_weights_from_checkpoint(found)
+        trainer.load_trainer_state(found)
+        if trainer.n_training_steps != start:
+            raise RuntimeError(f"{found} holds step {trainer.n_training_steps}, its name says {start}")
+        print(f"{v.name}: resumed SAELens' trainer at step {start}", flush=True)
     return trainer.fit()
+
+
+KEEP_CHECKPOINTS = 2
+"""Newest checkpoints kept per SAE while it trains (all are removed once its row is written)."""
+
+
+class _SAELensCheckpoints:
+    """SAELens' data provider, which also checkpoints its trainer every ``every`` steps. ``next`` is
+    called at the top of a step, when the previous step is complete (counters, optimizer, weights),
+    so a checkpoint written there is the state after ``step`` steps. Each is written to a hidden
+    folder and renamed, so a ``step_<N>`` folder is whole."""
+
+    def __init__(self, batches: Iterator[torch.Tensor], start: int, every: int | None, folder: Path | None):
+        self.batches, self.step, self.start, self.every, self.folder = batches, start, start, every, folder
+        self.trainer: Any = None
+
+    def __iter__(self) -> "_SAELensCheckpoints":
+        return self
+
+    def __next__(self) -> torch.Tensor:
+        if self.every and self.folder is not None and self.step > self.start and self.step % self.every == 0:
+            self._save()
+        x = next(self.batches)
+        self.step += 1
+        return x
+
+    def _save(self) -> None:
+        partial = self.folder / f".step_{self.step:09d}.partial"  # as train() names its own
+        shutil.rmtree(partial, ignore_errors=True)
+        self.trainer.save_checkpoint(partial.name, base_path=self.folder)
+        final = self.folder / f"step_{self.step:09d}"
+        shutil.rmtree(final, ignore_errors=True)  # one left by an earlier, interrupted pass (maybe damaged)
+        partial.rename(final)
+        for old in _saelens_checkpoints(self.folder)[KEEP_CHECKPOINTS:]:
+            shutil.rmtree(old)
+
+
+def _saelens_checkpoints(folder: Path) -> list[Path]:
+    """The ``step_<N>`` folders under ``folder``, newest first."""
+    if not folder.is_dir():
+        return []
+    found = [p for p in folder.iterdir() if p.is_dir() and p.name.startswith("step_") and p.name[5:].isdigit()]
+    return sorted(found, key=lambda p: -int(p.name[5:]))
+
+
+def _latest_saelens_checkpoint(folder: Path) -> Path | None:
+    """The newest checkpoint whose weights and trainer state read back; a damaged one is skipped
+    with a warning (as :func:`matryoshka_plugin.train` does with its own)."""
+    import warnings
+
+    from sae_lens.constants import ACTIVATION_SCALER_CFG_FILENAME, SAE_WEIGHTS_FILENAME, TRAINER_STATE_FILENAME
+    from safetensors.torch import load_file
+
+    for path in _saelens_checkpoints(folder):
+        try:
+            load_file(path / SAE_WEIGHTS_FILENAME)
+            torch.load(path / TRAINER_STATE_FILENAME, weights_only=False)
+            if not (path / ACTIVATION_SCALER_CFG_FILENAME).is_file():
+                raise FileNotFoundError(ACTIVATION_SCALER_CFG_FILENAME)
+        except Exception as e:  # noqa: BLE001 - any unreadable file means: use the previous one
+            warnings.warn(f"skipping the unreadable SAELens checkpoint {path}: {e}", stacklevel=2)
+            continue
+        return path
+    return None
 
 
 def _done(csv_path: Path) -> set[tuple[str, str, int, int]]:
@@ -258,10 +347,14 @@ def _append(csv_path: Path, row: dict) -> None:
         f.flush()
 
 
-def run_benchmark(p: Protocol, label: str, variants: list[Variant], model: Any, pool: Pool,
+def run_benchmark(p: Protocol, label: str, variants: list[Variant], model: Any, pool: Replayable,
                   eval_features: torch.Tensor, work: Path, csv_path: Path, seeds: tuple[int, ...],
-                  l0s: tuple[int, ...]) -> list[dict]:
-    """Train and score every (variant, L0, seed) missing from ``csv_path``; returns the new rows."""
+                  l0s: tuple[int, ...], checkpoint_every: int | None = None) -> list[dict]:
+    """Train and score every (variant, L0, seed) missing from ``csv_path``; returns the new rows.
+
+    With ``checkpoint_every``, every SAE (this package's and SAELens') checkpoints its full state
+    that often, and an SAE interrupted mid-training continues from its newest checkpoint; the
+    checkpoints are removed once its row is written."""
     done, rows = _done(csv_path), []
     # the main variants with every seed first, then the others with the first seed
     order = [(v, s) for s in seeds for v in variants if v.main] + [(v, seeds[0]) for v in variants if not v.main]
@@ -273,15 +366,17 @@ def run_benchmark(p: Protocol, label: str, variants: list[Variant], model: Any, 
             folder = work / f"{v.name}-l0{l0}-s{seed}"
             with torch.random.fork_rng():
                 if v.source == "saelens":
-                    sae = _train_saelens(p, v, l0, seed, pool)
+                    sae = _train_saelens(p, v, l0, seed, pool, folder, checkpoint_every)
                     sae.save_inference_model(str(folder / "saelens"))  # for the hedging report
                 else:
-                    sae = _train_ours(p, v, l0, seed, pool, folder)
+                    sae = _train_ours(p, v, l0, seed, pool, folder, checkpoint_every)
                 scores = _evaluate(sae, model, eval_features, p.device)
             row = dict(protocol=label, sae=v.name, source=v.source, l0=l0, seed=seed,
                        **{k: (round(x, 4) if isinstance(x, float) else x) for k, x in scores.items()})
             _append(csv_path, row)
             rows.append(row)
+            for done_with in (folder / "checkpoints", folder / "train" / "resume"):
+                shutil.rmtree(done_with, ignore_errors=True)
             print(f"{v.name} L0={l0} seed={seed}: F1 {row['f1']:.4f} MCC {row['mcc']:.4f} uniq "
                   f"{row['uniqueness']:.4f} EV {row['explained_variance']:.4f} dead {row['dead']} "
                   f"(measured L0 {scores['l0_measured']:.1f}, {time.time() - t0:.0f} s)", flush=True)
