@@ -354,3 +354,27 @@ def test_an_interrupted_sae_continues_from_its_checkpoint_bit_for_bit(tmp_path, 
         resumed = run(broken, tmp_path / "broken")
     for q in ("W_enc", "b_enc", "W_dec", "b_dec"):
         assert torch.equal(getattr(resumed, q), getattr(whole, q)), q
+
+
+def test_f1_figure_shows_every_sae_ranked_with_its_seeds(tmp_path):
+    from benchmarks.synth_sae_bench.figure import plot_f1
+
+    csv_path = tmp_path / "results.csv"
+    rows = [("a", "matryoshka", "matryoshka_plugin", 0, 0.30), ("a", "matryoshka", "matryoshka_plugin", 1, 0.20),
+            ("a", "saelens-matryoshka", "saelens", 0, 0.10), ("a", "logsparsity", "matryoshka_plugin", 0, 0.40),
+            ("b", "matryoshka", "matryoshka_plugin", 0, 0.60)]
+    with csv_path.open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=COLUMNS)
+        w.writeheader()
+        for protocol, sae, source, seed, f1 in rows:
+            w.writerow(dict(protocol=protocol, sae=sae, source=source, l0=12, seed=seed, f1=f1, mcc=0, uniqueness=0,
+                            explained_variance=0, dead=0))
+    fig = plot_f1(csv_path, tmp_path / "f1.png", protocols=["b", "a"])
+    assert (tmp_path / "f1.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    b, a = fig.axes
+    assert a.get_title() == "a, L0 = 12" and b.get_title() == "b, L0 = 12"
+    assert [t.get_text() for t in a.get_yticklabels()] == ["saelens-matryoshka", "matryoshka", "logsparsity"]
+    assert [round(bar.get_width(), 6) for bar in a.patches] == [0.10, 0.25, 0.40]  # mean over seeds
+    assert sorted(x for line in a.lines for x in line.get_xdata()) == [0.10, 0.20, 0.30, 0.40]  # one dot a seed
+    with pytest.raises(ValueError, match="no rows"):
+        plot_f1(csv_path, tmp_path / "x.png", protocols=["c"])

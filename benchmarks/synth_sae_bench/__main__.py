@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from .config import PROTOCOLS, VARIANTS
+from .figure import plot_f1
 from .hedging import hedging_markdown, write_hedging
 from .model import SeededBatches, fingerprint, load_or_build, sample_pool
 from .run import Pool, run_benchmark, write_markdown
@@ -83,9 +84,10 @@ def main(argv: list[str] | None = None) -> int:
     header = (f"# SynthSAEBench results\n\nWritten by `python -m benchmarks.synth_sae_bench`; see "
               f"[../synth_sae_bench.md](../synth_sae_bench.md) for the protocols. Mean ± standard deviation over seeds; "
               f"`protocol` = name:model-width@model fingerprint:training samples (distinct x passes):"
-              f"dead-latent window (steps).")
+              f"dead-latent window (steps).\n\n![F1 of every SAE](f1.png)")
     write_markdown(docs / "results.csv", docs / "results.md", {v.name: v.description for v in VARIANTS.values()},
                    header)
+    plot_f1(docs / "results.csv", docs / "f1.png")
     # hedging and absorption per parent of the hierarchy, for every SAE of this protocol trained so far
     dense = eval_features.to_dense()
     write_hedging(cache / "saes" / label.replace(":", "_"), model, model.feature_dict(dense.to(device)).cpu(),
