@@ -378,3 +378,25 @@ def test_f1_figure_shows_every_sae_ranked_with_its_seeds(tmp_path):
     assert sorted(x for line in a.lines for x in line.get_xdata()) == [0.10, 0.20, 0.30, 0.40]  # one dot a seed
     with pytest.raises(ValueError, match="no rows"):
         plot_f1(csv_path, tmp_path / "x.png", protocols=["c"])
+
+
+def test_a_variants_lr_reaches_either_trainer(tmp_path, monkeypatch):
+    """``lr`` in a variant's options overrides the protocol's 3e-4: in this package's trainer
+    config and in SAELens' SAETrainerConfig (constant: lr_end too)."""
+    import json
+
+    from benchmarks.synth_sae_bench.run import _train_ours
+    from sae_lens.training.sae_trainer import SAETrainer
+
+    model = load_or_build(TINY, tmp_path)
+    hidden, _ = sample_pool(model, 256, 1, tmp_path / "train.pt", batch_size=128)
+    pool = Pool(hidden, 128, 1, "cpu")
+    _train_ours(TINY, VARIANTS["matryoshka+zeros+lr3e-3"], 3, 0, pool, tmp_path / "ours")
+    config = json.loads((tmp_path / "ours" / "train" / "trainer_0" / "config.json").read_text())["trainer"]
+    assert config["lr"] == 3e-3 and config["b_dec_init"] == "zeros"
+    _train_ours(TINY, VARIANTS["matryoshka"], 3, 0, pool, tmp_path / "default")
+    assert json.loads((tmp_path / "default" / "train" / "trainer_0" / "config.json").read_text())["trainer"]["lr"] == 3e-4
+    monkeypatch.setattr(SAETrainer, "fit", lambda self: self.cfg)
+    cfg = _train_saelens(TINY, VARIANTS["saelens-matryoshka+unit-init+lr3e-3"], 3, 0, pool)
+    assert (cfg.lr, cfg.lr_end) == (3e-3, 3e-3)
+    assert _train_saelens(TINY, VARIANTS["saelens-matryoshka"], 3, 0, pool).lr == 3e-4

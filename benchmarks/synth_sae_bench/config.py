@@ -155,6 +155,14 @@ VARIANTS = {v.name: v for v in [
     Variant("logsparsity", "matryoshka_plugin", {"trainer": "logsparsity"}, True,
             "MatryoshkaLogSparsityTrainer: random Pareto prefixes, log sparsity penalty, L0 controller at the target "
             "L0; its own optimiser defaults (lr 3e-3, warm-up 100, decay over the last 20%)"),
+    # the learning rate, which differs between the log-sparsity trainer's defaults and the protocol
+    Variant("matryoshka+zeros+lr3e-3", "matryoshka_plugin", {"b_dec_init": "zeros", "lr": 3e-3}, False,
+            "b_dec from zero, lr 3e-3 (the log-sparsity trainer's), constant"),
+    Variant("saelens-matryoshka+unit-init+lr3e-3", "saelens",
+            {"architecture": "matryoshka", "use_matryoshka_aux_loss": True, "decoder_init_norm": 1.0, "lr": 3e-3},
+            False, "saelens-matryoshka+unit-init at lr 3e-3, constant"),
+    Variant("logsparsity+lr3e-4", "matryoshka_plugin", {"trainer": "logsparsity", "lr": 3e-4}, False,
+            "logsparsity at the protocol's lr 3e-4 (its warm-up and decay kept)"),
     # ablations of the comparison with SAELens (docs/synth_sae_bench.md): benchmark-side options, see _train_ours
     Variant("matryoshka+gain0.01", "matryoshka_plugin", {"encoder_gain": 0.01}, False,
             "W_enc x 0.01 at init (SAELens' starting pre-activation gain with its 0.1 decoder norm)"),

@@ -193,8 +193,9 @@ def _train_ours(p: Protocol, v: Variant, l0: int, seed: int, pool: Replayable, f
             # the inference threshold's EMA at SAELens' rate (topk_threshold_lr=0.01): with the default
             # 0.999 the threshold lags over a short run and the exported SAE fires below the target L0
             threshold_beta=0.99,
-            k_anneal_steps=int(anneal * steps) if anneal else None, **shared, **options,
+            k_anneal_steps=int(anneal * steps) if anneal else None, **shared,
         )
+        cfg.update(options)  # a variant's keywords win over the protocol's (lr, ...)
     else:
         raise ValueError(f"trainer must be one of {TRAINERS}, got {trainer!r}")
     train(pool, [cfg], steps, save_dir=str(folder / "train"), device=p.device, progress=False,
@@ -223,7 +224,7 @@ def _train_saelens(p: Protocol, v: Variant, l0: int, seed: int, pool: Replayable
 
     options = dict(v.options)
     architecture, b_dec_init = options.pop("architecture"), options.pop("b_dec_init", "zeros")
-    unit_decoder = options.pop("unit_decoder", False)
+    unit_decoder, lr = options.pop("unit_decoder", False), options.pop("lr", p.lr)  # lr: SAETrainerConfig's
     torch.manual_seed(seed)
     if architecture == "batchtopk":  # other options: fields of SAELens' config (decoder_init_norm...)
         sae = BatchTopKTrainingSAE(BatchTopKTrainingSAEConfig(k=l0, d_in=p.hidden_dim, d_sae=p.width, **options))
@@ -238,7 +239,7 @@ def _train_saelens(p: Protocol, v: Variant, l0: int, seed: int, pool: Replayable
     elif b_dec_init != "zeros":
         raise ValueError(f"b_dec_init must be 'zeros' (SAELens) or 'geometric_median', got {b_dec_init!r}")
     cfg = SAETrainerConfig(
-        total_training_samples=pool.samples, train_batch_size_samples=p.batch_size, lr=p.lr, lr_end=p.lr,
+        total_training_samples=pool.samples, train_batch_size_samples=p.batch_size, lr=lr, lr_end=lr,
         lr_scheduler_name="constant", device=p.device, dead_feature_window=p.dead_window, feature_sampling_window=2000,
         logger=LoggingConfig(log_to_wandb=False, eval_every_n_wandb_logs=2**31 - 1),
     )
