@@ -246,6 +246,13 @@ class RunCheckpoints:
                 raise CheckpointError(f"checkpoint at step {step}: {f} was not written")
             manifest[f.name] = f.stat().st_size
         atomic_torch_save({**run, "format": RUN_STATE_FORMAT, "step": step, "manifest": manifest}, folder / "run.pt")
+        return self.promote(step)
+
+    def promote(self, step: int) -> Path:
+        """Rename the step's hidden folder, once fully written, into place (replacing a folder of
+        that step left by an earlier pass); then drop all but the newest ``keep`` checkpoints and
+        any other hidden folder."""
+        folder = self.staging(step)
         final = self.root / self.name(step)
         if final.exists():
             shutil.rmtree(final)
@@ -254,8 +261,7 @@ class RunCheckpoints:
         for old in self.complete()[self.keep:]:
             shutil.rmtree(old, ignore_errors=True)
         for stale in self.root.glob(".step_*.partial"):
-            if stale != folder:
-                shutil.rmtree(stale, ignore_errors=True)
+            shutil.rmtree(stale, ignore_errors=True)
         return final
 
     # -- reading ----------------------------------------------------------------------------

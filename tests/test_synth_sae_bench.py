@@ -328,7 +328,8 @@ class _InterruptedPool(Pool):
 def test_an_interrupted_sae_continues_from_its_checkpoint_bit_for_bit(tmp_path, name):
     """An SAE killed mid-training (this package's trainer, SAELens' trainer) continues from its
     newest checkpoint, on the data from that batch, and ends with the weights of an uninterrupted run."""
-    from benchmarks.synth_sae_bench.run import _saelens_checkpoints, _train_ours
+    from benchmarks.synth_sae_bench.run import _train_ours
+    from matryoshka_plugin.resume import RunCheckpoints
 
     model = load_or_build(TINY, tmp_path)
     hidden, _ = sample_pool(model, 2048, 1, tmp_path / "train.pt", batch_size=512)
@@ -345,7 +346,8 @@ def test_an_interrupted_sae_continues_from_its_checkpoint_bit_for_bit(tmp_path, 
     with pytest.raises(_Interrupt):
         run(broken, tmp_path / "broken")
     if v.source == "saelens":
-        assert [p.name for p in _saelens_checkpoints(tmp_path / "broken" / "checkpoints")] == ["step_000000020", "step_000000015"]
+        assert [p.name for p in RunCheckpoints(tmp_path / "broken" / "checkpoints").complete()] == \
+            ["step_000000020", "step_000000015"]
         (tmp_path / "broken" / "checkpoints" / "step_000000020" / "trainer_state.pt").write_bytes(b"truncated")
         with pytest.warns(UserWarning, match="unreadable SAELens checkpoint"):
             resumed = run(broken, tmp_path / "broken")  # from step 15: step 20's files are damaged

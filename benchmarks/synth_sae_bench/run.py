@@ -21,6 +21,8 @@ from typing import Any, Iterator
 
 import torch
 
+from matryoshka_plugin.resume import RunCheckpoints
+
 from .config import PUBLISHED, Protocol, Variant
 from .model import Replayable
 
@@ -274,39 +276,26 @@ class _SAELensCheckpoints:
     """SAELens' data provider, which also checkpoints its trainer every ``every`` steps. ``next`` is
     called at the top of a step, when the previous step is complete (counters, optimizer, weights),
     so a checkpoint written there is the state after ``step`` steps. Each is written to a hidden
-    folder and renamed, so a ``step_<N>`` folder is whole."""
+    folder and renamed (:class:`matryoshka_plugin.resume.RunCheckpoints`, as ``train`` writes its
+    own), so a ``step_<N>`` folder is whole."""
 
     def __init__(self, batches: Iterator[torch.Tensor], start: int, every: int | None, folder: Path | None):
-        self.batches, self.step, self.start, self.every, self.folder = batches, start, start, every, folder
+        self.batches, self.step, self.start, self.every = batches, start, start, every
+        self.store = RunCheckpoints(folder, KEEP_CHECKPOINTS) if folder is not None else None
         self.trainer: Any = None
 
     def __iter__(self) -> "_SAELensCheckpoints":
         return self
 
     def __next__(self) -> torch.Tensor:
-        if self.every and self.folder is not None and self.step > self.start and self.step % self.every == 0:
-            self._save()
+        if self.every and self.store is not None and self.step > self.start and self.step % self.every == 0:
+            staging = self.store.staging(self.step)
+            shutil.rmtree(staging, ignore_errors=True)
+            self.trainer.save_checkpoint(staging.name, base_path=self.store.root)
+            self.store.promote(self.step)
         x = next(self.batches)
         self.step += 1
         return x
-
-    def _save(self) -> None:
-        partial = self.folder / f".step_{self.step:09d}.partial"  # as train() names its own
-        shutil.rmtree(partial, ignore_errors=True)
-        self.trainer.save_checkpoint(partial.name, base_path=self.folder)
-        final = self.folder / f"step_{self.step:09d}"
-        shutil.rmtree(final, ignore_errors=True)  # one left by an earlier, interrupted pass (maybe damaged)
-        partial.rename(final)
-        for old in _saelens_checkpoints(self.folder)[KEEP_CHECKPOINTS:]:
-            shutil.rmtree(old)
-
-
-def _saelens_checkpoints(folder: Path) -> list[Path]:
-    """The ``step_<N>`` folders under ``folder``, newest first."""
-    if not folder.is_dir():
-        return []
-    found = [p for p in folder.iterdir() if p.is_dir() and p.name.startswith("step_") and p.name[5:].isdigit()]
-    return sorted(found, key=lambda p: -int(p.name[5:]))
 
 
 def _latest_saelens_checkpoint(folder: Path) -> Path | None:
@@ -317,7 +306,7 @@ def _latest_saelens_checkpoint(folder: Path) -> Path | None:
     from sae_lens.constants import ACTIVATION_SCALER_CFG_FILENAME, SAE_WEIGHTS_FILENAME, TRAINER_STATE_FILENAME
     from safetensors.torch import load_file
 
-    for path in _saelens_checkpoints(folder):
+    for path in RunCheckpoints(folder).complete():
         try:
             load_file(path / SAE_WEIGHTS_FILENAME)
             torch.load(path / TRAINER_STATE_FILENAME, weights_only=False)
