@@ -43,6 +43,14 @@ RUN_STATE_FORMAT = 1
 UPSTREAM_STATE_FORMAT = 1
 # Config entries that may change between the interrupted and the resumed run.
 VOLATILE_CONFIG_KEYS = frozenset({"device", "wandb_name", "package_version", "norm_factor"})
+# Config entries a trainer leaves at ``None`` until it resolves them itself (after construction),
+# so a fresh trainer says ``None`` where the checkpoint holds the resolved value: only
+# MatryoshkaLogSparsityTrainer's ``dead_feature_threshold`` (set at the first step from the batch
+# size). Every other setting is resolved in the config's ``__post_init__`` (``lr``, ``top_k_aux``,
+# ``controller_rate``, ``device``) or is ``None`` by the user's choice (``balance_beta``,
+# ``group_weights``, ``decay_start``, ``reorder_by``, ``k_anneal_steps``, ``target_l0``...), so a
+# ``None`` there that the checkpoint does not share is a different run.
+AUTO_RESOLVED_CONFIG_KEYS = frozenset({"dead_feature_threshold"})
 # Attributes of an upstream trainer that are not training state (objects saved separately, or
 # settings fixed at construction and checked through the config).
 _UPSTREAM_SKIP = frozenset({"ae", "optimizer", "scheduler", "config", "logging_parameters"})
@@ -79,8 +87,9 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 def config_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
     """``"key: checkpoint X, now Y"`` for every config entry that differs (volatile entries such
-    as the device or the package version aside; an entry that is ``None`` now and resolved in the
-    checkpoint, such as an automatic dead-latent threshold, counts as equal)."""
+    as the device or the package version aside; an entry of :data:`AUTO_RESOLVED_CONFIG_KEYS` that
+    is ``None`` now and resolved in the checkpoint, the automatic dead-latent threshold, counts as
+    equal)."""
     out = []
     for key in sorted(set(saved) | set(current)):
         if key in VOLATILE_CONFIG_KEYS:
@@ -90,7 +99,7 @@ def config_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[s
             a = list(a)
         if isinstance(b, tuple):
             b = list(b)
-        if b is None and a not in (None, "<absent>"):
+        if key in AUTO_RESOLVED_CONFIG_KEYS and b is None and a not in (None, "<absent>"):
             continue
         if a != b:
             out.append(f"{key}: checkpoint {a!r}, now {b!r}")

@@ -241,3 +241,56 @@ def test_sigkill_at_a_random_step_then_resume_is_bit_exact(tmp_path, normalize):
     assert resumed.returncode == 0, resumed.stderr
     for i, (a, b) in enumerate(zip(_saved(tmp_path / "full", 11), _saved(tmp_path / "run", 11))):
         assert _equal(a, b), f"trainer_{i} differs after resuming from the kill at batch {kill}"
+
+
+def _state_after_one_step(cls, settings: dict) -> dict:
+    t = cls(**settings)
+    t.update(0, _batch(0))
+    return t.state_dict()
+
+
+def test_a_setting_set_in_the_checkpoint_and_none_now_is_refused():
+    """None is a real choice for these settings (no balance, equal weights, no decay...): a resumed
+    run that passes None where the checkpoint had a value would train another run."""
+    base = _settings(MatryoshkaBatchTopKTrainer, "groups")
+    state = _state_after_one_step(MatryoshkaBatchTopKTrainer,
+                                  dict(base, balance_beta=0.25, group_weights=[0.7, 0.3], decay_start=10))
+    resumed = MatryoshkaBatchTopKTrainer(**dict(base, balance_beta=None, group_weights=None, decay_start=None))
+    with pytest.raises(CheckpointError) as e:
+        resumed.load_state_dict(state)
+    for key in ("balance_beta: checkpoint 0.25, now None", "decay_start: checkpoint 10, now None",
+                "group_weights: checkpoint [0.7, 0.3], now None"):
+        assert key in str(e.value)
+    assert resumed.cfg.balance_beta is None and resumed.cfg.decay_start is None  # not taken from the checkpoint
+
+    for options in (dict(reorder_by="frequency"), dict(k_anneal_steps=10)):
+        state = _state_after_one_step(MatryoshkaBatchTopKTrainer, dict(base, **options))
+        key = next(iter(options))
+        with pytest.raises(CheckpointError, match=rf"{key}: checkpoint .*, now None"):
+            MatryoshkaBatchTopKTrainer(**dict(base, **{key: None})).load_state_dict(state)
+
+    log = _settings(MatryoshkaLogSparsityTrainer, "groups")
+    state = _state_after_one_step(MatryoshkaLogSparsityTrainer, log)
+    with pytest.raises(CheckpointError, match=r"target_l0: checkpoint 4.0, now None"):
+        MatryoshkaLogSparsityTrainer(**dict(log, target_l0=None)).load_state_dict(state)
+
+
+def test_an_automatically_resolved_setting_resumes_as_resolved():
+    """The log-sparsity trainer sets dead_feature_threshold=None at the first step: a fresh trainer
+    says None, the checkpoint the resolved value, and that is the same run."""
+    settings = dict(_settings(MatryoshkaLogSparsityTrainer, "groups"), dead_feature_threshold=None)
+    full, state, resumed = _round_trip(lambda: MatryoshkaLogSparsityTrainer(**settings), split=7)
+    assert state["config"]["dead_feature_threshold"] is not None
+    assert resumed.cfg.dead_feature_threshold == state["config"]["dead_feature_threshold"]
+    assert _equal(full.ae.state_dict(), resumed.ae.state_dict())
+
+
+def test_train_refuses_a_resume_whose_settings_are_none_where_the_checkpoint_had_values(tmp_path):
+    configs = _configs(20)[:1]
+    configs[0].update(balance_beta=0.25, decay_start=10)
+    with pytest.raises(_Interrupt):
+        train(_stream_until(7), configs, 20, save_dir=str(tmp_path), device="cpu", progress=False,
+              checkpoint_every=3)
+    configs[0].update(balance_beta=None, decay_start=None)
+    with pytest.raises(CheckpointError, match=r"trainer_configs\[0\].*balance_beta: checkpoint 0.25, now None"):
+        train(_stream(), configs, 20, save_dir=str(tmp_path), device="cpu", progress=False, resume=True)
