@@ -22,8 +22,8 @@ import torch
 from ..errors import CheckpointError, SAEBenchError
 from ..io import read_json, read_json_object
 from ..registry import architecture_for
+from .results import check_sae_name
 
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
 _RELEASE_SPEC = "saelens:"
 _HOOK = re.compile(r"^blocks\.(\d+)\.hook_[A-Za-z_]+$")
 _RESIDUAL_HOOK = re.compile(r"^blocks\.\d+\.hook_resid_post$")
@@ -69,12 +69,7 @@ def training_architecture(trainer_cfg: Mapping[str, Any]) -> str:
 
 
 def _check_name(name: str) -> str:
-    if not isinstance(name, str) or not _NAME.match(name):
-        raise SAEBenchError(
-            f"SAE name {name!r} must start with a letter or digit and use only letters, digits and _ . + - "
-            "(it becomes part of SAEBench's result file names)"
-        )
-    return name
+    return check_sae_name(name)
 
 
 def _layer_of(hook_name: str | None) -> int | None:
@@ -113,7 +108,7 @@ def _describe_release(release: str, sae_id: str, name: str | None) -> SAERef:
     hook = sae_id.split("__")[0]
     hook = hook if _HOOK.match(hook) else None
     return SAERef(
-        name=_check_name(name or f"{release}__{sae_id}".replace("/", "_")),
+        name=_check_name(f"{release}__{sae_id}".replace("/", "_") if name is None else name),
         kind="saelens_release",
         source=(release, sae_id),
         model_name=entry.model,
@@ -134,7 +129,7 @@ def _describe_object(source: torch.nn.Module, name: str | None) -> SAERef:
     meta = getattr(cfg, "metadata", None)
     hook = getattr(meta, "hook_name", None) or getattr(cfg, "hook_name", None)
     return SAERef(
-        name=_check_name(name or "sae"),
+        name=_check_name("sae" if name is None else name),
         kind="object",
         source=source,
         model_name=getattr(meta, "model_name", None) or getattr(cfg, "model_name", None),
@@ -210,7 +205,7 @@ def describe_sae(source: Any, name: str | None = None) -> SAERef:
     folder = Path(source)
     if not folder.is_dir():
         raise SAEBenchError(f"no such SAE folder: {folder}")
-    name = _check_name(name or folder.name)
+    name = _check_name(folder.name if name is None else name)
     if (folder / "cfg.json").is_file():
         return _describe_saelens_folder(folder, name)
     if (folder / "config.json").is_file():
@@ -303,7 +298,7 @@ def prepare_sae(ref: SAERef, cache_dir: str | Path) -> SAERef:
     from ..saelens import export_to_saelens
 
     src = Path(ref.source)
-    out = Path(cache_dir) / ref.name
+    out = Path(cache_dir) / check_sae_name(ref.name)  # an SAERef can be built by hand
     digest = _sha256(src / "ae.pt")
     cfg_path = out / "cfg.json"
     if cfg_path.is_file():

@@ -10,11 +10,13 @@ that sample keep the same layout under ``<output_dir>/seed_<seed>/`` (:func:`see
 from __future__ import annotations
 
 import os
+import re
 import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Mapping
 
+from ..errors import SAEBenchError
 from ..io import atomic_write_json, read_json
 from .configs import EVAL_NAMES, SEEDED_EVALS
 
@@ -45,9 +47,26 @@ HEADLINE_METRICS: tuple[tuple[str, str, str], ...] = (
 )
 
 
+# One plain path component: no separators, no leading dot (so neither "." nor ".."), no
+# whitespace or control characters. fullmatch, as "$" would let a trailing newline through.
+_SAE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]*")
+
+
+def check_sae_name(name: Any) -> str:
+    """Return ``name`` if it can be used in result file and folder names; else raise
+    :class:`SAEBenchError` naming it. Every path built from an SAE name goes through this."""
+    if not isinstance(name, str) or not _SAE_NAME.fullmatch(name):
+        raise SAEBenchError(
+            f"SAE name {name!r} must start with a letter or digit and use only letters, digits and _ . + - "
+            "(it becomes part of SAEBench's result file names, so no path separators, '..', spaces or "
+            "control characters)"
+        )
+    return name
+
+
 def result_path(output_dir: str | Path, name: str, eval_name: str) -> Path:
     """Where SAEBench's result JSON for SAE ``name`` and ``eval_name`` lives."""
-    return Path(output_dir) / eval_name / f"{name}{RESULT_SUFFIX}"
+    return Path(output_dir) / eval_name / f"{check_sae_name(name)}{RESULT_SUFFIX}"
 
 
 def seed_dir(output_dir: str | Path, seed: int) -> Path:
@@ -57,7 +76,7 @@ def seed_dir(output_dir: str | Path, seed: int) -> Path:
 
 def not_evaluated_path(output_dir: str | Path, name: str) -> Path:
     """Where the record of an absorption eval without a score lives."""
-    return Path(output_dir) / "absorption" / f"{name}{NOT_EVALUATED_SUFFIX}"
+    return Path(output_dir) / "absorption" / f"{check_sae_name(name)}{NOT_EVALUATED_SUFFIX}"
 
 
 def outcome_paths(output_dir: str | Path, name: str, eval_name: str) -> list[Path]:
@@ -71,6 +90,7 @@ def outcome_paths(output_dir: str | Path, name: str, eval_name: str) -> list[Pat
 def remove_results(output_dir: str | Path, name: str) -> list[Path]:
     """Delete every eval result of SAE ``name``, every seed's included (e.g. after retraining it);
     returns what was removed."""
+    check_sae_name(name)
     removed = []
     folders = [Path(output_dir), *sorted(Path(output_dir).glob("seed_*"))]
     for folder in folders:

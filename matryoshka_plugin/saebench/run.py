@@ -105,7 +105,9 @@ def run_saebench(
     Args:
         saes: ``{name: source}`` or a list of sources / ``(name, source)`` pairs. A source is a
             ``trainer_i`` folder, a SAELens folder, ``"saelens:RELEASE:SAE_ID"`` (or
-            ``("saelens", release, sae_id)``) or a SAELens ``SAE``. Names default to folder names.
+            ``("saelens", release, sae_id)``) or a SAELens ``SAE``. Names default to folder names;
+            they become file and folder names, so each must start with a letter or digit and use
+            only letters, digits and ``_ . + -`` (anything else raises before a file is touched).
         output_dir: results go to ``<output_dir>/<eval>/<name>_custom_sae_eval_results.json``
             (SAEBench's own file names), exported SAEs to ``<output_dir>/saelens/<name>``.
         evals: any of :data:`EVAL_NAMES` (``"core", "absorption", "sparse_probing",
