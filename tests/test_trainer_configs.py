@@ -99,3 +99,55 @@ def test_the_training_step_is_a_named_tuple():
     out = tr._forward(torch.randn(16, 8), 0, training=False)
     assert isinstance(out, StepOutput) and out.loss.ndim == 0 and out.dead.shape == (32,)
     assert set(out.parts) == {"l2_loss", "auxk_loss"}
+
+
+def _warms_up_for(trainer, warmup: int) -> bool:
+    """The learning-rate factor is below 1 until step ``warmup`` and 1 from there."""
+    schedule = trainer.scheduler.lr_lambdas[0]
+    return (warmup == 0 or schedule(warmup - 1) < 1.0) and schedule(warmup) == 1.0
+
+
+@pytest.mark.parametrize("steps, warmup", [(1, 0), (20, 2), (100, 10), (500, 50), (5000, 100)])
+def test_log_sparsity_warmup_default_scales_to_the_run(steps, warmup):
+    tr = MatryoshkaLogSparsityTrainer(steps=steps, activation_dim=8, dict_size=32, target_l0=3, device="cpu")
+    assert tr.warmup_steps == warmup and tr.config["warmup_steps"] == warmup and _warms_up_for(tr, warmup)
+
+
+@pytest.mark.parametrize("steps, extra, warmup", [
+    (100, {}, 10), (1000, {}, 100), (1001, {}, 1000), (5000, {}, 1000),  # dictionary_learning's 1000 where it runs
+    (100, dict(decay_start=5), 4), (5000, dict(decay_start=600), 599),
+])
+def test_batch_top_k_warmup_default_scales_to_the_run(steps, extra, warmup):
+    tr = MatryoshkaBatchTopKTrainer(steps=steps, activation_dim=8, dict_size=32, k=3, group_fractions=[1.0],
+                                    device="cpu", **extra)
+    assert tr.warmup_steps == warmup and tr.config["warmup_steps"] == warmup and _warms_up_for(tr, warmup)
+
+
+@pytest.mark.parametrize("cls, extra", [(MatryoshkaLogSparsityTrainer, dict(target_l0=3)),
+                                        (MatryoshkaBatchTopKTrainer, dict(k=3, group_fractions=[1.0]))])
+@pytest.mark.parametrize("warmup", [50, 80, -1, 2.5])
+def test_an_explicit_warmup_is_still_checked_and_named(cls, extra, warmup):
+    with pytest.raises(ValueError, match="warmup_steps must"):
+        cls(steps=50, activation_dim=8, dict_size=32, warmup_steps=warmup, device="cpu", **extra)
+
+
+@pytest.mark.parametrize("target", [33, 1e9, 0, -2.0, float("nan"), True])
+def test_target_l0_must_lie_between_zero_and_dict_size(target):
+    with pytest.raises(ValueError, match=r"target_l0 must lie in \(0, dict_size=32\]"):
+        MatryoshkaLogSparsityTrainer(steps=50, activation_dim=8, dict_size=32, target_l0=target, device="cpu")
+    assert MatryoshkaLogSparsityTrainer(steps=50, activation_dim=8, dict_size=32, target_l0=32, device="cpu").target_l0 == 32
+
+
+@pytest.mark.parametrize("cls, extra", [(MatryoshkaLogSparsityTrainer, dict(target_l0=3)),
+                                        (MatryoshkaBatchTopKTrainer, dict(k=3, group_fractions=[1.0]))])
+@pytest.mark.parametrize("device", ["cuda", "cuda:1"])
+def test_a_cuda_device_without_cuda_is_named(cls, extra, device, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match=rf"device='{device}', but this torch .* has no CUDA"):
+        cls(steps=50, activation_dim=8, dict_size=32, device=device, **extra)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(ValueError, match=r"device='cuda:3', but torch sees 1 CUDA device"):
+        cls(steps=50, activation_dim=8, dict_size=32, device="cuda:3", **extra)
+    with pytest.raises(ValueError, match=r"device='gpu' is not a torch device"):
+        cls(steps=50, activation_dim=8, dict_size=32, device="gpu", **extra)

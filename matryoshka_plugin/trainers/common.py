@@ -82,6 +82,7 @@ class TrainerConfig:
             raise ValueError(f"unknown backend {self.backend!r}; choose one of {BACKENDS}")
         self.device = str(self.device) if self.device is not None else (
             "cuda" if torch.cuda.is_available() else "cpu")
+        check_device(self.device)
 
     def to_dict(self) -> dict[str, Any]:
         """The fields as ``config.json`` stores them (the SAE class by name)."""
@@ -390,6 +391,25 @@ def permute_latents_(
                 value.copy_(value.index_select(dim, perm))
     for stat in statistics:
         stat.copy_(stat.index_select(0, perm.to(stat.device)))
+
+
+def check_device(device: str) -> None:
+    """Refuse a CUDA device this torch cannot use, naming it (torch itself fails later with a bare
+    ``AssertionError: Torch not compiled with CUDA enabled``)."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"device={device!r} is not a torch device ({e})") from None
+    if dev.type != "cuda":
+        return
+    if not torch.cuda.is_available():
+        built = "built without CUDA" if torch.version.cuda is None else "built with CUDA but sees no GPU"
+        raise ValueError(
+            f"device={device!r}, but this torch ({torch.__version__}) has no CUDA ({built}); "
+            "pass device='cpu', or device=None to pick CUDA only where it is available"
+        )
+    if dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ValueError(f"device={device!r}, but torch sees {torch.cuda.device_count()} CUDA device(s)")
 
 
 def check_positive(name: str, value: float, allow_zero: bool = False) -> None:

@@ -81,8 +81,9 @@ class MatryoshkaBatchTopKConfig(TrainerConfig):
     """Adam learning rate; ``None``: 2e-4 / sqrt(dict_size / 2**14), as upstream."""
     auxk_alpha: float = 1 / 32
     """Weight of the auxiliary loss that lets dead latents reconstruct the residual."""
-    warmup_steps: int = 1000
-    """Linear learning-rate warm-up steps."""
+    warmup_steps: int | None = None
+    """Linear learning-rate warm-up steps; ``None``: dictionary_learning's 1000 on runs of more than
+    1000 steps (the runs it accepts), a tenth of a shorter run, and before ``decay_start``."""
     decay_start: int | None = None
     """Step where the learning rate starts its linear decay to 0 (``None``: no decay)."""
     threshold_beta: float = 0.999
@@ -162,7 +163,16 @@ class MatryoshkaBatchTopKConfig(TrainerConfig):
         if not (0.0 <= self.threshold_beta < 1.0):
             raise ValueError(f"threshold_beta must lie in [0, 1), got {self.threshold_beta}")
         self.auxk_alpha, self.threshold_beta = float(self.auxk_alpha), float(self.threshold_beta)
-        self.threshold_start_step, self.warmup_steps = int(self.threshold_start_step), int(self.warmup_steps)
+        self.threshold_start_step = int(self.threshold_start_step)
+        if self.warmup_steps is None:
+            w = 1000 if self.steps > 1000 else self.steps // 10
+            if self.decay_start is not None and int(self.decay_start) > 0:
+                w = min(w, int(self.decay_start) - 1)
+            self.warmup_steps = w
+        w = self.warmup_steps
+        if isinstance(w, bool) or int(w) != w:
+            raise ValueError(f"warmup_steps must be an integer, got {w!r}")
+        self.warmup_steps = int(w)
         # Auto-selected like upstream: 1/sqrt(dict size) scaling from 2e-4 at 2^14 latents.
         self.lr = float(self.lr) if self.lr is not None else 2e-4 / (self.dict_size / 2**14) ** 0.5
         check_positive("lr", self.lr)

@@ -106,8 +106,9 @@ class MatryoshkaLogSparsityConfig(TrainerConfig):
     """Adam learning rate (the post's toy used 3e-2)."""
     betas: Sequence[float] = (0.5, 0.9375)
     """Adam betas (the post's)."""
-    warmup_steps: int = 100
-    """Linear learning-rate warm-up steps."""
+    warmup_steps: int | None = None
+    """Linear learning-rate warm-up steps; ``None``: ``min(100, steps // 10)`` (the post's 100, a
+    tenth of a shorter run)."""
     decay_fraction: float = 0.2
     """Final fraction of the steps over which the learning rate decays linearly."""
     end_lr_factor: float = 0.1
@@ -150,7 +151,10 @@ class MatryoshkaLogSparsityConfig(TrainerConfig):
         self.group_sizes = (None if self.group_fractions is None
                             else group_sizes_from_fractions(self.dict_size, self.group_fractions))
         self.group_weights = None if self.group_weights is None else [float(w) for w in self.group_weights]
-        self.target_l0 = None if self.target_l0 is None else float(self.target_l0)
+        t = self.target_l0
+        if t is not None and (isinstance(t, bool) or not (0 < float(t) <= self.dict_size)):
+            raise ValueError(f"target_l0 must lie in (0, dict_size={self.dict_size}] active latents per token, got {t!r}")
+        self.target_l0 = None if t is None else float(t)
         self.n_prefixes, self.pareto_power = int(self.n_prefixes), float(self.pareto_power)
         self.min_prefix_length = int(self.min_prefix_length)
         self.log_eps, self.sparsity_coeff = float(self.log_eps), float(self.sparsity_coeff)
@@ -163,7 +167,12 @@ class MatryoshkaLogSparsityConfig(TrainerConfig):
         self.normalize_input, self.input_norm_decay = bool(self.normalize_input), float(self.input_norm_decay)
         self.lr, self.grad_clip = float(self.lr), float(self.grad_clip)
         self.betas = tuple(float(b) for b in self.betas)
-        self.warmup_steps, self.decay_fraction = int(self.warmup_steps), float(self.decay_fraction)
+        w = self.warmup_steps
+        if w is None:
+            w = min(100, self.steps // 10)
+        elif isinstance(w, bool) or int(w) != w or not (0 <= int(w) < self.steps):
+            raise ValueError(f"warmup_steps must be an integer in [0, steps={self.steps}), got {w!r}")
+        self.warmup_steps, self.decay_fraction = int(w), float(self.decay_fraction)
         self.end_lr_factor = float(self.end_lr_factor)
         self.normalize_decoder, self.resample_dead = bool(self.normalize_decoder), bool(self.resample_dead)
 
@@ -190,8 +199,8 @@ class MatryoshkaLogSparsityTrainer(MatryoshkaTrainerBase):
     """Train a :class:`MatryoshkaLogSparsitySAE` with ``dictionary_learning.training.trainSAE``.
 
     Takes the keywords of :class:`MatryoshkaLogSparsityConfig`. Optimiser settings follow the
-    post's reference code (Adam betas (0.5, 0.9375), 100 warm-up steps, decay to 0.1x over
-    the last 20%, coefficient 1.2 with a controller warm-up of 20% of steps); the default
+    post's reference code (Adam betas (0.5, 0.9375), 100 warm-up steps or a tenth of a shorter
+    run, decay to 0.1x over the last 20%, coefficient 1.2 with a controller warm-up of 20% of steps); the default
     ``lr`` suits language-model activations, the post's toy used 3e-2.
     """
 
