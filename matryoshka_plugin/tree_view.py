@@ -153,41 +153,66 @@ _JS = """
 """
 
 
+# A tree can come from JSON rather than build_tree, so every value written into the page is escaped
+# (or, for numbers, formatted from float()), whatever its type.
+def _text(x: Any) -> str:
+    return html.escape(str(x), quote=True)
+
+
+def _num(x: Any, spec: str, scale: float = 1.0) -> str:
+    try:
+        return format(scale * float(x), spec)
+    except (TypeError, ValueError):
+        return _text(x)
+
+
+def _fraction(x: Any) -> float:
+    """A bar width in [0, 1]; anything that is not a number draws an empty bar."""
+    try:
+        v = float(x)
+    except (TypeError, ValueError):
+        return 0.0
+    return min(max(v, 0.0), 1.0) if v == v else 0.0
+
+
 def _snippet_html(s: dict[str, Any]) -> str:
     t = s["text"]
     if isinstance(t, str):
-        body = html.escape(t)
+        body = _text(t)
     else:
-        left, tok, right = (str(x) for x in t)
-        body = f"{html.escape(left)}<mark>{html.escape(tok)}</mark>{html.escape(right)}"
-    return f'<div>{s["act"]:.2f} &nbsp;{body}</div>'
+        left, tok, right = t
+        body = f"{_text(left)}<mark>{_text(tok)}</mark>{_text(right)}"
+    return f'<div>{_num(s["act"], ".2f")} &nbsp;{body}</div>'
 
 
 def _node_html(nd: dict[str, Any], depth: int) -> str:
     edge = ""
     if nd["edge"] is not None:
         p, c = nd["edge"]["p_parent_given_child"], nd["edge"]["decoder_cosine"]
-        edge = (f'<span class="edge" title="P(parent | child)"><span style="width:{100 * p:.0f}%"></span></span>'
-                f'<span class="meta">P(parent|child) {p:.2f}, decoder cos {c:.2f}</span>')
-    summary = (f'<span class="name">{html.escape(nd["level_name"])} #{nd["latent"]}</span>'
-               f'<span class="meta">fires on {100 * nd["fires"]:.2f}% of tokens, max {nd["max_act"]:.2f}</span>{edge}')
+        edge = (f'<span class="edge" title="P(parent | child)"><span style="width:{100 * _fraction(p):.0f}%"></span>'
+                f'</span><span class="meta">P(parent|child) {_num(p, ".2f")}, decoder cos {_num(c, ".2f")}</span>')
+    summary = (f'<span class="name">{_text(nd["level_name"])} #{_text(nd["latent"])}</span>'
+               f'<span class="meta">fires on {_num(nd["fires"], ".2f", 100)}% of tokens, '
+               f'max {_num(nd["max_act"], ".2f")}</span>{edge}')
     snips = "".join(_snippet_html(s) for s in nd["snippets"])
     kids = "".join(_node_html(k, depth + 1) for k in nd["children"])
     kids_html = f'<ul class="tree">{kids}</ul>' if kids else ""
     open_attr = " open" if depth < 1 else ""
-    return (f'<li class="node" data-level="{nd["level"]}" data-latent="{nd["latent"]}"><details{open_attr}>'
-            f'<summary>{summary}</summary><div class="snips">{snips}</div>{kids_html}</details></li>')
+    return (f'<li class="node" data-level="{_text(nd["level"])}" data-latent="{_text(nd["latent"])}">'
+            f'<details{open_attr}><summary>{summary}</summary><div class="snips">{snips}</div>{kids_html}'
+            "</details></li>")
 
 
 def render_html(tree: dict[str, Any], title: str = "Latent tree") -> str:
-    """One self-contained HTML page (inline CSS and script, nothing fetched) for :func:`build_tree`'s data."""
-    levels = " &rarr; ".join(html.escape(x) for x in tree["levels"])
+    """One self-contained HTML page (inline CSS and script, nothing fetched) for :func:`build_tree`'s data
+    (or the same data read back from JSON: every value is escaped)."""
+    levels = " &rarr; ".join(_text(x) for x in tree["levels"])
     nodes = "".join(_node_html(r, 0) for r in tree["roots"])
     return (
         "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
-        f"<title>{html.escape(title)}</title><style>{_CSS}</style></head><body>"
-        f"<h1>{html.escape(title)}</h1>"
-        f'<p class="levels">Levels: {levels}. {tree["n_tokens"]} tokens; a child hangs under the parent it '
+        f"<title>{_text(title)}</title><style>{_CSS}</style></head><body>"
+        f"<h1>{_text(title)}</h1>"
+        f'<p class="levels">Levels: {levels}. {_text(tree["n_tokens"])} tokens; a child hangs under the parent it '
         "co-fires with most (P(parent fires | child fires)); snippets are each latent's top activations.</p>"
         '<p><button id="expand">expand all</button><button id="collapse">collapse all</button>'
         '<span id="count"></span></p>'

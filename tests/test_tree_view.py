@@ -81,6 +81,62 @@ def test_page_escapes_text_and_fetches_nothing(tmp_path: Path):
     assert list(tmp_path.iterdir()) == [path]  # written atomically: no temporary file left behind
 
 
+SCRIPT = "<script>alert(1)</script>"
+ATTR = '"><img src=x onerror=alert(2)>'
+
+
+def _hostile_tree(tmp_path: Path) -> dict:
+    """build_tree's output written to JSON, edited by someone hostile, and read back."""
+    import json
+
+    parent, child, x, snippets = _family()
+    tree = build_tree([Level("p", parent), Level("c", child)], x, snippets)
+    tree["n_tokens"] = SCRIPT
+    tree["levels"][0] = ATTR
+    root = tree["roots"][0]
+    root.update(latent=ATTR, level=SCRIPT, level_name=SCRIPT, fires=ATTR, max_act=SCRIPT)
+    kid = root["children"][0]
+    kid.update(latent=SCRIPT, level=ATTR)
+    kid["edge"] = {"p_parent_given_child": ATTR, "decoder_cosine": SCRIPT}
+    kid["snippets"] = [{"text": [SCRIPT, ATTR, "</ul><b>boom</b>"], "act": ATTR}, {"text": ATTR, "act": SCRIPT}]
+    path = tmp_path / "tree.json"
+    path.write_text(json.dumps(tree))
+    return json.loads(path.read_text())
+
+
+def test_page_escapes_every_value_of_a_tree_loaded_from_json(tmp_path: Path):
+    from html.parser import HTMLParser
+
+    class Tags(HTMLParser):
+        def __init__(self):
+            super().__init__(convert_charrefs=True)
+            self.tags, self.attrs, self.text = [], [], []
+
+        def handle_starttag(self, tag, attrs):
+            self.tags.append(tag)
+            self.attrs += attrs
+
+        def handle_data(self, data):
+            self.text.append(data)
+
+    page = render_html(_hostile_tree(tmp_path), "hostile")
+    for payload in (SCRIPT, ATTR, "<img", "<b>boom"):
+        assert payload not in page
+    parsed = Tags()
+    parsed.feed(page)
+    # Only the page's own markup: one script (its own), no <img>, no event-handler attributes.
+    assert parsed.tags.count("script") == 1 and "img" not in parsed.tags
+    assert not [a for a, _ in parsed.attrs if a.startswith("on") or a == "src"]
+    assert set(parsed.tags) <= {"html", "head", "meta", "title", "style", "body", "h1", "p", "button", "span", "ul",
+                                "li", "details", "summary", "div", "mark", "script"}
+    # The hostile values are shown as text, and land in the attributes as plain values.
+    text = "".join(parsed.text)
+    assert text.count(SCRIPT) >= 6 and text.count(ATTR) >= 5
+    assert ("data-latent", ATTR) in parsed.attrs and ("data-level", SCRIPT) in parsed.attrs
+    assert ("data-latent", SCRIPT) in parsed.attrs and ("data-level", ATTR) in parsed.attrs
+    assert ("style", "width:0%") in parsed.attrs  # a non-number P(parent|child) draws an empty bar
+
+
 def _chromium(page: Path, out: Path) -> tuple[str, list[str], bytes]:
     """Load ``page`` from file:// in headless Chromium: (DOM after scripts ran, console lines, PNG)."""
     shot = out / "shot.png"
