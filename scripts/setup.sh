@@ -16,9 +16,10 @@
 #   - else the default (CUDA) build with its nvidia-* libraries, which also runs on a CPU.
 # SETUP_GPU=0/1 overrides the GPU detection.
 #
-# Last, headless Chromium for the tree view's browser test: installed with apt-get when it is
-# missing, apt-get exists and the script runs as root (SETUP_BROWSER=0 skips this); otherwise
-# a message says why, and that test is skipped.
+# Nothing outside the environment is changed unless asked: headless Chromium for the tree view's
+# browser test is installed with apt-get only with SETUP_BROWSER=1 (when it is missing, apt-get
+# exists and the script runs as root); otherwise one line says how to opt in, and that test is
+# skipped.
 #
 # Then the rest: on Python 3.11 without a GPU, the verified set in requirements/cpu-py311.txt
 # without resolution (USE_LOCK=0 resolves instead); elsewhere pip resolves with torch held
@@ -160,7 +161,8 @@ else
     log "clean-up: torchvision only next to a CPU torch; nvidia-* only where torch does not depend on them and no file is shared"
 fi
 
-# Headless Chromium for the tree view's browser test (tests/test_tree_view.py); optional.
+# Headless Chromium for the tree view's browser test (tests/test_tree_view.py); opt-in
+# (SETUP_BROWSER=1), as it is a system package.
 eval "$("$PY" "$HELPER" browser-plan)"
 log "browser: $BROWSER_ACTION. $BROWSER_WHY"
 

@@ -251,26 +251,30 @@ def probe(url: str, timeout: float) -> int:
 BROWSERS = ("chromium", "chromium-browser")
 
 
-def browser_plan(found: str | None, apt_get: str | None, root: bool, wanted: str = "1") -> tuple[str, str]:
+def browser_plan(found: str | None, apt_get: str | None, root: bool, wanted: str = "0") -> tuple[str, str]:
     """``(action, why)`` for the headless browser the tree-view test uses: ``present``, ``apt``
-    (install Debian's ``chromium`` with apt-get) or ``skip`` (the test is then skipped)."""
+    (install Debian's ``chromium`` with apt-get) or ``skip`` (the test is then skipped).
+
+    Installing a system package is opt-in (``wanted == "1"``, from ``SETUP_BROWSER=1``): by default
+    the set-up changes nothing outside the virtual environment."""
     if found:
         return "present", f"{found} is installed"
-    if wanted == "0":
-        return "skip", "SETUP_BROWSER=0; the tree-view browser test will be skipped"
+    if wanted != "1":
+        return "skip", ("no chromium, so the tree-view browser test will be skipped; SETUP_BROWSER=1 "
+                        "installs it with apt-get (as root)")
     if not apt_get:
-        return "skip", ("no chromium and no apt-get to install it; install chromium by hand or the "
+        return "skip", ("SETUP_BROWSER=1 but no apt-get to install chromium; install it by hand or the "
                         "tree-view browser test will be skipped")
     if not root:
-        return "skip", ("no chromium, and apt-get needs root; run `sudo apt-get install -y chromium` "
+        return "skip", ("SETUP_BROWSER=1 but apt-get needs root; run `sudo apt-get install -y chromium` "
                         "or the tree-view browser test will be skipped")
-    return "apt", "no chromium: apt-get install -y chromium (Debian's package)"
+    return "apt", "SETUP_BROWSER=1 and no chromium: apt-get install -y chromium (Debian's package)"
 
 
 def print_browser_plan() -> int:
     found = next((shutil.which(b) for b in BROWSERS if shutil.which(b)), None)
     root = hasattr(os, "geteuid") and os.geteuid() == 0
-    action, why = browser_plan(found, shutil.which("apt-get"), root, os.environ.get("SETUP_BROWSER", "1"))
+    action, why = browser_plan(found, shutil.which("apt-get"), root, os.environ.get("SETUP_BROWSER", "0"))
     print(f"BROWSER_ACTION={shlex.quote(action)}")
     print(f"BROWSER_WHY={shlex.quote(why)}")
     return 0

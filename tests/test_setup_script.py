@@ -160,10 +160,11 @@ def test_the_plan_for_a_new_environment_creates_nothing(tmp_path, wheels):
     lines = plan_lines(run_plan(target, wheels))
     assert lines["torch"].startswith("install torch==2.13.0 (source: cuda-fallback)"), lines
     assert not target.exists()
-    # The browser step is planned too (and installs nothing in plan mode).
+    # The browser step is planned too: without SETUP_BROWSER=1 it never installs anything.
     found = any(shutil.which(b) for b in ("chromium", "chromium-browser"))
-    assert lines["browser"].startswith("present" if found else ("apt" if shutil.which("apt-get") and os.geteuid() == 0
-                                                                 else "skip")), lines
+    assert lines["browser"].startswith("present" if found else "skip"), lines
+    if not found:
+        assert "SETUP_BROWSER=1" in lines["browser"], lines
 
 
 def test_a_local_cpu_build_is_preferred_and_its_clean_up_drops_cuda_packages(venv, wheels):
@@ -276,8 +277,11 @@ def _helper_module():
 
 @pytest.mark.parametrize("found,apt,root,wanted,action", [
     ("/usr/bin/chromium", "/usr/bin/apt-get", True, "1", "present"),
+    ("/usr/bin/chromium", "/usr/bin/apt-get", True, "0", "present"),
     (None, "/usr/bin/apt-get", True, "1", "apt"),
     (None, "/usr/bin/apt-get", True, "0", "skip"),
+    (None, "/usr/bin/apt-get", True, "", "skip"),
+    (None, "/usr/bin/apt-get", True, "yes", "skip"),
     (None, None, True, "1", "skip"),
     (None, "/usr/bin/apt-get", False, "1", "skip"),
 ])
@@ -286,3 +290,32 @@ def test_browser_plan(found, apt, root, wanted, action):
     assert got == action
     if action == "skip":
         assert "test will be skipped" in why
+        assert "SETUP_BROWSER=1" in why
+
+
+def test_browser_install_is_opt_in(tmp_path):
+    """With apt-get on PATH, no chromium and root, the helper plans an install only when
+    SETUP_BROWSER=1 is set; the default leaves the system alone and says how to opt in."""
+    if not hasattr(os, "geteuid"):
+        pytest.skip("no geteuid on this platform")
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    apt = bin_dir / "apt-get"
+    apt.write_text("#!/bin/sh\ntouch \"$0.ran\"\n")
+    apt.chmod(0o755)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SETUP_")}
+    env["PATH"] = str(bin_dir)  # no chromium here, whatever this machine has
+
+    def plan(**extra: str) -> dict[str, str]:
+        out = subprocess.run([sys.executable, str(HELPER), "browser-plan"], env={**env, **extra},
+                             capture_output=True, text=True, timeout=60, check=True).stdout
+        return dict(line.split("=", 1) for line in out.splitlines())
+
+    default = plan()
+    assert default["BROWSER_ACTION"] == "skip"
+    assert "SETUP_BROWSER=1" in default["BROWSER_WHY"] and "skipped" in default["BROWSER_WHY"]
+    assert plan(SETUP_BROWSER="0")["BROWSER_ACTION"] == "skip"
+    assert plan(SETUP_BROWSER="1")["BROWSER_ACTION"] == ("apt" if os.geteuid() == 0 else "skip")
+    assert not (bin_dir / "apt-get.ran").exists()  # planning never runs apt-get
+
+

@@ -151,8 +151,8 @@ def _chromium(page: Path, out: Path) -> tuple[str, list[str], bytes]:
     return proc.stdout, console, shot.read_bytes() if shot.is_file() else b""
 
 
-@pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (scripts/setup.sh installs it with apt-get "
-                                              "where apt is available; or: apt-get install -y chromium)")
+@pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (SETUP_BROWSER=1 bash scripts/setup.sh installs "
+                                              "it with apt-get as root; or: apt-get install -y chromium)")
 def test_page_in_headless_chromium(tmp_path: Path):
     import io
 
