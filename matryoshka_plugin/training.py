@@ -74,9 +74,23 @@ def _trainer_cost(cfg: dict[str, Any]) -> float:
     return float(cfg.get("dict_size", 1)) * float(cfg.get("activation_dim", 1))
 
 
-def _save_weights(trainer: Any, path: str) -> None:
-    """The SAE's state dict on the CPU, as trainSAE saves ``ae.pt`` and ``checkpoints/ae_<step>.pt``."""
-    atomic_torch_save(to_cpu(trainer.ae.state_dict()), path)
+def _save_weights(trainer: Any, path: str, norm_factor: float | None = None) -> None:
+    """The SAE's state dict on the CPU, as trainSAE saves ``ae.pt`` and ``checkpoints/ae_<step>.pt``;
+    with ``norm_factor``, a CPU copy's biases are scaled by it (the live SAE is left untouched:
+    scaling by ``nf`` and back by ``1 / nf`` is not the identity in floating point, so a rank that
+    saved would drift from the others)."""
+    if norm_factor is None:
+        atomic_torch_save(to_cpu(trainer.ae.state_dict()), path)
+        return
+    ae = trainer.ae
+    # deepcopy with the tensors already copied to the CPU: no second copy on the device
+    memo: dict[int, Any] = {}
+    for t in list(ae.parameters()) + list(ae.buffers()):
+        cpu = t.detach().to("cpu", copy=True)
+        memo[id(t)] = torch.nn.Parameter(cpu, requires_grad=t.requires_grad) if isinstance(t, torch.nn.Parameter) else cpu
+    scaled = copy.deepcopy(ae, memo)
+    scaled.scale_biases(norm_factor)
+    atomic_torch_save(scaled.state_dict(), path)
 
 
 def _json_default(value: Any) -> Any:
@@ -329,12 +343,9 @@ def _train(ctx, data, trainer_configs, steps, use_wandb, wandb_entity, wandb_pro
             for i, t in zip(mine, trainers):
                 if save_dirs[i] is None:
                     continue
-                if normalize_activations:
-                    t.ae.scale_biases(norm_factor)
                 os.makedirs(os.path.join(save_dirs[i], "checkpoints"), exist_ok=True)
-                _save_weights(t, os.path.join(save_dirs[i], "checkpoints", f"ae_{step}.pt"))
-                if normalize_activations:
-                    t.ae.scale_biases(1 / norm_factor)
+                _save_weights(t, os.path.join(save_dirs[i], "checkpoints", f"ae_{step}.pt"),
+                              norm_factor if normalize_activations else None)
 
         for t in trainers:
             with autocast:
@@ -347,6 +358,8 @@ def _train(ctx, data, trainer_configs, steps, use_wandb, wandb_entity, wandb_pro
 
     for i, t in zip(mine, trainers):
         if normalize_activations:
+            # As trainSAE: the returned SAEs take raw activations. Every rank scales its own, so
+            # data-parallel ranks stay identical.
             t.ae.scale_biases(norm_factor)
         if save_dirs[i] is not None and writes:
             _save_weights(t, os.path.join(save_dirs[i], "ae.pt"))

@@ -57,6 +57,42 @@ def test_data_parallel_equals_one_process_and_resumes_exactly(tmp_path):
     assert "world size of the data-parallel run: checkpoint 2, now 1" in other.stderr
 
 
+# The global RNG states, and BatchTopK's logged estimate of the threshold's L0 (taken on this rank's
+# shard; training never reads it).
+_RANK_LOCAL = {"rng", "threshold_l0"}
+
+
+def _differences(a, b, where="") -> list[str]:
+    """Paths where two nested states differ (tensors compared bit for bit; rank-local entries skipped)."""
+    if isinstance(a, torch.Tensor):
+        return [] if isinstance(b, torch.Tensor) and a.shape == b.shape and torch.equal(a, b) else [where]
+    if isinstance(a, dict):
+        if set(a) != set(b):
+            return [where + " (keys)"]
+        return [d for k in a if k not in _RANK_LOCAL for d in _differences(a[k], b[k], f"{where}/{k}")]
+    if isinstance(a, (list, tuple)):
+        if len(a) != len(b):
+            return [where + " (length)"]
+        return [d for i, (x, y) in enumerate(zip(a, b)) for d in _differences(x, y, f"{where}[{i}]")]
+    return [] if a == b else [where]
+
+
+@pytest.mark.slow
+def test_data_parallel_ranks_stay_identical_with_every_option(tmp_path):
+    """save_steps with normalize_activations (the biases scaled for saving), checkpoints, a kill and a
+    resume: every rank ends with bit-identical weights, optimizer state and statistics."""
+    args = ("--set", "dp", "--only", "0,5", "--normalize", "--distributed", "data", "--save-steps", "3,9,17",
+            "--checkpoint-every", "5")
+    killed = _torchrun(tmp_path / "run", *args, "--kill-at", "116")  # the norm factor reads 102 batches
+    assert killed.returncode != 0
+    resumed = _torchrun(tmp_path / "run", *args, "--resume", "--dump-ranks")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert (tmp_path / "run" / "trainer_1" / "checkpoints" / "ae_17.pt").is_file()
+    rank0, rank1 = (torch.load(tmp_path / "run" / f"rank_{r}.pt", weights_only=False) for r in range(2))
+    differences = _differences(rank0, rank1)
+    assert not differences, "\n".join(differences)
+
+
 def test_the_log_sparsity_configs_resample_latents():
     """The data-parallel comparison covers resampling (drawn from the whole batch on every rank)."""
     from train_script import batches, trainer_configs

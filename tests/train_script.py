@@ -3,9 +3,12 @@ distributed tests (directly, or by torchrun).
 
     python tests/train_script.py OUT --set all|dp|dp-options|dp-reorder --steps 24 [--kill-at BATCH] [--resume]
         [--normalize] [--distributed trainers|data] [--batch 64] [--die-rank R --die-at STEP]
+        [--save-steps 3,9] [--only 0,5] [--dump-ranks]
 
 ``--kill-at`` sends SIGKILL to this process when the data source is asked for that batch (so at
-a step chosen by the caller); ``--die-rank``/``--die-at`` make one rank exit abruptly.
+a step chosen by the caller); ``--die-rank``/``--die-at`` make one rank exit abruptly;
+``--only`` keeps some of the set's trainer configs; ``--dump-ranks`` writes every trainer's full
+state as this rank holds it at the end to ``OUT/rank_<r>.pt``.
 """
 
 from __future__ import annotations
@@ -77,12 +80,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--die-at", type=int, default=None)
     p.add_argument("--timeout", type=float, default=600)
     p.add_argument("--warm-up-run", action="store_true", help="a 6-step train() first, in the same process")
+    p.add_argument("--save-steps", default=None, help="comma-separated steps for save_steps")
+    p.add_argument("--only", default=None, help="comma-separated indices of the set's configs to train")
+    p.add_argument("--dump-ranks", action="store_true")
     a = p.parse_args(argv)
     torch.set_num_threads(1)
 
     from matryoshka_plugin import train
 
     configs = trainer_configs(a.set, a.steps)
+    if a.only is not None:
+        configs = [configs[int(i)] for i in a.only.split(",")]
+    save_steps = [int(s) for s in a.save_steps.split(",")] if a.save_steps else None
     if a.die_rank is not None:
         import matryoshka_plugin.trainers.matryoshka_batch_top_k as btk
 
@@ -98,9 +107,14 @@ def main(argv: list[str] | None = None) -> int:
     if a.warm_up_run:  # a second train() in one process must reuse the process group
         train(batches(-1, a.batch), trainer_configs(a.set, 6), 6, save_dir=a.out + "_warm_up", device="cpu",
               distributed=a.distributed, progress=False)
-    train(batches(a.kill_at, a.batch), configs, a.steps, save_dir=a.out,
-          normalize_activations=a.normalize, device="cpu", checkpoint_every=a.checkpoint_every, resume=a.resume,
-          distributed=a.distributed, progress=False, timeout_s=a.timeout)
+    trainers = train(batches(a.kill_at, a.batch), configs, a.steps, save_dir=a.out, save_steps=save_steps,
+                     normalize_activations=a.normalize, device="cpu", checkpoint_every=a.checkpoint_every,
+                     resume=a.resume, distributed=a.distributed, progress=False, timeout_s=a.timeout)
+    if a.dump_ranks:
+        from matryoshka_plugin.resume import trainer_state_dict
+
+        rank = int(os.environ.get("RANK", "0"))
+        torch.save([trainer_state_dict(t) for t in trainers], os.path.join(a.out, f"rank_{rank}.pt"))
     return 0
 
 
