@@ -71,7 +71,7 @@ def checkpoint_cost(a: argparse.Namespace) -> dict:
         atomic_torch_save(trainer_state_dict(t), path)
         write = time.perf_counter() - t0
         t0 = time.perf_counter()
-        load_trainer_state(MatryoshkaBatchTopKTrainer(**cfg), torch.load(path, weights_only=False))
+        load_trainer_state(MatryoshkaBatchTopKTrainer(**cfg), torch.load(path, weights_only=True))
         read = time.perf_counter() - t0
         size = path.stat().st_size
     return {"checkpoint_MB": size / 2**20, "write_s": write, "read_s": read}

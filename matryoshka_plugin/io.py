@@ -15,6 +15,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import pickle
 import shutil
 import tempfile
 from contextlib import contextmanager
@@ -28,6 +29,8 @@ from safetensors.torch import save_file
 from .errors import CheckpointError
 
 __all__ = [
+    "UnsafeCheckpointError",
+    "load_torch_file",
     "read_state_dict",
     "check_keys",
     "read_json",
@@ -51,15 +54,49 @@ __all__ = [
 # ----------------------------------------------------------------------------------------------
 
 
-def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """Read a state dict saved with ``torch.save``; raises :class:`CheckpointError` if unusable."""
+class UnsafeCheckpointError(CheckpointError):
+    """``torch.load(weights_only=True)`` refused a file: besides tensors and plain containers it
+    holds pickled Python objects, and unpickling those can run arbitrary code. Such a file is never
+    loaded any other way."""
+
+
+def _unsafe_globals(path: Path) -> list[str]:
+    # Lists the pickle's imports without unpickling anything.
+    try:
+        return list(torch.serialization.get_unsafe_globals_in_checkpoint(path))
+    except Exception:  # noqa: BLE001 - a file that is not a zip archive, or a damaged one
+        return []
+
+
+def load_torch_file(path: str | Path, what: str = "torch file") -> Any:
+    """``torch.load(path, weights_only=True)`` onto the CPU: tensors, numbers, strings and plain
+    containers only. Raises :class:`UnsafeCheckpointError` for a file holding other pickled objects
+    (refused, not run) and :class:`CheckpointError` for a missing or unreadable one (calling it
+    ``what``)."""
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"missing weights file: {path}")
+        raise CheckpointError(f"missing {what}: {path}")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        # torch raises this, and only this, when its restricted unpickler meets anything but
+        # tensors and plain containers; its message suggests weights_only=False, which we never do.
+        found = _unsafe_globals(path)
+        holds = f"pickled Python objects ({', '.join(found)})" if found else "pickled data it cannot read safely"
+        raise UnsafeCheckpointError(
+            f"{path} was refused as unsafe: it holds {holds} besides tensors and plain containers, and "
+            "unpickling those could run code. Files are loaded with torch.load(weights_only=True) only; "
+            "do not load this one unless you wrote it yourself"
+        ) from None
     except Exception as e:  # noqa: BLE001 - torch raises many types for bad files
         raise CheckpointError(f"{path} is not a readable torch checkpoint (truncated or corrupt?): {e}") from None
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """Read a state dict saved with ``torch.save``; raises :class:`CheckpointError` if unusable
+    (:class:`UnsafeCheckpointError` if it holds pickled objects besides tensors)."""
+    path = Path(path)
+    state = load_torch_file(path, "weights file")
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise CheckpointError(f"{path} does not hold a state dict of tensors")
     return state

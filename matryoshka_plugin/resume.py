@@ -1,8 +1,12 @@
 """Exact resume: the full state of any trainer, and the run checkpoints :func:`~matryoshka_plugin.train` writes.
 
 A run checkpoint is a folder ``<save_dir>/resume/step_<N>/`` holding ``run.pt`` (step, batches
-consumed, the activation source's position, the norm factor, RNG states, each trainer's config and
-a manifest of file sizes) and one ``trainer_<i>.pt`` per trainer (:func:`trainer_state_dict`).
+consumed, the activation source's position, the norm factor, RNG states, each trainer's config),
+one ``trainer_<i>.pt`` per trainer (:func:`trainer_state_dict`) and ``manifest.json``, the size
+of every other file, checked before anything is loaded. Every file holds tensors, numbers, strings
+and plain containers only and is read with ``torch.load(weights_only=True)``: a file holding other
+pickled objects (which could run code when unpickled) is refused with
+:class:`~matryoshka_plugin.io.UnsafeCheckpointError`, never loaded.
 It is built in a hidden sibling folder and renamed into place, so a folder named ``step_<N>``
 is complete unless the disk corrupted it afterwards; :meth:`RunCheckpoints.load_latest` then falls
 back to the previous one with a warning.
@@ -24,7 +28,7 @@ import numpy as np
 import torch
 
 from .errors import CheckpointError
-from .io import atomic_torch_save, fsync_dir
+from .io import UnsafeCheckpointError, atomic_torch_save, atomic_write_json, fsync_dir, load_torch_file, read_json
 
 __all__ = [
     "RUN_STATE_FORMAT",
@@ -39,7 +43,9 @@ __all__ = [
     "LoadedCheckpoint",
 ]
 
-RUN_STATE_FORMAT = 1
+# 2: RNG states as tensors and lists (format 1 pickled numpy arrays), sizes in manifest.json.
+RUN_STATE_FORMAT = 2
+MANIFEST = "manifest.json"
 UPSTREAM_STATE_FORMAT = 1
 # Config entries that may change between the interrupted and the resumed run.
 VOLATILE_CONFIG_KEYS = frozenset({"device", "wandb_name", "package_version", "norm_factor"})
@@ -69,8 +75,17 @@ def to_cpu(obj: Any) -> Any:
 
 def rng_state() -> dict[str, Any]:
     """The global random states a training step may draw from: torch (CPU and every CUDA
-    device already initialised), numpy and Python's ``random``."""
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    device already initialised), numpy and Python's ``random``, as tensors, numbers and lists
+    only, so a checkpoint holding them loads with ``torch.load(weights_only=True)``."""
+    key, pos, has_gauss, cached = np.random.get_state(legacy=True)[1:]
+    version, internal, gauss_next = random.getstate()
+    state = {
+        "torch": torch.get_rng_state(),
+        # numpy's MT19937 words are uint32: int64 holds them exactly.
+        "numpy": {"keys": torch.from_numpy(key.astype(np.int64)), "pos": int(pos), "has_gauss": int(has_gauss),
+                  "cached_gaussian": float(cached)},
+        "python": {"version": int(version), "internal": list(internal), "gauss_next": gauss_next},
+    }
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -79,8 +94,10 @@ def rng_state() -> dict[str, Any]:
 def set_rng_state(state: dict[str, Any]) -> None:
     """Restore what :func:`rng_state` returned."""
     torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
+    n = state["numpy"]
+    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"]))
+    p = state["python"]
+    random.setstate((p["version"], tuple(p["internal"]), p["gauss_next"]))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 
@@ -245,8 +262,9 @@ class RunCheckpoints:
             atomic_torch_save(state, folder / f"trainer_{i}.pt")
 
     def publish(self, step: int, run: dict[str, Any], n_trainers: int) -> Path:
-        """Write ``run.pt`` (with the manifest of the trainer files) and rename the folder into
-        place; then drop all but the newest ``keep`` checkpoints. Called by one process."""
+        """Write ``run.pt`` and ``manifest.json`` (the sizes of ``run.pt`` and the trainer files)
+        and rename the folder into place; then drop all but the newest ``keep`` checkpoints.
+        Called by one process."""
         folder = self.staging(step)
         manifest = {}
         for i in range(n_trainers):
@@ -255,6 +273,8 @@ class RunCheckpoints:
                 raise CheckpointError(f"checkpoint at step {step}: {f} was not written")
             manifest[f.name] = f.stat().st_size
         atomic_torch_save({**run, "format": RUN_STATE_FORMAT, "step": step, "manifest": manifest}, folder / "run.pt")
+        manifest["run.pt"] = (folder / "run.pt").stat().st_size
+        atomic_write_json(manifest, folder / MANIFEST)
         return self.promote(step)
 
     def promote(self, step: int) -> Path:
@@ -276,43 +296,57 @@ class RunCheckpoints:
     # -- reading ----------------------------------------------------------------------------
 
     def _read(self, folder: Path, indices: Iterable[int]) -> LoadedCheckpoint:
+        sizes = read_json(folder / MANIFEST, "checkpoint manifest") if (folder / MANIFEST).is_file() else None
+        if sizes is not None:
+            if not isinstance(sizes, dict) or "run.pt" not in sizes:
+                raise CheckpointError(f"{folder / MANIFEST} does not list the checkpoint's files")
+            _check_sizes(folder, sizes)
         try:
-            run = torch.load(folder / "run.pt", map_location="cpu", weights_only=False)
-        except Exception as e:  # noqa: BLE001 - torch raises many types for bad files
-            raise CheckpointError(f"{folder / 'run.pt'} is unreadable: {e}") from None
+            run = load_torch_file(folder / "run.pt", "run state")
+        except UnsafeCheckpointError as e:
+            raise UnsafeCheckpointError(
+                f"{e}. (Checkpoints written before RNG states were stored as tensors, run format 1, "
+                "are all refused this way: start such a run again in a new save_dir.)"
+            ) from None
         if not isinstance(run, dict) or run.get("format") != RUN_STATE_FORMAT:
             raise CheckpointError(f"{folder / 'run.pt'} is not a run checkpoint of format {RUN_STATE_FORMAT}")
-        for name, size in run["manifest"].items():
-            f = folder / name
-            if not f.is_file() or f.stat().st_size != size:
-                raise CheckpointError(f"{f} is missing or has the wrong size (truncated?)")
-        trainers = {}
-        for i in indices:
-            f = folder / f"trainer_{i}.pt"
-            try:
-                trainers[i] = torch.load(f, map_location="cpu", weights_only=False)
-            except Exception as e:  # noqa: BLE001
-                raise CheckpointError(f"{f} is unreadable: {e}") from None
+        if sizes is None:
+            raise CheckpointError(f"{folder} lacks {MANIFEST} (incomplete checkpoint?)")
+        missing = sorted(set(run["manifest"]) - set(sizes))
+        if missing:
+            raise CheckpointError(f"{folder / MANIFEST} does not list {missing}")
+        trainers = {i: load_torch_file(folder / f"trainer_{i}.pt", "trainer state") for i in indices}
         return LoadedCheckpoint(folder, run, trainers)
 
     def load_latest(
         self, indices: Iterable[int], agree: Callable[[bool], bool] = lambda ok: ok
     ) -> LoadedCheckpoint | None:
         """The newest checkpoint whose files read back (``indices``: the trainers this process
-        needs), falling back past unreadable ones with a warning; ``None`` if there is none.
+        needs), falling back past unreadable ones with a warning; ``None`` if there is none. A file
+        refused as unsafe (pickled objects besides tensors) raises
+        :class:`~matryoshka_plugin.io.UnsafeCheckpointError` instead of being skipped.
 
         ``agree(ok)`` returns whether every process read the candidate (identity for one process),
         so all processes settle on the same step.
         """
         indices = list(indices)
         for folder in self.complete():
+            unsafe = None
             try:
                 found = self._read(folder, indices)
                 ok = True
+            except UnsafeCheckpointError as e:
+                found, ok, unsafe = None, False, e
             except CheckpointError as e:
                 found, ok, reason = None, False, str(e)
             if agree(ok):
                 return found
+            # A file refused as unsafe is not skipped like a damaged one: someone wrote it on purpose,
+            # or the run is of an older format; either way the user must see it. Every process stops.
+            if not agree(unsafe is None):
+                if unsafe is not None:
+                    raise unsafe
+                raise UnsafeCheckpointError(f"another process refused a file of {folder} as unsafe")
             warnings.warn(
                 f"skipping the unusable checkpoint {folder}: "
                 + (reason if not ok else "another process could not read its part")
@@ -320,3 +354,12 @@ class RunCheckpoints:
                 stacklevel=2,
             )
         return None
+
+
+def _check_sizes(folder: Path, sizes: dict[str, Any]) -> None:
+    for name, size in sizes.items():
+        f = folder / name
+        if Path(name).name != name:
+            raise CheckpointError(f"{folder}: the manifest names a file outside the folder: {name!r}")
+        if not f.is_file() or f.stat().st_size != size:
+            raise CheckpointError(f"{f} is missing or has the wrong size (truncated?)")

@@ -302,3 +302,82 @@ def test_train_refuses_a_resume_whose_settings_are_none_where_the_checkpoint_had
     configs[0].update(balance_beta=None, decay_start=None)
     with pytest.raises(CheckpointError, match=r"trainer_configs\[0\].*balance_beta: checkpoint 0.25, now None"):
         train(_stream(), configs, 20, save_dir=str(tmp_path), device="cpu", progress=False, resume=True)
+
+
+class _Payload:
+    """Unpickling this creates ``marker``: what a hostile ``run.pt`` would do, harmlessly."""
+
+    def __init__(self, marker: Path):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def _interrupted_run(folder: Path) -> Path:
+    """A run stopped after its checkpoints at steps 3 and 6; returns the newest checkpoint folder."""
+    with pytest.raises(_Interrupt):
+        train(_stream_until(7), _configs(20)[:2], 20, save_dir=str(folder), device="cpu", progress=False,
+              checkpoint_every=3)
+    return RunCheckpoints(folder / "resume").complete()[0]
+
+
+def _plant(path: Path, obj) -> None:
+    """Replace ``path`` with ``obj`` and fix the manifest, as someone who can write the folder can."""
+    import json
+
+    torch.save(obj, path)
+    manifest = path.parent / "manifest.json"
+    sizes = json.loads(manifest.read_text())
+    sizes[path.name] = path.stat().st_size
+    manifest.write_text(json.dumps(sizes))
+
+
+@pytest.mark.parametrize("target", ["run.pt", "trainer_1.pt"])
+def test_a_crafted_pickle_in_a_checkpoint_is_refused_and_never_run(tmp_path, target):
+    from matryoshka_plugin.io import UnsafeCheckpointError
+
+    newest = _interrupted_run(tmp_path / "run")
+    marker = tmp_path / "executed"
+    genuine = torch.load(newest / target, weights_only=True)
+    _plant(newest / target, {**genuine, "payload": _Payload(marker)})
+    with pytest.raises(UnsafeCheckpointError, match=rf"{target} was refused as unsafe.*io.open"):
+        train(_stream(), _configs(20)[:2], 20, save_dir=str(tmp_path / "run"), device="cpu", progress=False,
+              checkpoint_every=3, resume=True)
+    assert not marker.exists()
+    assert not (tmp_path / "run" / "trainer_0" / "ae.pt").exists()  # no training happened
+
+
+def test_a_checkpoint_of_the_old_format_is_refused_as_unsafe(tmp_path):
+    """Format 1 pickled numpy's RNG state (numpy arrays need unpickling code): refused, with a hint."""
+    import numpy as np
+
+    from matryoshka_plugin.io import UnsafeCheckpointError
+
+    newest = _interrupted_run(tmp_path)
+    run = torch.load(newest / "run.pt", weights_only=True)
+    run["rng"] = [dict(r, numpy=np.random.get_state()) for r in run["rng"]]
+    _plant(newest / "run.pt", dict(run, format=1))
+    with pytest.raises(UnsafeCheckpointError, match=r"run.pt was refused as unsafe.*numpy.*new save_dir"):
+        train(_stream(), _configs(20)[:2], 20, save_dir=str(tmp_path), device="cpu", progress=False, resume=True)
+
+
+def test_the_size_check_covers_run_pt(tmp_path):
+    """A run.pt that is not the one written (here: another size) makes the checkpoint unusable."""
+    newest = _interrupted_run(tmp_path)
+    run = torch.load(newest / "run.pt", weights_only=True)
+    torch.save(dict(run, batches=run["batches"] + 1, padding=torch.zeros(10)), newest / "run.pt")
+    with pytest.warns(UserWarning, match=r"skipping the unusable checkpoint .*step_000000006.*run.pt.*wrong size"):
+        found = RunCheckpoints(tmp_path / "resume").load_latest([0, 1])
+    assert found.step == 3
+
+
+def test_checkpoint_files_load_with_weights_only(tmp_path):
+    """Both trainers and dictionary_learning's BatchTopK: every file is tensors and plain containers."""
+    with pytest.raises(_Interrupt):
+        train(_stream_until(4), _configs(20), 20, save_dir=str(tmp_path), device="cpu", progress=False,
+              checkpoint_every=3)
+    newest = RunCheckpoints(tmp_path / "resume").complete()[0]
+    assert sorted(f.name for f in newest.glob("*.pt")) == ["run.pt"] + [f"trainer_{i}.pt" for i in range(4)]
+    for f in sorted(newest.glob("*.pt")):
+        torch.load(f, weights_only=True)  # raises if anything else is pickled

@@ -136,7 +136,7 @@ def cached_activations(
         build_activations((n_parts - first_missing) * part, held_out, progress=progress,
                           text_start=first_missing * TEXTS_PER_PART, on_part=save_part, part=part)
         print(f"cached {(n_parts - first_missing) * part} {name} tokens under {cache_dir} ({time.time() - t0:.0f} s)")
-    return torch.cat([torch.load(p) for p in paths])[:n_tokens]
+    return torch.cat([torch.load(p, weights_only=True) for p in paths])[:n_tokens]
 
 
 if __name__ == "__main__":

@@ -42,7 +42,7 @@ def aligned_sample(n_tokens: int, path: str | Path | None = None, ctx_len: int =
     """``n_tokens`` float32 activations ``[n_tokens, 384]`` of held-out texts from ``first_text`` on,
     in text order, and one ``(left, token, right)`` snippet per row. Cached at ``path`` if given."""
     if path is not None and Path(path).is_file():
-        saved = torch.load(path, weights_only=False)
+        saved = torch.load(path, weights_only=True)  # tensors and strings only
         if saved["acts"].shape[0] >= n_tokens:
             return saved["acts"][:n_tokens], saved["snippets"][:n_tokens]
     lm = load_minilm()

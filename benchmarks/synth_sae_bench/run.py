@@ -21,6 +21,7 @@ from typing import Any, Iterator
 
 import torch
 
+from matryoshka_plugin.io import UnsafeCheckpointError, load_torch_file
 from matryoshka_plugin.resume import RunCheckpoints
 
 from .config import PUBLISHED, Protocol, Variant
@@ -309,9 +310,13 @@ def _latest_saelens_checkpoint(folder: Path) -> Path | None:
     for path in RunCheckpoints(folder).complete():
         try:
             load_file(path / SAE_WEIGHTS_FILENAME)
-            torch.load(path / TRAINER_STATE_FILENAME, weights_only=False)
+            # SAELens stores tensors, numbers and state dicts only: weights_only=True reads it (and
+            # SAELens' own load_trainer_state then reads the same file with torch's default).
+            load_torch_file(path / TRAINER_STATE_FILENAME, "SAELens trainer state")
             if not (path / ACTIVATION_SCALER_CFG_FILENAME).is_file():
                 raise FileNotFoundError(ACTIVATION_SCALER_CFG_FILENAME)
+        except UnsafeCheckpointError:
+            raise  # written on purpose to run code: never skipped like a damaged file
         except Exception as e:  # noqa: BLE001 - any unreadable file means: use the previous one
             warnings.warn(f"skipping the unreadable SAELens checkpoint {path}: {e}", stacklevel=2)
             continue
