@@ -93,6 +93,33 @@ def test_data_parallel_ranks_stay_identical_with_every_option(tmp_path):
     assert not differences, "\n".join(differences)
 
 
+def _gradient_errors(folder: Path, reference: list[list[torch.Tensor]]) -> list[float]:
+    """Per recorded clip call (trainer x step): the largest relative error of any parameter's gradient."""
+    got = torch.load(folder / "grads_0.pt")
+    assert len(got) == len(reference)
+    return [max(float((g - r).norm() / r.norm().clamp_min(1e-12)) for g, r in zip(gs, rs))
+            for gs, rs in zip(got, reference)]
+
+
+@pytest.mark.slow
+def test_data_parallel_gradients_equal_the_full_batch_gradient(tmp_path):
+    """The gradients each trainer clips (averaged over the ranks) equal one process's gradients on
+    the whole batch, parameter by parameter, in scale too; Adam and clipping would hide a wrong
+    averaging factor from a comparison of weights, so the check must catch a doubled average."""
+    args = ("--set", "dp", "--steps", "4", "--grad-dump")
+    one = _single(tmp_path / "one", *args)
+    assert one.returncode == 0, one.stderr
+    reference = torch.load(tmp_path / "one" / "grads_0.pt")
+    assert len(reference) == 4 * 10
+    two = _torchrun(tmp_path / "two", *args, "--distributed", "data")
+    assert two.returncode == 0, two.stderr[-3000:]
+    errors = _gradient_errors(tmp_path / "two", reference)
+    assert max(errors) < 1e-5, errors
+    doubled = _torchrun(tmp_path / "doubled", *args, "--distributed", "data", "--grad-factor", "2")
+    assert doubled.returncode == 0, doubled.stderr[-3000:]
+    assert min(_gradient_errors(tmp_path / "doubled", reference)) > 0.5
+
+
 def test_the_log_sparsity_configs_resample_latents():
     """The data-parallel comparison covers resampling (drawn from the whole batch on every rank)."""
     from train_script import batches, trainer_configs

@@ -3,12 +3,15 @@ distributed tests (directly, or by torchrun).
 
     python tests/train_script.py OUT --set all|dp|dp-options|dp-reorder --steps 24 [--kill-at BATCH] [--resume]
         [--normalize] [--distributed trainers|data] [--batch 64] [--die-rank R --die-at STEP]
-        [--save-steps 3,9] [--only 0,5] [--dump-ranks]
+        [--save-steps 3,9] [--only 0,5] [--dump-ranks] [--grad-dump] [--grad-factor 2]
 
 ``--kill-at`` sends SIGKILL to this process when the data source is asked for that batch (so at
 a step chosen by the caller); ``--die-rank``/``--die-at`` make one rank exit abruptly;
 ``--only`` keeps some of the set's trainer configs; ``--dump-ranks`` writes every trainer's full
-state as this rank holds it at the end to ``OUT/rank_<r>.pt``.
+state as this rank holds it at the end to ``OUT/rank_<r>.pt``; ``--grad-dump`` records the
+gradients every trainer clips (averaged over the ranks, before clipping and the optimiser) at
+every step to ``OUT/grads_<r>.pt``; ``--grad-factor`` multiplies the data-parallel average by a
+factor (a deliberately wrong averaging, which the gradient test must catch).
 """
 
 from __future__ import annotations
@@ -83,6 +86,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--save-steps", default=None, help="comma-separated steps for save_steps")
     p.add_argument("--only", default=None, help="comma-separated indices of the set's configs to train")
     p.add_argument("--dump-ranks", action="store_true")
+    p.add_argument("--grad-dump", action="store_true")
+    p.add_argument("--grad-factor", type=float, default=None)
     a = p.parse_args(argv)
     torch.set_num_threads(1)
 
@@ -104,12 +109,39 @@ def main(argv: list[str] | None = None) -> int:
             return update(self, step, x)
 
         btk.MatryoshkaBatchTopKTrainer.update = dying_update
+    grads: list[list[torch.Tensor]] = []
+    if a.grad_dump:
+        import matryoshka_plugin.trainers.matryoshka_batch_top_k as btk
+        import matryoshka_plugin.trainers.matryoshka_log_sparsity as ls
+
+        clip = btk.clip_grad_norm_
+
+        def recording_clip(params, max_norm):
+            params = list(params)
+            grads.append([p.grad.detach().clone() for p in params])
+            return clip(params, max_norm)
+
+        btk.clip_grad_norm_ = ls.clip_grad_norm_ = recording_clip
+    if a.grad_factor is not None:
+        from matryoshka_plugin.distributed import ProcessGroupCollective
+
+        average = ProcessGroupCollective.average_gradients_
+
+        def wrong_average(self, params):
+            params = list(params)
+            average(self, params)
+            for p in params:
+                p.grad.mul_(a.grad_factor)
+
+        ProcessGroupCollective.average_gradients_ = wrong_average
     if a.warm_up_run:  # a second train() in one process must reuse the process group
         train(batches(-1, a.batch), trainer_configs(a.set, 6), 6, save_dir=a.out + "_warm_up", device="cpu",
               distributed=a.distributed, progress=False)
     trainers = train(batches(a.kill_at, a.batch), configs, a.steps, save_dir=a.out, save_steps=save_steps,
                      normalize_activations=a.normalize, device="cpu", checkpoint_every=a.checkpoint_every,
                      resume=a.resume, distributed=a.distributed, progress=False, timeout_s=a.timeout)
+    if a.grad_dump:
+        torch.save(grads, os.path.join(a.out, f"grads_{int(os.environ.get('RANK', '0'))}.pt"))
     if a.dump_ranks:
         from matryoshka_plugin.resume import trainer_state_dict
 
