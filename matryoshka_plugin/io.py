@@ -239,18 +239,36 @@ class FolderKind:
     """Whether a folder carries the writer's mark (it was not merely given the same file names)."""
 
 
-def check_out_dir(out_dir: Path, overwrite: bool, kind: FolderKind | None = None) -> None:
-    """Raise :class:`FileExistsError` unless ``out_dir`` is absent, an empty folder, or (with
-    ``overwrite``) a folder that holds only what an earlier ``kind`` written here put there."""
+def _listing(names: list[str], most: int = 12) -> str:
+    shown = repr(names[:most])
+    return shown if len(names) <= most else f"{shown[:-1]}, ... ({len(names) - most} more)]"
+
+
+def check_out_dir(
+    out_dir: Path,
+    overwrite: bool,
+    kind: FolderKind | None = None,
+    *,
+    counts: Callable[[str], bool] | None = None,
+    remedy: str = "pass overwrite=True (--overwrite) to replace it",
+) -> None:
+    """Raise :class:`FileExistsError`, naming what the folder holds, unless ``out_dir`` is absent,
+    an empty folder, or (with ``overwrite``) a folder that holds only what an earlier ``kind``
+    written here put there.
+
+    ``counts(name)`` picks the entries that make the folder taken (default: every entry; ``train``
+    counts only what a run writes), ``remedy`` is the advice the error ends with.
+    """
+    out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise FileExistsError(f"{out_dir} exists and is not a folder")
     if not out_dir.is_dir():
         return
-    names = sorted(p.name for p in out_dir.iterdir())
+    names = sorted(p.name for p in out_dir.iterdir() if counts is None or counts(p.name))
     if not names:
         return
     if not overwrite or kind is None:
-        raise FileExistsError(f"{out_dir} already exists and is not empty; pass overwrite=True (--overwrite) to replace it")
+        raise FileExistsError(f"{out_dir} already exists and is not empty: it holds {_listing(names)}; {remedy}")
     foreign = [n for n in names if n not in kind.files or not (out_dir / n).is_file()]
     if foreign:
         raise FileExistsError(

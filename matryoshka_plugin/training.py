@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 
 from .distributed import DEFAULT_TIMEOUT_S, DistributedRun, ProcessGroupCollective, assign_trainers, setup
 from .errors import CheckpointError
-from .io import atomic_torch_save, atomic_write_json
+from .io import atomic_torch_save, atomic_write_json, check_out_dir
 from .resume import (
     RunCheckpoints,
     load_trainer_state,
@@ -67,6 +67,27 @@ def _is_iterator(data: Any) -> bool:
         return iter(data) is data
     except TypeError:
         return False
+
+
+def _is_run_entry(name: str) -> bool:
+    """What a run writes at the top of its save_dir (trainSAE's and ours)."""
+    return name in ("resume", "config.json", "ae.pt", "checkpoints") or (
+        name.startswith("trainer_") and name[8:].isdigit())
+
+
+def _check_new_run_dir(ctx: DistributedRun, save_dir: str) -> None:
+    """Refuse a new run in a save_dir holding another run's files, before anything is written: the
+    old run's checkpoints (newer steps) would prune the new ones, its extra trainer folders would
+    stay beside the new ones, and neither run could be resumed."""
+    try:
+        check_out_dir(Path(save_dir), overwrite=False, counts=_is_run_entry,
+                      remedy="these are another run's files. Pass resume=True to continue that run, or choose "
+                      "another save_dir (or move them away) for a new one")
+        problem = None
+    except FileExistsError as e:
+        problem = e
+    if not ctx.all_true(problem is None):  # every rank raises, none starts writing
+        raise problem or FileExistsError(f"{save_dir} holds another run's files (seen by another process)")
 
 
 def _trainer_cost(cfg: dict[str, Any]) -> float:
@@ -131,7 +152,10 @@ def train(
         checkpoint_every: write a full-state checkpoint every this many steps (needs ``save_dir``).
         keep_checkpoints: how many of the newest checkpoints to keep.
         resume: continue from the newest complete checkpoint in ``save_dir`` (a fresh start if
-            there is none). ``data`` must be the same source, from its beginning.
+            there is none). ``data`` must be the same source, from its beginning. Without it a
+            ``save_dir`` that holds another run's files (``trainer_<i>/``, ``resume/``,
+            ``config.json``, ``ae.pt``) is refused with :class:`FileExistsError` before anything is
+            written.
         distributed: ``None`` (one process), ``"trainers"`` or ``"data"`` (see
             :mod:`matryoshka_plugin.distributed`); ``data`` is read on rank 0 only.
         timeout_s: how long a collective waits for the other ranks before failing.
@@ -202,6 +226,8 @@ def _train(ctx, data, trainer_configs, steps, use_wandb, wandb_entity, wandb_pro
 
     device_type = "cuda" if "cuda" in device else "cpu"
     autocast = nullcontext() if device_type == "cpu" else torch.autocast(device_type=device_type, dtype=autocast_dtype)
+    if save_dir is not None and not resume:
+        _check_new_run_dir(ctx, save_dir)
     mine, trainers = _build_trainers(ctx, trainer_configs)
     n_all = len(trainer_configs)
     # In data-parallel mode every rank holds the same SAEs: rank 0 writes them.

@@ -199,3 +199,54 @@ def test_log_sparsity_defaults_reach_target_l0_with_few_dead_latents():
 
 
 STRUCT_STEPS = 300
+
+
+# ----------------------------------------------------------------------------------------------
+# matryoshka_plugin.train: a save_dir of another run, a data source that runs out
+# ----------------------------------------------------------------------------------------------
+
+
+def _small(n: int = 1, steps: int = 6) -> list[dict]:
+    return [dict(trainer=MatryoshkaBatchTopKTrainer, steps=steps, activation_dim=8, dict_size=16, k=2,
+                 group_fractions=[0.5, 0.5], warmup_steps=1, threshold_start_step=2, device="cpu", seed=i)
+            for i in range(n)]
+
+
+def _snapshot(folder) -> dict:
+    """Every file under ``folder`` with its bytes: what a refused run must leave as it was."""
+    return {str(p.relative_to(folder)): p.read_bytes() if p.is_file() else None for p in sorted(folder.rglob("*"))}
+
+
+def test_a_new_run_refuses_a_save_dir_holding_another_run(tmp_path):
+    from matryoshka_plugin import train
+
+    train(low_rank_stream(d=8), _small(2), 6, save_dir=str(tmp_path), device="cpu", progress=False,
+          checkpoint_every=3)
+    before = _snapshot(tmp_path)
+    with pytest.raises(FileExistsError, match=r"\['resume', 'trainer_0', 'trainer_1'\].*resume=True"):
+        train(low_rank_stream(d=8, seed=1), _small(1), 6, save_dir=str(tmp_path), device="cpu", progress=False,
+              checkpoint_every=3)
+    assert _snapshot(tmp_path) == before  # nothing written, nothing pruned
+    # continuing that run is still allowed
+    train(low_rank_stream(d=8), _small(2), 6, save_dir=str(tmp_path), device="cpu", progress=False,
+          checkpoint_every=3, resume=True)
+
+
+@pytest.mark.parametrize("entry", ["config.json", "ae.pt", "resume/", "trainer_3/", "checkpoints/"])
+def test_each_kind_of_run_file_makes_a_save_dir_taken(tmp_path, entry):
+    from matryoshka_plugin import train
+
+    name = entry.rstrip("/")
+    (tmp_path / name).mkdir() if entry.endswith("/") else (tmp_path / name).write_text("{}")
+    with pytest.raises(FileExistsError, match=rf"holds \['{name}'\]"):
+        train(low_rank_stream(d=8), _small(1), 6, save_dir=str(tmp_path), device="cpu", progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [name]
+
+
+def test_a_save_dir_with_unrelated_files_is_used(tmp_path):
+    from matryoshka_plugin import train
+
+    (tmp_path / "notes.txt").write_text("mine")
+    (tmp_path / "trainer_notes").mkdir()
+    train(low_rank_stream(d=8), _small(1), 6, save_dir=str(tmp_path), device="cpu", progress=False)
+    assert (tmp_path / "trainer_0" / "ae.pt").is_file() and (tmp_path / "notes.txt").read_text() == "mine"
