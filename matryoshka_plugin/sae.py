@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 from dictionary_learning.dictionary import Dictionary
 
-from .errors import CheckpointError
+from .errors import CheckpointError, check_activations
 from .io import check_keys, read_state_dict
 from .sparse_encoder import batch_topk_select, dense_pre_activations, encoder_entries, encoder_matmul_dtype
 from .sparse_latents import SparseLatents, sparse_decode, sparse_from_flat
@@ -36,9 +36,14 @@ __all__ = [
 
 
 def _tokens(x: torch.Tensor, d: int) -> torch.Tensor:
+    """``x`` as ``[tokens, d]``; non-finite values raise :class:`~.errors.ActivationError` (the
+    trainers' input check), since NaN would otherwise win every top-k and spread silently."""
     if x.shape[-1] != d:
         raise ValueError(f"expected activations with last dimension {d}, got shape {tuple(x.shape)}")
-    return x.reshape(-1, d)
+    x2 = x.reshape(-1, d)
+    if x2.shape[0]:
+        check_activations(x2, d)
+    return x2
 
 
 def _resolve_weights_path(path: str | Path) -> Path:

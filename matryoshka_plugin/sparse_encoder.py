@@ -65,7 +65,7 @@ def batch_topk_select(scores: torch.Tensor, count: int) -> torch.Tensor:
     ``B*n`` values it estimates a cut-off from a random sample, keeps the entries above it
     (a little more than ``count``) and ranks only those; if the cut-off was too high it
     falls back to the full ``torch.topk``. Ties at the boundary are broken arbitrarily, as
-    ``torch.topk`` does.
+    ``torch.topk`` does; NaN ranks above every number, as in ``torch.topk``.
     """
     flat = scores.reshape(-1)
     total = flat.numel()
@@ -80,7 +80,7 @@ def batch_topk_select(scores: torch.Tensor, count: int) -> torch.Tensor:
 
             candidates, values = above(flat, float(cutoff))
         else:
-            candidates = torch.nonzero(flat > cutoff).squeeze(1)
+            candidates = torch.nonzero(~(flat <= cutoff)).squeeze(1)  # NaN above, as torch.topk ranks it
             values = flat[candidates]
         if candidates.numel() >= count:
             keep = torch.topk(values, count, sorted=False).indices

@@ -253,7 +253,9 @@ def _column_accumulate(out, pieces, ptr, order, coef, src_row, src, zero):
                     out[q, f0 + j] = tile[j, q]
 
 
-@njit(parallel=True, fastmath=True, cache=True)
+# error_model="numpy": a row of NaN (a diverged decoder) divides by zero under fastmath's max;
+# numpy's model gives inf/NaN there instead of raising ZeroDivisionError from inside a kernel.
+@njit(parallel=True, fastmath=True, error_model="numpy", cache=True)
 def _project_out_rows(G, W, zero):
     """``G[f] -= (<G[f], W[f]> / max(|W[f]|^2, 1e-12)) W[f]`` for every row, in one pass."""
     n, d = W.shape
@@ -269,7 +271,7 @@ def _project_out_rows(G, W, zero):
             G[f, q] -= c * W[f, q]
 
 
-@njit(parallel=True, fastmath=True, cache=True)
+@njit(parallel=True, fastmath=True, error_model="numpy", cache=True)
 def _normalise_rows(W, eps, zero):
     """``W[f] /= max(|W[f]|, eps)`` for every row, in one pass."""
     n, d = W.shape
@@ -282,30 +284,40 @@ def _normalise_rows(W, eps, zero):
             W[f, q] *= inv
 
 
-@njit(fastmath=True, cache=True)
+# The cut-off passes decide sizes and write positions from comparisons, so they are compiled
+# without fastmath: under it LLVM may assume no NaN and evaluate the comparison differently in
+# the count and the fill (a NaN counted out but filled in wrote past the arrays). The count is an
+# integer reduction and vectorises without it.
+@njit(cache=True)
 def _count_above(seg, cutoff):
     # A separate function over a slice: inlined in _above's loop over pieces, LLVM did not
-    # vectorise this count (46 ms against 17 ms for 2048 x 16384 values).
+    # vectorise this count.
     k = 0
     for i in range(seg.size):
-        k += seg[i] > cutoff
+        k += not (seg[i] <= cutoff)  # NaN counts as above, as torch.topk ranks it first
     return k
 
 
-@njit(fastmath=True, cache=True)
-def _fill_above(seg, base, cutoff, idx, vals, k):
+@njit(cache=True)
+def _fill_above(seg, base, cutoff, idx, vals, k, end):
+    """Write the entries above ``cutoff`` at ``k..end-1``, never past ``end`` (what the count
+    sized); returns the position after the last one written."""
     for i in range(seg.size):
         v = seg[i]
-        if v > cutoff:
+        if not (v <= cutoff):
+            if k >= end:
+                return end + 1  # more than counted: reported, nothing written out of bounds
             idx[k] = base + i
             vals[k] = v
             k += 1
+    return k
 
 
 @njit(parallel=True, cache=True)
 def _above(flat, cutoff, pieces):
-    """Indices (ascending) and values of the entries of ``flat`` above ``cutoff``: count per
-    piece, then fill, one read of ``flat`` each."""
+    """Indices (ascending) and values of the entries of ``flat`` above ``cutoff`` (NaN counts as
+    above), and whether every piece filled exactly what it counted: count per piece, then fill,
+    one read of ``flat`` each."""
     m = pieces.size - 1
     counts = np.zeros(m + 1, dtype=np.int64)
     for c in prange(m):
@@ -314,9 +326,11 @@ def _above(flat, cutoff, pieces):
         counts[c + 1] += counts[c]
     idx = np.empty(counts[m], dtype=np.int64)
     vals = np.empty(counts[m], dtype=flat.dtype)
+    bad = np.zeros(m, dtype=np.bool_)
     for c in prange(m):
-        _fill_above(flat[pieces[c] : pieces[c + 1]], pieces[c], cutoff, idx, vals, counts[c])
-    return idx, vals
+        end = counts[c + 1]
+        bad[c] = _fill_above(flat[pieces[c] : pieces[c + 1]], pieces[c], cutoff, idx, vals, counts[c], end) != end
+    return idx, vals, not bad.any()
 
 
 # prange runs as range in a non-parallel compilation
@@ -324,8 +338,8 @@ _forward_scan_serial = njit(fastmath=True, cache=True)(_forward_scan.py_func)
 _latent_pass_serial = njit(fastmath=True, cache=True)(_latent_pass.py_func)
 _column_accumulate_serial = njit(fastmath=True, cache=True)(_column_accumulate.py_func)
 _above_serial = njit(cache=True)(_above.py_func)
-_project_out_rows_serial = njit(fastmath=True, cache=True)(_project_out_rows.py_func)
-_normalise_rows_serial = njit(fastmath=True, cache=True)(_normalise_rows.py_func)
+_project_out_rows_serial = njit(fastmath=True, error_model="numpy", cache=True)(_project_out_rows.py_func)
+_normalise_rows_serial = njit(fastmath=True, error_model="numpy", cache=True)(_normalise_rows.py_func)
 
 
 def _zero(dtype: np.dtype):
@@ -344,8 +358,24 @@ def _suffix_buffer(rows: int, d: int, dtype: np.dtype) -> np.ndarray:
     return have[: rows * d].reshape(rows, d)
 
 
+def _check_index(name: str, index: np.ndarray, size: int) -> None:
+    """The kernels index arrays with these without bounds checks: out-of-range entries would
+    read or write outside them, so they are refused first (one pass over the entries)."""
+    if index.size and (index.min() < 0 or index.max() >= size):
+        raise IndexError(f"{name} out of range: {int(index.min())}..{int(index.max())} for size {size}")
+
+
+def _check_entries(indices: np.ndarray, offsets: np.ndarray, n: int) -> None:
+    """Compressed rows the kernels can walk safely: latent indices in ``[0, n)`` and row
+    pointers rising from 0 to the number of entries."""
+    _check_index("latent indices", indices, n)
+    if offsets.size == 0 or offsets[0] != 0 or offsets[-1] != indices.size or (np.diff(offsets) < 0).any():
+        raise ValueError(f"row pointers must rise from 0 to the {indices.size} entries")
+
+
 def group_by_latent(indices: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Row pointers ``[n + 1]`` and the entry order that groups ``indices`` by latent."""
+    _check_index("latent indices", indices.numpy(), n)
     ptr, order = _group_by_latent(indices.numpy(), n)
     return torch.from_numpy(ptr), torch.from_numpy(order)
 
@@ -357,6 +387,11 @@ def column_accumulate(
     contiguous ``[d, n]`` ``out`` (overwritten whole; columns without entries become 0): the
     encoder's weight gradient in ``W_enc``'s own layout."""
     d, n = out.shape
+    if not (indices.numel() == coef.numel() == src_row.numel()) or src.shape[-1] != d:
+        raise ValueError(f"column_accumulate: {indices.numel()} indices, {coef.numel()} coefficients, "
+                         f"{src_row.numel()} source rows, source {tuple(src.shape)}, output {tuple(out.shape)}")
+    _check_index("latent indices", indices.numpy(), n)
+    _check_index("source rows", src_row.numpy(), src.shape[0])
     accumulate = _kernel(_column_accumulate, _column_accumulate_serial, indices.numel() * d)
     ptr, order = _group_by_latent(indices.numpy(), n)
     pieces = _pieces(ptr, _threads() * _PIECES_PER_THREAD, _TILE)
@@ -366,11 +401,14 @@ def column_accumulate(
 
 def above(flat: torch.Tensor, cutoff: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Indices (ascending) and values of the entries of a contiguous 1-D ``flat`` above
-    ``cutoff``: ``nonzero(flat > cutoff)`` and the gather, in two reads of ``flat``."""
+    ``cutoff``: ``nonzero(~(flat <= cutoff))`` (NaN counts as above) and the gather, in two
+    reads of ``flat``."""
     run = _kernel(_above, _above_serial, flat.numel())
     n = flat.numel()
     pieces = np.linspace(0, n, _threads() * _PIECES_PER_THREAD + 1).astype(np.int64)
-    idx, vals = run(flat.numpy(), flat.numpy().dtype.type(cutoff), pieces)
+    idx, vals, exact = run(flat.numpy(), flat.numpy().dtype.type(cutoff), pieces)
+    if not exact:  # the passes disagreed (they cannot without fastmath): nothing was written out of bounds
+        raise RuntimeError("the cut-off kernel's count and fill passes disagree")
     return torch.from_numpy(idx), torch.from_numpy(vals)
 
 
@@ -413,6 +451,13 @@ class _NumbaPrefixMSE(torch.autograd.Function):
         vals = values.detach().contiguous()
         zero = _zero(xs.numpy().dtype)
         idx, offs = indices.numpy(), offsets.numpy()
+        _check_entries(idx, offs, n)
+        if (tuple(W_dec.shape) != (n, d) or b_dec.numel() != d or cum.numel() != n + 2
+                or vals.numel() != idx.size or offs.size != batch + 1):
+            raise ValueError(
+                f"prefix loss: {idx.size} entries, {vals.numel()} values, {offs.size - 1} rows for a batch "
+                f"of {batch} x {d}, decoder {tuple(W_dec.shape)}, bias {tuple(b_dec.shape)}, "
+                f"{cum.numel()} cumulative weights for {n} latents")
         seg_ptr, brow, erow, crow = _segments(idx, offs, cum.numpy(), n)
         crow_x = crow.astype(zero.dtype)
         resid = torch.empty_like(xs)
