@@ -74,3 +74,40 @@ def test_importing_the_adapter_first_registers_once():
         print(json.dumps({"same": SAE_CLASS_REGISTRY["matryoshka_jumprelu"][0] is MatryoshkaJumpReLUSAE}))
     """)
     assert got == {"same": True}
+
+
+# What dictionary_learning/__init__ pulls in (nnsight, then transformers, scipy, datasets...).
+DEFERRED = ["dictionary_learning", "dictionary_learning.trainers", "nnsight", "transformers", "scipy", "datasets",
+            "numba", "sae_lens"]
+
+
+def test_importing_a_trainer_loads_torch_but_not_dictionary_learnings_package():
+    got = run(f"""
+        import json, sys
+        from matryoshka_plugin import MatryoshkaBatchTopKTrainer, MatryoshkaLogSparsityTrainer, MatryoshkaBatchTopKSAE
+        loaded = [m for m in {DEFERRED!r} if m in sys.modules]
+        # the classes subclassed are the ones dictionary_learning uses once it is imported
+        from dictionary_learning.training import trainSAE
+        import dictionary_learning.trainers.trainer, dictionary_learning.dictionary
+        from dictionary_learning.trainers.matryoshka_batch_top_k import MatryoshkaBatchTopKSAE as Upstream
+        trainer_module = dictionary_learning.trainers.trainer
+        print(json.dumps({{
+            "loaded": loaded,
+            "trainer": issubclass(MatryoshkaBatchTopKTrainer, trainer_module.SAETrainer)
+                       and issubclass(MatryoshkaLogSparsityTrainer, trainer_module.SAETrainer),
+            "dictionary": issubclass(MatryoshkaBatchTopKSAE, dictionary_learning.dictionary.Dictionary)
+                          and issubclass(Upstream, dictionary_learning.dictionary.Dictionary),
+            "same_module": sys.modules["dictionary_learning.trainers.trainer"] is trainer_module,
+        }}))
+    """)
+    assert got == {"loaded": [], "trainer": True, "dictionary": True, "same_module": True}
+
+
+def test_dictionary_learning_imported_first_is_used_as_is():
+    got = run("""
+        import json, sys
+        import dictionary_learning.trainers.trainer as upstream
+        from matryoshka_plugin import MatryoshkaBatchTopKTrainer
+        print(json.dumps({"same": issubclass(MatryoshkaBatchTopKTrainer, upstream.SAETrainer)}))
+    """)
+    assert got == {"same": True}

@@ -11,14 +11,18 @@ from importlib.metadata import PackageNotFoundError, version
 from typing import Any, Callable, Iterable
 
 import torch
-from dictionary_learning.trainers.trainer import SAETrainer, get_lr_schedule
 
 from ..errors import CheckpointError, TrainingError, check_activations
 from ..host_memory import reuse_freed_memory
+from ..import_hooks import import_leaf
 from ..kernels import BACKENDS, numba_supported
 from ..prefixes import PrefixSampler
 from ..registry import PACKAGE_MARK
 from ..sparse_encoder import encoder_matmul_dtype
+
+# Without dictionary_learning/__init__, which imports nnsight and transformers (import_hooks).
+_upstream = import_leaf("dictionary_learning.trainers.trainer")
+SAETrainer, get_lr_schedule = _upstream.SAETrainer, _upstream.get_lr_schedule
 
 __all__ = [
     "LossLog",
