@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import copy
 import os
+import warnings
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Iterable, Iterator
@@ -267,11 +268,14 @@ def _train(ctx, data, trainer_configs, steps, use_wandb, wandb_entity, wandb_pro
     # -- folders ------------------------------------------------------------------------------------
     save_dirs = {i: (os.path.join(save_dir, f"trainer_{i}") if save_dir is not None else None) for i in mine}
 
-    def write_config(i: int, t: Any) -> None:
+    def write_config(i: int, t: Any, trained_steps: int | None = None) -> None:
         if save_dirs[i] is None or not writes:
             return
         os.makedirs(save_dirs[i], exist_ok=True)
         config = {"trainer": dict(t.config)}
+        if trained_steps is not None:
+            # Written once training ends: fewer than "steps" when the data ran out first.
+            config["trainer"]["trained_steps"] = trained_steps
         if norm_factor is not None:
             # trainSAE never saves it; a resumed run and the SAELens export need it.
             config["trainer"]["norm_factor"] = norm_factor
@@ -381,6 +385,12 @@ def _train(ctx, data, trainer_configs, steps, use_wandb, wandb_entity, wandb_pro
         if checkpoint_every and (step % checkpoint_every == 0 or step == steps):
             checkpoint(step)  # the last one lets resume=True on a finished run just re-save it
     bar.close()
+    if step < steps and ctx.is_main:
+        warnings.warn(
+            f"the data ran out after {step} of the {steps} steps asked for: training stopped early, with "
+            f"schedules set for {steps} steps; config.json records trained_steps={step}",
+            stacklevel=3,
+        )
 
     for i, t in zip(mine, trainers):
         if normalize_activations:
@@ -389,6 +399,7 @@ def _train(ctx, data, trainer_configs, steps, use_wandb, wandb_entity, wandb_pro
             t.ae.scale_biases(norm_factor)
         if save_dirs[i] is not None and writes:
             _save_weights(t, os.path.join(save_dirs[i], "ae.pt"))
+            write_config(i, t, trained_steps=step)
     ctx.barrier()
 
     for q in log_queues:

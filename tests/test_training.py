@@ -250,3 +250,31 @@ def test_a_save_dir_with_unrelated_files_is_used(tmp_path):
     (tmp_path / "trainer_notes").mkdir()
     train(low_rank_stream(d=8), _small(1), 6, save_dir=str(tmp_path), device="cpu", progress=False)
     assert (tmp_path / "trainer_0" / "ae.pt").is_file() and (tmp_path / "notes.txt").read_text() == "mine"
+
+
+def test_a_data_source_that_runs_out_warns_and_records_the_steps_trained(tmp_path):
+    from matryoshka_plugin import train
+
+    batches = list(itertools.islice(low_rank_stream(d=8), 10))
+    with pytest.warns(UserWarning, match=r"data ran out after 10 of the 50 steps.*trained_steps=10"):
+        trainers = train(iter(batches), _small(1, steps=50), 50, save_dir=str(tmp_path), device="cpu", progress=False)
+    cfg = json.loads((tmp_path / "trainer_0" / "config.json").read_text())["trainer"]
+    assert cfg["steps"] == 50 and cfg["trained_steps"] == 10
+    # the SAE of those 10 steps, as trained by hand
+    by_hand = MatryoshkaBatchTopKTrainer(**{k: v for k, v in _small(1, steps=50)[0].items() if k != "trainer"})
+    for step, x in enumerate(batches):
+        by_hand.update(step, x)
+    saved = torch.load(tmp_path / "trainer_0" / "ae.pt", weights_only=True)
+    assert all(torch.equal(saved[k], v) for k, v in by_hand.ae.state_dict().items())
+    assert torch.equal(trainers[0].ae.W_dec, by_hand.ae.W_dec)
+
+
+def test_a_complete_run_records_all_its_steps_without_a_warning(tmp_path):
+    import warnings as w
+
+    from matryoshka_plugin import train
+
+    with w.catch_warnings():
+        w.simplefilter("error", UserWarning)
+        train(low_rank_stream(d=8), _small(1), 6, save_dir=str(tmp_path), device="cpu", progress=False)
+    assert json.loads((tmp_path / "trainer_0" / "config.json").read_text())["trainer"]["trained_steps"] == 6
