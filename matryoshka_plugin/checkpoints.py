@@ -19,13 +19,14 @@ from typing import Any, Callable
 import torch
 
 from .errors import CheckpointError
-from .io import read_json, read_state_dict
+from .io import UnsafeCheckpointError, read_json, read_state_dict
 from .registry import Architecture, architecture_for, architectures, register_architecture
 
 __all__ = [
     "load_dictionary",
     "register_dictionary_class",
     "read_config",
+    "other_folder_kind",
     "CheckpointError",
 ]
 
@@ -38,6 +39,37 @@ def register_dictionary_class(name: str, loader: Callable[[Path, dict, Any], tor
     Registering the same loader twice is harmless; a different loader for a taken name raises.
     """
     register_architecture(Architecture(name, name, load=loader))
+
+
+_TRAINER_FOLDER = re.compile(r"^trainer_(\d+)$")
+# SAELens' file names (sae_lens.constants), here without importing sae_lens.
+_SAELENS_FILES = ("cfg.json", "sae_weights.safetensors")
+
+
+def other_folder_kind(folder: str | Path, expected: str) -> str | None:
+    """What ``folder`` holds when it is not the kind of folder a loader ``expected``
+    (``"trainer"``: a ``trainer_i`` folder; ``"saelens"``: a SAELens SAE folder), and what to call
+    instead; ``None`` when it is none of the kinds known here."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return None
+    trainers = sorted(
+        (p.name for p in folder.iterdir()
+         if p.is_dir() and _TRAINER_FOLDER.match(p.name) and (p / "config.json").is_file()),
+        key=lambda name: int(name[8:]),
+    )
+    if trainers:
+        shown = ", ".join(trainers[:8]) + (f", ... ({len(trainers) - 8} more)" if len(trainers) > 8 else "")
+        return (f"{folder} is a training run's folder, not one SAE's: it holds {shown}; pass one of them, "
+                f"e.g. {folder / trainers[0]}")
+    if expected != "saelens" and all((folder / name).is_file() for name in _SAELENS_FILES):
+        return (f"{folder} is a SAELens SAE folder ({', '.join(_SAELENS_FILES)}), not a trainSAE one: load it with "
+                f"matryoshka_plugin.import_from_saelens({str(folder)!r}) (or sae_lens.SAE.load_from_disk)")
+    if expected != "trainer" and (folder / "config.json").is_file():
+        return (f"{folder} is a trainSAE folder (config.json, ae.pt), not a SAELens one: load it with "
+                f"matryoshka_plugin.load_dictionary({str(folder)!r}), or make a SAELens folder of it with "
+                "matryoshka_plugin.export_to_saelens")
+    return None
 
 
 def read_config(folder: str | Path) -> dict:
@@ -70,6 +102,10 @@ def load_dictionary(
     folder = Path(path)
     if not folder.is_dir():
         raise CheckpointError(f"no such SAE folder: {folder}")
+    if not (folder / "config.json").is_file():
+        hint = other_folder_kind(folder, "trainer")
+        if hint is not None:
+            raise CheckpointError(hint)
     config = read_config(folder)
     trainer_cfg = config["trainer"]
     dict_class = trainer_cfg["dict_class"]
@@ -153,6 +189,8 @@ def _is_complete(path: Path) -> bool:
             return False
     try:
         read_state_dict(path)
+    except UnsafeCheckpointError:
+        raise  # refused, not damaged: never skipped as a truncated file
     except CheckpointError:
         return False
     return True

@@ -198,3 +198,63 @@ def test_atomic_save_keeps_old_file_when_interrupted(tmp_path, monkeypatch):
     monkeypatch.undo()
     assert torch.equal(torch.load(path)["a"], torch.ones(3))
     assert [p.name for p in tmp_path.iterdir()] == ["ae.pt"]
+
+
+# ----------------------------------------------------------------------------------------------
+# Folders of another kind, and hostile files
+# ----------------------------------------------------------------------------------------------
+
+
+def test_a_run_folder_names_its_trainer_folders(runs):
+    with pytest.raises(CheckpointError, match=r"training run's folder.*trainer_0, trainer_1, trainer_2; pass one of them"):
+        load_dictionary(runs)
+
+
+def test_a_saelens_folder_points_to_import_from_saelens(runs, tmp_path):
+    from matryoshka_plugin import export_to_saelens, import_from_saelens
+
+    out = tmp_path / "saelens"
+    export_to_saelens(runs / "trainer_1", out, model_name="toy", hook_name="blocks.0.hook_resid_post")
+    with pytest.raises(CheckpointError, match=r"SAELens SAE folder.*import_from_saelens"):
+        load_dictionary(out)
+    # and the other way round: import_from_saelens on trainSAE folders
+    with pytest.raises(CheckpointError, match=r"trainSAE folder.*load_dictionary"):
+        import_from_saelens(runs / "trainer_0")
+    with pytest.raises(CheckpointError, match=r"training run's folder.*trainer_0"):
+        import_from_saelens(runs)
+
+
+class _Payload:
+    """Unpickling this creates ``marker``: a hostile ``ae.pt``, harmlessly."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+@pytest.mark.parametrize("i", [0, 1, 2])
+def test_a_hostile_weights_file_is_refused_as_unsafe(runs, tmp_path, i):
+    from matryoshka_plugin.io import UnsafeCheckpointError
+
+    folder = copy_run(runs, tmp_path, i)
+    marker = tmp_path / "executed"
+    state = torch.load(folder / "ae.pt", weights_only=True)
+    torch.save({**state, "payload": _Payload(marker)}, folder / "ae.pt")
+    with pytest.raises(UnsafeCheckpointError, match=r"ae.pt was refused as unsafe.*io.open") as e:
+        load_dictionary(folder)
+    assert "truncated" not in str(e.value) and not marker.exists()
+
+
+def test_a_hostile_checkpoint_is_refused_not_skipped(runs, tmp_path):
+    from matryoshka_plugin.io import UnsafeCheckpointError
+
+    folder = copy_run(runs, tmp_path, 0)
+    marker = tmp_path / "executed"
+    (folder / "checkpoints" / "ae_5.pt").write_bytes((folder / "ae.pt").read_bytes())
+    # the old file format (no zip archive), which the completeness check reads in full
+    torch.save({"payload": _Payload(marker)}, folder / "checkpoints" / "ae_5.pt", _use_new_zipfile_serialization=False)
+    with pytest.raises(UnsafeCheckpointError, match=r"ae_5.pt was refused as unsafe"):
+        load_dictionary(folder, checkpoint="latest")
+    assert not marker.exists()

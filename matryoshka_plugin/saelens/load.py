@@ -13,6 +13,7 @@ from sae_lens import SAE
 from sae_lens.constants import SAE_CFG_FILENAME, SAE_WEIGHTS_FILENAME
 from sae_lens.saes.sae import SAEMetadata
 
+from ..checkpoints import other_folder_kind
 from ..errors import CheckpointError
 from ..io import FolderKind, atomic_torch_save, atomic_write_json, read_json_object, write_folder_atomically
 from ..registry import PACKAGE_MARK
@@ -101,7 +102,8 @@ def check_saelens_folder(path: Path) -> None:
         raise CheckpointError(f"no such SAELens folder: {path}")
     for name in (SAE_CFG_FILENAME, SAE_WEIGHTS_FILENAME):
         if not (path / name).is_file():
-            raise CheckpointError(f"missing {name} in {path}; is it a SAELens SAE folder?")
+            hint = other_folder_kind(path, "saelens")
+            raise CheckpointError(hint or f"missing {name} in {path}; is it a SAELens SAE folder?")
 
 
 def load_stock_sae(path: Path, device: str) -> SAE:
