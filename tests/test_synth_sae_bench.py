@@ -102,8 +102,108 @@ def test_saelens_variants_take_config_fields_and_a_geometric_median_start(tmp_pa
                        untrained)
 
 
+class _Oracle(torch.nn.Module):
+    """A perfect SAE for the eval: its decoder is the true feature dictionary and its code is the
+    true feature activations (handed out in the order the eval samples them), so F1, MCC,
+    uniqueness and explained variance are 1 by construction."""
+
+    def __init__(self, model, features: torch.Tensor):
+        super().__init__()
+        self.feature_dict, self.features, self.at = model.feature_dict, features.to_dense(), 0
+        self.W_dec = torch.nn.Parameter(model.feature_dict.feature_vectors.detach().clone())
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        code = self.features[self.at : self.at + x.shape[0]]
+        self.at += x.shape[0]
+        return code
+
+    def decode(self, code: torch.Tensor) -> torch.Tensor:
+        return self.feature_dict(code)
+
+
+def _random_sae(width: int, seed: int = 0):
+    """SAELens' BatchTopK SAE with random weights: what an SAE that learned nothing scores."""
+    from sae_lens import BatchTopKTrainingSAE, BatchTopKTrainingSAEConfig
+
+    torch.manual_seed(seed)
+    return BatchTopKTrainingSAE(BatchTopKTrainingSAEConfig(k=3, d_in=TINY.hidden_dim, d_sae=width))
+
+
+def test_scores_of_a_perfect_and_a_random_sae(tmp_path):
+    """The eval wiring against answers known without it: the true dictionary with the true code
+    scores 1 everywhere; random weights score far lower."""
+    from benchmarks.synth_sae_bench.run import _evaluate
+
+    model = load_or_build(TINY, tmp_path)
+    feats = sample_pool(model, 2048, 999, tmp_path / "eval.pt", batch_size=512)[1]
+    perfect = _evaluate(_Oracle(model, feats), model, feats, "cpu")
+    for metric in ("mcc", "uniqueness", "explained_variance"):
+        assert perfect[metric] == pytest.approx(1.0, abs=1e-4), (metric, perfect)
+    # F1 is averaged over latents; a latent whose feature never fires in the sample scores 0
+    fires = feats.to_dense() > 0
+    assert perfect["f1"] == pytest.approx(float(fires.any(0).float().mean()), abs=1e-6) and perfect["f1"] > 0.95
+    assert perfect["dead"] == int((~fires.any(0)).sum())
+    assert perfect["l0_measured"] == pytest.approx(float(fires.sum(1).float().mean()), rel=1e-6)
+    rnd = _evaluate(_random_sae(TINY.width), model, feats, "cpu")
+    assert rnd["mcc"] < 0.75 and rnd["f1"] < 0.3 and rnd["explained_variance"] < 0.5, rnd
+
+
+def test_finished_rows_are_skipped_without_training(tmp_path, monkeypatch):
+    """run_benchmark trains and scores only the (variant, L0, seed) rows missing from the CSV:
+    a rerun calls no trainer and no eval and leaves the CSV as it was; after a row is removed,
+    only that row is trained again."""
+    import benchmarks.synth_sae_bench.run as bench
+
+    calls: list[tuple[str, int, int]] = []
+
+    class Stub:
+        def save_inference_model(self, path):
+            pass
+
+    def trained(tag):
+        def fake(p, v, l0, seed, pool, folder=None, checkpoint_every=None):
+            calls.append((v.name, l0, seed))
+            return Stub()
+        return fake
+
+    def scores(sae, model, feats, device):
+        n = len(calls)  # distinct per row, so a row written twice would show
+        return dict(l0_measured=3.0, f1=n / 10, mcc=n / 20, uniqueness=0.5, explained_variance=0.9, dead=n)
+
+    monkeypatch.setattr(bench, "_train_ours", trained("ours"))
+    monkeypatch.setattr(bench, "_train_saelens", trained("saelens"))
+    monkeypatch.setattr(bench, "_evaluate", scores)
+    variants = [VARIANTS[n] for n in ("saelens-batchtopk", "matryoshka", "matryoshka+detach")]
+    csv_path = tmp_path / "results.csv"
+    args = (TINY, "tiny", variants, None, None, None, tmp_path / "saes", csv_path, (0, 1), (3, 4))
+    first = run_benchmark(*args)
+    expected = sorted((v.name, l0, s) for l0 in (3, 4) for v in variants for s in ((0, 1) if v.main else (0,)))
+    assert sorted(calls) == expected and len(first) == len(expected)
+    written = csv_path.read_text()
+
+    calls.clear()
+    assert run_benchmark(*args) == [] and calls == []
+    assert csv_path.read_text() == written
+
+    lines = written.splitlines(keepends=True)
+    dropped = next(i for i, line in enumerate(lines) if line.startswith("tiny,matryoshka,matryoshka_plugin,4,1,"))
+    csv_path.write_text("".join(lines[:dropped] + lines[dropped + 1:]))
+    again = run_benchmark(*args)
+    assert calls == [("matryoshka", 4, 1)] and [(r["sae"], r["l0"], r["seed"]) for r in again] == calls
+    with csv_path.open() as f:
+        assert sorted((r["sae"], int(r["l0"]), int(r["seed"])) for r in csv.DictReader(f)) == expected
+
+
 @pytest.mark.slow
-def test_tiny_benchmark_end_to_end_and_resumes(tmp_path, capsys):
+def test_tiny_benchmark_end_to_end(tmp_path, capsys, monkeypatch):
+    """Every variant kind trains, exports and is scored on the tiny model, one CSV row each, and
+    each row holds the scores of the SAE left on disk; a rerun trains nothing. 16 steps test the
+    plumbing, not the quality (the scores themselves are checked against known answers in
+    test_scores_of_a_perfect_and_a_random_sae; skipping in test_finished_rows_are_skipped_without_training;
+    resuming an SAE from its checkpoint in the bit-for-bit test below)."""
+    import benchmarks.synth_sae_bench.run as bench
+    from benchmarks.synth_sae_bench.run import _evaluate
+
     model = load_or_build(TINY, tmp_path)
     hidden, _ = sample_pool(model, 2048, 1, tmp_path / "train.pt", batch_size=512)
     feats = sample_pool(model, 512, 999, tmp_path / "eval.pt", batch_size=512)[1]
@@ -117,10 +217,23 @@ def test_tiny_benchmark_end_to_end_and_resumes(tmp_path, capsys):
         ("saelens-batchtopk", 0), ("saelens-batchtopk", 1)]
     for r in rows:
         assert 0 <= r["f1"] <= 1 and 0 <= r["mcc"] <= 1 and 0 <= r["uniqueness"] <= 1 and r["dead"] >= 0
+    from sae_lens import SAE
+
+    # the row is the score of the exported SAE (read back from disk and scored again)
+    exported = SAE.load_from_disk(str(tmp_path / "saes" / "matryoshka-l03-s1" / "saelens"), device="cpu")
+    again = _evaluate(exported, model, feats, "cpu")
+    row = next(r for r in rows if (r["sae"], r["seed"]) == ("matryoshka", 1))
+    assert {k: row[k] for k in ("f1", "mcc", "uniqueness", "explained_variance", "dead")} == {
+        k: (round(again[k], 4) if isinstance(again[k], float) else again[k])
+        for k in ("f1", "mcc", "uniqueness", "explained_variance", "dead")}
     with csv_path.open() as f:
         assert next(csv.reader(f)) == COLUMNS
     # rerunning trains nothing
+    for name in ("_train_ours", "_train_saelens"):
+        monkeypatch.setattr(bench, name, lambda *a, **k: pytest.fail("a finished row was trained again"))
+    written = csv_path.read_text()
     assert run_benchmark(TINY, "tiny", variants, model, pool, feats, tmp_path / "saes", csv_path, (0, 1), (3,)) == []
+    assert csv_path.read_text() == written
     write_markdown(csv_path, md, {"matryoshka": "fixed groups"}, "# results")
     text = md.read_text()
     assert "### tiny, L0 = 3" in text and "| matryoshka | matryoshka_plugin | 0,1 |" in text
