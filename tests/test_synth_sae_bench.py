@@ -152,27 +152,8 @@ def test_finished_rows_are_skipped_without_training(tmp_path, monkeypatch):
     """run_benchmark trains and scores only the (variant, L0, seed) rows missing from the CSV:
     a rerun calls no trainer and no eval and leaves the CSV as it was; after a row is removed,
     only that row is trained again."""
-    import benchmarks.synth_sae_bench.run as bench
-
     calls: list[tuple[str, int, int]] = []
-
-    class Stub:
-        def save_inference_model(self, path):
-            pass
-
-    def trained(tag):
-        def fake(p, v, l0, seed, pool, folder=None, checkpoint_every=None):
-            calls.append((v.name, l0, seed))
-            return Stub()
-        return fake
-
-    def scores(sae, model, feats, device):
-        n = len(calls)  # distinct per row, so a row written twice would show
-        return dict(l0_measured=3.0, f1=n / 10, mcc=n / 20, uniqueness=0.5, explained_variance=0.9, dead=n)
-
-    monkeypatch.setattr(bench, "_train_ours", trained("ours"))
-    monkeypatch.setattr(bench, "_train_saelens", trained("saelens"))
-    monkeypatch.setattr(bench, "_evaluate", scores)
+    _stub_training(monkeypatch, calls)  # each row's "dead" is the number of SAEs trained so far
     variants = [VARIANTS[n] for n in ("saelens-batchtopk", "matryoshka", "matryoshka+detach")]
     csv_path = tmp_path / "results.csv"
     args = (TINY, "tiny", variants, None, None, None, tmp_path / "saes", csv_path, (0, 1), (3, 4))
@@ -192,6 +173,100 @@ def test_finished_rows_are_skipped_without_training(tmp_path, monkeypatch):
     assert calls == [("matryoshka", 4, 1)] and [(r["sae"], r["l0"], r["seed"]) for r in again] == calls
     with csv_path.open() as f:
         assert sorted((r["sae"], int(r["l0"]), int(r["seed"])) for r in csv.DictReader(f)) == expected
+
+
+def _stub_training(monkeypatch, calls: list):
+    """run_benchmark with its trainers and eval replaced by stubs that record what they are asked."""
+    import benchmarks.synth_sae_bench.run as bench
+
+    class Stub:
+        def save_inference_model(self, path):
+            pass
+
+    def fake(p, v, l0, seed, pool, folder=None, checkpoint_every=None):
+        calls.append((v.name, l0, seed))
+        return Stub()
+
+    monkeypatch.setattr(bench, "_train_ours", fake)
+    monkeypatch.setattr(bench, "_train_saelens", fake)
+    monkeypatch.setattr(bench, "_evaluate", lambda *a: dict(l0_measured=3.0, f1=0.5, mcc=0.6, uniqueness=0.7,
+                                                             explained_variance=0.8, dead=len(calls)))
+
+
+def test_a_torn_last_csv_line_is_dropped_and_that_sae_trained_again(tmp_path, monkeypatch):
+    """An append cut short (what an interrupted earlier version left) no longer stops the
+    benchmark: the partial row is dropped with a warning and its SAE trained again; a malformed
+    line elsewhere still raises, naming it."""
+    from benchmarks.synth_sae_bench.run import read_rows
+
+    calls: list = []
+    _stub_training(monkeypatch, calls)
+    variants = [VARIANTS["matryoshka"]]
+    csv_path = tmp_path / "results.csv"
+    args = (TINY, "tiny", variants, None, None, None, tmp_path / "saes", csv_path, (0, 1, 2), (3,))
+    run_benchmark(*args)
+    whole = csv_path.read_bytes()
+    last = whole.rstrip(b"\r\n").rsplit(b"\n", 1)[1]
+    assert last.startswith(b"tiny,matryoshka,matryoshka_plugin,3,2,")
+    for cut in (len(last) - 1, len(last) // 2, 3):  # the last row cut short at three points
+        csv_path.write_bytes(whole[: len(whole) - len(last) - 2 + cut])
+        calls.clear()
+        with pytest.warns(UserWarning, match="cut short"):
+            again = run_benchmark(*args)
+        assert calls == [("matryoshka", 3, 2)] and [(r["sae"], r["seed"]) for r in again] == [("matryoshka", 2)]
+        rows = read_rows(csv_path)
+        assert [(r["sae"], r["seed"]) for r in rows] == [("matryoshka", "0"), ("matryoshka", "1"), ("matryoshka", "2")]
+        assert csv_path.read_bytes().endswith(b"\r\n")
+    # a header cut short: no rows yet
+    csv_path.write_text("protocol,sae,sou")
+    with pytest.warns(UserWarning, match="cut short"):
+        assert read_rows(csv_path) == []
+    # damage that is not a torn append is reported, not skipped
+    lines = whole.split(b"\r\n")
+    lines[1] = lines[1].split(b",", 4)[0]
+    csv_path.write_bytes(b"\r\n".join(lines))
+    with pytest.raises(ValueError, match="results.csv line 2 is malformed"):
+        run_benchmark(*args)
+
+
+def test_results_are_replaced_whole(tmp_path, monkeypatch):
+    """The CSV (one more row) and the markdown are written to a temporary file and renamed into
+    place: a reader that opened the old file reads it whole and unchanged, never a file being
+    written (an append or a truncating write would show in its handle), and no temporary file
+    is left."""
+    import benchmarks.synth_sae_bench.run as bench
+
+    calls: list = []
+    _stub_training(monkeypatch, calls)
+    csv_path, md = tmp_path / "results.csv", tmp_path / "results.md"
+    args = (TINY, "tiny", [VARIANTS["matryoshka"]], None, None, None, tmp_path / "saes", csv_path, (0,), (3,))
+    run_benchmark(*args)
+    before = csv_path.read_bytes()
+    row = dict(protocol="tiny", sae="x", source="s", l0=3, seed=0, f1=0.1, mcc=0.2, uniqueness=0.3,
+               explained_variance=0.4, dead=0)
+    with csv_path.open("rb") as reader:
+        bench._append(csv_path, row)
+        assert reader.read() == before
+    assert csv_path.read_bytes() == before + b"tiny,x,s,3,0,0.1,0.2,0.3,0.4,0\r\n"
+
+    md.write_text("old results\n" * 1000)
+    with md.open() as reader:
+        write_markdown(csv_path, md, {}, "# results")
+        assert reader.read() == "old results\n" * 1000
+    text = md.read_text()
+    assert text.startswith("# results\n") and "| matryoshka | matryoshka_plugin | 0 |" in text
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["results.csv", "results.md"]
+
+
+def test_markdown_footer_follows_the_tables(tmp_path, monkeypatch):
+    calls: list = []
+    _stub_training(monkeypatch, calls)
+    csv_path, md = tmp_path / "results.csv", tmp_path / "results.md"
+    run_benchmark(TINY, "tiny", [VARIANTS["matryoshka"]], None, None, None, tmp_path / "saes", csv_path, (0,), (3,))
+    write_markdown(csv_path, md, {}, "# results")
+    plain = md.read_text()
+    write_markdown(csv_path, md, {}, "# results", footer="\n### hedging\n")
+    assert md.read_text() == plain + "\n### hedging\n"
 
 
 @pytest.mark.slow

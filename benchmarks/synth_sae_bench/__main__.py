@@ -85,18 +85,18 @@ def main(argv: list[str] | None = None) -> int:
               f"[../synth_sae_bench.md](../synth_sae_bench.md) for the protocols. Mean ± standard deviation over seeds; "
               f"`protocol` = name:model-width@model fingerprint:training samples (distinct x passes):"
               f"dead-latent window (steps).\n\n![F1 of every SAE](f1.png)")
-    write_markdown(docs / "results.csv", docs / "results.md", {v.name: v.description for v in VARIANTS.values()},
-                   header)
-    plot_f1(docs / "results.csv", docs / "f1.png")
     # hedging and absorption per parent of the hierarchy, for every SAE of this protocol trained so far
     dense = eval_features.to_dense()
     write_hedging(cache / "saes" / label.replace(":", "_"), model, model.feature_dict(dense.to(device)).cpu(),
                   dense, docs / f"hedging-{label.replace(':', '_')}.csv")
-    with (docs / "results.md").open("a") as f:
-        for path in sorted(docs.glob("hedging-*.csv")):
-            with path.open() as g:
-                rows = [{**r, **{k: float(r[k]) for k in ("hedging", "absorption")}} for r in csv.DictReader(g)]
-            f.write(hedging_markdown(path.stem[len("hedging-"):], rows))
+    hedging = []
+    for path in sorted(docs.glob("hedging-*.csv")):
+        with path.open() as g:
+            rows = [{**r, **{k: float(r[k]) for k in ("hedging", "absorption")}} for r in csv.DictReader(g)]
+        hedging.append(hedging_markdown(path.stem[len("hedging-"):], rows))
+    write_markdown(docs / "results.csv", docs / "results.md", {v.name: v.description for v in VARIANTS.values()},
+                   header, footer="".join(hedging))
+    plot_f1(docs / "results.csv", docs / "f1.png")
     print(f"wrote {docs / 'results.csv'} and {docs / 'results.md'}")
     return 0
 

@@ -3,7 +3,6 @@ over seeds, each seed a dot, this package's SAEs and SAELens' in two colours."""
 
 from __future__ import annotations
 
-import csv
 import statistics
 from collections import defaultdict
 from pathlib import Path
@@ -22,8 +21,9 @@ def plot_f1(csv_path: Path, png_path: Path, protocols: list[str] | None = None) 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    with Path(csv_path).open() as f:
-        rows = list(csv.DictReader(f))
+    from .run import read_rows
+
+    rows = read_rows(Path(csv_path))
     panels: dict[tuple[str, int], dict[str, list[dict]]] = defaultdict(lambda: defaultdict(list))
     for r in rows:
         panels[(r["protocol"], int(r["l0"]))][r["sae"]].append(r)
@@ -49,7 +49,8 @@ def plot_f1(csv_path: Path, png_path: Path, protocols: list[str] | None = None) 
         unique = dict(zip(labels, handles))
         ax.legend(unique.values(), unique.keys(), fontsize=7, loc="lower right")
     fig.tight_layout()
-    png_path = Path(png_path)
-    png_path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(png_path, dpi=120)
+    from matryoshka_plugin.io import atomic_open
+
+    with atomic_open(png_path, "wb") as f:
+        fig.savefig(f, dpi=120, format="png")
     return fig

@@ -73,8 +73,9 @@ def write_hedging(saes_dir: Path, model: Any, hidden: torch.Tensor, features: to
         if out_csv.exists():
             with out_csv.open() as f:
                 kept = [r for r in csv.DictReader(f) if (r["sae"], int(r["l0"]), int(r["seed"])) not in scored]
-        out_csv.parent.mkdir(parents=True, exist_ok=True)
-        with out_csv.open("w", newline="") as f:
+        from matryoshka_plugin.io import atomic_open
+
+        with atomic_open(out_csv, "w", newline="") as f:
             w = csv.DictWriter(f, fieldnames=list(rows[0]))
             w.writeheader()
             w.writerows(kept + rows)

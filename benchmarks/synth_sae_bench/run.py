@@ -12,22 +12,24 @@ are skipped, so an interrupted run continues where it stopped.
 from __future__ import annotations
 
 import csv
+import io
 import shutil
 import statistics
 import time
+import warnings
 from collections import defaultdict
 from pathlib import Path
 from typing import Any, Iterator
 
 import torch
 
-from matryoshka_plugin.io import UnsafeCheckpointError, load_torch_file
+from matryoshka_plugin.io import UnsafeCheckpointError, atomic_open, load_torch_file
 from matryoshka_plugin.resume import RunCheckpoints
 
 from .config import PUBLISHED, Protocol, Variant
 from .model import Replayable
 
-__all__ = ["COLUMNS", "Pool", "run_benchmark", "write_markdown"]
+__all__ = ["COLUMNS", "Pool", "read_rows", "run_benchmark", "write_markdown"]
 
 COLUMNS = ["protocol", "sae", "source", "l0", "seed", "f1", "mcc", "uniqueness", "explained_variance", "dead"]
 
@@ -324,22 +326,51 @@ def _latest_saelens_checkpoint(folder: Path) -> Path | None:
     return None
 
 
-def _done(csv_path: Path) -> set[tuple[str, str, int, int]]:
+def read_rows(csv_path: Path) -> list[dict[str, str]]:
+    """The rows of a results CSV (empty when it does not exist).
+
+    A last line without its line end is what an interrupted append leaves (earlier versions
+    appended; a copy can be cut short too): it is dropped with a warning, so that SAE is trained
+    again. Any other malformed line raises, naming the file and the line."""
     if not csv_path.exists():
-        return set()
-    with csv_path.open() as f:
-        return {(r["protocol"], r["sae"], int(r["l0"]), int(r["seed"])) for r in csv.DictReader(f)}
+        return []
+    with csv_path.open(newline="") as f:
+        text = f.read()
+    if text and not text.endswith(("\n", "\r")):
+        cut = max(text.rfind("\n"), text.rfind("\r")) + 1
+        warnings.warn(f"{csv_path}: dropping its last line {text[cut:]!r}, which was cut short (no line end); "
+                      "that SAE is trained and scored again", stacklevel=2)
+        text = text[:cut]
+    if not text.strip():
+        return []
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    if reader.fieldnames != COLUMNS:
+        raise ValueError(f"{csv_path} has the columns {reader.fieldnames}, expected {COLUMNS}")
+    rows = []
+    for r in reader:
+        try:
+            if None in r or any(r[c] in (None, "") for c in COLUMNS):
+                raise ValueError("wrong number of fields")
+            int(r["l0"]), int(r["seed"])
+        except ValueError as e:
+            raise ValueError(f"{csv_path} line {reader.line_num} is malformed ({e}): {r}") from None
+        rows.append(r)
+    return rows
+
+
+def _done(csv_path: Path) -> set[tuple[str, str, int, int]]:
+    return {(r["protocol"], r["sae"], int(r["l0"]), int(r["seed"])) for r in read_rows(csv_path)}
 
 
 def _append(csv_path: Path, row: dict) -> None:
-    new = not csv_path.exists()
-    csv_path.parent.mkdir(parents=True, exist_ok=True)
-    with csv_path.open("a", newline="") as f:
+    """Add ``row`` by writing the whole CSV anew and renaming it into place: a reader (or the next
+    run after a crash) sees the old rows or the old rows and this one, never half a row."""
+    rows = read_rows(csv_path)
+    with atomic_open(csv_path, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=COLUMNS)
-        if new:
-            w.writeheader()
+        w.writeheader()
+        w.writerows(rows)
         w.writerow({k: row[k] for k in COLUMNS})
-        f.flush()
 
 
 def run_benchmark(p: Protocol, label: str, variants: list[Variant], model: Any, pool: Replayable,
@@ -384,11 +415,12 @@ def _mean_spread(values: list[float]) -> str:
     return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
 
 
-def write_markdown(csv_path: Path, md_path: Path, descriptions: dict[str, str], header: str) -> None:
+def write_markdown(csv_path: Path, md_path: Path, descriptions: dict[str, str], header: str,
+                   footer: str = "") -> None:
     """The CSV as tables (mean ± standard deviation over seeds), one per protocol and L0, with the
-    published SynthSAEBench-16k numbers beside the ``full`` protocol."""
-    with csv_path.open() as f:
-        rows = list(csv.DictReader(f))
+    published SynthSAEBench-16k numbers beside the ``full`` protocol, then ``footer``; written to a
+    temporary file and renamed into place."""
+    rows = read_rows(csv_path)
     groups: dict[tuple[str, int], dict[str, list[dict]]] = defaultdict(lambda: defaultdict(list))
     for r in rows:
         groups[(r["protocol"], int(r["l0"]))][r["sae"]].append(r)
@@ -413,5 +445,5 @@ def write_markdown(csv_path: Path, md_path: Path, descriptions: dict[str, str], 
                     out.append(f"| published {arch} | paper | 3 | {pub['f1']:.3f} | {pub['mcc']:.3f} | "
                                f"{pub['uniqueness']:.3f} | {pub['explained_variance']:.3f} | | SAELens docs |")
         out.append("")
-    md_path.parent.mkdir(parents=True, exist_ok=True)
-    md_path.write_text("\n".join(out))
+    with atomic_open(md_path, "w", encoding="utf-8") as f:
+        f.write("\n".join(out) + footer)
