@@ -122,7 +122,7 @@ class MatryoshkaBatchTopKConfig(TrainerConfig):
     ``"frequency"`` (share of the batch's tokens on which the latent fired) or
     ``"contribution"`` (batch mean of ``(a_i * ||w_i||)**2``, as the log-sparsity trainer).
     Weights, Adam moments, firing counters and the EMA move together. ``None``: fixed order.
-    Not available with ``train(distributed="data")``."""
+    With ``train(distributed="data")`` the statistic is summed over the ranks, so every rank sorts alike."""
     reorder_decay: float = 0.99
     """EMA decay of the statistic ``reorder_by`` sorts by (``ema = decay * ema + (1 - decay) * stat``)."""
     k_anneal_steps: int | None = None
