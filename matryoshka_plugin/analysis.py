@@ -6,7 +6,9 @@ and dictionary_learning's Matryoshka SAE hold it, or a ``decoder`` ``nn.Linear``
 ``AutoEncoder`` and ``BatchTopKSAE`` do) and activations as a
 ``[tokens, d]`` tensor (cut into ``batch_size`` rows) or any iterable of ``[tokens, d]`` batches.
 Statistics are summed over the stream in float64, so a stream in batches gives the result of
-the whole tensor at once (up to float64 rounding).
+the whole tensor at once (up to float64 rounding) for SAEs that encode each token on its own. An
+SAE whose ``encode`` depends on the batch (batch top-k before it has an inference threshold)
+gives codes, and so results, that depend on how the stream is cut (docs/analysis.md).
 
 * :func:`mean_max_correlation`: the original Matryoshka post's measure of how well a large SAE
   keeps a smaller reference SAE's latents: for each reference latent, the highest Pearson
