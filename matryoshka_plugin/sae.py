@@ -20,12 +20,15 @@ from typing import Any, Mapping, Sequence
 
 import torch
 import torch.nn as nn
-from dictionary_learning.dictionary import Dictionary
 
 from .errors import CheckpointError, check_activations
+from .import_hooks import import_leaf
 from .io import check_keys, read_state_dict
 from .sparse_encoder import batch_topk_select, dense_pre_activations, encoder_entries, encoder_matmul_dtype
 from .sparse_latents import SparseLatents, sparse_decode, sparse_from_flat
+
+# Without dictionary_learning/__init__, which imports nnsight and transformers (import_hooks).
+Dictionary = import_leaf("dictionary_learning.dictionary").Dictionary
 
 __all__ = [
     "MatryoshkaBatchTopKSAE",
