@@ -240,7 +240,7 @@ class ProcessGroupCollective:
             offset += g.numel()
 
     @torch.no_grad()
-    def batch_topk_select(self, scores: torch.Tensor, count: int) -> torch.Tensor:
+    def batch_topk_select(self, scores: torch.Tensor, count: int, backend: str = "auto") -> torch.Tensor:
         """Flat indices (ascending) of this rank's entries among the ``count`` largest of all
         ranks' ``scores`` together (``count`` is the global number, e.g. ``k * global batch``).
 
@@ -252,7 +252,7 @@ class ProcessGroupCollective:
 
         flat = scores.reshape(-1)
         m = min(count, flat.numel())
-        local = flat[batch_topk_select(scores, m)]  # this rank's m largest (sampled cut-off, exact)
+        local = flat[batch_topk_select(scores, m, backend)]  # this rank's m largest (sampled cut-off, exact)
         if m < count:
             local = torch.cat([local, local.new_full((count - m,), float("-inf"))])
         everything = self.gather_rows(local)

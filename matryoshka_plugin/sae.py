@@ -148,9 +148,9 @@ class MatryoshkaBatchTopKSAE(_SAEBase):
         with torch.no_grad():
             post_relu = dense_pre_activations(x - self.b_dec, self.W_enc, self.b_enc, matmul_dtype)
             if collective is None:
-                flat = batch_topk_select(post_relu, min(int(self.k) * rows, post_relu.numel()))
+                flat = batch_topk_select(post_relu, min(int(self.k) * rows, post_relu.numel()), backend)
             else:
-                flat = collective.batch_topk_select(post_relu, int(self.k) * rows * collective.world_size)
+                flat = collective.batch_topk_select(post_relu, int(self.k) * rows * collective.world_size, backend)
             vals = post_relu.reshape(-1)[flat]
         lat = sparse_from_flat(flat, vals, rows, n, presorted=True)
         values = encoder_entries(

@@ -11,9 +11,12 @@ from __future__ import annotations
 
 import torch
 
-from .kernels import numba_supported, resolve_backend
+from .kernels import BACKENDS, fused_op
 
-__all__ = ["batch_topk_select", "encoder_entries", "encoder_matmul_dtype", "dense_pre_activations"]
+__all__ = [
+    "batch_topk_select", "encoder_entries", "encoder_matmul_dtype", "dense_pre_activations", "torch_above",
+    "torch_column_accumulate",
+]
 
 LOW_PRECISION = (torch.bfloat16, torch.float16)
 
@@ -57,15 +60,23 @@ def _generator(device: torch.device) -> torch.Generator:
     return _GENERATORS[key]
 
 
+def torch_above(flat: torch.Tensor, cutoff: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Indices (ascending) and values of the entries of 1-D ``flat`` above ``cutoff``, NaN
+    counted as above (as ``torch.topk`` ranks it): the torch counterpart of the ``above`` kernel."""
+    candidates = torch.nonzero(~(flat <= cutoff)).squeeze(1)
+    return candidates, flat[candidates]
+
+
 @torch.no_grad()
-def batch_topk_select(scores: torch.Tensor, count: int) -> torch.Tensor:
+def batch_topk_select(scores: torch.Tensor, count: int, backend: str = "auto") -> torch.Tensor:
     """Flat indices (ascending) of the ``count`` largest entries of ``scores``.
 
     Exact, like ``torch.topk`` over the flattened matrix, but instead of ranking all
     ``B*n`` values it estimates a cut-off from a random sample, keeps the entries above it
     (a little more than ``count``) and ranks only those; if the cut-off was too high it
     falls back to the full ``torch.topk``. Ties at the boundary are broken arbitrarily, as
-    ``torch.topk`` does; NaN ranks above every number, as in ``torch.topk``.
+    ``torch.topk`` does; NaN ranks above every number, as in ``torch.topk``. ``backend``
+    chooses the cut-off pass (``kernels.fused_op``: the numba kernel on CPU unless ``"torch"``).
     """
     flat = scores.reshape(-1)
     total = flat.numel()
@@ -75,17 +86,31 @@ def batch_topk_select(scores: torch.Tensor, count: int) -> torch.Tensor:
         pick = torch.randint(total, (_SAMPLE,), device=flat.device, generator=_generator(flat.device))
         rank = min(_SAMPLE - 1, int(count / total * _SAMPLE * 1.3) + 64)
         cutoff = torch.topk(flat[pick], rank + 1, sorted=True).values[-1]
-        if flat.is_contiguous() and numba_supported(flat):
-            from .kernels.numba import above
-
-            candidates, values = above(flat, float(cutoff))
-        else:
-            candidates = torch.nonzero(~(flat <= cutoff)).squeeze(1)  # NaN above, as torch.topk ranks it
-            values = flat[candidates]
+        above = fused_op("above", backend, flat) or torch_above
+        candidates, values = above(flat, float(cutoff))
         if candidates.numel() >= count:
             keep = torch.topk(values, count, sorted=False).indices
             return torch.sort(candidates[keep]).values
     return torch.sort(torch.topk(flat, count, sorted=False).indices).values
+
+
+def _gradient_rows(n: int, indices: torch.Tensor, coef: torch.Tensor, src_row: torch.Tensor,
+                   src: torch.Tensor) -> torch.Tensor:
+    """``[n, d]``: row ``f`` is ``sum_e coef[e] * src[src_row[e]]`` over the entries of latent
+    ``f``, accumulated in slices that bound the ``[entries, d]`` temporary."""
+    rows = torch.zeros(n, src.shape[1], dtype=src.dtype, device=src.device)
+    step = max(1, (1 << 22) // max(1, src.shape[1]))
+    for s in range(0, indices.numel(), step):
+        e = min(indices.numel(), s + step)
+        rows.index_add_(0, indices[s:e], coef[s:e, None] * src[src_row[s:e]])
+    return rows
+
+
+def torch_column_accumulate(out: torch.Tensor, indices: torch.Tensor, coef: torch.Tensor, src_row: torch.Tensor,
+                            src: torch.Tensor) -> None:
+    """``out[:, f] = sum_e coef[e] * src[src_row[e]]`` over the entries of latent ``f`` for a
+    ``[d, n]`` ``out``: the torch counterpart of the ``column_accumulate`` kernel."""
+    out.copy_(_gradient_rows(out.shape[1], indices, coef, src_row, src).T)
 
 
 class _EncoderEntries(torch.autograd.Function):
@@ -105,19 +130,15 @@ class _EncoderEntries(torch.autograd.Function):
         g_bdec = -(W_enc @ g_benc) if need_bd else None
         g_w = None
         if need_w:
-            centred = (x - b_dec).detach()
-            if ctx.backend == "fused" and W_enc.is_contiguous() and numba_supported(W_enc, centred, g):
-                from .kernels.numba import column_accumulate
-
+            centred = (x - b_dec).detach().contiguous()
+            g = g.contiguous()
+            accumulate = fused_op("column_accumulate", ctx.backend, W_enc, centred, g)
+            if accumulate is not None:
                 # Written in W_enc's own [d, n] layout, every column assigned: no zero-fill.
                 g_w = torch.empty_like(W_enc)
-                column_accumulate(g_w, cols, g.contiguous(), rows, centred.contiguous())
+                accumulate(g_w, cols, g, rows, centred)
             else:
-                g_wt = torch.zeros(n, x.shape[1], dtype=x.dtype, device=x.device)
-                step = max(1, (1 << 22) // max(1, x.shape[1]))
-                for s in range(0, cols.numel(), step):
-                    e = min(cols.numel(), s + step)
-                    g_wt.index_add_(0, cols[s:e], g[s:e, None] * centred[rows[s:e]])
+                g_wt = _gradient_rows(n, cols, g, rows, centred)
                 g_w = g_wt.T if W_enc.T.is_contiguous() else g_wt.T.contiguous()  # W_enc's layout
         g_x = None
         if need_x:
@@ -140,6 +161,7 @@ def encoder_entries(
     ``values`` must hold those activations already (computed without autograd from the dense
     pre-activations that selected the entries); only the backward is new: it is sparse.
     """
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
     x = x.to(W_enc.dtype)  # bf16 activations: the sparse gradient is accumulated in fp32
-    resolved = resolve_backend(backend, x, W_enc) if backend != "torch" else "torch"
-    return _EncoderEntries.apply(x, W_enc, b_enc, b_dec, rows, cols, values, resolved)
+    return _EncoderEntries.apply(x, W_enc, b_enc, b_dec, rows, cols, values, backend)

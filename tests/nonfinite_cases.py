@@ -7,8 +7,9 @@ a heap corruption abort) ends this process, not pytest.
 every public entry point resolves ``"auto"`` to it); ``PATH`` is ``serial`` or ``parallel``
 (the numba kernels' two compilations). With no ``CASE`` every case runs. Output: one line
 ``CASES name ...``, then ``START name`` before and ``END name outcome`` after each case, where
-the outcome is ``ok`` or the name of the exception raised (and its message). A case whose
-``START`` has no ``END`` crashed the process.
+the outcome is ``ok`` or the name of the exception raised (and its message), and last
+``LOADED numba`` or ``LOADED -`` (whether numba was imported). A case whose ``START`` has no
+``END`` crashed the process.
 """
 
 from __future__ import annotations
@@ -272,6 +273,7 @@ def main() -> None:
                 detail += " | " + " ".join(traceback.format_exc().split())[-600:]
         verdict = "pass" if outcome in allowed else "FAIL"
         print("END", name, verdict, outcome, detail, flush=True)
+    print("LOADED", "numba" if "numba" in sys.modules else "-", flush=True)
 
 
 if __name__ == "__main__":

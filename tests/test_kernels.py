@@ -3,6 +3,10 @@ torch reference there; a faulty one (wrong gradient, or one that raises as a fai
 would) warns once and the torch path runs. Faulty kernels are injected through
 ``kernels.replace_kernel``, built from the torch reference so the fault is known exactly."""
 
+import os
+import subprocess
+import sys
+import textwrap
 import warnings
 
 import pytest
@@ -84,7 +88,7 @@ def test_faulty_kernel_warns_once_and_torch_runs(faulty):
         assert kernel_trusted("cpu", torch.float32) is False
     # Leaving the block restores the real kernel and forgets the verdict.
     assert kernels.KERNELS["cpu"].name == "numba"
-    assert ("cpu", torch.float32) not in kernels._CHECKS
+    assert ("prefix_mse", "cpu", torch.float32) not in kernels._CHECKS
 
 
 def test_correct_kernel_is_checked_once_then_used():
@@ -142,3 +146,175 @@ def test_above_matches_nonzero_and_gather(threads, dtype):
                 assert torch.equal(vals, flat[ref]) and vals.dtype == dtype
     finally:
         torch.set_num_threads(before)
+
+
+OPS = ["above", "column_accumulate", "project_out_rows_", "normalise_rows_"]
+
+
+@pytest.mark.skipif(not kernels.numba_available(), reason="numba is not installed")
+@pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_every_numba_kernel_passes_its_self_check(op, dtype):
+    err = self_check_error("cpu", dtype, op)
+    assert err < (1e-5 if dtype == torch.float32 else 1e-12)
+
+
+def _normalise_too_little(W, eps):
+    """The torch reference, but rows end at norm 1.1 (a faulty normalisation kernel)."""
+    W.div_(W.norm(dim=1, keepdim=True).clamp_min(eps)).mul_(1.1)
+
+
+def _above_drops_largest(flat, cutoff):
+    """The torch reference without its largest entry (a faulty cut-off kernel)."""
+    idx = torch.nonzero(~(flat <= cutoff)).squeeze(1)
+    idx = idx[idx != int(flat.argmax())]
+    return idx, flat[idx]
+
+
+def _column_accumulate_scaled(out, indices, coef, src_row, src):
+    from matryoshka_plugin.sparse_encoder import torch_column_accumulate
+
+    torch_column_accumulate(out, indices, coef, src_row, src)
+    out.mul_(1.1)
+
+
+def _normalise(backend):
+    from matryoshka_plugin.trainers.common import normalise_rows_
+
+    W = torch.randn(40, 8, generator=torch.Generator().manual_seed(0))
+    normalise_rows_(W, backend)
+    return W.norm(dim=1)
+
+
+def _select(backend):
+    from matryoshka_plugin.sparse_encoder import batch_topk_select
+
+    scores = torch.rand(64, 4096, generator=torch.Generator().manual_seed(0))  # large enough to sample
+    return batch_topk_select(scores, 64 * 8, backend)
+
+
+def _encoder_grad(backend):
+    from matryoshka_plugin.sparse_encoder import encoder_entries
+
+    g = torch.Generator().manual_seed(0)
+    x, W, b_enc, b_dec = torch.randn(16, 12, generator=g), torch.randn(12, 40, generator=g), torch.zeros(40), torch.zeros(12)
+    W.requires_grad_()
+    post = (x @ W).relu().detach()
+    flat = torch.topk(post.flatten(), 16 * 4).indices
+    rows, cols = flat // 40, flat % 40
+    encoder_entries(x, W, b_enc, b_dec, rows, cols, post.flatten()[flat], backend).pow(2).sum().backward()
+    return W.grad
+
+
+@pytest.mark.parametrize("op, faulty, run, fault_seen", [
+    ("normalise_rows_", _normalise_too_little, _normalise, lambda a, b: not torch.allclose(a, b)),
+    ("above", _above_drops_largest, _select, lambda a, b: a.numel() != b.numel() or not torch.equal(a, b)),
+    ("column_accumulate", _column_accumulate_scaled, _encoder_grad, lambda a, b: not torch.allclose(a, b)),
+], ids=["normalise_rows_", "above", "column_accumulate"])
+def test_faulty_op_kernel_warns_once_and_torch_runs(op, faulty, run, fault_seen):
+    """Every kernel, not only the prefix loss, checks itself before its first use under "auto":
+    an injected faulty one warns once, naming itself, and its torch counterpart runs."""
+    reference = run("torch")
+    with replace_kernel("cpu", faulty, name="injected", op=op):
+        forced = run("fused")  # forced, the fault is real (and would be used unchecked)
+        assert fault_seen(forced, reference)
+        with pytest.warns(KernelSelfCheckWarning) as caught:
+            first = run("auto")
+        assert len(caught) == 1
+        message = str(caught[0].message)
+        assert f"injected {op} kernel" in message and "on cpu in torch.float32" in message
+        assert not fault_seen(first, reference)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # once per kernel, device and dtype
+            assert not fault_seen(run("auto"), reference)
+        assert kernel_trusted("cpu", torch.float32, op) is False
+        assert kernel_trusted("cpu", torch.float32) in (True, False)  # the prefix loss's verdict is its own
+    assert kernels.OP_KERNELS[op].name == "numba"
+    assert (op, "cpu", torch.float32) not in kernels._CHECKS
+
+
+def test_op_kernel_is_checked_once_then_used():
+    from matryoshka_plugin.trainers.common import torch_project_out_rows_, project_out_radial_
+
+    calls = []
+
+    def counted(grad, W):
+        calls.append(1)
+        torch_project_out_rows_(grad, W)
+
+    G, W = torch.randn(30, 6), torch.randn(30, 6)
+    with replace_kernel("cpu", counted, op="project_out_rows_"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            project_out_radial_(G, W)
+            assert len(calls) == 2  # the self-check, then the real call
+            project_out_radial_(G, W)
+            assert len(calls) == 3
+            project_out_radial_(G, W, "torch")
+            assert len(calls) == 3
+    torch.testing.assert_close((G * W).sum(1), torch.zeros(30), atol=1e-5, rtol=0)
+
+
+NO_NUMBA = textwrap.dedent(
+    """
+    import importlib.abc, sys
+
+    attempts = []
+
+    class Block(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path=None, target=None):
+            if name.split(".")[0] == "numba":  # (torch itself probes for triton)
+                attempts.append(name)
+                raise ImportError(f"{name} is blocked")
+            return None
+
+    if sys.argv[1] == "block":
+        sys.meta_path.insert(0, Block())
+    import torch
+    from matryoshka_plugin import MatryoshkaBatchTopKTrainer, MatryoshkaLogSparsityTrainer
+
+    backend, out = sys.argv[2], sys.argv[3]
+    torch.set_num_threads(1)
+    g = torch.Generator().manual_seed(0)
+    xs = [torch.randn(64, 32, generator=g) for _ in range(3)]
+    common = dict(steps=10, activation_dim=32, dict_size=4096, warmup_steps=1, device="cpu", seed=0, backend=backend)
+    res = {}
+    # 64 x 4096 scores: the batch top-k samples a cut-off (the "above" pass); dead latents after
+    # 64 tokens: the auxiliary loss runs the sparse encoder backward twice.
+    for name, tr in (
+        ("topk", MatryoshkaBatchTopKTrainer(k=8, group_fractions=[0.25, 0.75], dead_feature_threshold=64, **common)),
+        ("log", MatryoshkaLogSparsityTrainer(target_l0=8, **common)),
+    ):
+        for i, x in enumerate(xs):
+            res[f"{name}.loss{i}"] = torch.tensor(tr.update(i, x))
+        res.update({f"{name}.{k}": v for k, v in tr.ae.state_dict().items()})
+        res[f"{name}.encode"] = tr.ae.encode(xs[0])  # "auto" here: MATRYOSHKA_BACKEND decides
+    torch.save(res, out)
+    print("ATTEMPTS", attempts)
+    print("LOADED", sorted(m for m in sys.modules if m.split(".")[0] == "numba"))
+    """
+)
+
+
+def _no_numba_run(block: bool, backend: str, out, env_backend: str):
+    env = {**os.environ, "MATRYOSHKA_BACKEND": env_backend}
+    proc = subprocess.run([sys.executable, "-c", NO_NUMBA, "block" if block else "open", backend, str(out)],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = dict(line.split(" ", 1) for line in proc.stdout.splitlines() if " " in line)
+    return torch.load(out), lines
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not kernels.numba_available(), reason="numba is not installed")
+def test_torch_backend_never_imports_numba_and_matches_the_kernels(tmp_path):
+    """backend="torch" means plain torch everywhere: training steps of both trainers (selection,
+    sparse encoder backward, prefix loss, decoder projection and normalisation) and encode run
+    with numba unimportable, never try to import it, and agree with the numba kernels."""
+    plain, lines = _no_numba_run(True, "torch", tmp_path / "torch.pt", "torch")
+    assert lines["ATTEMPTS"] == "[]" and lines["LOADED"] == "[]", lines
+    fused, lines = _no_numba_run(False, "fused", tmp_path / "fused.pt", "fused")
+    assert "'numba'" in lines["LOADED"]
+    assert plain.keys() == fused.keys()
+    for key in plain:
+        torch.testing.assert_close(plain[key], fused[key], rtol=1e-4, atol=2e-5, msg=key)

@@ -10,11 +10,12 @@ HAS_NUMBA = numba_available()
 BACKENDS = ["torch"] + (["fused"] if HAS_NUMBA else [])
 
 
+@pytest.mark.parametrize("backend", ["auto"] + BACKENDS)
 @pytest.mark.parametrize("shape,count", [((64, 32), 100), ((512, 4096), 512 * 16), ((512, 4096), 512 * 600)])
-def test_selection_equals_full_topk(shape, count, kernel_path):
+def test_selection_equals_full_topk(shape, count, backend, kernel_path):
     g = torch.Generator().manual_seed(0)
     scores = torch.randn(*shape, generator=g).relu()
-    got = batch_topk_select(scores, count)
+    got = batch_topk_select(scores, count, backend)
     want = torch.sort(torch.topk(scores.flatten(), count).indices).values
     assert torch.all(got[1:] > got[:-1])
     # compare the selected values (ties may pick different indices)

@@ -1,21 +1,24 @@
 """Fused kernels of the sparse training path, and the choice between them and plain torch.
 
-* :mod:`.numba` (CPU, float32/float64): the all-prefix loss in one pass per token, and the
-  encoder's sparse weight gradient (:func:`~.numba.column_accumulate`).
+* :mod:`.numba` (CPU, float32/float64): the all-prefix loss in one pass per token, the encoder's
+  sparse weight gradient (``column_accumulate``), the batch top-k's cut-off pass (``above``)
+  and the decoder's row projection and normalisation (``project_out_rows_``,
+  ``normalise_rows_``).
 * :mod:`.triton` (CUDA, float32/bfloat16/float16): the all-prefix loss.
 
-Each kernel has a plain torch counterpart (``prefix_loss`` and ``sparse_encoder``) that runs
-on any device and dtype and that the tests compare it with. numba and triton are optional and
-imported only when a kernel is about to run on tensors it covers, so importing the package
-stays cheap.
+Each kernel has a plain torch counterpart (in ``prefix_loss``, ``sparse_encoder`` and
+``trainers.common``) that runs on any device and dtype and that the tests compare it with.
+numba and triton are optional and imported only when a kernel is about to run on tensors it
+covers, so importing the package stays cheap; ``backend="torch"`` never imports them.
 
 A fused kernel is trusted on a device only after it has checked itself: on its first use per
-(device, dtype) under ``backend="auto"``, :func:`kernel_trusted` runs it and the torch
-reference on a small random problem and compares the loss and every gradient. On a mismatch,
-or if the kernel fails to compile or launch, it warns once (naming the device and the largest
-error) and the torch path runs on that device from then on. ``backend="fused"`` runs the kernel
-unchecked (it is what the kernel tests compare). :data:`KERNELS` maps a device type to its
-kernel; :func:`replace_kernel` swaps one in (tests inject faulty kernels through it).
+(kernel, device, dtype) under ``backend="auto"``, :func:`kernel_trusted` runs it and its torch
+reference on a small random problem and compares every output (and, for the prefix loss, every
+gradient). On a mismatch, or if the kernel fails to compile or launch, it warns once (naming
+the kernel, the device and the largest error) and the torch path runs there from then on.
+``backend="fused"`` runs the kernels unchecked (it is what the kernel tests compare).
+:data:`KERNELS` maps a device type to its prefix-loss kernel, :data:`OP_KERNELS` names the
+other (CPU) kernels; :func:`replace_kernel` swaps one in (tests inject faulty kernels through it).
 """
 
 from __future__ import annotations
@@ -43,6 +46,8 @@ __all__ = [
     "scale_grad_once",
     "FusedKernel",
     "KERNELS",
+    "OP_KERNELS",
+    "fused_op",
     "KernelSelfCheckWarning",
     "kernel_trusted",
     "self_check_error",
@@ -107,11 +112,14 @@ def _triton_run(x, latents, W_dec, b_dec, cum, chunk_elements, consume):
 
 @dataclass(frozen=True)
 class FusedKernel:
-    """The fused prefix-loss kernel of one device type.
+    """A fused kernel: the prefix loss of one device type (:data:`KERNELS`) or a CPU operation
+    (:data:`OP_KERNELS`).
 
-    ``run(x, latents, W_dec, b_dec, cum, chunk_elements, consume)`` returns ``(loss, residual)``
-    like ``prefix_loss.prefix_mse`` (differentiable in ``x``, ``latents.values``, ``W_dec``,
-    ``b_dec``); ``dtypes`` are those it handles; ``available()`` says whether it can be imported.
+    For the prefix loss ``run(x, latents, W_dec, b_dec, cum, chunk_elements, consume)`` returns
+    ``(loss, residual)`` like ``prefix_loss.prefix_mse`` (differentiable in ``x``,
+    ``latents.values``, ``W_dec``, ``b_dec``); an operation's ``run`` takes its torch
+    counterpart's arguments. ``dtypes`` are those it handles; ``available()`` says whether it
+    can be imported.
     """
 
     name: str
@@ -126,6 +134,26 @@ KERNELS: dict[str, FusedKernel] = {
 }
 
 
+def _numba_op(name: str) -> Callable[..., Any]:
+    def run(*args: Any) -> Any:
+        from . import numba
+
+        return getattr(numba, name)(*args)
+
+    run.__name__ = name
+    return run
+
+
+# The CPU-only kernels besides the prefix loss, by name. Each runs in place or returns what its
+# torch counterpart returns: ``above(flat, cutoff)``, ``column_accumulate(out, indices, coef,
+# src_row, src)``, ``project_out_rows_(grad, W)``, ``normalise_rows_(W, eps)``.
+OP_KERNELS: dict[str, FusedKernel] = {
+    op: FusedKernel("numba", NUMBA_DTYPES, numba_available, _numba_op(op))
+    for op in ("above", "column_accumulate", "project_out_rows_", "normalise_rows_")
+}
+PREFIX_MSE = "prefix_mse"
+
+
 def _kernel_for(tensors: tuple[torch.Tensor, ...]) -> FusedKernel | None:
     kernel = KERNELS.get(tensors[0].device.type) if tensors else None
     if kernel is None or not _uniform(tensors, tensors[0].device.type, kernel.dtypes):
@@ -137,9 +165,9 @@ class KernelSelfCheckWarning(RuntimeWarning):
     """A fused kernel disagreed with the torch reference (or failed) on a device: torch runs there."""
 
 
-# (device, dtype) -> max relative error of the self-check (inf: the kernel raised), or None
-# while it runs. Guarded by _CHECK_LOCK: trainers may call the loss from several threads.
-_CHECKS: dict[tuple[str, torch.dtype], float] = {}
+# (kernel, device, dtype) -> max relative error of the self-check (inf: the kernel raised).
+# Guarded by _CHECK_LOCK: trainers may call the loss from several threads.
+_CHECKS: dict[tuple[str, str, torch.dtype], float] = {}
 _CHECK_LOCK = threading.RLock()
 # Largest error, relative to each tensor's largest magnitude, that the self-check accepts.
 SELF_CHECK_TOLERANCE = {torch.float64: 1e-6, torch.float32: 1e-3, torch.bfloat16: 5e-2, torch.float16: 1e-2}
@@ -166,15 +194,25 @@ def _self_check_problem(device: torch.device, dtype: torch.dtype):
     return tensors, flat.to(device), B, n, cum
 
 
-def self_check_error(device: torch.device | str, dtype: torch.dtype) -> float:
-    """Largest error of the fused kernel for ``device`` against the torch reference on a small
-    random problem, over the loss, the residual and every gradient, each relative to the
-    reference's largest magnitude. Exceptions of the kernel (compile, launch) propagate."""
+def _relative_error(refs: list[torch.Tensor], gots: list[torch.Tensor]) -> float:
+    """Largest ``|ref - got|`` relative to each reference's largest magnitude; a shape mismatch
+    or a NaN counts as infinite."""
+    worst = 0.0
+    for ref, got in zip(refs, gots):
+        ref, got = ref.double(), got.double()
+        if ref.shape != got.shape:
+            return float("inf")
+        if ref.numel() == 0:
+            continue
+        err = float((ref - got).abs().max()) / max(float(ref.abs().max()), 1e-12)
+        worst = max(worst, err if err == err else float("inf"))  # NaN counts as a failure
+    return worst
+
+
+def _prefix_mse_error(kernel: FusedKernel, device: torch.device, dtype: torch.dtype) -> float:
     from ..prefix_loss import _torch_prefix_mse
     from ..sparse_latents import sparse_from_flat
 
-    device = torch.device(device)
-    kernel = KERNELS[device.type]
     outs = []
     # The check runs wherever the first call happens (eval, autocast): it needs gradients and
     # the dtype it was asked about.
@@ -193,40 +231,104 @@ def self_check_error(device: torch.device | str, dtype: torch.dtype) -> float:
                 loss, resid = kernel.run(x, lat, W, b, cum, 1 << 16, False)
             grads = torch.autograd.grad(loss * 1.5, [x, lat.values, W, b])
             outs.append([loss.detach(), resid.detach(), *grads])
-    worst = 0.0
-    for ref, got in zip(*outs):
-        ref, got = ref.double(), got.double()
-        if ref.shape != got.shape:
-            return float("inf")
-        err = float((ref - got).abs().max()) / max(float(ref.abs().max()), 1e-12)
-        worst = max(worst, err if err == err else float("inf"))  # NaN counts as a failure
-    return worst
+    return _relative_error(*outs)
 
 
-def kernel_trusted(device: torch.device | str, dtype: torch.dtype) -> bool:
-    """Whether the fused kernel for ``device`` passed its self-check in ``dtype`` (run once per
-    device and dtype, on first use). On failure it warns once and returns False from then on."""
+def _op_problem(op: str, device: torch.device, dtype: torch.dtype) -> tuple:
+    """Arguments for ``op`` on a small random problem: ties at the cut-off and uneven pieces
+    (``above``), latents without entries and a width that is not a multiple of a tile
+    (``column_accumulate``), a zero row (the row operations)."""
+    g = torch.Generator().manual_seed(1234)
+    if op == "above":
+        flat = torch.rand(3001, generator=g)
+        flat[::7] = 0.5  # ties at the cut-off stay out
+        return (flat.to(device, dtype), 0.5)
+    if op == "column_accumulate":
+        d, n, rows, entries = 37, 53, 12, 150
+        indices = torch.randint(n - 5, (entries,), generator=g)  # the last latents have none
+        src_row = torch.randint(rows, (entries,), generator=g)
+        coef, src = torch.randn(entries, generator=g), torch.randn(rows, d, generator=g)
+        return (torch.full((d, n), float("nan")).to(device, dtype), indices.to(device), coef.to(device, dtype),
+                src_row.to(device), src.to(device, dtype))
+    W = torch.randn(53, 37, generator=g)
+    W[4] = 0.0
+    if op == "project_out_rows_":
+        return (torch.randn(53, 37, generator=g).to(device, dtype), W.to(device, dtype))
+    return (W.to(device, dtype), torch.finfo(dtype).eps)
+
+
+def _op_reference(op: str) -> Callable[..., Any]:
+    """The torch implementation that runs where the kernel does not."""
+    if op == "above":
+        from ..sparse_encoder import torch_above
+
+        return torch_above
+    if op == "column_accumulate":
+        from ..sparse_encoder import torch_column_accumulate
+
+        return torch_column_accumulate
+    from ..trainers import common
+
+    return common.torch_project_out_rows_ if op == "project_out_rows_" else common.torch_normalise_rows_
+
+
+def _op_error(op: str, kernel: FusedKernel, device: torch.device, dtype: torch.dtype) -> float:
+    outs = []
+    with torch.inference_mode(False), torch.no_grad():
+        for run in (_op_reference(op), kernel.run):
+            args = _op_problem(op, device, dtype)
+            result = run(*args)
+            # In-place kernels: what they wrote into their first argument.
+            outs.append(list(result) if result is not None else [args[0]])
+    if op == "above" and not all(torch.equal(a, b) for a, b in zip(*outs)):
+        return float("inf")  # a selection is exact or wrong
+    return _relative_error(*outs)
+
+
+def self_check_error(device: torch.device | str, dtype: torch.dtype, op: str = PREFIX_MSE) -> float:
+    """Largest error of the fused kernel ``op`` (the prefix loss by default; see
+    :data:`OP_KERNELS` for the others) for ``device`` against its torch reference on a small
+    random problem, over every output (and the prefix loss's gradients), each relative to the
+    reference's largest magnitude. Exceptions of the kernel (compile, launch) propagate."""
+    device = torch.device(device)
+    if op == PREFIX_MSE:
+        return _prefix_mse_error(KERNELS[device.type], device, dtype)
+    return _op_error(op, OP_KERNELS[op], device, dtype)
+
+
+def _registered(op: str, device_type: str) -> FusedKernel | None:
+    return KERNELS.get(device_type) if op == PREFIX_MSE else OP_KERNELS[op] if device_type == "cpu" else None
+
+
+def kernel_trusted(device: torch.device | str, dtype: torch.dtype, op: str = PREFIX_MSE) -> bool:
+    """Whether the fused kernel ``op`` for ``device`` passed its self-check in ``dtype`` (run
+    once per kernel, device and dtype, on first use). On failure it warns once and returns
+    False from then on."""
     device = torch.device(device)
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
-    key = (str(device), dtype)
+    key = (op, str(device), dtype)
+    tolerance = SELF_CHECK_TOLERANCE.get(dtype, 1e-3)
     with _CHECK_LOCK:
         if key in _CHECKS:
-            return _CHECKS[key] <= SELF_CHECK_TOLERANCE.get(dtype, 1e-3)
-        name = KERNELS[device.type].name
+            return _CHECKS[key] <= tolerance
+        kernel = _registered(op, device.type)
+        if kernel is None:
+            raise ValueError(f"no fused {op} kernel for {device.type}")
         try:
-            err, why = self_check_error(device, dtype), None
+            err, why = self_check_error(device, dtype, op), None
         except Exception as exc:  # a compile or launch error: torch runs instead
             err, why = float("inf"), f"{type(exc).__name__}: {exc}"
         _CHECKS[key] = err
-        ok = err <= SELF_CHECK_TOLERANCE.get(dtype, 1e-3)
+        ok = err <= tolerance
         if not ok:
             where = str(device)
             if device.type == "cuda":
                 where += f" ({torch.cuda.get_device_name(device)})"
             problem = f"failed ({why})" if why else f"disagrees with the torch reference: max relative error {err:.3g}"
+            label = "prefix-loss" if op == PREFIX_MSE else op
             warnings.warn(
-                f"the fused {name} prefix-loss kernel {problem} on {where} in {dtype}; "
+                f"the fused {kernel.name} {label} kernel {problem} on {where} in {dtype}; "
                 "the torch implementation runs there instead (backend='fused' forces the kernel)",
                 KernelSelfCheckWarning,
                 stacklevel=3,
@@ -235,42 +337,54 @@ def kernel_trusted(device: torch.device | str, dtype: torch.dtype) -> bool:
 
 
 @contextlib.contextmanager
-def replace_kernel(device_type: str, run: Callable[..., tuple[torch.Tensor, torch.Tensor]],
-                   name: str = "replacement", dtypes: tuple[torch.dtype, ...] | None = None) -> Iterator[FusedKernel]:
-    """Use ``run`` as the fused prefix-loss kernel on ``device_type`` inside the block (its
-    self-checks start afresh, and are forgotten again on exit). ``run`` has the signature of
-    :attr:`FusedKernel.run`; ``dtypes`` default to those of the kernel it replaces."""
-    old = KERNELS[device_type]
+def replace_kernel(device_type: str, run: Callable[..., Any], name: str = "replacement",
+                   dtypes: tuple[torch.dtype, ...] | None = None, op: str = PREFIX_MSE) -> Iterator[FusedKernel]:
+    """Use ``run`` as the fused kernel ``op`` (the prefix loss by default, else a name in
+    :data:`OP_KERNELS`, CPU only) on ``device_type`` inside the block (its self-checks start
+    afresh, and are forgotten again on exit). ``run`` has the signature of the kernel it
+    replaces; ``dtypes`` default to that kernel's."""
+    table, key = (KERNELS, device_type) if op == PREFIX_MSE else (OP_KERNELS, op)
+    if op != PREFIX_MSE and device_type != "cpu":
+        raise ValueError(f"the {op} kernel exists on CPU only")
+    old = table[key]
     new = FusedKernel(name, dtypes or old.dtypes, lambda: True, run)
     with _CHECK_LOCK:
-        KERNELS[device_type] = new
-        _forget_checks(device_type)
+        table[key] = new
+        _forget_checks(device_type, op)
     try:
         yield new
     finally:
         with _CHECK_LOCK:
-            KERNELS[device_type] = old
-            _forget_checks(device_type)
+            table[key] = old
+            _forget_checks(device_type, op)
 
 
-def _forget_checks(device_type: str) -> None:
-    for key in [k for k in _CHECKS if torch.device(k[0]).type == device_type]:
+def _forget_checks(device_type: str, op: str) -> None:
+    for key in [k for k in _CHECKS if k[0] == op and torch.device(k[1]).type == device_type]:
         del _CHECKS[key]
 
 
-def resolve_backend(backend: str, *tensors: torch.Tensor, self_check: bool = False) -> str:
-    """``"fused"`` where a fused kernel exists for these tensors, else ``"torch"``.
-
-    The environment variable ``MATRYOSHKA_BACKEND`` overrides ``"auto"``. With ``self_check``,
-    ``"auto"`` picks the prefix-loss kernel only once it has passed :func:`kernel_trusted` on
-    the tensors' device and dtype.
-    """
+def _requested(backend: str) -> str:
+    """``backend`` validated, with ``MATRYOSHKA_BACKEND`` in place of ``"auto"``."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
     if backend == "auto":
         backend = os.environ.get("MATRYOSHKA_BACKEND", "auto")
         if backend not in BACKENDS:
             raise ValueError(f"MATRYOSHKA_BACKEND={backend!r} is not one of {BACKENDS}")
+    return backend
+
+
+def resolve_backend(backend: str, *tensors: torch.Tensor, self_check: bool = False) -> str:
+    """``"fused"`` where a fused prefix-loss kernel exists for these tensors, else ``"torch"``.
+
+    The environment variable ``MATRYOSHKA_BACKEND`` overrides ``"auto"``; ``"torch"`` looks for
+    no kernel (numba and triton stay unimported). With ``self_check``, ``"auto"`` picks the
+    kernel only once it has passed :func:`kernel_trusted` on the tensors' device and dtype.
+    """
+    backend = _requested(backend)
+    if backend == "torch":
+        return backend
     supported = _kernel_for(tensors) is not None
     if backend == "fused" and not supported:
         raise ValueError(
@@ -282,6 +396,25 @@ def resolve_backend(backend: str, *tensors: torch.Tensor, self_check: bool = Fal
             return "torch"
         return "fused" if supported else "torch"
     return backend
+
+
+def fused_op(op: str, backend: str, *tensors: torch.Tensor) -> Callable[..., Any] | None:
+    """The fused kernel ``op`` (a name in :data:`OP_KERNELS`) to run on ``tensors``, or None
+    where the torch counterpart runs: under ``backend="torch"`` (nothing is imported), for
+    tensors the kernel does not cover (another device or dtype, not contiguous, numba missing)
+    and, under ``"auto"``, until the kernel has passed its self-check (:func:`kernel_trusted`).
+    ``"fused"`` uses the kernel unchecked where it covers the tensors."""
+    backend = _requested(backend)
+    if backend == "torch" or not tensors:
+        return None
+    kernel = OP_KERNELS[op]
+    if not (_uniform(tensors, "cpu", kernel.dtypes) and all(t.is_contiguous() for t in tensors)):
+        return None
+    if not kernel.available():
+        return None
+    if backend == "auto" and not kernel_trusted(tensors[0].device, tensors[0].dtype, op):
+        return None
+    return kernel.run
 
 
 def fused_prefix_mse(

@@ -15,7 +15,7 @@ import torch
 from ..errors import CheckpointError, TrainingError, check_activations
 from ..host_memory import reuse_freed_memory
 from ..import_hooks import import_leaf
-from ..kernels import BACKENDS, numba_supported
+from ..kernels import BACKENDS, fused_op
 from ..prefixes import PrefixSampler
 from ..registry import PACKAGE_MARK
 from ..sparse_encoder import encoder_matmul_dtype
@@ -275,35 +275,36 @@ def make_adam(params, lr: float, betas) -> torch.optim.Adam:
         return torch.optim.Adam(params, lr=lr, betas=tuple(betas))
 
 
-def _numba_rows(*tensors: torch.Tensor) -> bool:
-    return all(t.is_contiguous() for t in tensors) and numba_supported(*tensors)
-
-
-@torch.no_grad()
-def project_out_radial_(grad: torch.Tensor, W: torch.Tensor) -> None:
-    """Remove from each row of ``grad`` its component along the matching row of ``W``.
-
-    Keeps unit-norm decoder rows on the sphere to first order; in place, with no temporary of
-    the decoder's size (one pass on CPU with numba).
-    """
-    if _numba_rows(grad, W):
-        from ..kernels.numba import project_out_rows_
-
-        return project_out_rows_(grad, W)
+def torch_project_out_rows_(grad: torch.Tensor, W: torch.Tensor) -> None:
+    """The torch counterpart of the ``project_out_rows_`` kernel (any device and dtype)."""
     dots = torch.einsum("fd,fd->f", grad, W)
     sq = torch.einsum("fd,fd->f", W, W).clamp_min(1e-12)
     grad.addcmul_(W, (dots / sq).unsqueeze(1), value=-1.0)
 
 
-@torch.no_grad()
-def normalise_rows_(W: torch.Tensor) -> None:
-    """Each row of ``W`` divided by its norm (at least the dtype's eps), in place."""
-    eps = torch.finfo(W.dtype).eps
-    if _numba_rows(W):
-        from ..kernels.numba import normalise_rows_ as run
-
-        return run(W, eps)
+def torch_normalise_rows_(W: torch.Tensor, eps: float) -> None:
+    """The torch counterpart of the ``normalise_rows_`` kernel (any device and dtype)."""
     W.div_(W.norm(dim=1, keepdim=True).clamp_min(eps))
+
+
+@torch.no_grad()
+def project_out_radial_(grad: torch.Tensor, W: torch.Tensor, backend: str = "auto") -> None:
+    """Remove from each row of ``grad`` its component along the matching row of ``W``.
+
+    Keeps unit-norm decoder rows on the sphere to first order; in place, with no temporary of
+    the decoder's size (one pass on CPU with numba unless ``backend="torch"``, see
+    ``kernels.fused_op``).
+    """
+    run = fused_op("project_out_rows_", backend, grad, W.detach()) or torch_project_out_rows_
+    run(grad, W.detach())
+
+
+@torch.no_grad()
+def normalise_rows_(W: torch.Tensor, backend: str = "auto") -> None:
+    """Each row of ``W`` divided by its norm (at least the dtype's eps), in place (one pass on
+    CPU with numba unless ``backend="torch"``)."""
+    run = fused_op("normalise_rows_", backend, W.detach()) or torch_normalise_rows_
+    run(W.detach(), torch.finfo(W.dtype).eps)
 
 
 @torch.no_grad()

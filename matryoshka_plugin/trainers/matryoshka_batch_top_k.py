@@ -412,12 +412,12 @@ class MatryoshkaBatchTopKTrainer(MatryoshkaTrainerBase):
         if dp is not None:
             dp.average_gradients_(list(self.ae.parameters()))
         W = self.ae.W_dec
-        project_out_radial_(W.grad, W)
+        project_out_radial_(W.grad, W, self.backend)
         clip_grad_norm_(self.ae.parameters(), 1.0)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
-        normalise_rows_(W)
+        normalise_rows_(W, self.backend)
         if perm is not None:
             self.reorder(perm)
         # With a collective: the global batch's loss, the same on every rank.

@@ -373,12 +373,12 @@ class MatryoshkaLogSparsityTrainer(MatryoshkaTrainerBase):
             dp.average_gradients_(list(self.ae.parameters()))
         W = self.ae.W_dec
         if self.normalize_decoder:
-            project_out_radial_(W.grad, W)
+            project_out_radial_(W.grad, W, self.backend)
         clip_grad_norm_(self.ae.parameters(), self.grad_clip)
         self.optimizer.step()
         self.scheduler.step()
         if self.normalize_decoder:
-            normalise_rows_(W)
+            normalise_rows_(W, self.backend)
         self.resampled = 0
         if self.resample_dead and self.dead_features and step < self.steps * (1 - self.decay_fraction):
             if dp is None:
