@@ -318,3 +318,25 @@ def test_torch_backend_never_imports_numba_and_matches_the_kernels(tmp_path):
     assert plain.keys() == fused.keys()
     for key in plain:
         torch.testing.assert_close(plain[key], fused[key], rtol=1e-4, atol=2e-5, msg=key)
+
+
+@pytest.mark.skipif(not kernels.numba_available(), reason="numba is not installed")
+@pytest.mark.parametrize("consume", [False, True])
+def test_fused_backward_scales_its_saved_gradients(consume):
+    """The numba loss's backward scales its saved gradients through kernels.scale_grads_once
+    (shared with the Triton kernel): by the incoming gradient, in place only with consume_grads
+    (then once only), untouched buffers otherwise (two backward passes agree)."""
+    x, W, b, vals, flat, B, n = (t.clone().requires_grad_() if torch.is_tensor(t) and t.is_floating_point() else t
+                                 for t in problem(3))
+    weights = PrefixWeights.fixed_groups([8, 24, 32])
+    ref = torch.autograd.grad(2.5 * prefix_mse(x, sparse_from_flat(flat, vals, B, n), W, b, weights,
+                                               backend="torch").loss, [x, vals, W, b])
+    loss = prefix_mse(x, sparse_from_flat(flat, vals, B, n), W, b, weights, backend="fused", consume_grads=consume).loss
+    got = torch.autograd.grad(2.5 * loss, [x, vals, W, b], retain_graph=True)
+    assert_all_close(got, ref)
+    if consume:
+        # refused: by the kernel, or by autograd seeing its saved buffers scaled in place
+        with pytest.raises(RuntimeError, match="one backward pass|modified by an inplace"):
+            torch.autograd.grad(loss, [W])
+    else:
+        assert_all_close(torch.autograd.grad(2.5 * loss, [x, vals, W, b]), ref)

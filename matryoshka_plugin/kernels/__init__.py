@@ -29,7 +29,7 @@ import os
 import threading
 import warnings
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
@@ -44,6 +44,7 @@ __all__ = [
     "triton_supported",
     "fused_prefix_mse",
     "scale_grad_once",
+    "scale_grads_once",
     "FusedKernel",
     "KERNELS",
     "OP_KERNELS",
@@ -432,15 +433,26 @@ def fused_prefix_mse(
     return KERNELS[x.device.type].run(x, latents, W_dec, b_dec, cum, chunk_elements, consume)
 
 
+def scale_grads_once(ctx: Any, grads: Sequence[torch.Tensor | None],
+                     scale: torch.Tensor | float) -> list[torch.Tensor | None]:
+    """``scale * grad`` for each gradient a fused kernel saved, in its backward. With
+    ``ctx.consume`` the saved buffers (one decoder-sized) are scaled in place instead, which
+    saves a copy but allows only one backward pass (trainers need only one); ``ctx.used``
+    records that it happened. A scale of exactly 1 on the CPU (what training passes) hands the
+    buffers over as they are, without a pass over them (on a GPU the check would synchronise)."""
+    if ctx.consume:
+        if ctx.used:
+            raise RuntimeError("this prefix loss was built with consume_grads=True: one backward pass only")
+        ctx.used = True
+    if isinstance(scale, torch.Tensor):
+        unit = scale.device.type == "cpu" and scale.numel() == 1 and float(scale) == 1.0
+    else:
+        unit = float(scale) == 1.0
+    if unit:
+        return list(grads)
+    return [None if g is None else g.mul_(scale) if ctx.consume else g * scale for g in grads]
+
+
 def scale_grad_once(ctx: Any, grad: torch.Tensor | None, scale: torch.Tensor | float) -> torch.Tensor | None:
-    """``scale * grad`` in a fused kernel's backward. With ``ctx.consume`` the saved (decoder-
-    sized) buffer is scaled in place instead, which saves a copy but allows only one backward
-    pass (trainers need only one); ``ctx.used`` records that it happened."""
-    if grad is None:
-        return None
-    if not ctx.consume:
-        return grad * scale
-    if ctx.used:
-        raise RuntimeError("this prefix loss was built with consume_grads=True: one backward pass only")
-    ctx.used = True
-    return grad.mul_(scale)
+    """:func:`scale_grads_once` for a single gradient."""
+    return scale_grads_once(ctx, [grad], scale)[0]

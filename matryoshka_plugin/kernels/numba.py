@@ -34,6 +34,7 @@ import torch
 from numba import njit, prange
 
 from ..sparse_latents import SparseLatents
+from . import scale_grads_once
 
 __all__ = [
     "PARALLEL_MIN_WORK", "DEFAULT_WORK_ELEMENTS", "numba_prefix_mse", "column_accumulate",
@@ -501,21 +502,10 @@ class _NumbaPrefixMSE(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss, _grad_resid):
         gvals, dW, g_b, g_x = ctx.saved_tensors
-        if ctx.consume:
-            if ctx.used:
-                raise RuntimeError("this prefix loss was built with consume_grads=True: one backward pass only")
-            ctx.used = True
         # The gradients were computed for d(loss) = 1; training passes exactly that, so the
         # decoder-sized buffer is handed over without another pass over it.
-        unit = grad_loss.numel() == 1 and float(grad_loss) == 1.0
-
-        def scaled(g, in_place):
-            if g is None or unit:
-                return g
-            return g.mul_(grad_loss) if in_place else g * grad_loss
-
-        return (scaled(g_x, ctx.consume), scaled(g_b, ctx.consume), scaled(gvals, ctx.consume), None, None,
-                scaled(dW, ctx.consume), None, None, None, None)
+        g_x, g_b, gvals, dW = scale_grads_once(ctx, [g_x, g_b, gvals, dW], grad_loss)
+        return g_x, g_b, gvals, None, None, dW, None, None, None, None
 
 
 def numba_prefix_mse(
