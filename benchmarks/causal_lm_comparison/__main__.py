@@ -1,4 +1,4 @@
-"""``python -m benchmarks.gemma2_2b_l12 --config FILE [--dry-run] [--set KEY=VALUE ...]``"""
+"""``python -m benchmarks.causal_lm_comparison --config NAME|FILE [--dry-run] [--set KEY=VALUE ...]``"""
 
 from __future__ import annotations
 
@@ -6,19 +6,20 @@ import argparse
 import os
 import sys
 
-from . import DEFAULT_CONFIG
-from .config import ConfigError, load_config, parse_override
+from .config import CONFIGS, ConfigError, load_config, parse_override
 from .pipeline import run_benchmark
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
-        prog="python -m benchmarks.gemma2_2b_l12",
-        description="Train Matryoshka and standard SAEs on Gemma-2-2B layer 12, run SAEBench's absorption, "
-        "sparse probing, SCR, TPP and core evals on every SAE, and write a comparison table and plots. "
-        "Re-running the same command continues an interrupted run.",
+        prog="python -m benchmarks.causal_lm_comparison",
+        description="Train Matryoshka and standard SAEs on a causal language model's residual stream, run "
+        "SAEBench's evals (absorption, sparse probing, core, ...) on every SAE, and write a comparison table and "
+        "plots. Re-running the same command continues an interrupted run.",
     )
-    p.add_argument("--config", default=str(DEFAULT_CONFIG), help="TOML config (default: %(default)s, the paper settings)")
+    p.add_argument("--config", default="smollm2_135m",
+                   help=f"a named configuration ({', '.join(CONFIGS)}; a unique prefix will do) or a TOML file "
+                   "(default: %(default)s, which runs offline; gemma2_2b_l12 is the paper's settings)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value (TOML syntax; bare words are strings), e.g. --set training.tokens=10_000_000 "
                    "--set 'training.widths=[16384]'")
@@ -36,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.nproc is not None and args.nproc > 1 and "WORLD_SIZE" not in os.environ and not args.dry_run:
         # Relaunch as N processes; each sees WORLD_SIZE and trains its share of every group.
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}",
-               "-m", "benchmarks.gemma2_2b_l12", *(argv if argv is not None else sys.argv[1:])]
+               "-m", "benchmarks.causal_lm_comparison", *(argv if argv is not None else sys.argv[1:])]
         os.execv(sys.executable, cmd)
     try:
         overrides = dict(parse_override(s) for s in args.overrides)

@@ -1,6 +1,6 @@
-"""Train, evaluate, report: the benchmark's one command.
+"""Train, evaluate, report: the comparison's one command.
 
-    run_benchmark(load_config("benchmarks/gemma2_2b_l12/config.toml"))
+    run_benchmark(load_config("smollm2_135m"))   # or "gemma2_2b_l12", "tiny", a .toml file
 
 1. Check the config and every existing result against it (nothing is loaded yet), print the plan
    and the GPU memory / time estimates.
@@ -18,7 +18,10 @@
 Where the model and data come from is injectable: ``models`` (an object with
 ``language_model(cfg)`` -> nnsight ``LanguageModel`` and ``hooked_transformer(cfg)`` ->
 TransformerLens ``HookedTransformer`` or None) and ``load_dataset`` (``datasets.load_dataset``'s
-signature, used for the training text and by SAEBench). The defaults load from the Hugging Face hub.
+signature, used for the training text and by SAEBench). The defaults follow the config:
+:class:`ConfiguredModels` loads ``model.source`` (a hub id, a folder or a GGUF file) through
+:func:`matryoshka_plugin.language_model.load_language_model`, and ``data.dataset = "sae-probes"``
+reads sae-probes' shipped texts (``text.py``); any other data set is streamed from the hub.
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ from typing import Any, Callable, Iterator
 
 import torch
 
-from .config import BenchmarkConfig, ConfigError
+from .config import SAE_PROBES_TEXT, BenchmarkConfig, ConfigError
 from .plan import (
     Estimate,
     Plan,
@@ -49,23 +52,76 @@ from .plan import (
 )
 from .report import write_report
 
-__all__ = ["HubModels", "BenchmarkResult", "run_benchmark", "prepare", "text_stream"]
+__all__ = ["ConfiguredModels", "BenchmarkResult", "default_load_dataset", "run_benchmark", "prepare",
+           "text_stream"]
 
 _TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-class HubModels:
-    """Loads the model from the Hugging Face hub. ``google/gemma-2-2b`` is gated: accept its licence
-    on huggingface.co and log in (``huggingface-cli login`` or ``HF_TOKEN``) first."""
+def _layers_needed(cfg: BenchmarkConfig) -> int | None:
+    """Decoder layers the training must run to read ``model.submodule`` (None: all of them)."""
+    import re
+
+    m = re.match(r"^(?:model\.layers|transformer\.h|gpt_neox\.layers)\.(\d+)(?:\.|$)", cfg.model.submodule)
+    return int(m.group(1)) + 1 if m and cfg.model.truncate else None
+
+
+class ConfiguredModels:
+    """The models the config names: ``model.source`` (None: the hub id ``model.name``; a local
+    folder; a GGUF file; ``package:PKG/FILE``), loaded by
+    :func:`matryoshka_plugin.language_model.load_language_model`. Training gets the layers up to
+    ``model.layer`` only (``model.truncate``); the evals get SAEBench's own TransformerLens model
+    (``model.hooked_transformer = "official"``, from the hub) or one converted from the full
+    weights (``"convert"``, Llama family). ``google/gemma-2-2b`` is gated on the hub: accept its
+    licence on huggingface.co and log in (``huggingface-cli login`` or ``HF_TOKEN``) first."""
+
+    def _spec(self, cfg: BenchmarkConfig, dtype: str, n_layers: int | None):
+        from matryoshka_plugin.language_model import LanguageModelSpec
+
+        m = cfg.model
+        return LanguageModelSpec(source=m.source or m.name, gguf_file=m.gguf_file, dtype=dtype, device=cfg.device,
+                                 n_layers=n_layers, add_bos_token=m.add_bos_token)
 
     def language_model(self, cfg: BenchmarkConfig):
         from nnsight import LanguageModel
 
-        return LanguageModel(cfg.model.name, dispatch=True, device_map=cfg.device,
-                             torch_dtype=_TORCH_DTYPES[cfg.model.dtype], tokenizer_kwargs={"padding_side": "right"})
+        from matryoshka_plugin.language_model import LanguageModelError, load_language_model
+
+        try:
+            model, tokenizer = load_language_model(self._spec(cfg, cfg.model.dtype, _layers_needed(cfg)))
+        except LanguageModelError as e:
+            raise ConfigError(f"model: {e}") from None
+        tokenizer.padding_side = "right"
+        return LanguageModel(model, tokenizer=tokenizer)
 
     def hooked_transformer(self, cfg: BenchmarkConfig):
-        return None  # run_saebench loads it with SAEBench's own call
+        if cfg.model.hooked_transformer == "official":
+            return None  # run_saebench loads it with SAEBench's own call
+        from matryoshka_plugin.language_model import (
+            LanguageModelError,
+            hooked_transformer_from_hf,
+            load_language_model,
+        )
+        from matryoshka_plugin.saebench import default_llm_settings
+
+        dtype = cfg.evals.llm_dtype or default_llm_settings(cfg.tl_model_name)[1]
+        try:
+            model, tokenizer = load_language_model(self._spec(cfg, dtype, None))
+            return hooked_transformer_from_hf(model, tokenizer, model_name=cfg.tl_model_name, n_ctx=cfg.model.n_ctx)
+        except LanguageModelError as e:
+            raise ConfigError(f"model: {e}") from None
+
+
+def default_load_dataset(cfg: BenchmarkConfig) -> Callable[..., Any] | None:
+    """``load_dataset`` for the config: sae-probes' texts served locally when ``data.dataset`` is
+    ``"sae-probes"`` (every other name from the hub); None (``datasets.load_dataset``) otherwise."""
+    if cfg.data.dataset != SAE_PROBES_TEXT:
+        return None
+    from .text import local_load_dataset
+
+    d = cfg.data
+    return local_load_dataset(exclude=cfg.probing_datasets if d.exclude_probing_texts else (),
+                              heldout_every=d.heldout_every, seed=0)
 
 
 @dataclass
@@ -279,7 +335,9 @@ def run_benchmark(
     result = BenchmarkResult(plan, est)
     if dry_run:
         return result
-    models = models if models is not None else HubModels()
+    models = models if models is not None else ConfiguredModels()
+    if load_dataset is None:
+        load_dataset = default_load_dataset(cfg)
     plan.run_dir.mkdir(parents=True, exist_ok=True)
     _json_dump_atomic(plan.run_dir / "plan.json", plan_summary(plan, est))
 

@@ -9,7 +9,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .config import BenchmarkConfig, ConfigError
+from .config import SAE_PROBES_TEXT, BenchmarkConfig, ConfigError
 
 __all__ = ["SAESpec", "Plan", "Estimate", "build_plan", "estimate", "format_plan", "trainer_config", "group_spec"]
 
@@ -178,11 +178,16 @@ def group_spec(cfg: BenchmarkConfig, group: list[SAESpec]) -> dict[str, Any]:
         cls = c.pop("trainer")
         c.pop("device")
         trainers.append({"name": s.name, "trainer": f"{cls.__module__}.{cls.__qualname__}", **c})
-    d = cfg.data
+    d, m = cfg.data, cfg.model
+    data = {k: getattr(d, k) for k in ("dataset", "split", "text_column", "ctx_len", "remove_bos")}
+    if d.dataset == SAE_PROBES_TEXT:  # which texts are trained on
+        data.update(heldout_every=d.heldout_every,
+                    excluded=sorted(cfg.probing_datasets) if d.exclude_probing_texts else [])
     return {
         "trainers": trainers,
-        "data": {k: getattr(d, k) for k in ("dataset", "split", "text_column", "ctx_len", "remove_bos")},
-        "model": {"name": cfg.model.name, "submodule": cfg.model.submodule, "io": cfg.model.io, "dtype": cfg.model.dtype},
+        "data": data,
+        "model": {"name": m.name, "source": m.source, "gguf_file": m.gguf_file, "add_bos_token": m.add_bos_token,
+                  "submodule": m.submodule, "io": m.io, "dtype": m.dtype},
         "batch_size": cfg.training.batch_size,
         "normalize_activations": cfg.training.normalize_activations,
     }
