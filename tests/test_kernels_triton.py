@@ -1,11 +1,14 @@
 """The Triton prefix-loss kernel against the torch reference.
 
-On a CUDA machine with triton this runs on the GPU (fp32 and bf16). Elsewhere, if triton is
-importable, it runs the same kernel in Triton's CPU interpreter in a subprocess
-(TRITON_INTERPRET must be set before triton is imported). Without triton it is skipped:
-CPU set-ups do not install it.
+On a CUDA machine with triton this runs on the GPU (fp32 and bf16). Elsewhere, or wherever
+``TRITON_INTERPRET=1`` is set, it runs the same kernel on CPU tensors in Triton's interpreter.
+Either way the check runs in a subprocess, because ``TRITON_INTERPRET`` must be set (or unset)
+before triton is imported; this module only asks whether triton is installed. Without triton
+it is skipped (``scripts/setup.sh`` does not install it; ``pip install triton`` adds it, see
+docs/development.md).
 """
 
+import importlib.util
 import os
 import subprocess
 import sys
@@ -14,12 +17,7 @@ import textwrap
 import pytest
 import torch
 
-try:
-    import triton  # noqa: F401
-
-    HAS_TRITON = True
-except ImportError:
-    HAS_TRITON = False
+HAS_TRITON = importlib.util.find_spec("triton") is not None
 
 CHECK = textwrap.dedent(
     """
@@ -71,16 +69,17 @@ def _run(device, dtype, interpret):
     env = dict(os.environ)
     if interpret:
         env["TRITON_INTERPRET"] = "1"
+    else:
+        env.pop("TRITON_INTERPRET", None)
     out = subprocess.run([sys.executable, "-c", CHECK, device, dtype], env=env, capture_output=True, text=True)
     assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-3000:]
 
 
-@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed (CPU set-ups leave it out)")
+@pytest.mark.slow
+@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed (scripts/setup.sh leaves it out)")
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_triton_kernel_matches_reference(dtype):
-    if torch.cuda.is_available():
+    if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
         _run("cuda", dtype, interpret=False)
-    elif dtype == "float32":
-        _run("cpu", dtype, interpret=True)
     else:
-        pytest.skip("bf16 is checked on CUDA only")
+        _run("cpu", dtype, interpret=True)
