@@ -32,6 +32,7 @@ __all__ = [
     "architecture_of",
     "architectures",
     "decoder_rows",
+    "unit_decoder_rows",
 ]
 
 PACKAGE_MARK = "matryoshka_plugin"
@@ -42,14 +43,37 @@ Converter = Callable[[torch.nn.Module, Mapping[str, Any]], Any]
 """``(module, trainer_config) -> SAELensWeights`` (see ``matryoshka_plugin.saelens.convert``)."""
 
 
-def decoder_rows(sae: torch.nn.Module) -> torch.Tensor:
-    """Decoder rows ``[n_latents, d]`` (detached) of an SAE with ``W_dec [n, d]`` or, like
-    dictionary_learning's ``AutoEncoder`` family, a ``decoder`` linear layer (weight ``[d, n]``)."""
-    if hasattr(sae, "W_dec"):
-        return sae.W_dec.detach()
-    if hasattr(sae, "decoder") and hasattr(sae.decoder, "weight"):
-        return sae.decoder.weight.detach().T
-    raise TypeError(f"{type(sae).__name__} has neither W_dec nor decoder.weight")
+def _rows_by_layout(sae: Any) -> torch.Tensor:
+    """``W_dec [n, d]`` (this package's SAEs, dictionary_learning's Matryoshka and JumpReLU SAEs)
+    or ``decoder.weight [d, n]`` transposed (an ``nn.Linear`` decoder: dictionary_learning's
+    ``AutoEncoder`` family), detached."""
+    w = getattr(sae, "W_dec", None)
+    if isinstance(w, torch.Tensor):
+        return w.detach()
+    weight = getattr(getattr(sae, "decoder", None), "weight", None)
+    if isinstance(weight, torch.Tensor):
+        return weight.detach().T
+    raise TypeError(
+        f"{type(sae).__name__} has neither W_dec nor decoder.weight; cannot read its decoder rows "
+        "(register its class with an Architecture whose decoder= reads them)"
+    )
+
+
+def decoder_rows(sae: Any) -> torch.Tensor:
+    """Decoder rows ``[n_latents, d]`` of any SAE, as stored: detached, in the SAE's dtype and
+    device, norms untouched (this package's log-sparsity SAE keeps free norms and decodes along
+    the unit directions; see :func:`unit_decoder_rows`).
+
+    The one accessor: the registered class's :attr:`Architecture.decoder`, else ``W_dec [n, d]``
+    or ``decoder.weight [d, n]`` transposed. Raises ``TypeError`` for an SAE with neither."""
+    arch = architecture_of(sae)
+    return (arch.decoder if arch is not None else _rows_by_layout)(sae)
+
+
+def unit_decoder_rows(sae: Any) -> torch.Tensor:
+    """:func:`decoder_rows` in float32 scaled to unit norm (the latents' directions; a zero row
+    stays zero)."""
+    return torch.nn.functional.normalize(decoder_rows(sae).float(), dim=1)
 
 
 @dataclass(frozen=True)
@@ -66,8 +90,9 @@ class Architecture:
     """Builds the module from a weights file; ``None`` for upstream classes."""
     to_saelens: Converter | None = None
     """Stock-SAELens weights reproducing the module; ``None`` where export is unsupported."""
-    decoder: Callable[[torch.nn.Module], torch.Tensor] = decoder_rows
-    """Decoder rows ``[n_latents, d]`` of a module of this class."""
+    decoder: Callable[[torch.nn.Module], torch.Tensor] = _rows_by_layout
+    """Decoder rows ``[n_latents, d]`` (detached) of a module of this class, what
+    :func:`decoder_rows` returns for it; the default reads ``W_dec`` or ``decoder.weight``."""
 
     @property
     def key(self) -> tuple[bool, str]:

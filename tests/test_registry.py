@@ -12,17 +12,29 @@ import json
 
 import pytest
 import torch
+from dictionary_learning.dictionary import AutoEncoder, AutoEncoderNew, GatedAutoEncoder, JumpReluAutoEncoder
+from dictionary_learning.trainers.batch_top_k import BatchTopKSAE
 from dictionary_learning.trainers.matryoshka_batch_top_k import MatryoshkaBatchTopKSAE as UpstreamMatryoshkaSAE
+from dictionary_learning.trainers.top_k import AutoEncoderTopK
 from sae_lens import SAE
 
-from matryoshka_plugin import CheckpointError, MatryoshkaBatchTopKSAE, export_to_saelens, load_dictionary
+from matryoshka_plugin import (
+    CheckpointError,
+    MatryoshkaBatchTopKSAE,
+    MatryoshkaLogSparsitySAE,
+    export_to_saelens,
+    load_dictionary,
+)
 from matryoshka_plugin.io import check_keys, read_state_dict
 from matryoshka_plugin.registry import (
     PACKAGE_MARK,
     Architecture,
     architecture_for,
     architecture_of,
+    architectures,
+    decoder_rows,
     register_architecture,
+    unit_decoder_rows,
     unregister_architecture,
 )
 from matryoshka_plugin.saebench.references import training_architecture
@@ -63,7 +75,11 @@ def tied_to_saelens(sae: TiedReLUSAE, trainer_cfg) -> SAELensWeights:
     return SAELensWeights("standard", "tied_relu", weights, apply_b_dec_to_input=True)
 
 
-TIED = Architecture("TiedReLUSAE", "tied_relu", load=load_tied, to_saelens=tied_to_saelens)
+def tied_rows(sae: TiedReLUSAE) -> torch.Tensor:
+    return sae.W.detach().T  # neither W_dec nor decoder.weight: only its registration can say this
+
+
+TIED = Architecture("TiedReLUSAE", "tied_relu", load=load_tied, to_saelens=tied_to_saelens, decoder=tied_rows)
 
 
 @pytest.fixture
@@ -154,3 +170,55 @@ def test_a_taken_name_is_not_replaced():
         assert architecture_for({"dict_class": "TiedReLUSAE"}) is TIED
     finally:
         unregister_architecture("TiedReLUSAE")
+
+
+# Every built-in registration, built small. Log-sparsity: decode runs along the unit directions of
+# its free-norm rows, so its decode reference gives directions, not the stored rows.
+BUILD = {
+    (False, "MatryoshkaBatchTopKSAE"): (lambda: MatryoshkaBatchTopKSAE(D, N, 2, [4, 12]), True),
+    (False, "MatryoshkaLogSparsitySAE"): (lambda: MatryoshkaLogSparsitySAE(D, N), False),
+    (True, "MatryoshkaBatchTopKSAE"): (lambda: UpstreamMatryoshkaSAE(D, N, 2, [4, 12]), True),
+    (True, "BatchTopKSAE"): (lambda: BatchTopKSAE(D, N, 2), True),
+    (True, "AutoEncoderTopK"): (lambda: AutoEncoderTopK(D, N, 2), True),
+    (True, "AutoEncoder"): (lambda: AutoEncoder(D, N), True),
+    (True, "AutoEncoderNew"): (lambda: AutoEncoderNew(D, N), True),
+    (True, "GatedAutoEncoder"): (lambda: GatedAutoEncoder(D, N), True),
+    (True, "JumpReluAutoEncoder"): (lambda: JumpReluAutoEncoder(D, N), True),
+}
+
+
+def decode_reference(sae: torch.nn.Module) -> torch.Tensor:
+    """What the class's own decode makes of each one-hot code, less what it makes of zero (the bias)."""
+    with torch.no_grad():
+        return sae.decode(torch.eye(N)) - sae.decode(torch.zeros(1, N))
+
+
+@pytest.mark.parametrize("key", sorted(a.key for a in architectures()))
+def test_decoder_rows_of_every_registered_class(key):
+    assert key in BUILD, f"{key} is registered: add a builder for it to BUILD"
+    build, decodes_rows = BUILD[key]
+    torch.manual_seed(0)
+    sae = build()
+    assert architecture_of(sae).key == key
+    with torch.no_grad():  # every weight and bias random, decoder norms far from 1
+        for p in sae.parameters():
+            p.copy_(torch.randn_like(p))
+        if isinstance(sae, MatryoshkaLogSparsitySAE):
+            sae.input_norm.fill_(5.0)  # a non-trivial input scale on b_dec
+    ref = decode_reference(sae)
+    rows = decoder_rows(sae)
+    assert rows.shape == (N, D) and not rows.requires_grad
+    if decodes_rows:
+        torch.testing.assert_close(rows, ref, rtol=1e-5, atol=1e-5)
+    else:  # stored as trained (free norms), decoded along the unit directions
+        norms = rows.norm(dim=1)
+        assert (norms - 1).abs().min() > 0.1
+        torch.testing.assert_close(rows / norms[:, None], ref, rtol=1e-5, atol=1e-5)
+    units = unit_decoder_rows(sae)
+    assert units.dtype == torch.float32
+    torch.testing.assert_close(units, torch.nn.functional.normalize(ref, dim=1), rtol=1e-5, atol=1e-5)
+
+
+def test_a_class_without_rows_is_refused_by_name():
+    with pytest.raises(TypeError, match="Identity has neither W_dec nor decoder.weight"):
+        decoder_rows(torch.nn.Identity())

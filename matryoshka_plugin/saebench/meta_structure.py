@@ -14,14 +14,13 @@ from typing import Any, Sequence
 import torch
 
 from ..errors import SAEBenchError
+from ..registry import decoder_rows
 from .results import mean_std
 
 
 def _rows(decoder: torch.Tensor | torch.nn.Module) -> torch.Tensor:
     if isinstance(decoder, torch.nn.Module):
-        from ..toy.metrics import decoder_weight
-
-        decoder = decoder_weight(decoder)
+        decoder = decoder_rows(decoder)
     if not isinstance(decoder, torch.Tensor) or decoder.ndim != 2:
         raise SAEBenchError(f"expected decoder rows [n_latents, d] or an SAE module, got {type(decoder).__name__}")
     # SAEBench's SAEs have unit decoder rows (it checks them); folding the norms leaves the

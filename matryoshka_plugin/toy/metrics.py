@@ -13,14 +13,12 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from ..registry import architecture_of, decoder_rows
+from ..registry import unit_decoder_rows
 from .models import SyntheticHierarchyToy, ToyModel
 
 __all__ = [
     "ToyMetrics",
     "evaluate_sae",
-    "decoder_directions",
-    "decoder_weight",
     "match_latents",
     "MixingMetrics",
     "mixing_metrics",
@@ -57,18 +55,6 @@ class ToyMetrics(NamedTuple):
     """The same for each parent."""
 
 
-def decoder_weight(sae: torch.nn.Module) -> torch.Tensor:
-    """Decoder rows ``[n_latents, d]`` (detached) of any registered SAE (see ``registry``)."""
-    arch = architecture_of(sae)
-    return arch.decoder(sae) if arch is not None else decoder_rows(sae)
-
-
-def decoder_directions(sae: torch.nn.Module) -> torch.Tensor:
-    """Unit-norm decoder rows ``[n_latents, d]`` in float32 (see :func:`decoder_weight`)."""
-    W = decoder_weight(sae).float()
-    return W / W.norm(dim=1, keepdim=True).clamp_min(1e-12)
-
-
 def match_latents(cos: np.ndarray) -> list[int]:
     """Hungarian matching maximising total cosine; ``out[f]`` is feature f's latent (or -1)."""
     from scipy.optimize import linear_sum_assignment
@@ -95,7 +81,7 @@ def evaluate_sae(
     z = sae.encode(x.to(dev))
     f = z.float().cpu()
     x_hat = sae.decode(z).float().cpu()
-    cos = (decoder_directions(sae).cpu() @ toy.unit_directions.T).numpy()
+    cos = (unit_decoder_rows(sae).cpu() @ toy.unit_directions.T).numpy()
     matching = match_latents(cos)
     fires = f > fire_threshold
     per_parent, per_parent_best = [], []
@@ -196,7 +182,7 @@ class DecoderView(torch.nn.Module):
 
     @property
     def W_dec(self) -> torch.Tensor:
-        return decoder_directions(self.sae)
+        return unit_decoder_rows(self.sae)
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         return self.sae.encode(x)
