@@ -1,9 +1,10 @@
 """Comparing trained SAEs on an activation stream: mean max correlation, prefix FVU, co-firing edges.
 
 Every function takes SAEs as any objects with ``encode(x) -> latents`` (``[tokens, n]``; the
-co-firing edges and the tree view also read the decoder: ``W_dec [n, d]`` as this package's SAEs
-and dictionary_learning's Matryoshka SAE hold it, or a ``decoder`` ``nn.Linear`` as its
-``AutoEncoder`` and ``BatchTopKSAE`` do) and activations as a
+co-firing edges and the tree view also read the decoder, through
+:func:`~matryoshka_plugin.registry.decoder_rows`: ``W_dec [n, d]`` as this package's SAEs and
+dictionary_learning's Matryoshka SAE hold it, a ``decoder`` ``nn.Linear`` as its ``AutoEncoder``
+and ``BatchTopKSAE`` do, or what a registered class's accessor reads) and activations as a
 ``[tokens, d]`` tensor (cut into ``batch_size`` rows) or any iterable of ``[tokens, d]`` batches.
 Statistics are summed over the stream in float64, so a stream in batches gives the result of
 the whole tensor at once (up to float64 rounding) for SAEs that encode each token on its own. An
@@ -28,6 +29,8 @@ from typing import Any, Iterable, Iterator, NamedTuple, Sequence
 
 import torch
 
+from .registry import decoder_rows
+
 __all__ = [
     "MeanMaxCorrelation",
     "PrefixFVU",
@@ -35,8 +38,10 @@ __all__ = [
     "mean_max_correlation",
     "prefix_fvu",
     "cofiring_edges",
-    "decoder_directions",
     "nested_widths",
+    "checked_encode",
+    "cross_products",
+    "decoder_cosines",
 ]
 
 # ----------------------------------------------------------------------------------------------
@@ -123,7 +128,8 @@ def _batches(activations: Any, batch_size: int, device: torch.device | str | Non
             yield x.to(device=device, dtype=torch.float32) if device is not None else x.float()
 
 
-def _encode(sae: Any, x: torch.Tensor, what: str) -> torch.Tensor:
+def checked_encode(sae: Any, x: torch.Tensor, what: str) -> torch.Tensor:
+    """``sae.encode(x)``, refused (naming ``what``) unless it is a ``[tokens, latents]`` tensor."""
     f = sae.encode(x)
     if not isinstance(f, torch.Tensor) or f.ndim != 2 or f.shape[0] != x.shape[0]:
         raise ValueError(f"{what}.encode returned {type(f).__name__} {tuple(getattr(f, 'shape', ()))} "
@@ -138,7 +144,7 @@ def _sae_device(sae: Any) -> torch.device | None:
         return None
 
 
-def _cross(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+def cross_products(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """``a.T @ b`` in float64. SAE latents are sparse: a sparse ``a`` costs ``nnz(a) * b.shape[1]``
     multiply-adds instead of ``tokens * a.shape[1] * b.shape[1]``."""
     a64, b64 = a.double(), b.double()
@@ -147,17 +153,11 @@ def _cross(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.sparse.mm(a64.T.to_sparse(), b64)
 
 
-def decoder_directions(sae: Any) -> torch.Tensor:
-    """``[n, d]`` decoder rows of ``sae``: ``W_dec`` (this package's SAEs, dictionary_learning's
-    Matryoshka SAE) or ``decoder.weight.T`` (dictionary_learning's ``AutoEncoder`` and
-    ``BatchTopKSAE``, other ``nn.Linear`` decoders)."""
-    w = getattr(sae, "W_dec", None)
-    if isinstance(w, torch.Tensor):
-        return w.detach()
-    dec = getattr(sae, "decoder", None)
-    if isinstance(getattr(dec, "weight", None), torch.Tensor):
-        return dec.weight.detach().T
-    raise TypeError(f"{type(sae).__name__} has neither W_dec nor decoder.weight; cannot read its decoder")
+def decoder_cosines(child_rows: torch.Tensor, parent_rows: torch.Tensor) -> torch.Tensor:
+    """``[n_child, n_parent]`` float64 (on the CPU) cosine similarities of two sets of decoder
+    rows (``registry.decoder_rows``)."""
+    child = torch.nn.functional.normalize(child_rows.double().cpu(), dim=1)
+    return child @ torch.nn.functional.normalize(parent_rows.double().cpu(), dim=1).T
 
 
 def nested_widths(sae: Any) -> list[int]:
@@ -228,8 +228,8 @@ def mean_max_correlation(
         cross = sum_r = sq_r = sum_o = sq_o = None
         count = 0
         for x in _batches(activations, batch_size, dev):
-            a = _encode(reference, x, "reference")
-            b_full = _encode(other, x, "other")
+            a = checked_encode(reference, x, "reference")
+            b_full = checked_encode(other, x, "other")
             if passes is None:
                 n_other = b_full.shape[1]
                 step = n_other if chunk is None else max(1, min(int(chunk), n_other))
@@ -244,7 +244,7 @@ def mean_max_correlation(
                 sq_o = torch.zeros_like(sum_o)
             a64 = a.double()
             b64 = b.to(a.device).double()
-            cross += _cross(a, b.to(a.device))
+            cross += cross_products(a, b.to(a.device))
             sum_r += a64.sum(0)
             sq_r += (a64 * a64).sum(0)
             sum_o += b64.sum(0)
@@ -317,7 +317,7 @@ def prefix_fvu(
     x_sum = x_sq = None
     n = 0
     for x in _batches(activations, batch_size, dev):
-        f = _encode(sae, x, "sae")
+        f = checked_encode(sae, x, "sae")
         if x_sum is None:
             bad = [w for w in ws if not 0 <= w <= f.shape[1]]
             if bad:
@@ -363,13 +363,13 @@ def cofiring_counts(
     both = c_fires = p_fires = None
     n = 0
     for x in _batches(activations, batch_size, dev):
-        c = (_encode(child, x, "child") != 0).to(torch.float32)
-        p = (_encode(parent, x, "parent") != 0).to(torch.float32).to(c.device)
+        c = (checked_encode(child, x, "child") != 0).to(torch.float32)
+        p = (checked_encode(parent, x, "parent") != 0).to(torch.float32).to(c.device)
         if both is None:
             both = torch.zeros(c.shape[1], p.shape[1], dtype=torch.float64, device=c.device)
             c_fires = torch.zeros(c.shape[1], dtype=torch.float64, device=c.device)
             p_fires = torch.zeros(p.shape[1], dtype=torch.float64, device=c.device)
-        both += _cross(c, p)
+        both += cross_products(c, p)
         c_fires += c.sum(0).double()
         p_fires += p.sum(0).double()
         n += x.shape[0]
@@ -382,8 +382,7 @@ def _edges_from_counts(
     both: torch.Tensor, c_fires: torch.Tensor, p_fires: torch.Tensor, n: int,
     dec_child: torch.Tensor, dec_parent: torch.Tensor, top: int, min_p: float,
 ) -> CofiringEdges:
-    cos = torch.nn.functional.normalize(dec_child.double().cpu(), dim=1) @ \
-        torch.nn.functional.normalize(dec_parent.double().cpu(), dim=1).T
+    cos = decoder_cosines(dec_child, dec_parent)
     p = both / c_fires.clamp_min(1)[:, None]
     k = max(0, min(int(top), p.shape[1]))
     # Best parents first: highest P(parent | child), ties broken by the decoder cosine.
@@ -415,5 +414,5 @@ def cofiring_edges(
     of at least ``min_p`` and above zero. Cost: one pass; memory ``8 * n_child * n_parent`` bytes.
     """
     both, c_fires, p_fires, n = cofiring_counts(parent, child, activations, batch_size=batch_size, device=device)
-    return _edges_from_counts(both, c_fires, p_fires, n, decoder_directions(child), decoder_directions(parent),
+    return _edges_from_counts(both, c_fires, p_fires, n, decoder_rows(child), decoder_rows(parent),
                               top, min_p)

@@ -18,7 +18,8 @@ from typing import Any, NamedTuple, Sequence
 
 import torch
 
-from .analysis import _cross, _encode, decoder_directions, nested_widths
+from .analysis import checked_encode, cross_products, decoder_cosines, nested_widths
+from .registry import decoder_rows
 
 __all__ = ["Level", "prefix_levels", "build_tree", "render_html", "write_tree_view"]
 
@@ -28,7 +29,8 @@ class Level(NamedTuple):
     name: str
     """Shown in the view (``"ref_128"``, ``"latents 128-511"``)."""
     sae: Any
-    """Any SAE with ``encode`` and a decoder (``W_dec`` or ``decoder.weight``)."""
+    """Any SAE with ``encode`` and decoder rows (``registry.decoder_rows``: ``W_dec``,
+    ``decoder.weight`` or its registered class's accessor)."""
     latents: tuple[int, int] | None = None
     """``[start, stop)`` of the SAE's latents that form this level; ``None``: all of them."""
 
@@ -74,7 +76,7 @@ def build_tree(
     for lvl in levels:
         if id(lvl.sae) not in encoded:
             encoded[id(lvl.sae)] = torch.cat(
-                [_encode(lvl.sae, x.float(), lvl.name).float().cpu() for x in activations.split(batch_size)])
+                [checked_encode(lvl.sae, x.float(), lvl.name).float().cpu() for x in activations.split(batch_size)])
     acts, decs = [], []
     for lvl in levels:
         f = encoded[id(lvl.sae)]
@@ -82,7 +84,7 @@ def build_tree(
         if not 0 <= a < b <= f.shape[1]:
             raise ValueError(f"level {lvl.name!r}: latents [{a}, {b}) outside the SAE's {f.shape[1]}")
         acts.append(f[:, a:b])
-        decs.append((decoder_directions(lvl.sae)[a:b].double().cpu(), a))
+        decs.append((decoder_rows(lvl.sae)[a:b], a))
     n = activations.shape[0]
     fires = [(f != 0).float() for f in acts]
     counts = [x.sum(0) for x in fires]
@@ -90,9 +92,9 @@ def build_tree(
     # Best parent of every latent of level i + 1 in level i.
     best_parent: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
     for i in range(len(levels) - 1):
-        both = _cross(fires[i + 1], fires[i])  # [child, parent]
+        both = cross_products(fires[i + 1], fires[i])  # [child, parent]
         p = both / counts[i + 1].double().clamp_min(1)[:, None]
-        cos = torch.nn.functional.normalize(decs[i + 1][0], dim=1) @ torch.nn.functional.normalize(decs[i][0], dim=1).T
+        cos = decoder_cosines(decs[i + 1][0], decs[i][0])
         score = p + 1e-9 * cos  # P first, the cosine only breaks ties
         j = score.argmax(1)
         pj = p.gather(1, j[:, None])[:, 0]

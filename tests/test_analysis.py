@@ -12,7 +12,6 @@ from dictionary_learning.trainers.batch_top_k import BatchTopKSAE
 
 from matryoshka_plugin.analysis import (
     cofiring_edges,
-    decoder_directions,
     mean_max_correlation,
     nested_widths,
     prefix_fvu,
@@ -159,13 +158,3 @@ def test_cofiring_edges_known_answers():
     assert got.n_tokens == 80
     # min_p drops the weaker edge; order within a child is best first.
     assert cofiring_edges(parent, child, x, min_p=0.8).child.tolist() == [1, 2]
-
-
-def test_decoder_directions_of_each_layout():
-    torch.manual_seed(0)
-    for upstream in (AutoEncoder(8, 16), BatchTopKSAE(8, 10, k=2)):  # nn.Linear decoders: weight [d, n]
-        assert torch.equal(decoder_directions(upstream), upstream.decoder.weight.detach().T)
-    mat = MatryoshkaBatchTopKSAE(8, 12, k=2, group_sizes=[4, 8])  # W_dec [n, d]
-    assert torch.equal(decoder_directions(mat), mat.W_dec.detach())
-    with pytest.raises(TypeError, match="decoder"):
-        decoder_directions(torch.nn.Identity())

@@ -25,6 +25,7 @@ from matryoshka_plugin import (
     export_to_saelens,
     load_dictionary,
 )
+from matryoshka_plugin.analysis import cofiring_edges
 from matryoshka_plugin.io import check_keys, read_state_dict
 from matryoshka_plugin.registry import (
     PACKAGE_MARK,
@@ -39,6 +40,8 @@ from matryoshka_plugin.registry import (
 )
 from matryoshka_plugin.saebench.references import training_architecture
 from matryoshka_plugin.saelens.convert import SAELensWeights
+from matryoshka_plugin.toy import DecoderView
+from matryoshka_plugin.tree_view import Level, build_tree
 
 D, N = 8, 16
 
@@ -222,3 +225,27 @@ def test_decoder_rows_of_every_registered_class(key):
 def test_a_class_without_rows_is_refused_by_name():
     with pytest.raises(TypeError, match="Identity has neither W_dec nor decoder.weight"):
         decoder_rows(torch.nn.Identity())
+
+
+def test_one_registration_gives_every_decoder_reader_the_rows(registered):
+    """A class whose rows only its registration can find: the accessor, the co-firing edges, the
+    tree view and the toy metrics all read them through it."""
+    torch.manual_seed(1)
+    sae = TiedReLUSAE(D, N)
+    ref = decode_reference(sae)
+    torch.testing.assert_close(decoder_rows(sae), ref, rtol=1e-5, atol=1e-5)
+    cos_ref = torch.nn.functional.normalize(ref.double(), dim=1) @ torch.nn.functional.normalize(ref.double(), dim=1).T
+
+    x = torch.randn(64, D)
+    edges = cofiring_edges(sae, sae, x, top=2)
+    assert len(edges.child) > 0
+    torch.testing.assert_close(edges.decoder_cosine, cos_ref[edges.child, edges.parent])
+
+    tree = build_tree([Level("first", sae, (0, 8)), Level("rest", sae, (8, N))], x, [str(i) for i in range(64)])
+    kids = [c for root in tree["roots"] for c in root["children"]]
+    assert kids
+    for root in tree["roots"]:
+        for c in root["children"]:
+            assert c["edge"]["decoder_cosine"] == pytest.approx(float(cos_ref[c["latent"], root["latent"]]))
+
+    torch.testing.assert_close(DecoderView(sae).W_dec, torch.nn.functional.normalize(ref, dim=1))
