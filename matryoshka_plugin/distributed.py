@@ -11,8 +11,17 @@ Two ways to use N processes, chosen by ``train(..., distributed=...)``:
   gradients are averaged, so every rank holds the same weights after every step; the result equals
   single-process training on the same batches up to fp32 summation order.
 
-Collectives time out after ``timeout`` seconds (default 600), so a rank that dies or hangs makes
-the others fail with an error instead of waiting forever.
+Three time limits, so that a rank that dies or hangs makes the others fail with an error instead
+of waiting forever, while a healthy run is never cut short:
+
+* ``startup_timeout_s`` (default 120 s): the start-up rendezvous, waiting for every process of
+  ``WORLD_SIZE`` to join;
+* ``timeout_s`` (default 600 s): every collective of a training step (the batch broadcast, the
+  top-k selection, the statistics and the gradient all-reduce), on a process group of its own;
+* ``prepare_timeout_s`` (default 24 h): the waits for rank 0's or a rank's long one-off work,
+  which only one rank does or whose length depends on the disk: skipping the consumed batches on
+  resume, the norm factor, reading and writing checkpoints, ``save_steps`` files and the final
+  save. These waits go over a separate gloo group whose timeout is this one.
 """
 
 from __future__ import annotations
@@ -36,6 +45,12 @@ __all__ = [
 
 DISTRIBUTED_MODES = ("trainers", "data")
 DEFAULT_TIMEOUT_S = 600.0
+DEFAULT_PREPARE_TIMEOUT_S = 24 * 3600.0
+DEFAULT_STARTUP_TIMEOUT_S = 120.0
+# What setup() writes into os.environ for a one-process group (and takes out again).
+_RENDEZVOUS_ENV = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK")
+# Process groups created by setup(), by (purpose, timeout, backend): a later train() call reuses them.
+_GROUPS: dict[tuple[str, float, str], Any] = {}
 
 
 def _launched_world_size() -> int:
@@ -54,6 +69,12 @@ class DistributedRun:
     """Number of processes."""
     local_rank: int = 0
     """Rank on this machine (picks the GPU)."""
+    group: Any = None
+    """The process group of the training collectives (timeout ``timeout_s``)."""
+    wait_group: Any = None
+    """The gloo group of the waits around one-off work (timeout ``prepare_timeout_s``)."""
+    timeout_s: float = DEFAULT_TIMEOUT_S
+    prepare_timeout_s: float = DEFAULT_PREPARE_TIMEOUT_S
 
     @property
     def active(self) -> bool:
@@ -64,33 +85,59 @@ class DistributedRun:
         return self.rank == 0
 
     def device(self, requested: str) -> str:
-        """The device this rank trains on: ``cuda`` becomes ``cuda:<local_rank>``."""
-        if self.active and requested == "cuda":
+        """The device this rank trains on: ``cuda`` becomes ``cuda:<local_rank>``; an explicit
+        ``cuda:<i>`` is refused where this process sees several GPUs (every rank would share one)."""
+        if not self.active:
+            return requested
+        if requested == "cuda":
             return f"cuda:{self.local_rank}"
+        if requested.startswith("cuda:") and torch.cuda.device_count() > 1:
+            raise ValueError(
+                f"device={requested!r} in a run of {self.world_size} processes would put every rank on the "
+                f"same GPU; pass device='cuda' (each rank then takes cuda:<local rank>), or give each process "
+                "one GPU with CUDA_VISIBLE_DEVICES"
+            )
         return requested
 
-    def barrier(self) -> None:
-        if self.active:
-            dist.barrier()
+    def wait(self, what: str) -> None:
+        """Wait until every rank has finished ``what`` (one-off work: bounded by ``prepare_timeout_s``)."""
+        if not self.active:
+            return
+        try:
+            dist.barrier(group=self.wait_group)
+        except RuntimeError as e:
+            raise RuntimeError(
+                f"rank {self.rank}: the other ranks did not finish {what} within prepare_timeout_s="
+                f"{self.prepare_timeout_s:g} s, or one of them died: {e}"
+            ) from e
 
     def all_true(self, ok: bool) -> bool:
-        """Whether ``ok`` holds on every rank."""
+        """Whether ``ok`` holds on every rank (a wait around one-off work)."""
         if not self.active:
             return ok
-        t = torch.tensor([1 if ok else 0], dtype=torch.int64, device=self._comm_device())
-        dist.all_reduce(t, op=dist.ReduceOp.MIN)
+        t = torch.tensor([1 if ok else 0], dtype=torch.int64)
+        dist.all_reduce(t, op=dist.ReduceOp.MIN, group=self.wait_group)
         return bool(t.item())
 
     def broadcast_object(self, obj: Any) -> Any:
-        """Rank 0's ``obj`` on every rank."""
+        """Rank 0's ``obj`` on every rank (a wait around one-off work)."""
         if not self.active:
             return obj
         box = [obj]
-        dist.broadcast_object_list(box, src=0)
+        dist.broadcast_object_list(box, src=0, group=self.wait_group)
         return box[0]
 
+    def gather_objects(self, obj: Any) -> list[Any]:
+        """Every rank's ``obj``, in rank order (a wait around one-off work)."""
+        if not self.active:
+            return [obj]
+        out = [None] * self.world_size
+        dist.all_gather_object(out, obj, group=self.wait_group)
+        return out
+
     def _comm_device(self) -> torch.device:
-        return torch.device(f"cuda:{self.local_rank}") if dist.get_backend() == "nccl" else torch.device("cpu")
+        nccl = dist.get_backend(self.group) == "nccl"
+        return torch.device(f"cuda:{self.local_rank}") if nccl else torch.device("cpu")
 
     def broadcast_batch(self, batch: torch.Tensor | None) -> torch.Tensor | None:
         """Rank 0's batch (``None``: the data ran out) on every rank, on the communication device."""
@@ -100,7 +147,7 @@ class DistributedRun:
         header = [None]
         if self.is_main:
             header = [None if batch is None else (tuple(batch.shape), batch.dtype)]
-        dist.broadcast_object_list(header, src=0)
+        dist.broadcast_object_list(header, src=0, group=self.group)
         if header[0] is None:
             return None
         shape, dtype = header[0]
@@ -108,7 +155,7 @@ class DistributedRun:
             out = batch.to(dev).contiguous()
         else:
             out = torch.empty(shape, dtype=dtype, device=dev)
-        dist.broadcast(out, src=0)
+        dist.broadcast(out, src=0, group=self.group)
         return out
 
     def shard(self, batch: torch.Tensor) -> torch.Tensor:
@@ -126,8 +173,20 @@ class DistributedRun:
 
 
 
-def setup(mode: str | None, timeout_s: float = DEFAULT_TIMEOUT_S, backend: str | None = None) -> DistributedRun:
-    """Join (or create, from torchrun's environment) the default process group for ``mode``."""
+def setup(
+    mode: str | None,
+    timeout_s: float = DEFAULT_TIMEOUT_S,
+    backend: str | None = None,
+    prepare_timeout_s: float = DEFAULT_PREPARE_TIMEOUT_S,
+    startup_timeout_s: float = DEFAULT_STARTUP_TIMEOUT_S,
+) -> DistributedRun:
+    """Join (or create, from torchrun's environment) the default process group for ``mode``, with
+    a group of its own for the training collectives (``timeout_s``, applied to a group created
+    before too) and a gloo group for the waits around one-off work (``prepare_timeout_s``)."""
+    for name, value in (("timeout_s", timeout_s), ("prepare_timeout_s", prepare_timeout_s),
+                        ("startup_timeout_s", startup_timeout_s)):
+        if not value > 0:
+            raise ValueError(f"{name} must be a positive number of seconds, got {value!r}")
     world = dist.get_world_size() if dist.is_initialized() else _launched_world_size()
     if mode is None:
         if world > 1:
@@ -138,28 +197,64 @@ def setup(mode: str | None, timeout_s: float = DEFAULT_TIMEOUT_S, backend: str |
         return DistributedRun(None)
     if mode not in DISTRIBUTED_MODES:
         raise ValueError(f"unknown distributed mode {mode!r}; choose one of {DISTRIBUTED_MODES} or None")
+    local_rank = None
     if not dist.is_initialized():
+        saved = None
         if "RANK" not in os.environ:
-            # One process asked for a distributed mode: a group of one, so the same code runs.
+            # One process asked for a distributed mode: a group of one, so the same code runs. The
+            # rendezvous variables are taken out again afterwards.
+            saved = {k: os.environ.get(k) for k in _RENDEZVOUS_ENV}
             os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
             os.environ.setdefault("MASTER_PORT", str(_free_port()))
             os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
-        if backend is None:
-            backend = "nccl" if torch.cuda.is_available() else "gloo"
-        if backend == "nccl":
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group(backend=backend, timeout=timedelta(seconds=timeout_s))
+        try:
+            local_rank = int(os.environ.get("LOCAL_RANK", os.environ.get("RANK", "0")))
+            if backend is None:
+                backend = "nccl" if torch.cuda.is_available() else "gloo"
+            if backend == "nccl":
+                torch.cuda.set_device(local_rank)
+            # The default group's timeout bounds the rendezvous; the training collectives get
+            # their own group below.
+            try:
+                dist.init_process_group(backend=backend, timeout=timedelta(seconds=startup_timeout_s))
+            except RuntimeError as e:
+                raise RuntimeError(
+                    f"the start-up rendezvous at {os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')} "
+                    f"did not gather the {os.environ.get('WORLD_SIZE')} processes of WORLD_SIZE within "
+                    f"startup_timeout_s={startup_timeout_s:g} s (is every rank started?): {e}"
+                ) from e
+        finally:
+            if saved is not None:
+                for k, v in saved.items():
+                    if v is None:
+                        os.environ.pop(k, None)
+                    else:
+                        os.environ[k] = v
         if backend == "gloo":
             _match_numba_threads()
         # The group stays for later train() calls in this process (re-creating it from torchrun's
         # store hangs) and is destroyed at exit.
         atexit.register(_destroy)
+    if local_rank is None:
+        local_rank = int(os.environ.get("LOCAL_RANK", dist.get_rank()))
+    world = dist.get_world_size()
+    group = wait_group = None
+    if world > 1:
+        group = _group("train", timeout_s, dist.get_backend())
+        wait_group = _group("wait", prepare_timeout_s, "gloo")
     return DistributedRun(
-        mode,
-        rank=dist.get_rank(),
-        world_size=dist.get_world_size(),
-        local_rank=int(os.environ.get("LOCAL_RANK", dist.get_rank())),
+        mode, rank=dist.get_rank(), world_size=world, local_rank=local_rank, group=group, wait_group=wait_group,
+        timeout_s=timeout_s, prepare_timeout_s=prepare_timeout_s,
     )
+
+
+def _group(purpose: str, timeout_s: float, backend: str) -> Any:
+    """A process group over every rank with this timeout (created once; every rank calls this in
+    the same order, as new_group requires)."""
+    key = (purpose, float(timeout_s), backend)
+    if key not in _GROUPS:
+        _GROUPS[key] = dist.new_group(backend=backend, timeout=timedelta(seconds=timeout_s))
+    return _GROUPS[key]
 
 
 def _match_numba_threads() -> None:
@@ -173,6 +268,7 @@ def _match_numba_threads() -> None:
 
 
 def _destroy() -> None:
+    _GROUPS.clear()
     if dist.is_initialized():
         dist.destroy_process_group()
 
@@ -198,32 +294,33 @@ def assign_trainers(costs: Sequence[float], world_size: int) -> list[list[int]]:
 
 
 class ProcessGroupCollective:
-    """The reductions a data-parallel trainer needs, over the default process group."""
+    """The reductions a data-parallel trainer needs, over ``group`` (default: the default group)."""
 
-    def __init__(self) -> None:
-        self.world_size = dist.get_world_size()
-        self.rank = dist.get_rank()
+    def __init__(self, group: Any = None) -> None:
+        self.group = group
+        self.world_size = dist.get_world_size(group)
+        self.rank = dist.get_rank(group)
 
     def sum_(self, t: torch.Tensor) -> torch.Tensor:
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        dist.all_reduce(t, op=dist.ReduceOp.SUM, group=self.group)
         return t
 
     def max_(self, t: torch.Tensor) -> torch.Tensor:
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.group)
         return t
 
     def min_(self, t: torch.Tensor) -> torch.Tensor:
-        dist.all_reduce(t, op=dist.ReduceOp.MIN)
+        dist.all_reduce(t, op=dist.ReduceOp.MIN, group=self.group)
         return t
 
     def gather_rows(self, t: torch.Tensor) -> torch.Tensor:
         """Every rank's ``t`` (same shape on each) concatenated in rank order."""
         parts = [torch.empty_like(t) for _ in range(self.world_size)]
-        dist.all_gather(parts, t.contiguous())
+        dist.all_gather(parts, t.contiguous(), group=self.group)
         return torch.cat(parts)
 
     def broadcast_(self, t: torch.Tensor) -> torch.Tensor:
-        dist.broadcast(t, src=0)
+        dist.broadcast(t, src=0, group=self.group)
         return t
 
     @torch.no_grad()

@@ -319,7 +319,8 @@ class RunCheckpoints:
         return LoadedCheckpoint(folder, run, trainers)
 
     def load_latest(
-        self, indices: Iterable[int], agree: Callable[[bool], bool] = lambda ok: ok
+        self, indices: Iterable[int], agree: Callable[[bool], bool] = lambda ok: ok,
+        folders: Iterable[Path] | None = None,
     ) -> LoadedCheckpoint | None:
         """The newest checkpoint whose files read back (``indices``: the trainers this process
         needs), falling back past unreadable ones with a warning; ``None`` if there is none. A file
@@ -327,10 +328,12 @@ class RunCheckpoints:
         :class:`~matryoshka_plugin.io.UnsafeCheckpointError` instead of being skipped.
 
         ``agree(ok)`` returns whether every process read the candidate (identity for one process),
-        so all processes settle on the same step.
+        so all processes settle on the same step; ``folders`` (default :meth:`complete`) are the
+        candidates, newest first: with several processes, rank 0's listing, so that every process
+        tries the same ones whatever its own view of a shared file system.
         """
         indices = list(indices)
-        for folder in self.complete():
+        for folder in self.complete() if folders is None else folders:
             unsafe = None
             try:
                 found = self._read(folder, indices)

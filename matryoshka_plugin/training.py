@@ -30,7 +30,15 @@ from typing import Any, Iterable, Iterator
 import torch
 from tqdm.auto import tqdm
 
-from .distributed import DEFAULT_TIMEOUT_S, DistributedRun, ProcessGroupCollective, assign_trainers, setup
+from .distributed import (
+    DEFAULT_PREPARE_TIMEOUT_S,
+    DEFAULT_STARTUP_TIMEOUT_S,
+    DEFAULT_TIMEOUT_S,
+    DistributedRun,
+    ProcessGroupCollective,
+    assign_trainers,
+    setup,
+)
 from .errors import CheckpointError
 from .io import atomic_torch_save, atomic_write_json, check_out_dir
 from .resume import (
@@ -144,6 +152,8 @@ def train(
     resume: bool = False,
     distributed: str | None = None,
     timeout_s: float = DEFAULT_TIMEOUT_S,
+    prepare_timeout_s: float = DEFAULT_PREPARE_TIMEOUT_S,
+    startup_timeout_s: float = DEFAULT_STARTUP_TIMEOUT_S,
     progress: bool = True,
 ) -> list[Any]:
     """Train SAEs like ``dictionary_learning.training.trainSAE`` (same arguments, same folders),
@@ -159,7 +169,13 @@ def train(
             written.
         distributed: ``None`` (one process), ``"trainers"`` or ``"data"`` (see
             :mod:`matryoshka_plugin.distributed`); ``data`` is read on rank 0 only.
-        timeout_s: how long a collective waits for the other ranks before failing.
+        timeout_s: how long a collective of a training step waits for the other ranks before
+            failing (applied to a process group created before ``train`` too).
+        prepare_timeout_s: how long the ranks wait for one-off work that one rank does or whose
+            length depends on the disk (skipping consumed batches on resume, the norm factor,
+            reading and writing checkpoints and ``save_steps`` files) before failing.
+        startup_timeout_s: how long the start-up rendezvous waits for every process of
+            ``WORLD_SIZE`` (only where ``train`` creates the process group).
         progress: show a progress bar (rank 0).
 
     Returns this process's trainers (all of them with one process; its share with
@@ -178,12 +194,30 @@ def train(
         raise ValueError("trainer_configs is empty")
     run_cfg = run_cfg or {}
 
-    ctx = setup(distributed, timeout_s)
-    return _train(
-        ctx, data, trainer_configs, steps, use_wandb, wandb_entity, wandb_project, save_steps, save_dir,
-        log_steps, activations_split_by_head, transcoder, run_cfg, normalize_activations, verbose, device,
-        autocast_dtype, checkpoint_every, keep_checkpoints, resume, progress,
-    )
+    ctx = setup(distributed, timeout_s, prepare_timeout_s=prepare_timeout_s, startup_timeout_s=startup_timeout_s)
+    try:
+        return _train(
+            ctx, data, trainer_configs, steps, use_wandb, wandb_entity, wandb_project, save_steps, save_dir,
+            log_steps, activations_split_by_head, transcoder, run_cfg, normalize_activations, verbose, device,
+            autocast_dtype, checkpoint_every, keep_checkpoints, resume, progress,
+        )
+    except RuntimeError as e:
+        # A failed collective of a training step (gloo/NCCL say little about why); the waits around
+        # one-off work raise their own message, which starts with the rank.
+        if not ctx.active or str(e).startswith(f"rank {ctx.rank}:") or not _collective_failure(e):
+            raise
+        raise RuntimeError(
+            f"rank {ctx.rank}: a training collective failed: another rank died, or hung longer than "
+            f"timeout_s={timeout_s:g} s: {e}"
+        ) from e
+
+
+def _collective_failure(e: BaseException) -> bool:
+    import torch.distributed as dist
+
+    text = str(e)
+    return isinstance(e, getattr(dist, "DistError", ())) or any(
+        s in text for s in ("gloo", "NCCL", "Connection reset", "Connection closed", "Timed out"))
 
 
 def _build_trainers(ctx: DistributedRun, trainer_configs: list[dict]) -> tuple[list[int], list[Any]]:
@@ -194,7 +228,17 @@ def _build_trainers(ctx: DistributedRun, trainer_configs: list[dict]) -> tuple[l
         if "wandb_name" in c:
             c["wandb_name"] = f"{c['wandb_name']}_trainer_{i}"
     if ctx.mode == "trainers" and ctx.active:
-        mine = assign_trainers([_trainer_cost(c) for c in configs], ctx.world_size)[ctx.rank]
+        shares = assign_trainers([_trainer_cost(c) for c in configs], ctx.world_size)
+        mine = shares[ctx.rank]
+        idle = [r for r, share in enumerate(shares) if not share]
+        if idle and (ctx.is_main or not mine):
+            warnings.warn(
+                f"distributed='trainers': {len(configs)} trainer config{'s' if len(configs) > 1 else ''} over "
+                f"{ctx.world_size} processes, so "
+                + (f"ranks {', '.join(map(str, idle))} train" if len(idle) > 1 else f"rank {idle[0]} trains")
+                + " nothing (only receiving the batches); start at most as many processes as trainer configs",
+                stacklevel=3,
+            )
     else:
         mine = list(range(len(configs)))
     trainers = []
@@ -202,7 +246,10 @@ def _build_trainers(ctx: DistributedRun, trainer_configs: list[dict]) -> tuple[l
         c = dict(configs[i])
         cls = c.pop("trainer")
         if ctx.active and "device" in c and c["device"] is not None:
-            c["device"] = ctx.device(str(c["device"]))
+            try:
+                c["device"] = ctx.device(str(c["device"]))
+            except ValueError as e:
+                raise ValueError(f"trainer_configs[{i}]: {e}") from None
         if ctx.mode == "data" and ctx.active and not getattr(cls, "supports_data_parallel", False):
             raise ValueError(
                 f"trainer_configs[{i}]: {getattr(cls, '__name__', cls)} cannot train one SAE over several "
@@ -210,7 +257,7 @@ def _build_trainers(ctx: DistributedRun, trainer_configs: list[dict]) -> tuple[l
             )
         trainers.append(cls(**c))
     if ctx.mode == "data" and ctx.active:
-        collective = ProcessGroupCollective()
+        collective = ProcessGroupCollective(ctx.group)
         for t in trainers:
             # Every rank starts from rank 0's weights and prefix generator, whatever the seeds.
             for tensor in list(t.ae.parameters()) + list(t.ae.buffers()):
@@ -239,7 +286,9 @@ def _train(ctx, data, trainer_configs, steps, use_wandb, wandb_entity, wandb_pro
     start, consumed, norm_factor, source_state = 0, 0, None, None
     found = None
     if resume:
-        found = store.load_latest(mine, agree=ctx.all_true)
+        # Rank 0's listing: every rank tries the same checkpoints, whatever its view of the folder.
+        names = ctx.broadcast_object([p.name for p in store.complete()] if ctx.is_main else None)
+        found = store.load_latest(mine, agree=ctx.all_true, folders=[store.root / n for n in names])
     if found is not None:
         run = found.run
         problems = []
@@ -267,6 +316,9 @@ def _train(ctx, data, trainer_configs, steps, use_wandb, wandb_entity, wandb_pro
 
     # -- folders ------------------------------------------------------------------------------------
     save_dirs = {i: (os.path.join(save_dir, f"trainer_{i}") if save_dir is not None else None) for i in mine}
+    # The data's settings (ctx_len, io, ...) for every rank's config.json: ranks 1+ may get data=None.
+    buffer_config = getattr(data, "config", None) if ctx.is_main else None
+    buffer_config = ctx.broadcast_object(buffer_config)
 
     def write_config(i: int, t: Any, trained_steps: int | None = None) -> None:
         if save_dirs[i] is None or not writes:
@@ -279,10 +331,8 @@ def _train(ctx, data, trainer_configs, steps, use_wandb, wandb_entity, wandb_pro
         if norm_factor is not None:
             # trainSAE never saves it; a resumed run and the SAELens export need it.
             config["trainer"]["norm_factor"] = norm_factor
-        try:
-            config["buffer"] = data.config
-        except AttributeError:
-            pass
+        if buffer_config is not None:
+            config["buffer"] = buffer_config
         atomic_write_json(config, Path(save_dirs[i]) / "config.json", indent=4, default=_json_default)
 
     for i, t in zip(mine, trainers):
@@ -312,6 +362,8 @@ def _train(ctx, data, trainer_configs, steps, use_wandb, wandb_entity, wandb_pro
     if main_reads and not _is_iterator(data) and found is None:
         # trainSAE iterates a re-iterable source afresh after computing the norm factor.
         it = _Counted(iter(data))
+    # Rank 0 may have spent long on the above: the others wait here, not in a training collective.
+    ctx.wait("preparing the data (skipping consumed batches on resume, the norm factor)")
 
     # -- wandb ----------------------------------------------------------------------------------
     log_queues, wandb_processes = [], []
@@ -331,13 +383,8 @@ def _train(ctx, data, trainer_configs, steps, use_wandb, wandb_entity, wandb_pro
     def checkpoint(done: int) -> None:
         states = {i: trainer_state_dict(t) for i, t in zip(mine, trainers)} if writes else {}
         store.write_trainers(done, states)
-        rngs = rng_state()
-        if ctx.active:
-            gathered = [None] * ctx.world_size
-            torch.distributed.all_gather_object(gathered, rngs)
-        else:
-            gathered = [rngs]
-        ctx.barrier()  # every rank's trainer files are on disk
+        gathered = ctx.gather_objects(rng_state())
+        ctx.wait(f"writing the checkpoint of step {done}")  # every rank's trainer files are on disk
         if ctx.is_main:
             run = {
                 "steps": steps,
@@ -351,7 +398,7 @@ def _train(ctx, data, trainer_configs, steps, use_wandb, wandb_entity, wandb_pro
                 "rng": gathered,
             }
             store.publish(done, run, n_all)
-        ctx.barrier()
+        ctx.wait(f"publishing the checkpoint of step {done}")
 
     # -- the loop ---------------------------------------------------------------------------------------
     bar = tqdm(total=steps, initial=start, disable=not (progress and ctx.is_main), desc="training")
@@ -376,6 +423,8 @@ def _train(ctx, data, trainer_configs, steps, use_wandb, wandb_entity, wandb_pro
                 os.makedirs(os.path.join(save_dirs[i], "checkpoints"), exist_ok=True)
                 _save_weights(t, os.path.join(save_dirs[i], "checkpoints", f"ae_{step}.pt"),
                               norm_factor if normalize_activations else None)
+        if save_steps is not None and step in save_steps:
+            ctx.wait(f"saving ae_{step}.pt")
 
         for t in trainers:
             with autocast:
@@ -400,7 +449,7 @@ def _train(ctx, data, trainer_configs, steps, use_wandb, wandb_entity, wandb_pro
         if save_dirs[i] is not None and writes:
             _save_weights(t, os.path.join(save_dirs[i], "ae.pt"))
             write_config(i, t, trained_steps=step)
-    ctx.barrier()
+    ctx.wait("saving ae.pt")
 
     for q in log_queues:
         q.put("DONE")

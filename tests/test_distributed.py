@@ -4,6 +4,7 @@ bad input fails fast instead of hanging."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -80,12 +81,14 @@ def _differences(a, b, where="") -> list[str]:
 @pytest.mark.slow
 def test_data_parallel_ranks_stay_identical_with_every_option(tmp_path):
     """save_steps with normalize_activations (the biases scaled for saving), checkpoints, a kill and a
-    resume: every rank ends with bit-identical weights, optimizer state and statistics."""
+    resume (with one rank's view of the checkpoints lagging): every rank ends with bit-identical
+    weights, optimizer state and statistics."""
     args = ("--set", "dp", "--only", "0,5", "--normalize", "--distributed", "data", "--save-steps", "3,9,17",
             "--checkpoint-every", "5")
     killed = _torchrun(tmp_path / "run", *args, "--kill-at", "116")  # the norm factor reads 102 batches
     assert killed.returncode != 0
-    resumed = _torchrun(tmp_path / "run", *args, "--resume", "--dump-ranks")
+    # rank 1's listing of resume/ lacks the newest checkpoint: every rank must take rank 0's choice
+    resumed = _torchrun(tmp_path / "run", *args, "--resume", "--dump-ranks", "--stale-listing-rank", "1")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert (tmp_path / "run" / "trainer_1" / "checkpoints" / "ae_17.pt").is_file()
     rank0, rank1 = (torch.load(tmp_path / "run" / f"rank_{r}.pt", weights_only=False) for r in range(2))
@@ -149,15 +152,36 @@ def test_data_parallel_with_the_new_options(tmp_path):
 
 @pytest.mark.slow
 def test_trainers_spread_over_ranks_equal_serial_training(tmp_path):
-    serial = _single(tmp_path / "serial", "--set", "all")
+    """Also: rank 0's data has a config (ctx_len, io) and the other ranks get data=None; every
+    trainer's config.json holds it, so a SAELens export of a rank 1 trainer has its context size."""
+    from train_script import DATA_CONFIG
+
+    from matryoshka_plugin.saelens.export import export_to_saelens
+
+    serial = _single(tmp_path / "serial", "--set", "all", "--data-config")
     assert serial.returncode == 0, serial.stderr
-    spread = _torchrun(tmp_path / "spread", "--set", "all", "--distributed", "trainers", "--warm-up-run")
+    spread = _torchrun(tmp_path / "spread", "--set", "all", "--distributed", "trainers", "--warm-up-run",
+                       "--data-config")
     assert spread.returncode == 0, spread.stderr[-3000:]
     for i, (a, b) in enumerate(zip(_saved(tmp_path / "serial", 11), _saved(tmp_path / "spread", 11))):
         assert all(torch.equal(a[k], b[k]) for k in a), f"trainer_{i}"
+    for i in range(11):
+        config = json.loads((tmp_path / "spread" / f"trainer_{i}" / "config.json").read_text())
+        assert config.get("buffer") == DATA_CONFIG, f"trainer_{i}"
+    on_rank_1 = assign_trainers([1] * 11, 2)[1][0]  # equal costs: trainers 1, 3, ... on rank 1
+    out = export_to_saelens(tmp_path / "spread" / f"trainer_{on_rank_1}", tmp_path / "export", model_name="tiny",
+                            hook_name="blocks.0.hook_resid_pre", verify=False)
+    assert json.loads((out / "cfg.json").read_text())["metadata"]["context_size"] == DATA_CONFIG["ctx_len"]
     # every rank wrote its own trainers into the shared checkpoints
     newest = sorted((tmp_path / "spread" / "resume").glob("step_*"))[-1]
     assert sorted(p.name for p in newest.glob("trainer_*.pt")) == sorted(f"trainer_{i}.pt" for i in range(11))
+
+
+@pytest.mark.slow
+def test_more_processes_than_trainers_warns_naming_the_idle_ranks(tmp_path):
+    run = _torchrun(tmp_path / "run", "--set", "dp", "--only", "0", "--distributed", "trainers", "--steps", "4")
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "1 trainer config over 2 processes, so rank 1 trains nothing" in run.stderr
 
 
 @pytest.mark.slow
@@ -189,6 +213,103 @@ def test_a_dead_rank_makes_the_other_exit_with_an_error(tmp_path):
     assert procs[0].returncode != 0, "rank 0 finished although rank 1 died"
     assert time.time() - t0 < 240
     assert "Error" in err0
+
+
+def _plain_processes(out: Path, args: list[str], world: int = 2, ranks=None) -> list[subprocess.Popen]:
+    """``world`` ranks started by hand (no torchrun agent to clean up after a failure)."""
+    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), WORLD_SIZE=str(world))
+    return [subprocess.Popen([sys.executable, str(SCRIPT), str(out), *args], cwd=ROOT,
+                             env=dict(env, RANK=str(r), LOCAL_RANK=str(r)), stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+            for r in (range(world) if ranks is None else ranks)]
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_rank_0s_long_preparation_outlasts_the_training_timeout(tmp_path):
+    """With timeout_s=5, rank 0 spends 8 s on the norm factor (a slow batch), 8 s publishing each
+    checkpoint and, resumed, 8 s skipping consumed batches: the waits around that one-off work are
+    bounded by prepare_timeout_s, so the run finishes."""
+    args = ("--set", "dp", "--only", "0,5", "--normalize", "--distributed", "data", "--steps", "12",
+            "--checkpoint-every", "5", "--timeout", "5", "--slow-batch", "50", "--slow-seconds", "8",
+            "--slow-publish", "8")
+    killed = _torchrun(tmp_path / "run", *args, "--kill-at", "113")  # step 11, after the checkpoint of step 10
+    assert killed.returncode != 0
+    assert (tmp_path / "run" / "resume" / "step_000000010").is_dir(), killed.stderr[-3000:]
+    resumed = _torchrun(tmp_path / "run", *args, "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert (tmp_path / "run" / "trainer_1" / "ae.pt").is_file()
+
+
+@pytest.mark.slow
+def test_a_hung_rank_makes_the_others_fail_within_the_timeout(tmp_path):
+    """Rank 1 hangs (sleeps) in step 3 for far longer than timeout_s=5: rank 0 fails with an error
+    naming the timeout within bounded time instead of waiting for it."""
+    procs = _plain_processes(tmp_path / "run", ["--set", "dp", "--only", "0", "--distributed", "data",
+                                                "--sleep-rank", "1", "--sleep-at", "3", "--sleep-seconds", "300",
+                                                "--timeout", "5"])
+    try:
+        t0 = time.time()
+        _, err0 = procs[0].communicate(timeout=200)
+        elapsed = time.time() - t0
+    finally:
+        for p in procs:
+            p.kill()
+            p.communicate()
+    assert procs[0].returncode != 0, "rank 0 finished although rank 1 hung"
+    assert "rank 0: a training collective failed: another rank died, or hung longer than timeout_s=5 s" in err0
+    assert elapsed < 120
+
+
+@pytest.mark.slow
+def test_a_missing_peer_fails_the_start_up_within_its_own_timeout(tmp_path):
+    """Rank 0 of WORLD_SIZE=2 started alone waits startup_timeout_s, not timeout_s, and says why."""
+    (rank0,) = _plain_processes(tmp_path / "run", ["--set", "dp", "--only", "0", "--distributed", "data",
+                                                   "--startup-timeout", "3"], ranks=[0])
+    t0 = time.time()
+    try:
+        _, err = rank0.communicate(timeout=120)
+    finally:
+        rank0.kill()
+    assert rank0.returncode != 0
+    assert "did not gather the 2 processes of WORLD_SIZE within startup_timeout_s=3 s" in err
+    assert time.time() - t0 < 60
+
+
+def test_one_process_with_a_distributed_mode_leaves_no_rendezvous_variables():
+    code = (
+        "import os, sys; sys.path.insert(0, 'tests'); from train_script import batches, trainer_configs; "
+        "from matryoshka_plugin import train; "
+        "train(batches(-1, 64), trainer_configs('dp', 4)[:1], 4, device='cpu', distributed='data', progress=False); "
+        "print(sorted(k for k in ('RANK', 'WORLD_SIZE', 'LOCAL_RANK', 'MASTER_ADDR', 'MASTER_PORT') if k in os.environ))"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
+                                                             "MASTER_PORT")}
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=dict(env, OMP_NUM_THREADS="1"),
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_an_explicit_gpu_index_is_refused_where_every_rank_would_share_it(monkeypatch):
+    from matryoshka_plugin.distributed import DistributedRun
+
+    run = DistributedRun("data", rank=1, world_size=2, local_rank=1)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert run.device("cuda") == "cuda:1"
+    with pytest.raises(ValueError, match=r"device='cuda:0' in a run of 2 processes would put every rank on the same GPU"):
+        run.device("cuda:0")
+    assert run.device("cpu") == "cpu"
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)  # one GPU per process (CUDA_VISIBLE_DEVICES)
+    assert run.device("cuda:0") == "cuda:0"
+    assert DistributedRun(None).device("cuda:0") == "cuda:0"
 
 
 @pytest.mark.parametrize("costs,world,expected", [

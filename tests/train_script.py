@@ -4,6 +4,8 @@ distributed tests (directly, or by torchrun).
     python tests/train_script.py OUT --set all|dp|dp-options|dp-reorder --steps 24 [--kill-at BATCH] [--resume]
         [--normalize] [--distributed trainers|data] [--batch 64] [--die-rank R --die-at STEP]
         [--save-steps 3,9] [--only 0,5] [--dump-ranks] [--grad-dump] [--grad-factor 2]
+        [--timeout S] [--prepare-timeout S] [--slow-batch N --slow-seconds S] [--slow-publish S]
+        [--sleep-rank R --sleep-at STEP --sleep-seconds S] [--data-config] [--stale-listing-rank R]
 
 ``--kill-at`` sends SIGKILL to this process when the data source is asked for that batch (so at
 a step chosen by the caller); ``--die-rank``/``--die-at`` make one rank exit abruptly;
@@ -11,7 +13,13 @@ a step chosen by the caller); ``--die-rank``/``--die-at`` make one rank exit abr
 state as this rank holds it at the end to ``OUT/rank_<r>.pt``; ``--grad-dump`` records the
 gradients every trainer clips (averaged over the ranks, before clipping and the optimiser) at
 every step to ``OUT/grads_<r>.pt``; ``--grad-factor`` multiplies the data-parallel average by a
-factor (a deliberately wrong averaging, which the gradient test must catch).
+factor (a deliberately wrong averaging, which the gradient test must catch). ``--slow-batch``
+makes the data take ``--slow-seconds`` to produce that batch and ``--slow-publish`` makes rank 0
+take that long to publish each checkpoint (rank 0's one-off work); ``--sleep-rank``/``--sleep-at``
+make one rank hang in a training step; ``--data-config`` gives the data a ``config`` (as
+dictionary_learning's ActivationBuffer has) on rank 0 and ``data=None`` on the other ranks;
+``--stale-listing-rank`` hides the newest checkpoint from that rank's listing of ``resume/`` (a
+shared file system that shows it late).
 """
 
 from __future__ import annotations
@@ -20,6 +28,7 @@ import argparse
 import os
 import signal
 import sys
+import time
 
 import torch
 
@@ -58,10 +67,31 @@ def trainer_configs(which: str, steps: int) -> list[dict]:
     return out
 
 
-def batches(kill_at: int, batch: int):
+DATA_CONFIG = {"d_submodule": D, "io": "in", "n_ctxs": 8, "ctx_len": 16, "refresh_batch_size": 4,
+               "out_batch_size": 64, "device": "cpu"}
+
+
+class ConfiguredBatches:
+    """An iterator over ``batches`` with an ActivationBuffer-like ``config``."""
+
+    config = DATA_CONFIG
+
+    def __init__(self, it):
+        self.it = it
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        return next(self.it)
+
+
+def batches(kill_at: int, batch: int, slow_at: int = -1, slow_seconds: float = 0.0):
     for i in range(10**9):
         if i == kill_at:
             os.kill(os.getpid(), signal.SIGKILL)
+        if i == slow_at:
+            time.sleep(slow_seconds)
         g = torch.Generator().manual_seed(i)
         # a few latent directions so the SAEs have something to learn, plus noise
         yield torch.randn(batch, D, generator=g) * 0.3 + (torch.rand(batch, 4, generator=g) < 0.3).float() @ \
@@ -88,6 +118,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dump-ranks", action="store_true")
     p.add_argument("--grad-dump", action="store_true")
     p.add_argument("--grad-factor", type=float, default=None)
+    p.add_argument("--prepare-timeout", type=float, default=24 * 3600)
+    p.add_argument("--startup-timeout", type=float, default=120)
+    p.add_argument("--slow-batch", type=int, default=-1)
+    p.add_argument("--slow-seconds", type=float, default=0.0)
+    p.add_argument("--slow-publish", type=float, default=0.0)
+    p.add_argument("--sleep-rank", type=int, default=None)
+    p.add_argument("--sleep-at", type=int, default=None)
+    p.add_argument("--sleep-seconds", type=float, default=0.0)
+    p.add_argument("--data-config", action="store_true")
+    p.add_argument("--stale-listing-rank", type=int, default=None)
     a = p.parse_args(argv)
     torch.set_num_threads(1)
 
@@ -97,15 +137,17 @@ def main(argv: list[str] | None = None) -> int:
     if a.only is not None:
         configs = [configs[int(i)] for i in a.only.split(",")]
     save_steps = [int(s) for s in a.save_steps.split(",")] if a.save_steps else None
-    if a.die_rank is not None:
+    rank = int(os.environ.get("RANK", "0"))
+    if a.die_rank is not None or a.sleep_rank is not None:
         import matryoshka_plugin.trainers.matryoshka_batch_top_k as btk
 
-        rank = int(os.environ.get("RANK", "0"))
         update = btk.MatryoshkaBatchTopKTrainer.update
 
         def dying_update(self, step, x):
             if rank == a.die_rank and step == a.die_at:
                 os._exit(3)
+            if rank == a.sleep_rank and step == a.sleep_at:
+                time.sleep(a.sleep_seconds)
             return update(self, step, x)
 
         btk.MatryoshkaBatchTopKTrainer.update = dying_update
@@ -134,12 +176,31 @@ def main(argv: list[str] | None = None) -> int:
                 p.grad.mul_(a.grad_factor)
 
         ProcessGroupCollective.average_gradients_ = wrong_average
+    if a.stale_listing_rank == rank:
+        from matryoshka_plugin.resume import RunCheckpoints
+
+        complete = RunCheckpoints.complete
+        RunCheckpoints.complete = lambda self: complete(self)[1:]
+    if a.slow_publish:
+        from matryoshka_plugin.resume import RunCheckpoints
+
+        publish = RunCheckpoints.publish
+
+        def slow_publish(self, *args, **kwargs):
+            time.sleep(a.slow_publish)
+            return publish(self, *args, **kwargs)
+
+        RunCheckpoints.publish = slow_publish
+    data = batches(a.kill_at, a.batch, a.slow_batch, a.slow_seconds)
+    if a.data_config:
+        data = ConfiguredBatches(data) if rank == 0 else None
     if a.warm_up_run:  # a second train() in one process must reuse the process group
         train(batches(-1, a.batch), trainer_configs(a.set, 6), 6, save_dir=a.out + "_warm_up", device="cpu",
               distributed=a.distributed, progress=False)
-    trainers = train(batches(a.kill_at, a.batch), configs, a.steps, save_dir=a.out, save_steps=save_steps,
+    trainers = train(data, configs, a.steps, save_dir=a.out, save_steps=save_steps,
                      normalize_activations=a.normalize, device="cpu", checkpoint_every=a.checkpoint_every,
-                     resume=a.resume, distributed=a.distributed, progress=False, timeout_s=a.timeout)
+                     resume=a.resume, distributed=a.distributed, progress=False, timeout_s=a.timeout,
+                     prepare_timeout_s=a.prepare_timeout, startup_timeout_s=a.startup_timeout)
     if a.grad_dump:
         torch.save(grads, os.path.join(a.out, f"grads_{int(os.environ.get('RANK', '0'))}.pt"))
     if a.dump_ranks:
