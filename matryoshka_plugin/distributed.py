@@ -230,8 +230,6 @@ def setup(
                         os.environ.pop(k, None)
                     else:
                         os.environ[k] = v
-        if backend == "gloo":
-            _match_numba_threads()
         # The group stays for later train() calls in this process (re-creating it from torchrun's
         # store hangs) and is destroyed at exit.
         atexit.register(_destroy)
@@ -255,16 +253,6 @@ def _group(purpose: str, timeout_s: float, backend: str) -> Any:
     if key not in _GROUPS:
         _GROUPS[key] = dist.new_group(backend=backend, timeout=timedelta(seconds=timeout_s))
     return _GROUPS[key]
-
-
-def _match_numba_threads() -> None:
-    """CPU processes share the cores: the numba kernels take as many threads as torch (torchrun
-    sets OMP_NUM_THREADS=1) instead of one per core each, which oversubscribed 2 cores 2x."""
-    try:
-        import numba
-    except ImportError:
-        return
-    numba.set_num_threads(max(1, min(numba.config.NUMBA_NUM_THREADS, torch.get_num_threads())))
 
 
 def _destroy() -> None:

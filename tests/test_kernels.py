@@ -275,6 +275,9 @@ NO_NUMBA = textwrap.dedent(
 
     backend, out = sys.argv[2], sys.argv[3]
     torch.set_num_threads(1)
+    from matryoshka_plugin import distributed
+
+    distributed.setup("data")  # a gloo group of one: joining it must not reach for numba either
     g = torch.Generator().manual_seed(0)
     xs = [torch.randn(64, 32, generator=g) for _ in range(3)]
     common = dict(steps=10, activation_dim=32, dict_size=4096, warmup_steps=1, device="cpu", seed=0, backend=backend)
