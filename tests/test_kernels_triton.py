@@ -4,8 +4,8 @@ On a CUDA machine with triton this runs on the GPU (fp32 and bf16). Elsewhere, o
 ``TRITON_INTERPRET=1`` is set, it runs the same kernel on CPU tensors in Triton's interpreter.
 Either way the check runs in a subprocess, because ``TRITON_INTERPRET`` must be set (or unset)
 before triton is imported; this module only asks whether triton is installed. Without triton
-it is skipped (``scripts/setup.sh`` does not install it; ``pip install triton`` adds it, see
-docs/development.md).
+it is skipped (the ``test`` extra and the CPU lock install it on Linux x86-64, so CI runs it in
+the interpreter; see docs/development.md).
 """
 
 import importlib.util
