@@ -114,6 +114,12 @@ def worker(spec: dict) -> dict:
     gen = torch.Generator().manual_seed(0)
     x = (torch.randn(B, d, generator=gen) * 4 + 1).to(device=device, dtype=dtype)
     name = spec["name"]
+    if name.startswith("ours") and device == "cpu":
+        # This package's candidates opt in to malloc's reuse of freed memory (docs/speed.md, "Host
+        # memory"); MATRYOSHKA_REUSE_MEMORY=0 measures them without it.
+        from matryoshka_plugin import reuse_host_memory
+
+        reuse_host_memory()
     common = dict(steps=10_000, activation_dim=d, dict_size=F, layer=12, lm_name="bench", device=device, seed=0)
     _sync(device)
     if device.startswith("cuda"):
@@ -218,8 +224,10 @@ def grid_cell(d: int, F: int, k: int, B: int, device: str, steps: int, warmup: i
     (round-robin, so background load hits them alike); minimum seconds per step of each."""
     import torch
 
-    from matryoshka_plugin import MatryoshkaBatchTopKTrainer
+    from matryoshka_plugin import MatryoshkaBatchTopKTrainer, reuse_host_memory
 
+    if device == "cpu":
+        reuse_host_memory()  # as the worker does for this package's candidates
     gen = torch.Generator().manual_seed(0)
     x = (torch.randn(B, d, generator=gen) * 4 + 1).to(device)
     common = dict(steps=10_000, activation_dim=d, dict_size=F, k=k, layer=0, lm_name="bench", device=device, seed=0,

@@ -57,6 +57,7 @@ _EXPORTS = {
     "CheckpointError": "errors",
     "TrainingError": "errors",
     "SAEBenchError": "errors",
+    "reuse_host_memory": "host_memory",
 }
 
 __all__ = list(_EXPORTS)
@@ -90,6 +91,7 @@ if TYPE_CHECKING:  # static analysers and IDEs see the real names
     from .analysis import cofiring_edges, mean_max_correlation, prefix_fvu
     from .checkpoints import load_dictionary, register_dictionary_class
     from .errors import ActivationError, CheckpointError, SAEBenchError, TrainingError
+    from .host_memory import reuse_host_memory
     from .prefix_loss import PrefixLoss, prefix_mse
     from .prefixes import PrefixSampler, PrefixWeights
     from .registry import Architecture, register_architecture

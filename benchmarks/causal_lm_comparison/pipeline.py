@@ -257,7 +257,7 @@ def train_group(plan: Plan, group: str, lm: Any, load_dataset: Callable | None, 
     """Train one group with ``matryoshka_plugin.train`` in ``train/.<group>.partial``, resuming from
     its newest full-state checkpoint; with ``training.nproc > 1`` (under torchrun) the group's SAEs
     are spread over the ranks, rank 0 reads the text and runs the model (``lm`` is None elsewhere)."""
-    from matryoshka_plugin import ActivationSource, train
+    from matryoshka_plugin import ActivationSource, reuse_host_memory, train
 
     cfg = plan.cfg
     specs = plan.groups[group]
@@ -286,6 +286,8 @@ def train_group(plan: Plan, group: str, lm: Any, load_dataset: Callable | None, 
             remove_bos=d.remove_bos, seed=t.seed,
         )
     configs = [trainer_config(cfg, s) for s in specs]
+    if torch.device(cfg.device).type == "cpu":
+        reuse_host_memory()  # faster CPU steps for the whole process (docs/speed.md, "Host memory")
     train(source, configs, t.steps, save_dir=str(partial), normalize_activations=t.normalize_activations,
           device=cfg.device, autocast_dtype=_TORCH_DTYPES[t.autocast_dtype], checkpoint_every=t.checkpoint_every,
           resume=True, distributed="trainers" if t.nproc > 1 else None)

@@ -13,7 +13,7 @@ from typing import Any, Callable, Iterable
 import torch
 
 from ..errors import CheckpointError, TrainingError, check_activations
-from ..host_memory import reuse_freed_memory
+from ..host_memory import reuse_if_requested
 from ..import_hooks import import_leaf
 from ..kernels import BACKENDS, fused_op
 from ..prefixes import PrefixSampler
@@ -138,7 +138,7 @@ class MatryoshkaTrainerBase(SAETrainer):
         # The encoder matmul's dtype, set from each batch by _prepare (None: decided from the input).
         self.matmul_dtype: torch.dtype | None = None
         if torch.device(cfg.device).type == "cpu":
-            reuse_freed_memory()  # steps reuse their large blocks instead of page-faulting them in
+            reuse_if_requested()  # malloc is changed only on the user's request (host_memory)
         self.generator.manual_seed(seed if seed is not None else torch.initial_seed() % (2**63))
 
     # -- full training state (exact resume) ------------------------------------------------------
