@@ -68,8 +68,8 @@ def test_settings_are_validated_typed_and_read_back_as_attributes():
     tr = MatryoshkaBatchTopKTrainer(steps=100, activation_dim=8, dict_size=32, k=3, group_fractions=[0.25, 0.75],
                                     warmup_steps=5, device="cpu")
     assert isinstance(tr.cfg, MatryoshkaBatchTopKConfig)
-    assert (tr.k, tr.group_sizes, tr.top_k_aux) == (3, [8, 24], 4)
-    assert tr.lr == pytest.approx(2e-4 / (32 / 2**14) ** 0.5)
+    assert (tr.cfg.k, tr.cfg.group_sizes, tr.cfg.top_k_aux) == (3, [8, 24], 4)
+    assert tr.cfg.lr == tr.lr == pytest.approx(2e-4 / (32 / 2**14) ** 0.5)
     with pytest.raises(AttributeError, match="no attribute 'nonexistent'"):
         tr.nonexistent
     with pytest.raises(TypeError, match="unexpected keyword argument 'kk'"):
@@ -77,8 +77,28 @@ def test_settings_are_validated_typed_and_read_back_as_attributes():
     with pytest.raises(ValueError, match="k must be an integer"):
         MatryoshkaBatchTopKTrainer(steps=100, activation_dim=8, dict_size=32, k=64, group_fractions=[1.0])
     ls = MatryoshkaLogSparsityTrainer(steps=100, activation_dim=8, dict_size=32, target_l0=3, warmup_steps=5, device="cpu")
-    assert isinstance(ls.cfg, MatryoshkaLogSparsityConfig) and ls.betas == (0.5, 0.9375)
-    assert ls.controller_rate == pytest.approx(8.0 / 80)
+    assert isinstance(ls.cfg, MatryoshkaLogSparsityConfig) and ls.cfg.betas == (0.5, 0.9375)
+    assert ls.cfg.controller_rate == pytest.approx(8.0 / 80)
+
+
+# What dictionary_learning's SAETrainer contract and its trainers carry as attributes.
+UPSTREAM_ATTRIBUTES = ("steps", "lr", "device", "layer", "lm_name", "submodule_name", "wandb_name", "seed")
+
+
+def test_settings_are_not_forwarded_but_upstreams_attributes_are_kept():
+    from dictionary_learning.trainers.matryoshka_batch_top_k import MatryoshkaBatchTopKTrainer as Upstream
+
+    settings = dict(steps=100, activation_dim=8, dict_size=32, k=3, group_fractions=[0.25, 0.75], warmup_steps=5,
+                    lr=1e-3, device="cpu", layer=2, lm_name="m", submodule_name="s", seed=4, wandb_name="w")
+    ours, upstream = MatryoshkaBatchTopKTrainer(**settings), Upstream(**settings)
+    for name in UPSTREAM_ATTRIBUTES:
+        assert getattr(ours, name) == getattr(upstream, name), name
+    for name in ("k", "group_sizes", "auxk_alpha", "backend", "top_k_aux"):  # settings live in cfg only
+        assert not hasattr(ours, name) and hasattr(ours.cfg, name), name
+    with pytest.raises(AttributeError):
+        ours.steps = 5  # read-only: a changed copy would disagree with cfg
+    ls = MatryoshkaLogSparsityTrainer(steps=100, activation_dim=8, dict_size=32, target_l0=3, device="cpu", seed=1)
+    assert (ls.steps, ls.lr, ls.seed) == (100, ls.cfg.lr, 1) and not hasattr(ls, "target_l0")
 
 
 @pytest.mark.parametrize("config", [MatryoshkaBatchTopKConfig, MatryoshkaLogSparsityConfig])
@@ -110,7 +130,7 @@ def _warms_up_for(trainer, warmup: int) -> bool:
 @pytest.mark.parametrize("steps, warmup", [(1, 0), (20, 2), (100, 10), (500, 50), (5000, 100)])
 def test_log_sparsity_warmup_default_scales_to_the_run(steps, warmup):
     tr = MatryoshkaLogSparsityTrainer(steps=steps, activation_dim=8, dict_size=32, target_l0=3, device="cpu")
-    assert tr.warmup_steps == warmup and tr.config["warmup_steps"] == warmup and _warms_up_for(tr, warmup)
+    assert tr.cfg.warmup_steps == warmup and tr.config["warmup_steps"] == warmup and _warms_up_for(tr, warmup)
 
 
 @pytest.mark.parametrize("steps, extra, warmup", [
@@ -120,7 +140,7 @@ def test_log_sparsity_warmup_default_scales_to_the_run(steps, warmup):
 def test_batch_top_k_warmup_default_scales_to_the_run(steps, extra, warmup):
     tr = MatryoshkaBatchTopKTrainer(steps=steps, activation_dim=8, dict_size=32, k=3, group_fractions=[1.0],
                                     device="cpu", **extra)
-    assert tr.warmup_steps == warmup and tr.config["warmup_steps"] == warmup and _warms_up_for(tr, warmup)
+    assert tr.cfg.warmup_steps == warmup and tr.config["warmup_steps"] == warmup and _warms_up_for(tr, warmup)
 
 
 @pytest.mark.parametrize("cls, extra", [(MatryoshkaLogSparsityTrainer, dict(target_l0=3)),
@@ -135,7 +155,7 @@ def test_an_explicit_warmup_is_still_checked_and_named(cls, extra, warmup):
 def test_target_l0_must_lie_between_zero_and_dict_size(target):
     with pytest.raises(ValueError, match=r"target_l0 must lie in \(0, dict_size=32\]"):
         MatryoshkaLogSparsityTrainer(steps=50, activation_dim=8, dict_size=32, target_l0=target, device="cpu")
-    assert MatryoshkaLogSparsityTrainer(steps=50, activation_dim=8, dict_size=32, target_l0=32, device="cpu").target_l0 == 32
+    assert MatryoshkaLogSparsityTrainer(steps=50, activation_dim=8, dict_size=32, target_l0=32, device="cpu").cfg.target_l0 == 32
 
 
 @pytest.mark.parametrize("cls, extra", [(MatryoshkaLogSparsityTrainer, dict(target_l0=3)),

@@ -53,7 +53,7 @@ def test_accepts_every_upstream_keyword():
         if key not in ("seed", "device"):
             assert cfg[key] == values[key], key
     assert cfg["dict_class"] == "MatryoshkaBatchTopKSAE" and cfg["package"] == "matryoshka_plugin"
-    assert tr.group_sizes == Upstream(**values).group_sizes
+    assert tr.cfg.group_sizes == Upstream(**values).group_sizes
 
 
 @pytest.mark.parametrize("weights", [None, [0.5, 1.0, 2.0]])
@@ -115,13 +115,13 @@ def test_effective_l0_is_measured_and_threshold_tracks_k():
     with torch.no_grad():
         batch_topk = tr.ae.encode(held_out, use_threshold=False)
         thresholded = tr.ae.encode(held_out)
-    assert 0 < tr.effective_l0 <= tr.k
-    assert float((batch_topk > 0).sum(1).float().mean()) == pytest.approx(tr.k, rel=0.02)
+    assert 0 < tr.effective_l0 <= tr.cfg.k
+    assert float((batch_topk > 0).sum(1).float().mean()) == pytest.approx(tr.cfg.k, rel=0.02)
     # The inference threshold stands in for BatchTopK: on held-out tokens it keeps about k latents.
     thr_l0 = float((thresholded > 0).sum(1).float().mean())
     assert float(tr.ae.threshold) > 0
-    assert thr_l0 == pytest.approx(tr.k, rel=0.25), thr_l0
-    assert tr.threshold_l0 == pytest.approx(tr.k, rel=0.35)
+    assert thr_l0 == pytest.approx(tr.cfg.k, rel=0.25), thr_l0
+    assert tr.threshold_l0 == pytest.approx(tr.cfg.k, rel=0.35)
     assert tr.num_tokens_since_fired.device == tr.ae.W_enc.device
 
 
@@ -181,7 +181,7 @@ def test_short_training_never_encodes_densely():
         tr.update(s, data(seed=s))
     assert float(tr.ae.threshold) < 0
     f = tr.ae.encode(data(seed=99))
-    assert int((f != 0).sum()) <= tr.k * 64
+    assert int((f != 0).sum()) <= tr.cfg.k * 64
 
 
 @pytest.mark.parametrize("make", [btk, lst])
@@ -350,7 +350,7 @@ def test_log_sparsity_dead_feature_threshold_keyword():
     # default: a tenth of the run's tokens
     default = lst()
     default.update(0, data())
-    assert default.dead_feature_threshold == 50 * 64 // 10
+    assert default.cfg.dead_feature_threshold == 50 * 64 // 10
 
 
 def test_dead_latents_are_resampled():
@@ -388,11 +388,11 @@ def test_default_controller_can_cross_the_range_a_short_run_needs():
     for steps in (100, 1000, 40_000):
         tr = lst(steps=steps)
         after_warmup = steps - tr.controller.warmup_steps
-        assert tr.controller.rate * after_warmup == pytest.approx(tr.controller_log_range)
+        assert tr.controller.rate * after_warmup == pytest.approx(tr.cfg.controller_log_range)
         c = tr.controller
         for s in range(steps):
             c.update(s, 1e6)  # L0 far too high all along
-        assert math.log(c.coefficient / tr.sparsity_coeff) == pytest.approx(tr.controller_log_range)
+        assert math.log(c.coefficient / tr.cfg.sparsity_coeff) == pytest.approx(tr.cfg.controller_log_range)
 
 
 def test_random_prefixes_reproducible_with_seed():

@@ -77,7 +77,7 @@ def check_run(save_dir, held_out, k):
         with torch.no_grad():
             torch.testing.assert_close(ae(held_out), trainer.ae(held_out))
             torch.testing.assert_close(ae.encode(held_out), trainer.ae.encode(held_out))
-        fresh = cls(*([ae.activation_dim, ae.dict_size] + ([k, trainer.group_sizes] if cls is MatryoshkaBatchTopKSAE else [])))
+        fresh = cls(*([ae.activation_dim, ae.dict_size] + ([k, trainer.cfg.group_sizes] if cls is MatryoshkaBatchTopKSAE else [])))
         fresh.load_state_dict(trainer.initial_state)
         before, after = fvu(fresh, held_out), fvu(ae, held_out)
         print(f"{cls.__name__}: held-out L0 {l0(ae, held_out):.2f} (target {k}), FVU {before:.3f} -> {after:.3f}")

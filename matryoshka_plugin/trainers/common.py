@@ -103,7 +103,9 @@ class MatryoshkaTrainerBase(SAETrainer):
     """Bookkeeping common to the trainers: typed settings, seed, metadata and input checks.
 
     A trainer takes its settings as keywords, validates them in its ``config_class`` (a
-    :class:`TrainerConfig`) and reads them back as attributes (``trainer.k``, ``trainer.lr``).
+    :class:`TrainerConfig`) and keeps them as ``trainer.cfg`` (``trainer.cfg.k``). The few that
+    dictionary_learning's trainers carry as attributes (``steps``, ``lr``, ``device``, ``layer``,
+    ``lm_name``, ``submodule_name``, ``wandb_name``, ``seed``) read the same here.
     """
 
     config_class: type[TrainerConfig] = TrainerConfig
@@ -216,12 +218,36 @@ class MatryoshkaTrainerBase(SAETrainer):
             [getattr(self, name) for name in self.permuted_statistics],
         )
 
-    def __getattr__(self, name: str) -> Any:
-        # Settings read as attributes; only reached when normal lookup fails.
-        cfg = self.__dict__.get("cfg")
-        if cfg is not None and name in cfg.__dataclass_fields__:
-            return getattr(cfg, name)
-        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+    # -- dictionary_learning's trainer attributes (read-only views of ``cfg``) -------------------
+    # SAETrainer.__init__ sets ``seed`` itself.
+
+    @property
+    def steps(self) -> int:
+        return self.cfg.steps
+
+    @property
+    def lr(self) -> float:
+        return self.cfg.lr  # every trainer's config has one (its default differs)
+
+    @property
+    def device(self) -> str:
+        return self.cfg.device
+
+    @property
+    def layer(self) -> int | None:
+        return self.cfg.layer
+
+    @property
+    def lm_name(self) -> str | None:
+        return self.cfg.lm_name
+
+    @property
+    def submodule_name(self) -> str | None:
+        return self.cfg.submodule_name
+
+    @property
+    def wandb_name(self) -> str:
+        return self.cfg.wandb_name
 
     @property
     def config(self) -> dict:
@@ -239,7 +265,7 @@ class MatryoshkaTrainerBase(SAETrainer):
     def _prepare(self, x: torch.Tensor, step: int | None) -> torch.Tensor:
         check_activations(x, self.ae.activation_dim, step)
         self.matmul_dtype = encoder_matmul_dtype(x)  # bf16 input or autocast: a bf16 encoder matmul
-        return x.to(device=self.device, dtype=self.ae.W_enc.dtype)
+        return x.to(device=self.cfg.device, dtype=self.ae.W_enc.dtype)
 
     @staticmethod
     def _check_loss(loss: torch.Tensor, step: int | None, parts: dict[str, float]) -> None:

@@ -273,19 +273,20 @@ class MatryoshkaBatchTopKTrainer(MatryoshkaTrainerBase):
             fired = collective.max_(fired.to(torch.int32)).bool()
             tokens *= collective.world_size
         since = torch.where(fired, 0, self.num_tokens_since_fired + tokens)
-        return since, since >= self.dead_feature_threshold
+        return since, since >= self.cfg.dead_feature_threshold
 
     def _auxk_loss(self, x, residual: torch.Tensor, post_relu: torch.Tensor, dead: torch.Tensor, collective=None):
         n_dead = int(dead.sum())
-        if n_dead == 0 or self.auxk_alpha == 0:
+        if n_dead == 0 or self.cfg.auxk_alpha == 0:
             return residual.new_zeros(()), -1.0
-        k_aux = min(self.top_k_aux, n_dead)
+        k_aux = min(self.cfg.top_k_aux, n_dead)
         with torch.no_grad():
             masked = post_relu.masked_fill(~dead[None, :], float("-inf"))
             vals, idx = masked.topk(k_aux, dim=-1, sorted=False)
         rows = torch.arange(x.shape[0], device=x.device).repeat_interleave(k_aux)
         ae = self.ae
-        vals = encoder_entries(x, ae.W_enc, ae.b_enc, ae.b_dec, rows, idx.reshape(-1), vals.reshape(-1), self.backend)
+        vals = encoder_entries(x, ae.W_enc, ae.b_enc, ae.b_dec, rows, idx.reshape(-1), vals.reshape(-1),
+                               self.cfg.backend)
         recon = F.embedding_bag(idx, ae.W_dec, per_sample_weights=vals.view(-1, k_aux), mode="sum")
         l2 = (residual.float() - recon.float()).pow(2).sum(-1).mean()
         r = residual.float()
@@ -301,7 +302,7 @@ class MatryoshkaBatchTopKTrainer(MatryoshkaTrainerBase):
 
     def _level_auxk_loss(self, x, latents, residual, post_relu, dead, collective=None):
         """Per-level AuxK (``matryoshka_aux_loss``): each group's dead latents fit its own residual."""
-        if not bool(dead.any()) or self.auxk_alpha == 0:
+        if not bool(dead.any()) or self.cfg.auxk_alpha == 0:
             return residual.new_zeros(()), -1.0
         ae = self.ae
         residuals = level_residuals(x, latents, ae.W_dec, ae.b_dec, self.level_ends)
@@ -314,24 +315,25 @@ class MatryoshkaBatchTopKTrainer(MatryoshkaTrainerBase):
             if n_dead == 0:
                 continue
             loss, pre = self._auxk_loss(x, r, post_relu, mine, collective)
-            scale = min(n_dead / self.top_k_aux, 1.0)
+            scale = min(n_dead / self.cfg.top_k_aux, 1.0)
             total, pre_norm = total + scale * loss, pre_norm + scale * pre
         return total, pre_norm
 
     def _forward(self, x: torch.Tensor, step: int | None, training: bool, collective=None) -> StepOutput:
-        latents, post_relu = self.ae.encode_training(x, self.backend, self.matmul_dtype, collective)
+        latents, post_relu = self.ae.encode_training(x, self.cfg.backend, self.matmul_dtype, collective)
         weights = self.prefixes.sample(self.generator) if training else self.prefixes.expected()
         ae = self.ae
-        if self.detach_inner_levels:
+        if self.cfg.detach_inner_levels:
             recon = detached_level_mse(x, latents, ae.W_dec, ae.b_dec, weights, self.level_ends)
         else:
-            recon = prefix_mse(x, latents, ae.W_dec, ae.b_dec, weights, backend=self.backend, consume_grads=training)
+            recon = prefix_mse(x, latents, ae.W_dec, ae.b_dec, weights, backend=self.cfg.backend,
+                               consume_grads=training)
         since, dead = self._dead_mask(latents, collective)
-        if self.matryoshka_aux_loss:
+        if self.cfg.matryoshka_aux_loss:
             auxk, pre_norm_auxk = self._level_auxk_loss(x, latents, recon.residual, post_relu, dead, collective)
         else:
             auxk, pre_norm_auxk = self._auxk_loss(x, recon.residual, post_relu, dead, collective)
-        loss = recon.loss + self.auxk_alpha * auxk
+        loss = recon.loss + self.cfg.auxk_alpha * auxk
         terms = torch.stack([recon.loss.detach().float(), auxk.detach().float()])
         if collective is not None:  # every rank sees the global values, so all raise together
             terms = collective.sum_(terms) / collective.world_size
@@ -369,28 +371,28 @@ class MatryoshkaBatchTopKTrainer(MatryoshkaTrainerBase):
         if float(thr) < 0:
             thr.fill_(smallest)
         else:
-            thr.mul_(self.threshold_beta).add_((1 - self.threshold_beta) * smallest)
+            thr.mul_(self.cfg.threshold_beta).add_((1 - self.cfg.threshold_beta) * smallest)
 
     @threads_by_work
     def update(self, step: int, x: torch.Tensor) -> float:
         """One optimisation step on ``x`` (with ``collective`` set: this rank's shard of the batch)."""
         x = self._prepare(x, step)
         dp = self.collective
-        if self.k_anneal_steps:
-            self.ae.k.fill_(annealed_k(step, self.cfg.k, self.activation_dim, self.k_anneal_steps))
+        if self.cfg.k_anneal_steps:
+            self.ae.k.fill_(annealed_k(step, self.cfg.k, self.cfg.activation_dim, self.cfg.k_anneal_steps))
         if not self._b_dec_initialised:
-            if self.b_dec_init == "zeros":
+            if self.cfg.b_dec_init == "zeros":
                 self.ae.b_dec.data.zero_()
             else:
                 first = (x if dp is None else dp.gather_rows(x)).float()
-                start = geometric_median(first) if self.b_dec_init == "geometric_median" else first.mean(0)
+                start = geometric_median(first) if self.cfg.b_dec_init == "geometric_median" else first.mean(0)
                 self.ae.b_dec.data.copy_(start.to(self.ae.b_dec.dtype))
             self._b_dec_initialised = True
         out = self._forward(x, step, training=True, collective=dp)
         loss, latents, post_relu = out.loss, out.latents, out.post_relu
 
         with torch.no_grad():
-            if step > self.threshold_start_step:
+            if step > self.cfg.threshold_start_step:
                 self._update_threshold(latents, dp)
             self.num_tokens_since_fired.copy_(out.since_fired)
             self.dead_features = int(out.dead.sum())
@@ -404,7 +406,7 @@ class MatryoshkaBatchTopKTrainer(MatryoshkaTrainerBase):
             # Estimated on up to 256 tokens: a full pass over [B, n] would cost a tenth of a step.
             sample = post_relu[:256]
             self.threshold_l0 = float((sample > thr).count_nonzero()) / sample.shape[0] if thr >= 0 else -1.0
-            perm = self._reorder_permutation(latents) if self.reorder_by is not None else None
+            perm = self._reorder_permutation(latents) if self.cfg.reorder_by is not None else None
         parts = out.parts
         del post_relu, out  # the dense [B, n] activations are not needed for backward
 
@@ -412,27 +414,27 @@ class MatryoshkaBatchTopKTrainer(MatryoshkaTrainerBase):
         if dp is not None:
             dp.average_gradients_(list(self.ae.parameters()))
         W = self.ae.W_dec
-        project_out_radial_(W.grad, W, self.backend)
+        project_out_radial_(W.grad, W, self.cfg.backend)
         clip_grad_norm_(self.ae.parameters(), 1.0)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
-        normalise_rows_(W, self.backend)
+        normalise_rows_(W, self.cfg.backend)
         if perm is not None:
             self.reorder(perm)
         # With a collective: the global batch's loss, the same on every rank.
-        return parts["l2_loss"] + self.auxk_alpha * parts["auxk_loss"] if dp is not None else loss.item()
+        return parts["l2_loss"] + self.cfg.auxk_alpha * parts["auxk_loss"] if dp is not None else loss.item()
 
     # -- dynamic prefixes ---------------------------------------------------------------------
 
     @torch.no_grad()
     def _reorder_permutation(self, latents: SparseLatents) -> torch.Tensor:
         """Update the EMA of ``reorder_by``'s statistic with this batch; the order it sorts to."""
-        n, B = self.dict_size, latents.batch_size
+        n, B = self.cfg.dict_size, latents.batch_size
         dp = self.collective
         on = latents.values > 0
         idx, vals = latents.indices[on], latents.values.detach()[on].float()
-        if self.reorder_by == "frequency":
+        if self.cfg.reorder_by == "frequency":
             stat = torch.zeros(n, device=idx.device).index_add_(0, idx, torch.ones_like(vals))
         else:  # squared contribution a_i * ||w_i||
             norms = self.ae.W_dec.detach().float().norm(dim=1)
@@ -440,5 +442,5 @@ class MatryoshkaBatchTopKTrainer(MatryoshkaTrainerBase):
         if dp is not None:  # the statistic of the global batch, so every rank sorts alike
             stat, B = dp.sum_(stat), B * dp.world_size
         ema = self.reorder_ema
-        ema.mul_(self.reorder_decay).add_((1 - self.reorder_decay) * stat.to(ema.device) / B)
+        ema.mul_(self.cfg.reorder_decay).add_((1 - self.cfg.reorder_decay) * stat.to(ema.device) / B)
         return torch.argsort(ema, descending=True, stable=True)

@@ -221,7 +221,7 @@ class MatryoshkaLogSparsityTrainer(MatryoshkaTrainerBase):
         self.controller = L0Controller(cfg.sparsity_coeff, cfg.target_l0, rate=cfg.controller_rate,
                                        warmup_steps=cfg.controller_warmup)
         self.ae = cfg.dict_class(cfg.activation_dim, cfg.dict_size).to(cfg.device)
-        if self.normalize_decoder:
+        if self.cfg.normalize_decoder:
             # Unit decoder rows; the encoder keeps the post's scale (folding the decoder's 0.1
             # into the encoder instead made its Adam steps 10x larger relative to its weights
             # and broke the toy: absorption 0.33 instead of 0 on the post's tree).
@@ -249,7 +249,7 @@ class MatryoshkaLogSparsityTrainer(MatryoshkaTrainerBase):
     # -- the loss ---------------------------------------------------------------------------
 
     def _scaled(self, x: torch.Tensor) -> torch.Tensor:
-        return x / self.ae.input_scale() if self.normalize_input else x
+        return x / self.ae.input_scale() if self.cfg.normalize_input else x
 
     def _forward(self, x_scaled: torch.Tensor, training: bool) -> LogSparsityForward:
         """Activations, their magnitudes, the prefix reconstruction and the sparsity term."""
@@ -257,10 +257,10 @@ class MatryoshkaLogSparsityTrainer(MatryoshkaTrainerBase):
         weights = self.prefixes.sample(self.generator) if training else self.prefixes.expected()
         recon = prefix_mse(
             x_scaled, sparse_from_dense(a), self.ae.W_dec, self.ae.b_dec, weights,
-            backend=self.backend, consume_grads=training,
+            backend=self.cfg.backend, consume_grads=training,
         )
         magnitudes = a * self.ae.W_dec.norm(dim=1)
-        penalty = sparsity_penalty(magnitudes, weights.tail().to(a.device), self.sparsity, self.log_eps)
+        penalty = sparsity_penalty(magnitudes, weights.tail().to(a.device), self.cfg.sparsity, self.cfg.log_eps)
         return LogSparsityForward(a, magnitudes, recon, penalty)
 
     def _total(self, recon, penalty, coefficient: float, step: int | None, collective=None):
@@ -279,7 +279,7 @@ class MatryoshkaLogSparsityTrainer(MatryoshkaTrainerBase):
         ``"pareto"`` mode uses the exact expectation of its random prefixes here.
         """
         x = self._prepare(x, step)
-        coefficient = self.controller.applied(step if step is not None else self.steps)
+        coefficient = self.controller.applied(step if step is not None else self.cfg.steps)
         _, _, recon, penalty = self._forward(self._scaled(x), training=False)
         loss, parts = self._total(recon, penalty, coefficient, step)
         if not logging:
@@ -293,7 +293,7 @@ class MatryoshkaLogSparsityTrainer(MatryoshkaTrainerBase):
 
     def _prepare(self, x: torch.Tensor, step: int | None) -> torch.Tensor:
         x = super()._prepare(x, step)
-        if not self.normalize_input:
+        if not self.cfg.normalize_input:
             return x  # an overflowing loss is caught by the loss check
         # Squared norms must be representable: the input scale, the loss and every FVU use them.
         sq = x.pow(2).sum(1)
@@ -324,7 +324,7 @@ class MatryoshkaLogSparsityTrainer(MatryoshkaTrainerBase):
             self.ae.input_norm.fill_(mean_norm)
             self._input_norm_initialised = True
         else:
-            self.ae.input_norm.mul_(self.input_norm_decay).add_((1 - self.input_norm_decay) * mean_norm)
+            self.ae.input_norm.mul_(self.cfg.input_norm_decay).add_((1 - self.cfg.input_norm_decay) * mean_norm)
 
     @threads_by_work
     def update(self, step: int, x: torch.Tensor) -> float:
@@ -333,10 +333,10 @@ class MatryoshkaLogSparsityTrainer(MatryoshkaTrainerBase):
         dp = self.collective
         batch = x.shape[0] * (dp.world_size if dp is not None else 1)
         if self.cfg.dead_feature_threshold is None:
-            self.cfg.dead_feature_threshold = min(10_000_000, max(batch, self.steps * batch // 10))
+            self.cfg.dead_feature_threshold = min(10_000_000, max(batch, self.cfg.steps * batch // 10))
         saved = (self.ae.input_norm.clone(), self._input_norm_initialised, self.controller.coefficient)
         try:
-            if self.normalize_input:
+            if self.cfg.normalize_input:
                 self._update_input_norm(x, dp)
             x_scaled = self._scaled(x)
             a, magnitudes, recon, penalty = self._forward(x_scaled, training=True)
@@ -355,16 +355,16 @@ class MatryoshkaLogSparsityTrainer(MatryoshkaTrainerBase):
             if dp is not None:
                 fired = dp.max_(fired.to(torch.int32)).bool()
             self.num_tokens_since_fired.add_(batch).masked_fill_(fired, 0)
-            dead = self.num_tokens_since_fired >= self.dead_feature_threshold
+            dead = self.num_tokens_since_fired >= self.cfg.dead_feature_threshold
             self.dead_features = int(dead.sum())
             self.effective_l0, self.sparsity_coefficient = l0, coefficient
             self.input_norm = float(self.ae.input_norm)
             perm = None
-            if self.reorder_latents:
+            if self.cfg.reorder_latents:
                 contribution = magnitudes.pow(2).mean(0)
                 if dp is not None:
                     contribution = dp.sum_(contribution) / dp.world_size
-                self.contribution_ema.mul_(self.reorder_decay).add_((1 - self.reorder_decay) * contribution)
+                self.contribution_ema.mul_(self.cfg.reorder_decay).add_((1 - self.cfg.reorder_decay) * contribution)
                 perm = torch.argsort(self.contribution_ema, descending=True, stable=True)
 
         self.optimizer.zero_grad(set_to_none=True)
@@ -372,15 +372,15 @@ class MatryoshkaLogSparsityTrainer(MatryoshkaTrainerBase):
         if dp is not None:
             dp.average_gradients_(list(self.ae.parameters()))
         W = self.ae.W_dec
-        if self.normalize_decoder:
-            project_out_radial_(W.grad, W, self.backend)
-        clip_grad_norm_(self.ae.parameters(), self.grad_clip)
+        if self.cfg.normalize_decoder:
+            project_out_radial_(W.grad, W, self.cfg.backend)
+        clip_grad_norm_(self.ae.parameters(), self.cfg.grad_clip)
         self.optimizer.step()
         self.scheduler.step()
-        if self.normalize_decoder:
-            normalise_rows_(W, self.backend)
+        if self.cfg.normalize_decoder:
+            normalise_rows_(W, self.cfg.backend)
         self.resampled = 0
-        if self.resample_dead and self.dead_features and step < self.steps * (1 - self.decay_fraction):
+        if self.cfg.resample_dead and self.dead_features and step < self.cfg.steps * (1 - self.cfg.decay_fraction):
             if dp is None:
                 self.resampled = self.resample(dead, x_scaled, recon.residual)
             else:  # every rank resamples from the whole batch, with the same generator
@@ -416,7 +416,7 @@ class MatryoshkaLogSparsityTrainer(MatryoshkaTrainerBase):
         directions = residual[tokens].float()
         directions = directions / directions.norm(dim=1, keepdim=True).clamp_min(1e-12)
         proj = x_scaled.float() @ directions.T  # [B, m]
-        rate = (self.target_l0 if self.target_l0 is not None else max(self.effective_l0, 1.0)) / ae.dict_size
+        rate = (self.cfg.target_l0 if self.cfg.target_l0 is not None else max(self.effective_l0, 1.0)) / ae.dict_size
         rank = min(proj.shape[0], max(1, math.ceil((1.0 - rate) * proj.shape[0])))
         q = proj.kthvalue(rank, dim=0).values  # the (1 - rate) quantile of each column
         # Scale so that the latent reconstructs its source token's residual: a latent born with
@@ -428,7 +428,8 @@ class MatryoshkaLogSparsityTrainer(MatryoshkaTrainerBase):
         dt = ae.W_enc.dtype
         ae.W_enc[:, idx] = (directions.T * scale).to(dt)
         ae.b_enc[idx] = (-q * scale).to(dt)
-        ae.W_dec[idx] = directions.to(dt) * (ae.W_dec[idx].norm(dim=1, keepdim=True) if not self.normalize_decoder else 1.0)
+        norms = ae.W_dec[idx].norm(dim=1, keepdim=True) if not self.cfg.normalize_decoder else 1.0
+        ae.W_dec[idx] = directions.to(dt) * norms
         for p, dim in ((ae.W_enc, 1), (ae.b_enc, 0), (ae.W_dec, 0)):
             for value in self.optimizer.state.get(p, {}).values():
                 if isinstance(value, torch.Tensor) and value.shape == p.shape:
