@@ -8,17 +8,18 @@
     matryoshka_plugin.run_saebench({"x": "runs/x/trainer_0"}, "eval_results")  # SAEBench's evals
 
 The public names load on first use: ``import matryoshka_plugin`` imports neither torch nor
-dictionary_learning, nnsight, SAELens or SAEBench. It does register the SAELens architecture
-``matryoshka_jumprelu``: at once if SAELens is already imported, otherwise the moment SAELens is
-imported, so ``SAE.load_from_disk`` always finds it.
+dictionary_learning, nnsight, SAELens or SAEBench, and changes nothing outside the package (no
+import hook, no allocator setting). The SAELens architecture ``matryoshka_jumprelu`` is
+registered by ``import matryoshka_plugin.saelens`` or ``matryoshka_plugin.register_saelens_architecture()``
+(the package's own SAELens and SAEBench functions do it themselves): do one of them before
+``SAE.load_from_disk`` on a folder exported with ``architecture="matryoshka_jumprelu"``.
+``matryoshka_plugin.reuse_host_memory()`` opts in to faster CPU steps (docs/speed.md).
 """
 
 from __future__ import annotations
 
 import importlib
 from typing import TYPE_CHECKING, Any
-
-from .import_hooks import when_imported
 
 __version__ = "0.1.0"
 
@@ -75,16 +76,6 @@ def __getattr__(name: str) -> Any:
 def __dir__() -> list[str]:
     return sorted(set(globals()) | set(__all__))
 
-
-def _register_saelens() -> None:
-    module = importlib.import_module(".saelens.architecture", __name__)
-    register = getattr(module, "register_saelens_architecture", None)
-    # None: that module is being imported right now (it imported SAELens) and registers at its end.
-    if register is not None:
-        register()
-
-
-when_imported("sae_lens", _register_saelens)
 
 if TYPE_CHECKING:  # static analysers and IDEs see the real names
     from .activation_source import ActivationSource

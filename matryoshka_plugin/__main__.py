@@ -60,7 +60,8 @@ def _export(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
         verify=not args.no_verify,
     )
-    print(f"wrote {out}; load it with: SAE.load_from_disk({str(out)!r})")
+    first = "import matryoshka_plugin.saelens, then " if args.architecture != "auto" else ""
+    print(f"wrote {out}; load it with: {first}SAE.load_from_disk({str(out)!r})")
     return 0
 
 
@@ -136,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="default: no for GPT-2/Pythia, yes otherwise")
     ex.add_argument("--activations", help="tensor file ([..., d]) to measure firing frequencies for sparsity.safetensors")
     ex.add_argument("--architecture", default="auto", choices=["auto", "matryoshka_jumprelu"],
-                    help="auto: stock SAELens (default); matryoshka_jumprelu needs this package to load")
+                    help="auto: stock SAELens (default); matryoshka_jumprelu loads after import matryoshka_plugin.saelens")
     ex.add_argument("--dtype", default="float32", choices=["float32", "float64", "float16", "bfloat16"])
     ex.add_argument("--checkpoint", type=int, help="export checkpoints/ae_STEP.pt instead of ae.pt")
     ex.add_argument("--overwrite", action="store_true",

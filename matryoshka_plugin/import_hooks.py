@@ -1,14 +1,21 @@
-"""Import hooks: a callback right after a module is first imported, and a leaf module imported
-without its package.
-
-``import matryoshka_plugin`` must make SAELens able to load ``matryoshka_jumprelu`` folders, but
-importing SAELens costs seconds. So the package registers its architecture at once if SAELens
-is already imported, and otherwise the moment anything imports it, before that import returns.
+"""A leaf module imported without its package (:func:`import_leaf`).
 
 The trainers and SAEs subclass two classes of dictionary_learning modules that import only torch
 and einops, but ``dictionary_learning/__init__`` imports nnsight and with it transformers (seconds).
 :func:`import_leaf` loads such a module alone, under its own name, so the classes are the very ones
 dictionary_learning uses once it is imported.
+
+Why an import hook (:func:`when_imported`) and nothing simpler: a module found in ``sys.modules``
+is not set as an attribute of its parent package when that package is imported later, so after
+``import dictionary_learning`` the name ``dictionary_learning.trainers.trainer`` would be missing.
+Only the import system sees that later import, whoever makes it (the user, trainSAE), and only a
+``sys.meta_path`` finder can act right after it. The finder is installed only by
+:func:`import_leaf`, only while the package is not imported yet; it stands just before the finder
+that finds the package (the others keep their places and see every other import first), answers
+for that one name, and removes itself once it has fired.
+
+SAELens' architecture registration needs no hook: ``matryoshka_plugin.saelens`` registers when
+imported, and the package's own SAELens and SAEBench functions import it.
 """
 
 from __future__ import annotations
@@ -29,7 +36,7 @@ _lock = threading.Lock()
 
 
 class _AfterImportFinder(importlib.abc.MetaPathFinder):
-    """Finds ``name`` with the other finders and wraps its loader to call back once it ran."""
+    """Finds ``name`` with the finders behind it and wraps its loader to call back once it ran."""
 
     def __init__(self, name: str, callback: Callable[[], None]):
         self.name, self.callbacks = name, [callback]
@@ -38,7 +45,8 @@ class _AfterImportFinder(importlib.abc.MetaPathFinder):
         if fullname != self.name:
             return None
         spec = None
-        for finder in sys.meta_path:
+        behind = sys.meta_path[sys.meta_path.index(self) + 1:] if self in sys.meta_path else sys.meta_path
+        for finder in behind:
             if isinstance(finder, _AfterImportFinder) or not hasattr(finder, "find_spec"):
                 continue
             spec = finder.find_spec(fullname, path, target)
@@ -61,8 +69,24 @@ class _AfterImportFinder(importlib.abc.MetaPathFinder):
         return spec
 
 
+def _owner_index(name: str) -> int:
+    """Position in ``sys.meta_path`` of the finder that finds top-level module ``name`` now
+    (the end if none does)."""
+    for i, finder in enumerate(sys.meta_path):
+        find_spec = getattr(finder, "find_spec", None)
+        if find_spec is None or isinstance(finder, _AfterImportFinder):
+            continue
+        try:
+            if find_spec(name, None) is not None:
+                return i
+        except Exception:  # a third-party finder that fails here would fail the import too
+            continue
+    return len(sys.meta_path)
+
+
 def when_imported(name: str, callback: Callable[[], None]) -> None:
-    """Call ``callback()`` now if ``name`` is imported, else right after its first import."""
+    """Call ``callback()`` now if top-level module ``name`` is imported, else right after its
+    first import (a finder placed just before the one that finds ``name``; see the module docs)."""
     if name in sys.modules:
         callback()
         return
@@ -71,7 +95,7 @@ def when_imported(name: str, callback: Callable[[], None]) -> None:
             if isinstance(finder, _AfterImportFinder) and finder.name == name:
                 finder.callbacks.append(callback)  # one finder per name: they would find each other
                 return
-        sys.meta_path.insert(0, _AfterImportFinder(name, callback))
+        sys.meta_path.insert(_owner_index(name), _AfterImportFinder(name, callback))
 
 
 def import_leaf(name: str) -> ModuleType:

@@ -620,9 +620,7 @@ def test_interrupted_export_leaves_nothing_half_written(runs, tmp_path, monkeypa
 
 @pytest.mark.slow  # a fresh process imports SAELens
 def test_importing_the_saelens_module_first_registers_the_architecture():
-    """Importing the SAELens modules imports SAELens, whose post-import hook registers the
-    architecture while that module is still being imported: it must not fail on the half-built
-    module, and the architecture is registered once the import returns."""
+    """Importing the SAELens adapter (which imports SAELens) registers the architecture."""
     code = """import json\nimport matryoshka_plugin.saelens\nfrom sae_lens.registry import SAE_CLASS_REGISTRY
 print(json.dumps(SAE_CLASS_REGISTRY["matryoshka_jumprelu"][0].__qualname__))"""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(matryoshka_plugin.__file__).parents[1]),
@@ -674,7 +672,7 @@ def test_export_as_registered_architecture(runs, tmp_path, x):
     out = export_to_saelens(runs["matryoshka_batchtopk"], tmp_path / "m", architecture=MATRYOSHKA_ARCHITECTURE)
     cfg = json.loads((out / "cfg.json").read_text())
     assert cfg["architecture"] == MATRYOSHKA_ARCHITECTURE and cfg["matryoshka_widths"] == [12, 48]
-    sae = SAE.load_from_disk(out)  # with this package imported
+    sae = SAE.load_from_disk(out)  # with matryoshka_plugin.saelens imported
     assert isinstance(sae, MatryoshkaJumpReLUSAE) and sae.matryoshka_widths == [12, 48]
     with torch.no_grad():
         assert rel_err(sae(x), original(runs, "matryoshka_batchtopk")(x)) <= TOL
@@ -682,6 +680,22 @@ def test_export_as_registered_architecture(runs, tmp_path, x):
         publish_to_huggingface({"a": out}, REPO, dry_run=True)
     with pytest.raises(ValueError, match="per-token TopK"):
         export_to_saelens(runs["topk"], tmp_path / "t", architecture=MATRYOSHKA_ARCHITECTURE)
+
+
+@pytest.mark.slow  # a fresh process imports SAELens
+def test_saebench_loads_a_registered_architecture_folder_without_the_adapter_imported(runs, tmp_path):
+    """Importing the package registers nothing with SAELens; SAEBench's loader registers first."""
+    out = export_to_saelens(runs["matryoshka_batchtopk"], tmp_path / "m", architecture=MATRYOSHKA_ARCHITECTURE)
+    code = f"""import json, sys
+import matryoshka_plugin
+from sae_lens.registry import SAE_CLASS_REGISTRY
+before = "matryoshka_jumprelu" in SAE_CLASS_REGISTRY
+from matryoshka_plugin.saebench.references import load_sae
+sae = load_sae({str(out)!r})
+print(json.dumps([before, type(sae).__name__]))"""
+    got = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert got.returncode == 0, got.stderr[-3000:]
+    assert json.loads(got.stdout.strip().splitlines()[-1]) == [False, "MatryoshkaJumpReLUSAE"]
 
 
 def test_topk_does_not_load_as_matryoshka(exported):

@@ -321,6 +321,9 @@ def load_sae(ref: SAERef | Any, device: str = "cpu", cache_dir: str | Path | Non
             raise SAEBenchError("loading a trainer folder for SAEBench needs cache_dir= (where to export it)")
         ref = prepare_sae(ref, cache_dir)
     if ref.kind == "saelens_folder":
+        from ..saelens import register_saelens_architecture
+
+        register_saelens_architecture()  # the folder may hold a matryoshka_jumprelu export
         return SAE.load_from_disk(str(ref.source), device=device)
     if ref.kind == "saelens_release":
         # What SAEBench does for its own string ids of pretrained SAEs.

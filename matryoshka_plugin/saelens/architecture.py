@@ -2,8 +2,8 @@
 
 A JumpReLU SAE that keeps the nested widths and can act as any prefix of itself
 (``active_width``) or hand out a truncated stock SAE (``truncated(width)``). Importing this module
-registers it with SAELens. It imports only SAELens and torch, so registering stays cheap
-(``matryoshka_plugin`` does it the moment SAELens is imported).
+registers it with SAELens (``import matryoshka_plugin`` alone does not: nothing global changes
+until the SAELens adapter is used). It imports only SAELens and torch.
 """
 
 from __future__ import annotations
