@@ -14,8 +14,9 @@ expectation, balance weights): no decoder pass per prefix.
 
 Two implementations share this module's entry point :func:`prefix_mse`:
 
-* ``"torch"``: plain tensor operations over a padded ``[rows, K, d]`` layout, in chunks.
-  It runs on any device and dtype and is the reference the fast kernels are tested against.
+* ``"torch"``: plain tensor operations over a padded ``[rows, K, d]`` layout, in chunks
+  (``kernels/reference.py``). It runs on any device and dtype and is the reference the fast
+  kernels are tested against.
 * ``"fused"``: one pass per token that accumulates the loss and all gradients without a
   ``[B, K, d]`` tensor (``kernels/``: numba on CPU, Triton on CUDA).
 
@@ -29,14 +30,12 @@ from typing import NamedTuple, Sequence
 import torch
 import torch.nn.functional as F
 
-from .kernels import fused_prefix_mse, resolve_backend
+from .kernels import PREFIX_MSE, fused_op
+from .kernels.reference import torch_prefix_mse
 from .prefixes import PrefixWeights
 from .sparse_latents import SparseLatents
 
-__all__ = ["PrefixLoss", "detached_level_mse", "level_residuals", "prefix_mse", "segment_weights"]
-
-# Elements of one [rows, K, d] working tensor of the torch implementation.
-DEFAULT_CHUNK_ELEMENTS = 1 << 23
+__all__ = ["PrefixLoss", "detached_level_mse", "level_residuals", "prefix_mse"]
 
 
 class PrefixLoss(NamedTuple):
@@ -46,82 +45,6 @@ class PrefixLoss(NamedTuple):
     """Scalar ``sum_m lam[m] * mean_b ||x - xhat_m||^2`` (differentiable)."""
     residual: torch.Tensor
     """``[B, d]`` residual of the full SAE, ``x - xhat_n`` (detached)."""
-
-
-# -- the torch reference implementation -----------------------------------------------------
-
-
-def _chunk_rows(k: int, d: int, chunk_elements: int) -> int:
-    return max(1, chunk_elements // max(1, (k + 1) * d))
-
-
-def segment_weights(indices: torch.Tensor, cum: torch.Tensor, n: int) -> torch.Tensor:
-    """``c_j = cum[p_{j+1} + 1] - cum[p_j + 1]`` for ``j = 0..K`` (``[rows, K + 1]``, padded)."""
-    rows = indices.shape[0]
-    lo = torch.cat([indices.new_full((rows, 1), -1), indices], 1) + 1
-    hi = torch.cat([indices, indices.new_full((rows, 1), n)], 1) + 1
-    return cum[hi] - cum[lo]
-
-
-def _residuals(x, b_dec, values, indices, W_dec):
-    """``[rows, K + 1, d]`` residuals ``r_0..r_K`` and the gathered decoder rows."""
-    rows_w = W_dec[indices]  # [rows, K, d]
-    contrib = values.unsqueeze(-1) * rows_w
-    r0 = (x - b_dec).unsqueeze(1)
-    return torch.cat([r0, r0 - torch.cumsum(contrib, 1)], 1), rows_w
-
-
-class _TorchPrefixMSE(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, b_dec, values, indices, W_dec, cum, n, chunk_elements):
-        batch, d = x.shape
-        step = _chunk_rows(indices.shape[1], d, chunk_elements)
-        total = torch.zeros((), dtype=torch.float64, device=x.device)
-        residual = torch.empty_like(x)
-        for s in range(0, batch, step):
-            e = min(batch, s + step)
-            res, _ = _residuals(x[s:e], b_dec, values[s:e], indices[s:e], W_dec)
-            c = segment_weights(indices[s:e], cum, n).to(res.dtype)
-            total += (c * res.pow(2).sum(-1)).sum().double()
-            residual[s:e] = res[:, -1]
-        ctx.save_for_backward(x, b_dec, values, indices, W_dec, cum)
-        ctx.n, ctx.chunk_elements = n, chunk_elements
-        ctx.mark_non_differentiable(residual)
-        return (total / batch).to(x.dtype), residual
-
-    @staticmethod
-    def backward(ctx, grad_loss, _grad_residual):
-        x, b_dec, values, indices, W_dec, cum = ctx.saved_tensors
-        batch, d = x.shape
-        need_x, need_b, need_v, _, need_w = ctx.needs_input_grad[:5]
-        scale = (-2.0 / batch) * grad_loss
-        g_x = torch.zeros_like(x) if need_x else None
-        g_b = torch.zeros_like(b_dec) if need_b else None
-        g_v = torch.zeros_like(values) if need_v else None
-        g_w = torch.zeros_like(W_dec) if need_w else None
-        step = _chunk_rows(indices.shape[1], d, ctx.chunk_elements)
-        for s in range(0, batch, step):
-            e = min(batch, s + step)
-            res, rows_w = _residuals(x[s:e], b_dec, values[s:e], indices[s:e], W_dec)
-            c = segment_weights(indices[s:e], cum, ctx.n).to(res.dtype)
-            # Suffix sums G_l = sum_{j >= l} c_j r_j, as a reversed cumulative sum.
-            suffix = torch.flip(torch.cumsum(torch.flip(c.unsqueeze(-1) * res, [1]), 1), [1])
-            if need_x:
-                g_x[s:e] = -scale * suffix[:, 0]
-            if need_b:
-                g_b += scale * suffix[:, 0].sum(0)
-            if need_v:
-                g_v[s:e] = scale * (rows_w * suffix[:, 1:]).sum(-1)
-            if need_w:
-                upd = (scale * values[s:e]).unsqueeze(-1) * suffix[:, 1:]
-                g_w.index_add_(0, indices[s:e].reshape(-1), upd.reshape(-1, d))
-        return g_x, g_b, g_v, None, g_w, None, None, None
-
-
-def _torch_prefix_mse(x, latents, W_dec, b_dec, cum, chunk_elements):
-    values, indices = latents.padded()
-    chunk_elements = chunk_elements or DEFAULT_CHUNK_ELEMENTS
-    return _TorchPrefixMSE.apply(x, b_dec, values, indices, W_dec, cum, latents.n_latents, chunk_elements)
 
 
 def prefix_mse(
@@ -145,7 +68,7 @@ def prefix_mse(
         b_dec: ``[d]`` decoder bias.
         weights: prefix weights over ``m = 0..n``.
         chunk_elements: size of one working tensor (only memory changes): the torch path's
-            ``[rows, K, d]`` tensors (default ``DEFAULT_CHUNK_ELEMENTS``), the CPU kernel's
+            ``[rows, K, d]`` tensors (default ``kernels.reference.DEFAULT_CHUNK_ELEMENTS``), the CPU kernel's
             suffix-sum buffer (default ``kernels.numba.DEFAULT_WORK_ELEMENTS``).
         backend: ``"auto"`` (the fused kernel where available and once it has passed its
             self-check on this device, see ``kernels.kernel_trusted``), ``"fused"`` (the kernel,
@@ -164,11 +87,8 @@ def prefix_mse(
     cum = weights.cum.to(device=x.device)
     x = x.to(W_dec.dtype)
     latents = latents._replace(values=latents.values.to(W_dec.dtype))
-    if resolve_backend(backend, x, W_dec, b_dec, self_check=True) == "fused":
-        loss, residual = fused_prefix_mse(x, latents, W_dec, b_dec, cum, chunk_elements, consume_grads)
-    else:
-        loss, residual = _torch_prefix_mse(x, latents, W_dec, b_dec, cum, chunk_elements)
-    return PrefixLoss(loss, residual)
+    run = fused_op(PREFIX_MSE, backend, x, W_dec, b_dec, required=True) or torch_prefix_mse
+    return PrefixLoss(*run(x, latents, W_dec, b_dec, cum, chunk_elements, consume_grads))
 
 
 # -- nested levels (fixed groups): residuals per level, stop-gradient between levels ---------

@@ -12,11 +12,9 @@ from __future__ import annotations
 import torch
 
 from .kernels import BACKENDS, fused_op
+from .kernels.reference import gradient_rows, torch_above
 
-__all__ = [
-    "batch_topk_select", "encoder_entries", "encoder_matmul_dtype", "dense_pre_activations", "torch_above",
-    "torch_column_accumulate",
-]
+__all__ = ["batch_topk_select", "encoder_entries", "encoder_matmul_dtype", "dense_pre_activations"]
 
 LOW_PRECISION = (torch.bfloat16, torch.float16)
 
@@ -60,13 +58,6 @@ def _generator(device: torch.device) -> torch.Generator:
     return _GENERATORS[key]
 
 
-def torch_above(flat: torch.Tensor, cutoff: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Indices (ascending) and values of the entries of 1-D ``flat`` above ``cutoff``, NaN
-    counted as above (as ``torch.topk`` ranks it): the torch counterpart of the ``above`` kernel."""
-    candidates = torch.nonzero(~(flat <= cutoff)).squeeze(1)
-    return candidates, flat[candidates]
-
-
 @torch.no_grad()
 def batch_topk_select(scores: torch.Tensor, count: int, backend: str = "auto") -> torch.Tensor:
     """Flat indices (ascending) of the ``count`` largest entries of ``scores``.
@@ -94,25 +85,6 @@ def batch_topk_select(scores: torch.Tensor, count: int, backend: str = "auto") -
     return torch.sort(torch.topk(flat, count, sorted=False).indices).values
 
 
-def _gradient_rows(n: int, indices: torch.Tensor, coef: torch.Tensor, src_row: torch.Tensor,
-                   src: torch.Tensor) -> torch.Tensor:
-    """``[n, d]``: row ``f`` is ``sum_e coef[e] * src[src_row[e]]`` over the entries of latent
-    ``f``, accumulated in slices that bound the ``[entries, d]`` temporary."""
-    rows = torch.zeros(n, src.shape[1], dtype=src.dtype, device=src.device)
-    step = max(1, (1 << 22) // max(1, src.shape[1]))
-    for s in range(0, indices.numel(), step):
-        e = min(indices.numel(), s + step)
-        rows.index_add_(0, indices[s:e], coef[s:e, None] * src[src_row[s:e]])
-    return rows
-
-
-def torch_column_accumulate(out: torch.Tensor, indices: torch.Tensor, coef: torch.Tensor, src_row: torch.Tensor,
-                            src: torch.Tensor) -> None:
-    """``out[:, f] = sum_e coef[e] * src[src_row[e]]`` over the entries of latent ``f`` for a
-    ``[d, n]`` ``out``: the torch counterpart of the ``column_accumulate`` kernel."""
-    out.copy_(_gradient_rows(out.shape[1], indices, coef, src_row, src).T)
-
-
 class _EncoderEntries(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, W_enc, b_enc, b_dec, rows, cols, values, backend):
@@ -138,7 +110,7 @@ class _EncoderEntries(torch.autograd.Function):
                 g_w = torch.empty_like(W_enc)
                 accumulate(g_w, cols, g, rows, centred)
             else:
-                g_wt = _gradient_rows(n, cols, g, rows, centred)
+                g_wt = gradient_rows(n, cols, g, rows, centred)
                 g_w = g_wt.T if W_enc.T.is_contiguous() else g_wt.T.contiguous()  # W_enc's layout
         g_x = None
         if need_x:

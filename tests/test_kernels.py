@@ -14,7 +14,8 @@ import torch
 
 from matryoshka_plugin import kernels
 from matryoshka_plugin.kernels import KernelSelfCheckWarning, kernel_trusted, replace_kernel, self_check_error
-from matryoshka_plugin.prefix_loss import _torch_prefix_mse, prefix_mse
+from matryoshka_plugin.kernels.reference import torch_column_accumulate, torch_prefix_mse, torch_project_out_rows_
+from matryoshka_plugin.prefix_loss import prefix_mse
 from matryoshka_plugin.prefixes import PrefixWeights
 from matryoshka_plugin.sparse_latents import sparse_from_flat
 
@@ -34,7 +35,7 @@ class _ScaleGrad(torch.autograd.Function):
 
 def wrong_decoder_grad(x, latents, W_dec, b_dec, cum, chunk_elements, consume):
     """The torch reference with a decoder gradient 10% too large."""
-    return _torch_prefix_mse(x, latents, _ScaleGrad.apply(W_dec, 1.1), b_dec, cum, chunk_elements)
+    return torch_prefix_mse(x, latents, _ScaleGrad.apply(W_dec, 1.1), b_dec, cum, chunk_elements)
 
 
 def fails_to_compile(*args):
@@ -87,7 +88,7 @@ def test_faulty_kernel_warns_once_and_torch_runs(faulty):
         assert_all_close(second, loss_and_grads("torch", seed=1))
         assert kernel_trusted("cpu", torch.float32) is False
     # Leaving the block restores the real kernel and forgets the verdict.
-    assert kernels.KERNELS["cpu"].name == "numba"
+    assert kernels.KERNELS["prefix_mse"]["cpu"].name == "numba"
     assert ("prefix_mse", "cpu", torch.float32) not in kernels._CHECKS
 
 
@@ -96,7 +97,7 @@ def test_correct_kernel_is_checked_once_then_used():
 
     def counted(*args):
         calls.append(1)
-        return _torch_prefix_mse(*args[:6])
+        return torch_prefix_mse(*args)
 
     with replace_kernel("cpu", counted):
         with warnings.catch_warnings():
@@ -124,6 +125,24 @@ def test_self_check_runs_under_inference_mode_and_autocast():
 def test_numba_kernel_passes_its_self_check(dtype):
     err = self_check_error("cpu", dtype)
     assert err < (1e-5 if dtype == torch.float32 else 1e-12)
+
+
+@pytest.mark.skipif(not kernels.numba_available(), reason="numba is not installed")
+def test_kernels_depend_on_no_module_that_uses_them():
+    """The registry, its self-checks and the torch references import none of the modules that
+    ask for kernels (prefix_loss, sparse_encoder, trainers): dependencies run one way."""
+    code = textwrap.dedent("""
+        import sys, torch
+        from matryoshka_plugin import kernels
+        errors = [kernels.self_check_error("cpu", torch.float32, op) for op in kernels.KERNELS]
+        assert max(errors) < 1e-5, errors
+        print(sorted(m for m in sys.modules if m.startswith("matryoshka_plugin")))
+    """)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    loaded = proc.stdout.strip()
+    for user in ("prefix_loss", "sparse_encoder", "trainers"):
+        assert f"matryoshka_plugin.{user}" not in loaded, loaded
 
 
 @pytest.mark.parametrize("threads", [1, 2])
@@ -172,8 +191,6 @@ def _above_drops_largest(flat, cutoff):
 
 
 def _column_accumulate_scaled(out, indices, coef, src_row, src):
-    from matryoshka_plugin.sparse_encoder import torch_column_accumulate
-
     torch_column_accumulate(out, indices, coef, src_row, src)
     out.mul_(1.1)
 
@@ -229,12 +246,12 @@ def test_faulty_op_kernel_warns_once_and_torch_runs(op, faulty, run, fault_seen)
             assert not fault_seen(run("auto"), reference)
         assert kernel_trusted("cpu", torch.float32, op) is False
         assert kernel_trusted("cpu", torch.float32) in (True, False)  # the prefix loss's verdict is its own
-    assert kernels.OP_KERNELS[op].name == "numba"
+    assert kernels.KERNELS[op]["cpu"].name == "numba"
     assert (op, "cpu", torch.float32) not in kernels._CHECKS
 
 
 def test_op_kernel_is_checked_once_then_used():
-    from matryoshka_plugin.trainers.common import torch_project_out_rows_, project_out_radial_
+    from matryoshka_plugin.trainers.common import project_out_radial_
 
     calls = []
 
@@ -270,6 +287,11 @@ NO_NUMBA = textwrap.dedent(
 
     if sys.argv[1] == "block":
         sys.meta_path.insert(0, Block())
+    import warnings
+
+    warnings.simplefilter("always")  # every warning raised is recorded: "once" must be the package's doing
+    caught = warnings.catch_warnings(record=True)
+    said = caught.__enter__()
     import torch
     from matryoshka_plugin import MatryoshkaBatchTopKTrainer, MatryoshkaLogSparsityTrainer
 
@@ -293,14 +315,19 @@ NO_NUMBA = textwrap.dedent(
         res.update({f"{name}.{k}": v for k, v in tr.ae.state_dict().items()})
         res[f"{name}.encode"] = tr.ae.encode(xs[0])  # "auto" here: MATRYOSHKA_BACKEND decides
     torch.save(res, out)
+    unavailable = [str(w.message) for w in said if w.category.__name__ == "KernelUnavailableWarning"]
+    print("UNAVAILABLE", len(unavailable))
+    print("MESSAGE", unavailable[0] if unavailable else "")
     print("ATTEMPTS", attempts)
     print("LOADED", sorted(m for m in sys.modules if m.split(".")[0] == "numba"))
     """
 )
 
 
-def _no_numba_run(block: bool, backend: str, out, env_backend: str):
-    env = {**os.environ, "MATRYOSHKA_BACKEND": env_backend}
+def _no_numba_run(block: bool, backend: str, out, env_backend: str | None):
+    env = {k: v for k, v in os.environ.items() if k != "MATRYOSHKA_BACKEND"}
+    if env_backend is not None:
+        env["MATRYOSHKA_BACKEND"] = env_backend
     proc = subprocess.run([sys.executable, "-c", NO_NUMBA, "block" if block else "open", backend, str(out)],
                           env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -316,11 +343,28 @@ def test_torch_backend_never_imports_numba_and_matches_the_kernels(tmp_path):
     with numba unimportable, never try to import it, and agree with the numba kernels."""
     plain, lines = _no_numba_run(True, "torch", tmp_path / "torch.pt", "torch")
     assert lines["ATTEMPTS"] == "[]" and lines["LOADED"] == "[]", lines
+    assert lines["UNAVAILABLE"] == "0", lines  # torch was asked for: nothing to say
     fused, lines = _no_numba_run(False, "fused", tmp_path / "fused.pt", "fused")
     assert "'numba'" in lines["LOADED"]
     assert plain.keys() == fused.keys()
     for key in plain:
         torch.testing.assert_close(plain[key], fused[key], rtol=1e-4, atol=2e-5, msg=key)
+
+
+@pytest.mark.slow
+def test_without_numba_auto_runs_torch_and_says_so_once(tmp_path):
+    """numba is optional: with it unimportable, the default backend ("auto", no
+    MATRYOSHKA_BACKEND) trains both trainers and encodes on plain torch, with the very results
+    of backend="torch", and one KernelUnavailableWarning in the whole run says so (not one per
+    kernel or per call), naming numba and the extra that installs it."""
+    auto, lines = _no_numba_run(True, "auto", tmp_path / "auto.pt", None)
+    assert lines["UNAVAILABLE"] == "1", lines
+    assert "numba is not installed" in lines["MESSAGE"] and "matryoshka_plugin[cpu]" in lines["MESSAGE"], lines
+    assert lines["LOADED"] == "[]", lines
+    plain, _ = _no_numba_run(True, "torch", tmp_path / "torch.pt", "torch")
+    assert auto.keys() == plain.keys()
+    for key in auto:
+        assert torch.equal(auto[key], plain[key]), key
 
 
 @pytest.mark.skipif(not kernels.numba_available(), reason="numba is not installed")

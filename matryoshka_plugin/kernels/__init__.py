@@ -1,24 +1,30 @@
-"""Fused kernels of the sparse training path, and the choice between them and plain torch.
+"""Fused kernels of the sparse training path, and the one place that decides which
+implementation runs: a kernel or its plain torch counterpart.
 
 * :mod:`.numba` (CPU, float32/float64): the all-prefix loss in one pass per token, the encoder's
   sparse weight gradient (``column_accumulate``), the batch top-k's cut-off pass (``above``)
   and the decoder's row projection and normalisation (``project_out_rows_``,
   ``normalise_rows_``).
 * :mod:`.triton` (CUDA, float32/bfloat16/float16): the all-prefix loss.
+* :mod:`.reference`: the plain torch counterpart of every kernel, for any device and dtype;
+  it runs wherever no kernel does and is what the self-checks and tests compare with.
 
-Each kernel has a plain torch counterpart (in ``prefix_loss``, ``sparse_encoder`` and
-``trainers.common``) that runs on any device and dtype and that the tests compare it with.
-numba and triton are optional and imported only when a kernel is about to run on tensors it
-covers, so importing the package stays cheap; ``backend="torch"`` never imports them.
+:data:`KERNELS` is the one registry (kernel name -> device type -> :class:`FusedKernel`) and
+:func:`fused_op` the one rule every caller asks, with the ``backend`` it was given:
+``"torch"`` runs plain torch and imports neither numba nor triton; ``"fused"`` runs the kernel
+unchecked wherever it covers the tensors; ``"auto"`` (the default) takes the environment
+variable ``MATRYOSHKA_BACKEND`` when it is set, else runs the kernel that covers the tensors'
+device and dtype once it has checked itself there. numba and triton are optional (the ``cpu``
+and ``gpu`` extras) and imported only when a kernel is about to run, so importing the package
+stays cheap; where one is missing, plain torch runs and a :class:`KernelUnavailableWarning`
+says so once per process.
 
 A fused kernel is trusted on a device only after it has checked itself: on its first use per
 (kernel, device, dtype) under ``backend="auto"``, :func:`kernel_trusted` runs it and its torch
 reference on a small random problem and compares every output (and, for the prefix loss, every
 gradient). On a mismatch, or if the kernel fails to compile or launch, it warns once (naming
 the kernel, the device and the largest error) and the torch path runs there from then on.
-``backend="fused"`` runs the kernels unchecked (it is what the kernel tests compare).
-:data:`KERNELS` maps a device type to its prefix-loss kernel, :data:`OP_KERNELS` names the
-other (CPU) kernels; :func:`replace_kernel` swaps one in (tests inject faulty kernels through it).
+:func:`replace_kernel` swaps a kernel in for a block (tests inject faulty kernels through it).
 """
 
 from __future__ import annotations
@@ -33,23 +39,24 @@ from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
-from ..sparse_latents import SparseLatents
+from ..prefixes import PrefixWeights
+from ..sparse_latents import SparseLatents, sparse_from_flat
+from .reference import REFERENCES
 
 __all__ = [
     "BACKENDS",
-    "resolve_backend",
+    "PREFIX_MSE",
     "numba_available",
     "triton_available",
     "numba_supported",
     "triton_supported",
-    "fused_prefix_mse",
     "scale_grad_once",
     "scale_grads_once",
     "FusedKernel",
     "KERNELS",
-    "OP_KERNELS",
     "fused_op",
     "KernelSelfCheckWarning",
+    "KernelUnavailableWarning",
     "kernel_trusted",
     "self_check_error",
     "replace_kernel",
@@ -113,26 +120,22 @@ def _triton_run(x, latents, W_dec, b_dec, cum, chunk_elements, consume):
 
 @dataclass(frozen=True)
 class FusedKernel:
-    """A fused kernel: the prefix loss of one device type (:data:`KERNELS`) or a CPU operation
-    (:data:`OP_KERNELS`).
+    """One fused kernel on one device type.
 
-    For the prefix loss ``run(x, latents, W_dec, b_dec, cum, chunk_elements, consume)`` returns
-    ``(loss, residual)`` like ``prefix_loss.prefix_mse`` (differentiable in ``x``,
-    ``latents.values``, ``W_dec``, ``b_dec``); an operation's ``run`` takes its torch
-    counterpart's arguments. ``dtypes`` are those it handles; ``available()`` says whether it
-    can be imported.
+    ``run`` takes the arguments of its torch counterpart in :data:`.reference.REFERENCES` and
+    returns (or writes in place) what it does; the prefix loss's
+    ``run(x, latents, W_dec, b_dec, cum, chunk_elements, consume)`` returns ``(loss, residual)``
+    like ``prefix_loss.prefix_mse`` (differentiable in ``x``, ``latents.values``, ``W_dec``,
+    ``b_dec``). ``name`` is the library it needs (``available()`` says whether that imports),
+    ``dtypes`` those it handles, ``contiguous`` whether it needs contiguous tensors (the
+    in-place kernels write through raw buffers).
     """
 
     name: str
     dtypes: tuple[torch.dtype, ...]
     available: Callable[[], bool]
-    run: Callable[..., tuple[torch.Tensor, torch.Tensor]]
-
-
-KERNELS: dict[str, FusedKernel] = {
-    "cpu": FusedKernel("numba", NUMBA_DTYPES, numba_available, _numba_run),
-    "cuda": FusedKernel("triton", TRITON_DTYPES, triton_available, _triton_run),
-}
+    run: Callable[..., Any]
+    contiguous: bool = False
 
 
 def _numba_op(name: str) -> Callable[..., Any]:
@@ -145,25 +148,36 @@ def _numba_op(name: str) -> Callable[..., Any]:
     return run
 
 
-# The CPU-only kernels besides the prefix loss, by name. Each runs in place or returns what its
-# torch counterpart returns: ``above(flat, cutoff)``, ``column_accumulate(out, indices, coef,
-# src_row, src)``, ``project_out_rows_(grad, W)``, ``normalise_rows_(W, eps)``.
-OP_KERNELS: dict[str, FusedKernel] = {
-    op: FusedKernel("numba", NUMBA_DTYPES, numba_available, _numba_op(op))
-    for op in ("above", "column_accumulate", "project_out_rows_", "normalise_rows_")
-}
 PREFIX_MSE = "prefix_mse"
 
-
-def _kernel_for(tensors: tuple[torch.Tensor, ...]) -> FusedKernel | None:
-    kernel = KERNELS.get(tensors[0].device.type) if tensors else None
-    if kernel is None or not _uniform(tensors, tensors[0].device.type, kernel.dtypes):
-        return None
-    return kernel if kernel.available() else None
+# Every kernel, by name and device type. Each name's torch counterpart is
+# ``reference.REFERENCES[name]``: ``prefix_mse(x, latents, W_dec, b_dec, cum, chunk_elements,
+# consume)``, ``above(flat, cutoff)``, ``column_accumulate(out, indices, coef, src_row, src)``,
+# ``project_out_rows_(grad, W)``, ``normalise_rows_(W, eps)``.
+KERNELS: dict[str, dict[str, FusedKernel]] = {
+    PREFIX_MSE: {
+        "cpu": FusedKernel("numba", NUMBA_DTYPES, numba_available, _numba_run),
+        "cuda": FusedKernel("triton", TRITON_DTYPES, triton_available, _triton_run),
+    },
+    **{
+        op: {"cpu": FusedKernel("numba", NUMBA_DTYPES, numba_available, _numba_op(op), contiguous=True)}
+        for op in ("above", "column_accumulate", "project_out_rows_", "normalise_rows_")
+    },
+}
+assert KERNELS.keys() == REFERENCES.keys()
 
 
 class KernelSelfCheckWarning(RuntimeWarning):
     """A fused kernel disagreed with the torch reference (or failed) on a device: torch runs there."""
+
+
+class KernelUnavailableWarning(RuntimeWarning):
+    """A fused kernel would have run but its library (numba, triton) does not import: torch runs."""
+
+
+_INSTALL = {"numba": "pip install 'matryoshka_plugin[cpu]'", "triton": "pip install 'matryoshka_plugin[gpu]'"}
+# Libraries whose absence has been reported (once per process). Guarded by _CHECK_LOCK.
+_UNAVAILABLE_SAID: set[str] = set()
 
 
 # (kernel, device, dtype) -> max relative error of the self-check (inf: the kernel raised).
@@ -177,8 +191,6 @@ SELF_CHECK_TOLERANCE = {torch.float64: 1e-6, torch.float32: 1e-3, torch.bfloat16
 def _self_check_problem(device: torch.device, dtype: torch.dtype):
     """A small random problem that reaches every branch of the kernels: uneven rows (one token
     with no active latent), ``d`` not a multiple of a tile, a prefix weight on every length."""
-    from ..prefixes import PrefixWeights
-
     g = torch.Generator().manual_seed(1234)
     B, n, d, k = 12, 48, 37, 5
     x = torch.randn(B, d, generator=g)
@@ -211,9 +223,6 @@ def _relative_error(refs: list[torch.Tensor], gots: list[torch.Tensor]) -> float
 
 
 def _prefix_mse_error(kernel: FusedKernel, device: torch.device, dtype: torch.dtype) -> float:
-    from ..prefix_loss import _torch_prefix_mse
-    from ..sparse_latents import sparse_from_flat
-
     outs = []
     # The check runs wherever the first call happens (eval, autocast): it needs gradients and
     # the dtype it was asked about.
@@ -223,13 +232,10 @@ def _prefix_mse_error(kernel: FusedKernel, device: torch.device, dtype: torch.dt
         if device.type in ("cpu", "cuda"):
             stack.enter_context(torch.autocast(device.type, enabled=False))
         (x0, W0, b0, v0), flat, B, n, cum = _self_check_problem(device, dtype)
-        for impl in ("reference", "kernel"):
+        for run in (REFERENCES[PREFIX_MSE], kernel.run):
             x, W, b, v = (t.detach().clone().requires_grad_() for t in (x0, W0, b0, v0))
             lat = sparse_from_flat(flat, v, B, n)
-            if impl == "reference":
-                loss, resid = _torch_prefix_mse(x, lat, W, b, cum, 1 << 16)
-            else:
-                loss, resid = kernel.run(x, lat, W, b, cum, 1 << 16, False)
+            loss, resid = run(x, lat, W, b, cum, 1 << 16, False)
             grads = torch.autograd.grad(loss * 1.5, [x, lat.values, W, b])
             outs.append([loss.detach(), resid.detach(), *grads])
     return _relative_error(*outs)
@@ -258,25 +264,10 @@ def _op_problem(op: str, device: torch.device, dtype: torch.dtype) -> tuple:
     return (W.to(device, dtype), torch.finfo(dtype).eps)
 
 
-def _op_reference(op: str) -> Callable[..., Any]:
-    """The torch implementation that runs where the kernel does not."""
-    if op == "above":
-        from ..sparse_encoder import torch_above
-
-        return torch_above
-    if op == "column_accumulate":
-        from ..sparse_encoder import torch_column_accumulate
-
-        return torch_column_accumulate
-    from ..trainers import common
-
-    return common.torch_project_out_rows_ if op == "project_out_rows_" else common.torch_normalise_rows_
-
-
 def _op_error(op: str, kernel: FusedKernel, device: torch.device, dtype: torch.dtype) -> float:
     outs = []
     with torch.inference_mode(False), torch.no_grad():
-        for run in (_op_reference(op), kernel.run):
+        for run in (REFERENCES[op], kernel.run):
             args = _op_problem(op, device, dtype)
             result = run(*args)
             # In-place kernels: what they wrote into their first argument.
@@ -287,18 +278,15 @@ def _op_error(op: str, kernel: FusedKernel, device: torch.device, dtype: torch.d
 
 
 def self_check_error(device: torch.device | str, dtype: torch.dtype, op: str = PREFIX_MSE) -> float:
-    """Largest error of the fused kernel ``op`` (the prefix loss by default; see
-    :data:`OP_KERNELS` for the others) for ``device`` against its torch reference on a small
+    """Largest error of the fused kernel ``op`` (a name in :data:`KERNELS`, the prefix loss by
+    default) for ``device`` against its torch reference on a small
     random problem, over every output (and the prefix loss's gradients), each relative to the
     reference's largest magnitude. Exceptions of the kernel (compile, launch) propagate."""
     device = torch.device(device)
+    kernel = KERNELS[op][device.type]
     if op == PREFIX_MSE:
-        return _prefix_mse_error(KERNELS[device.type], device, dtype)
-    return _op_error(op, OP_KERNELS[op], device, dtype)
-
-
-def _registered(op: str, device_type: str) -> FusedKernel | None:
-    return KERNELS.get(device_type) if op == PREFIX_MSE else OP_KERNELS[op] if device_type == "cpu" else None
+        return _prefix_mse_error(kernel, device, dtype)
+    return _op_error(op, kernel, device, dtype)
 
 
 def kernel_trusted(device: torch.device | str, dtype: torch.dtype, op: str = PREFIX_MSE) -> bool:
@@ -313,7 +301,7 @@ def kernel_trusted(device: torch.device | str, dtype: torch.dtype, op: str = PRE
     with _CHECK_LOCK:
         if key in _CHECKS:
             return _CHECKS[key] <= tolerance
-        kernel = _registered(op, device.type)
+        kernel = KERNELS[op].get(device.type)
         if kernel is None:
             raise ValueError(f"no fused {op} kernel for {device.type}")
         try:
@@ -340,15 +328,15 @@ def kernel_trusted(device: torch.device | str, dtype: torch.dtype, op: str = PRE
 @contextlib.contextmanager
 def replace_kernel(device_type: str, run: Callable[..., Any], name: str = "replacement",
                    dtypes: tuple[torch.dtype, ...] | None = None, op: str = PREFIX_MSE) -> Iterator[FusedKernel]:
-    """Use ``run`` as the fused kernel ``op`` (the prefix loss by default, else a name in
-    :data:`OP_KERNELS`, CPU only) on ``device_type`` inside the block (its self-checks start
-    afresh, and are forgotten again on exit). ``run`` has the signature of the kernel it
-    replaces; ``dtypes`` default to that kernel's."""
-    table, key = (KERNELS, device_type) if op == PREFIX_MSE else (OP_KERNELS, op)
-    if op != PREFIX_MSE and device_type != "cpu":
-        raise ValueError(f"the {op} kernel exists on CPU only")
+    """Use ``run`` as the fused kernel ``op`` (a name in :data:`KERNELS`, the prefix loss by
+    default) on ``device_type`` inside the block (its self-checks start afresh, and are
+    forgotten again on exit). ``run`` has the signature of the kernel it replaces; ``dtypes``
+    default to that kernel's."""
+    table, key = KERNELS[op], device_type
+    if key not in table:
+        raise ValueError(f"no {op} kernel on {device_type} to replace (kernels on: {sorted(table)})")
     old = table[key]
-    new = FusedKernel(name, dtypes or old.dtypes, lambda: True, run)
+    new = FusedKernel(name, dtypes or old.dtypes, lambda: True, run, old.contiguous)
     with _CHECK_LOCK:
         table[key] = new
         _forget_checks(device_type, op)
@@ -376,61 +364,54 @@ def _requested(backend: str) -> str:
     return backend
 
 
-def resolve_backend(backend: str, *tensors: torch.Tensor, self_check: bool = False) -> str:
-    """``"fused"`` where a fused prefix-loss kernel exists for these tensors, else ``"torch"``.
+def _say_unavailable(kernel: FusedKernel) -> None:
+    """Warn, once per process and library, that ``kernel`` would have run but cannot."""
+    with _CHECK_LOCK:
+        if kernel.name in _UNAVAILABLE_SAID:
+            return
+        _UNAVAILABLE_SAID.add(kernel.name)
+    hint = _INSTALL.get(kernel.name, f"install {kernel.name}")
+    warnings.warn(
+        f"{kernel.name} is not installed, so its fused kernels do not run: plain torch runs instead, "
+        f"which is slower ({hint} adds them; backend='torch' or MATRYOSHKA_BACKEND=torch asks for "
+        "torch without this warning)",
+        KernelUnavailableWarning,
+        stacklevel=4,
+    )
 
-    The environment variable ``MATRYOSHKA_BACKEND`` overrides ``"auto"``; ``"torch"`` looks for
-    no kernel (numba and triton stay unimported). With ``self_check``, ``"auto"`` picks the
-    kernel only once it has passed :func:`kernel_trusted` on the tensors' device and dtype.
+
+def fused_op(op: str, backend: str, *tensors: torch.Tensor, required: bool = False) -> Callable[..., Any] | None:
+    """The fused kernel ``op`` (a name in :data:`KERNELS`) to run on ``tensors``, or None where
+    its torch counterpart (``reference.REFERENCES[op]``) runs. The one rule for every kernel:
+
+    * ``backend`` is validated, and ``"auto"`` replaced by ``MATRYOSHKA_BACKEND`` when set;
+    * ``"torch"``: None, and nothing is imported;
+    * None where no kernel covers the tensors (their device type, one dtype it handles, contiguous
+      for the in-place kernels) or its library does not import (said once, see
+      :class:`KernelUnavailableWarning`); under ``"fused"`` with ``required`` (the prefix loss,
+      which a caller names) that is an error instead;
+    * ``"auto"``: the kernel once it has passed its self-check on the tensors' device and dtype
+      (:func:`kernel_trusted`), None otherwise; ``"fused"``: the kernel, unchecked.
     """
-    backend = _requested(backend)
-    if backend == "torch":
-        return backend
-    supported = _kernel_for(tensors) is not None
-    if backend == "fused" and not supported:
-        raise ValueError(
-            "no fused kernel for these tensors (CPU needs numba and float32/float64, CUDA needs "
-            "triton and float32/bfloat16/float16); use backend='torch'"
-        )
-    if backend == "auto":
-        if supported and self_check and not kernel_trusted(tensors[0].device, tensors[0].dtype):
-            return "torch"
-        return "fused" if supported else "torch"
-    return backend
-
-
-def fused_op(op: str, backend: str, *tensors: torch.Tensor) -> Callable[..., Any] | None:
-    """The fused kernel ``op`` (a name in :data:`OP_KERNELS`) to run on ``tensors``, or None
-    where the torch counterpart runs: under ``backend="torch"`` (nothing is imported), for
-    tensors the kernel does not cover (another device or dtype, not contiguous, numba missing)
-    and, under ``"auto"``, until the kernel has passed its self-check (:func:`kernel_trusted`).
-    ``"fused"`` uses the kernel unchecked where it covers the tensors."""
     backend = _requested(backend)
     if backend == "torch" or not tensors:
         return None
-    kernel = OP_KERNELS[op]
-    if not (_uniform(tensors, "cpu", kernel.dtypes) and all(t.is_contiguous() for t in tensors)):
+    device, dtype = tensors[0].device, tensors[0].dtype
+    kernel = KERNELS[op].get(device.type)
+    covers = (kernel is not None and _uniform(tensors, device.type, kernel.dtypes)
+              and (not kernel.contiguous or all(t.is_contiguous() for t in tensors)))
+    if not covers or not kernel.available():
+        if backend == "fused" and required:
+            raise ValueError(
+                f"no fused {op} kernel for these tensors (CPU needs numba and float32/float64, CUDA "
+                "needs triton and float32/bfloat16/float16); use backend='torch'"
+            )
+        if covers:
+            _say_unavailable(kernel)
         return None
-    if not kernel.available():
-        return None
-    if backend == "auto" and not kernel_trusted(tensors[0].device, tensors[0].dtype, op):
+    if backend == "auto" and not kernel_trusted(device, dtype, op):
         return None
     return kernel.run
-
-
-def fused_prefix_mse(
-    x: torch.Tensor,
-    latents: SparseLatents,
-    W_dec: torch.Tensor,
-    b_dec: torch.Tensor,
-    cum: torch.Tensor,
-    chunk_elements: int | None,
-    consume: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(loss, residual)`` of ``prefix_loss.prefix_mse`` from the fused kernel for ``x``'s
-    device (:data:`KERNELS`: Triton on CUDA, numba on CPU); ``cum`` holds the
-    prefix weights' cumulative sums. ``chunk_elements`` bounds the CPU kernel's working memory."""
-    return KERNELS[x.device.type].run(x, latents, W_dec, b_dec, cum, chunk_elements, consume)
 
 
 def scale_grads_once(ctx: Any, grads: Sequence[torch.Tensor | None],

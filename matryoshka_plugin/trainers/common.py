@@ -16,6 +16,7 @@ from ..errors import CheckpointError, TrainingError, check_activations
 from ..host_memory import reuse_if_requested
 from ..import_hooks import import_leaf
 from ..kernels import BACKENDS, fused_op
+from ..kernels.reference import torch_normalise_rows_, torch_project_out_rows_
 from ..prefixes import PrefixSampler
 from ..registry import PACKAGE_MARK
 from ..sparse_encoder import encoder_matmul_dtype
@@ -299,18 +300,6 @@ def make_adam(params, lr: float, betas) -> torch.optim.Adam:
         return torch.optim.Adam(params, lr=lr, betas=tuple(betas), fused=True)
     except (RuntimeError, TypeError, ValueError):
         return torch.optim.Adam(params, lr=lr, betas=tuple(betas))
-
-
-def torch_project_out_rows_(grad: torch.Tensor, W: torch.Tensor) -> None:
-    """The torch counterpart of the ``project_out_rows_`` kernel (any device and dtype)."""
-    dots = torch.einsum("fd,fd->f", grad, W)
-    sq = torch.einsum("fd,fd->f", W, W).clamp_min(1e-12)
-    grad.addcmul_(W, (dots / sq).unsqueeze(1), value=-1.0)
-
-
-def torch_normalise_rows_(W: torch.Tensor, eps: float) -> None:
-    """The torch counterpart of the ``normalise_rows_`` kernel (any device and dtype)."""
-    W.div_(W.norm(dim=1, keepdim=True).clamp_min(eps))
 
 
 @torch.no_grad()
