@@ -42,8 +42,8 @@ __all__ = [
 ]
 
 # Below this many multiply-adds a parallel region costs more than it saves: numba's worker
-# threads spin between regions and starve the rest of a small training step (measured on toy
-# shapes, B=200, d=20: 5x slower steps than the serial kernels).
+# threads spin between regions and starve the rest of a small training step (the measurement:
+# docs/speed.md, "The sparse training path and backends").
 PARALLEL_MIN_WORK = 1 << 20
 
 # Default size of the suffix-sum buffer (elements): 256 MB in fp32. Large enough that a
