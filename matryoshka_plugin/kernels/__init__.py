@@ -48,8 +48,6 @@ __all__ = [
     "PREFIX_MSE",
     "numba_available",
     "triton_available",
-    "numba_supported",
-    "triton_supported",
     "scale_grad_once",
     "scale_grads_once",
     "FusedKernel",
@@ -94,16 +92,6 @@ def _uniform(tensors: tuple[torch.Tensor, ...], device_type: str, dtypes: tuple[
         return False
     dtype = tensors[0].dtype
     return dtype in dtypes and all(t.device.type == device_type and t.dtype == dtype for t in tensors)
-
-
-def numba_supported(*tensors: torch.Tensor) -> bool:
-    """Whether the numba kernels handle these tensors (CPU, one float32/float64 dtype)."""
-    return _uniform(tensors, "cpu", NUMBA_DTYPES) and numba_available()
-
-
-def triton_supported(*tensors: torch.Tensor) -> bool:
-    """Whether the Triton kernel handles these tensors (CUDA, one float32/bfloat16/float16 dtype)."""
-    return _uniform(tensors, "cuda", TRITON_DTYPES) and triton_available()
 
 
 def _numba_run(x, latents, W_dec, b_dec, cum, chunk_elements, consume):
@@ -164,7 +152,6 @@ KERNELS: dict[str, dict[str, FusedKernel]] = {
         for op in ("above", "column_accumulate", "project_out_rows_", "normalise_rows_")
     },
 }
-assert KERNELS.keys() == REFERENCES.keys()
 
 
 class KernelSelfCheckWarning(RuntimeWarning):
