@@ -60,7 +60,13 @@ _CORE_FIXED = {"selected_saes", "output_folder", "dtype", "device", "force_rerun
 # per-SAE experiments on every call (force_rerun) and caches only the first-letter probes, which
 # depend on the model (SAEBench keys them by name), the prompt, the dtype and the seed (the run
 # seeds Python's random state, which draws the probes' train/test vocabulary split).
-_ABSORPTION_CACHE_FIELDS = ("prompt_template", "prompt_token_pos", "llm_dtype", "model_name", "random_seed")
+_ABSORPTION_CACHE_FIELDS = ("prompt_template", "prompt_token_pos", "llm_dtype", "model_name", "random_seed",
+                            "probe_vocab_size")
+# Settings the adapter adds to SAEBench's, per eval: name -> default (None keeps SAEBench's behaviour).
+# absorption's probe_vocab_size: how many of the tokenizer's alphabetic tokens the first-letter probe
+# and the absorption prompts draw on (SAEBench takes all of them, about 47,000 for SmolLM2, each an
+# ~88-token prompt through the whole model: hours on a CPU); see patches.absorption_vocabulary.
+ADAPTER_FIELDS: dict[str, dict[str, Any]] = {"absorption": {"probe_vocab_size": None}}
 # Fields that change nothing SAEBench caches for the probing evals (batch sizes, post-processing).
 _UNCACHED_FIELDS = ("llm_batch_size", "sae_batch_size", "eval_batch_size_prompts", "n_values", "lower_vram_usage")
 
@@ -79,20 +85,28 @@ class EvalConfig:
     saebench: Any
     """What SAEBench takes: its config dataclass (``AbsorptionEvalConfig``, ...), or for core the
     keyword arguments of ``multiple_evals`` (a dict)."""
+    adapter: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    """The adapter's own settings for this eval (:data:`ADAPTER_FIELDS`), not passed to SAEBench."""
 
-    def to_dict(self) -> dict[str, Any]:
+    def saebench_dict(self) -> dict[str, Any]:
         """Every setting SAEBench gets, by name."""
         if isinstance(self.saebench, dict):
             return dict(self.saebench)
         return dataclasses.asdict(self.saebench)
 
+    def to_dict(self) -> dict[str, Any]:
+        """Every setting, by name: SAEBench's and the adapter's (:data:`ADAPTER_FIELDS`)."""
+        return {**self.saebench_dict(), **self.adapter}
+
     def _names(self) -> set[str]:
         s = self.saebench
-        return set(s) if isinstance(s, dict) else {f.name for f in dataclasses.fields(s)}
+        return (set(s) if isinstance(s, dict) else {f.name for f in dataclasses.fields(s)}) | set(self.adapter)
 
     def __getitem__(self, key: str) -> Any:
         if key not in self._names():
             raise KeyError(key)
+        if key in self.adapter:
+            return self.adapter[key]
         s = self.saebench
         return s[key] if isinstance(s, dict) else getattr(s, key)
 
@@ -169,12 +183,17 @@ def make_eval_config(
             raise SAEBenchError(f"unknown core settings {unknown}; allowed: {sorted(allowed)}")
         return EvalConfig(eval_name, llm_dtype,
                           {**CORE_DEFAULTS, "eval_batch_size_prompts": llm_batch_size, **overrides})
+    adapter = dict(ADAPTER_FIELDS.get(eval_name, {}))
+    for key in adapter.keys() & overrides.keys():
+        adapter[key] = overrides.pop(key)
+    _check_adapter_fields(eval_name, adapter)
     module, class_name = _CONFIG_CLASSES[eval_name]
     cls = getattr(importlib.import_module(module), class_name)
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(overrides) - names)
     if unknown:
-        raise SAEBenchError(f"unknown {eval_name} config fields {unknown}; allowed: {sorted(names)}")
+        allowed = sorted(names | set(adapter))
+        raise SAEBenchError(f"unknown {eval_name} config fields {unknown}; allowed: {allowed}")
     fixed = {"model_name", "llm_dtype"} & set(overrides)
     if fixed:
         raise SAEBenchError(f"{sorted(fixed)} are set by the run (model_name=, llm_dtype=), not per eval")
@@ -195,9 +214,16 @@ def make_eval_config(
     if eval_name == "sparse_probing_sae_probes":
         _check_sae_probes(kw)
     try:
-        return EvalConfig(eval_name, llm_dtype, cls(**kw))
+        return EvalConfig(eval_name, llm_dtype, cls(**kw), adapter)
     except Exception as e:  # pydantic validation
         raise SAEBenchError(f"invalid {eval_name} config: {e}") from None
+
+
+def _check_adapter_fields(eval_name: str, adapter: Mapping[str, Any]) -> None:
+    size = adapter.get("probe_vocab_size")
+    if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 26 * 5):
+        # fewer than a handful of words per letter leaves most letters without a test word
+        raise SAEBenchError(f"{eval_name}: probe_vocab_size must be None (all) or an integer >= 130, got {size!r}")
 
 
 def _check_sae_probes(kw: Mapping[str, Any]) -> None:

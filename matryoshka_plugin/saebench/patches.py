@@ -12,8 +12,10 @@ from __future__ import annotations
 import contextlib
 import functools
 import importlib
+import inspect
 import logging
 import os
+import random
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -122,6 +124,146 @@ def absorption_in(artifacts: Path) -> Iterator[Path]:
         stack.enter_context(_replaced(absorption_main, "run_feature_absortion_experiment", feature))
         stack.enter_context(_working_directory(cwd))
         yield cwd
+
+
+# The absorption modules that read the tokenizer's alphabetic tokens with their own reference to
+# sae_bench.evals.absorption.vocab.get_alpha_tokens: the probe's training/test words, and the
+# in-context examples of the absorption prompts.
+_ABSORPTION_VOCAB_MODULES = ("sae_bench.evals.absorption.common", "sae_bench.evals.absorption.feature_absorption")
+
+
+def sampled_alpha_tokens(get_alpha_tokens: Callable[..., list[str]], size: int, seed: int) -> Callable[..., list[str]]:
+    """``get_alpha_tokens`` returning ``size`` of its words, drawn with ``seed`` from their sorted list
+    (the same words on every call, whatever order the tokenizer's vocabulary comes in)."""
+
+    def sampled(tokenizer: Any, *args: Any, **kwargs: Any) -> list[str]:
+        words = sorted(get_alpha_tokens(tokenizer, *args, **kwargs))
+        return words if len(words) <= size else random.Random(seed).sample(words, size)
+
+    return sampled
+
+
+@contextlib.contextmanager
+def absorption_vocabulary(size: int | None, seed: int) -> Iterator[None]:
+    """Absorption draws its words from ``size`` of the tokenizer's alphabetic tokens (None: all of
+    them, SAEBench's behaviour). SAEBench trains its first-letter probe on a prompt of about 90
+    tokens for every alphabetic token of the vocabulary through the whole model; a sample keeps
+    that one-off pass CPU-sized. The probe's 80/20 word split and everything after it are
+    SAEBench's own."""
+    if size is None:
+        yield
+        return
+    from sae_bench.evals.absorption.vocab import get_alpha_tokens
+
+    sampled = sampled_alpha_tokens(get_alpha_tokens, int(size), int(seed))
+    with contextlib.ExitStack() as stack:
+        for mod_name in _ABSORPTION_VOCAB_MODULES:
+            stack.enter_context(_replaced(importlib.import_module(mod_name), "get_alpha_tokens", sampled))
+        yield
+
+
+class _VarianceSums:
+    """Running sums over the tokens core evaluates, in float64, for the conventional explained
+    variance ``1 - E||x - x_hat||^2 / (E||x||^2 - ||E x||^2)``."""
+
+    def __init__(self) -> None:
+        self.n = 0
+        self.sum_x: torch.Tensor | None = None
+        self.sum_sq = 0.0
+        self.sum_resid = 0.0
+        self.mask: torch.Tensor | None = None  # the current batch's evaluated positions
+        self.x: torch.Tensor | None = None  # the current batch's SAE input
+
+    def add(self, x_hat: torch.Tensor) -> None:
+        if self.x is None or self.mask is None:
+            raise RuntimeError("core's SAE decoded before it encoded a batch")
+        d = self.x.shape[-1]
+        keep = self.mask.reshape(-1).to(self.x.device)
+        x = self.x.reshape(-1, d)[keep].double()
+        r = x - x_hat.reshape(-1, d)[keep].to(x.device).double()
+        self.n += len(x)
+        self.sum_x = x.sum(0) if self.sum_x is None else self.sum_x + x.sum(0)
+        self.sum_sq += float(x.pow(2).sum())
+        self.sum_resid += float(r.pow(2).sum())
+        self.x = None
+
+    def explained_variance(self) -> float:
+        if not self.n or self.sum_x is None:
+            return float("nan")
+        total = self.sum_sq / self.n - float((self.sum_x / self.n).pow(2).sum())
+        return 1.0 - (self.sum_resid / self.n) / total
+
+
+class _RecordingModel:
+    """The model, noting which positions of each batch core evaluates (not an ignored token)."""
+
+    def __init__(self, model: Any, ignore_tokens: Any, sums: _VarianceSums):
+        self._model, self._sums = model, sums
+        self._ignore = [int(t) for t in (ignore_tokens or ()) if t is not None]
+
+    def run_with_cache(self, tokens: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        keep = torch.ones_like(tokens, dtype=torch.bool)
+        for t in self._ignore:
+            keep &= tokens != t
+        self._sums.mask = keep
+        return self._model.run_with_cache(tokens, *args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._model, name)
+
+
+class _RecordingSAE:
+    """The SAE, noting each batch's input and reconstruction."""
+
+    def __init__(self, sae: Any, sums: _VarianceSums):
+        self._sae, self._sums = sae, sums
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        self._sums.x = x
+        return self._sae.encode(x)
+
+    def decode(self, feature_acts: torch.Tensor) -> torch.Tensor:
+        out = self._sae.decode(feature_acts)
+        self._sums.add(out)
+        return out
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._sae, name)
+
+
+@contextlib.contextmanager
+def conventional_explained_variance() -> Iterator[None]:
+    """Core's ``explained_variance`` is ``1 - E||x - x_hat||^2 / (E||x||^2 - ||E x||^2)`` over the
+    tokens it evaluates: the variance about the mean, as its name and SAEBench's comment ("the new
+    (correct) formula") intend and as SAELens computes it since fixing the same code (SAELens
+    issue 659). SAEBench 0.6's aggregation subtracts ``(mean_d E[x_d^2])^2`` instead of
+    ``||E x||^2``: a number between the variance about zero and about the mean that is not even
+    invariant to rescaling the activations. The wrapped function is SAEBench's own; only the
+    ``explained_variance`` it returns is replaced, computed from the inputs and reconstructions it
+    passes through the SAE (``explained_variance_legacy`` stays as SAEBench computes it)."""
+    import sae_bench.evals.core.main as core
+
+    original = core.get_sparsity_and_variance_metrics
+    signature = inspect.signature(original)
+
+    @functools.wraps(original)
+    def wrapped(*args: Any, **kwargs: Any) -> Any:
+        bound = signature.bind(*args, **kwargs)
+        sae = bound.arguments["sae"]
+        per_head = sae.cfg.hook_head_index is not None or any(
+            h in sae.cfg.hook_name for h in ("hook_q", "hook_k", "hook_v", "hook_z"))
+        if per_head or not bound.arguments.get("compute_variance_metrics", True):
+            return original(*args, **kwargs)
+        sums = _VarianceSums()
+        bound.arguments["sae"] = _RecordingSAE(sae, sums)
+        bound.arguments["model"] = _RecordingModel(bound.arguments["model"], bound.arguments.get("ignore_tokens"), sums)
+        metrics, feature_metrics = original(*bound.args, **bound.kwargs)
+        if "explained_variance" in metrics:
+            metrics["explained_variance"] = sums.explained_variance()
+        return metrics, feature_metrics
+
+    with _replaced(core, "get_sparsity_and_variance_metrics", wrapped):
+        yield
 
 
 class _LogCapture(logging.Handler):

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Callable, NamedTuple
 
 from .configs import EvalConfig
-from .patches import absorption_in, core_errors_logged
+from .patches import absorption_in, absorption_vocabulary, conventional_explained_variance, core_errors_logged
 from ..io import read_json
 from .results import RESULT_SUFFIX, EvalRecord, publish_result, result_path, write_not_evaluated
 
@@ -49,9 +49,9 @@ def _published(eval_name: str, name: str, dirs: EvalDirs, staged: Path) -> EvalR
 def run_core(cfg: EvalConfig, name: str, sae: Any, device: str, dirs: EvalDirs) -> EvalRecord:
     import sae_bench.evals.core.main as core
 
-    with core_errors_logged() as errors:
+    with core_errors_logged() as errors, conventional_explained_variance():
         core.multiple_evals([(name, sae)], output_folder=str(dirs.staging / "core"), dtype=cfg.llm_dtype,
-                            device=device, force_rerun=True, **cfg.to_dict())
+                            device=device, force_rerun=True, **cfg.saebench_dict())
     staged = dirs.staging / "core" / f"{name}{RESULT_SUFFIX}"
     if not staged.is_file():
         detail = "; ".join(errors) or "no error was logged"
@@ -64,7 +64,7 @@ def run_absorption(cfg: EvalConfig, name: str, sae: Any, device: str, dirs: Eval
 
     out = dirs.staging / "absorption"
     out.mkdir(parents=True, exist_ok=True)  # absorption's run_eval does not create it
-    with absorption_in(dirs.artifacts) as cwd:
+    with absorption_in(dirs.artifacts) as cwd, absorption_vocabulary(cfg.probe_vocab_size, cfg.random_seed):
         absorption_main.run_eval(cfg.saebench, [(name, sae)], device, str(out), force_rerun=True)
     staged = out / f"{name}{RESULT_SUFFIX}"
     if staged.is_file():
