@@ -16,21 +16,26 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping, NamedTuple, Sequence
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from .errors import CheckpointError, check_activations
 from .import_hooks import import_leaf
 from .io import check_keys, read_state_dict
-from .sparse_encoder import batch_topk_select, dense_pre_activations, encoder_entries, encoder_matmul_dtype
-from .sparse_latents import SparseLatents, sparse_decode, sparse_from_flat
+from .prefix_loss import PrefixLoss, detached_level_mse, level_residuals, prefix_mse
+from .prefixes import PrefixWeights
+from .sparse_encoder import TopKEncoding, batch_topk_encode, batch_topk_select, top_dead_entries
+from .sparse_latents import SparseLatents, sparse_decode, sparse_from_dense, sparse_from_flat
 
 # Without dictionary_learning/__init__, which imports nnsight and transformers (import_hooks).
 Dictionary = import_leaf("dictionary_learning.dictionary").Dictionary
 
 __all__ = [
+    "BatchTopKForward",
+    "LogSparsityForward",
     "MatryoshkaBatchTopKSAE",
     "MatryoshkaLogSparsitySAE",
     "load_matryoshka_batch_topk",
@@ -47,6 +52,30 @@ def _tokens(x: torch.Tensor, d: int) -> torch.Tensor:
     if x2.shape[0]:
         check_activations(x2, d)
     return x2
+
+
+class BatchTopKForward(NamedTuple):
+    """One training forward pass of :class:`MatryoshkaBatchTopKSAE`
+    (:meth:`~MatryoshkaBatchTopKSAE.training_forward`): what the trainer's loss terms need."""
+
+    latents: SparseLatents
+    """The batch's selected activations (``values`` differentiable, sparse backward)."""
+    pre_activations: torch.Tensor
+    """``[B, n]`` dense ReLU pre-activations, no graph (AuxK's candidates, the threshold's L0)."""
+    recon: PrefixLoss
+    """The prefix reconstruction loss (with graph) and the full SAE's residual (detached; AuxK fits it)."""
+
+
+class LogSparsityForward(NamedTuple):
+    """One training forward pass of :class:`MatryoshkaLogSparsitySAE`
+    (:meth:`~MatryoshkaLogSparsitySAE.training_forward`) on scaled input."""
+
+    activations: torch.Tensor
+    """ReLU activations ``[B, n]`` of the scaled input (decoder norms not folded in)."""
+    magnitudes: torch.Tensor
+    """Activations times decoder-row norms: what the sparsity penalty acts on."""
+    recon: PrefixLoss
+    """The prefix reconstruction loss (with graph) and the full SAE's residual (detached)."""
 
 
 def _resolve_weights_path(path: str | Path) -> Path:
@@ -131,32 +160,43 @@ class MatryoshkaBatchTopKSAE(_SAEBase):
     def encode_training(
         self, x: torch.Tensor, backend: str = "auto", matmul_dtype: torch.dtype | None = None,
         collective: Any = None,
-    ) -> tuple[SparseLatents, torch.Tensor]:
-        """BatchTopK latents of ``[tokens, d]`` input for training, and the dense ReLU output.
+    ) -> TopKEncoding:
+        """BatchTopK latents of ``[tokens, d]`` input for training and the dense pre-activations
+        (``sparse_encoder.batch_topk_encode`` with this SAE's weights and ``k``)."""
+        return batch_topk_encode(x, self.W_enc, self.b_enc, self.b_dec, int(self.k), backend, matmul_dtype, collective)
 
-        The dense pre-activations are computed without autograd (the matmul in ``matmul_dtype``
-        if given, e.g. bf16, see ``sparse_encoder.dense_pre_activations``; default: that of
-        ``sparse_encoder.encoder_matmul_dtype(x)``); the selected latents carry a sparse backward
-        (``sparse_encoder.encoder_entries``) in the weights' dtype. With a ``collective``
-        (data-parallel training, ``distributed.ProcessGroupCollective``) ``x`` is this rank's
-        shard and the selection is the top ``k`` times the *global* batch over all ranks.
-        """
-        rows, n = x.shape[0], self.dict_size
-        if matmul_dtype is None:
-            matmul_dtype = encoder_matmul_dtype(x)
-        x = x.to(self.W_enc.dtype)
-        with torch.no_grad():
-            post_relu = dense_pre_activations(x - self.b_dec, self.W_enc, self.b_enc, matmul_dtype)
-            if collective is None:
-                flat = batch_topk_select(post_relu, min(int(self.k) * rows, post_relu.numel()), backend)
-            else:
-                flat = collective.batch_topk_select(post_relu, int(self.k) * rows * collective.world_size, backend)
-            vals = post_relu.reshape(-1)[flat]
-        lat = sparse_from_flat(flat, vals, rows, n, presorted=True)
-        values = encoder_entries(
-            x, self.W_enc, self.b_enc, self.b_dec, lat.rows(), lat.indices, vals, backend
-        )
-        return lat._replace(values=values), post_relu
+    def training_forward(
+        self,
+        x: torch.Tensor,
+        weights: PrefixWeights,
+        backend: str = "auto",
+        matmul_dtype: torch.dtype | None = None,
+        collective: Any = None,
+        consume_grads: bool = False,
+        detach_level_ends: Sequence[int] | None = None,
+    ) -> BatchTopKForward:
+        """Encode ``[tokens, d]`` input (:meth:`encode_training`) and score its prefix
+        reconstructions under ``weights`` (``prefix_loss.prefix_mse``; with ``detach_level_ends``
+        a stop-gradient between those levels, ``prefix_loss.detached_level_mse``).
+        ``consume_grads``: the loss allows one backward pass (see ``prefix_mse``)."""
+        latents, pre = self.encode_training(x, backend, matmul_dtype, collective)
+        if detach_level_ends is not None:
+            recon = detached_level_mse(x, latents, self.W_dec, self.b_dec, weights, detach_level_ends)
+        else:
+            recon = prefix_mse(x, latents, self.W_dec, self.b_dec, weights, backend=backend, consume_grads=consume_grads)
+        return BatchTopKForward(latents, pre, recon)
+
+    def dead_latent_decode(
+        self, x: torch.Tensor, pre_activations: torch.Tensor, dead: torch.Tensor, k_aux: int, backend: str = "auto"
+    ) -> torch.Tensor:
+        """``[tokens, d]``: each token decoded from its ``k_aux`` largest dead latents alone, without
+        the bias (the AuxK reconstruction; differentiable through the sparse encoder backward)."""
+        vals, idx = top_dead_entries(x, self.W_enc, self.b_enc, self.b_dec, pre_activations, dead, k_aux, backend)
+        return F.embedding_bag(idx, self.W_dec, per_sample_weights=vals, mode="sum")
+
+    def level_residuals(self, x: torch.Tensor, latents: SparseLatents, level_ends: Sequence[int]) -> list[torch.Tensor]:
+        """The residual left by each nested level of ``latents`` (``prefix_loss.level_residuals``)."""
+        return level_residuals(x, latents, self.W_dec, self.b_dec, level_ends)
 
     def encode(self, x: torch.Tensor, return_active: bool = False, use_threshold: bool = True):
         shape = x.shape
@@ -248,6 +288,21 @@ class MatryoshkaLogSparsitySAE(_SAEBase):
         with torch.autocast(x_scaled.device.type, dtype=matmul_dtype):
             pre = x_scaled @ self.W_enc
         return torch.relu(pre.to(self.W_enc.dtype) + self.b_enc)
+
+    def training_forward(
+        self,
+        x_scaled: torch.Tensor,
+        weights: PrefixWeights,
+        backend: str = "auto",
+        matmul_dtype: torch.dtype | None = None,
+        consume_grads: bool = False,
+    ) -> LogSparsityForward:
+        """Activations of scaled input (:meth:`raw_encode`), their magnitudes, and the prefix
+        reconstruction loss under ``weights`` (``prefix_loss.prefix_mse`` on the active entries)."""
+        a = self.raw_encode(x_scaled, matmul_dtype)
+        recon = prefix_mse(x_scaled, sparse_from_dense(a), self.W_dec, self.b_dec, weights,
+                           backend=backend, consume_grads=consume_grads)
+        return LogSparsityForward(a, a * self.W_dec.norm(dim=1), recon)
 
     def folded_weights(self) -> dict[str, torch.Tensor]:
         """Weights of the equivalent plain ReLU SAE on raw input with unit-norm decoder rows.

@@ -4,17 +4,24 @@ A top-k SAE needs every pre-activation to choose the winners (one dense matmul),
 chosen ``B*k`` entries carry gradient. :func:`encoder_entries` returns the chosen
 activations as a differentiable tensor whose backward touches only those entries:
 ``dW_enc[:, f] += g * (x_b - b_dec)``, ``db_enc[f] += g``, ``db_dec = -W_enc @ db_enc``,
-at O(B k d) instead of a second dense matmul.
+at O(B k d) instead of a second dense matmul. :func:`batch_topk_encode` is the whole training
+encoder of a BatchTopK SAE (dense pre-activations, exact selection, sparse backward) in one call.
 """
 
 from __future__ import annotations
+
+from typing import Any, NamedTuple
 
 import torch
 
 from .kernels import BACKENDS, fused_op
 from .kernels.reference import gradient_rows, torch_above
+from .sparse_latents import SparseLatents, sparse_from_flat
 
-__all__ = ["batch_topk_select", "encoder_entries", "encoder_matmul_dtype", "dense_pre_activations"]
+__all__ = [
+    "TopKEncoding", "batch_topk_encode", "batch_topk_select", "top_dead_entries", "encoder_entries", "encoder_matmul_dtype",
+    "dense_pre_activations",
+]
 
 LOW_PRECISION = (torch.bfloat16, torch.float16)
 
@@ -137,3 +144,67 @@ def encoder_entries(
         raise ValueError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
     x = x.to(W_enc.dtype)  # bf16 activations: the sparse gradient is accumulated in fp32
     return _EncoderEntries.apply(x, W_enc, b_enc, b_dec, rows, cols, values, backend)
+
+
+class TopKEncoding(NamedTuple):
+    """Result of :func:`batch_topk_encode`: what the training losses need from the encoder."""
+
+    latents: SparseLatents
+    """The selected activations; ``values`` carry the sparse backward of :func:`encoder_entries`."""
+    pre_activations: torch.Tensor
+    """``[B, n]`` dense ``relu((x - b_dec) @ W_enc + b_enc)`` without autograd (AuxK picks dead
+    latents from it, the trainer estimates its threshold's L0 on it)."""
+
+
+def batch_topk_encode(
+    x: torch.Tensor,
+    W_enc: torch.Tensor,
+    b_enc: torch.Tensor,
+    b_dec: torch.Tensor,
+    k: int,
+    backend: str = "auto",
+    matmul_dtype: torch.dtype | None = None,
+    collective: Any = None,
+) -> TopKEncoding:
+    """BatchTopK encoding of ``[B, d]`` input for training: the ``k * B`` largest pre-activations
+    over the batch, differentiable through a sparse backward.
+
+    The dense pre-activations are computed without autograd, the matmul in ``matmul_dtype`` if
+    given (:func:`dense_pre_activations`; default: :func:`encoder_matmul_dtype` of ``x``). With a
+    ``collective`` (data-parallel training, ``distributed.ProcessGroupCollective``) ``x`` is this
+    rank's shard and the selection is the top ``k`` times the *global* batch over all ranks.
+    """
+    rows, n = x.shape[0], W_enc.shape[1]
+    if matmul_dtype is None:
+        matmul_dtype = encoder_matmul_dtype(x)
+    x = x.to(W_enc.dtype)
+    with torch.no_grad():
+        pre = dense_pre_activations(x - b_dec, W_enc, b_enc, matmul_dtype)
+        if collective is None:
+            flat = batch_topk_select(pre, min(k * rows, pre.numel()), backend)
+        else:
+            flat = collective.batch_topk_select(pre, k * rows * collective.world_size, backend)
+        vals = pre.reshape(-1)[flat]
+    lat = sparse_from_flat(flat, vals, rows, n, presorted=True)
+    values = encoder_entries(x, W_enc, b_enc, b_dec, lat.rows(), lat.indices, vals, backend)
+    return TopKEncoding(lat._replace(values=values), pre)
+
+
+def top_dead_entries(
+    x: torch.Tensor,
+    W_enc: torch.Tensor,
+    b_enc: torch.Tensor,
+    b_dec: torch.Tensor,
+    pre_activations: torch.Tensor,
+    dead: torch.Tensor,
+    k_aux: int,
+    backend: str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each token's ``k_aux`` largest pre-activations among the ``dead`` latents (AuxK):
+    ``([B, k_aux] values, differentiable through the sparse backward; [B, k_aux] latent indices)``."""
+    with torch.no_grad():
+        masked = pre_activations.masked_fill(~dead[None, :], float("-inf"))
+        vals, idx = masked.topk(k_aux, dim=-1, sorted=False)
+    rows = torch.arange(x.shape[0], device=x.device).repeat_interleave(k_aux)
+    vals = encoder_entries(x, W_enc, b_enc, b_dec, rows, idx.reshape(-1), vals.reshape(-1), backend)
+    return vals.view(-1, k_aux), idx

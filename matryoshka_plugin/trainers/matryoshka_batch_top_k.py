@@ -26,12 +26,10 @@ from dataclasses import dataclass, field
 from typing import Any, NamedTuple, Sequence
 
 import torch
-import torch.nn.functional as F
 
-from ..prefix_loss import PrefixLoss, detached_level_mse, level_residuals, prefix_mse
+from ..prefix_loss import PrefixLoss
 from ..prefixes import group_sizes_from_fractions
-from ..sae import MatryoshkaBatchTopKSAE
-from ..sparse_encoder import encoder_entries
+from ..sae import BatchTopKForward, MatryoshkaBatchTopKSAE
 from ..sparse_latents import SparseLatents
 from ..threads import threads_by_work
 from .common import (
@@ -275,19 +273,35 @@ class MatryoshkaBatchTopKTrainer(MatryoshkaTrainerBase):
         since = torch.where(fired, 0, self.num_tokens_since_fired + tokens)
         return since, since >= self.cfg.dead_feature_threshold
 
-    def _auxk_loss(self, x, residual: torch.Tensor, post_relu: torch.Tensor, dead: torch.Tensor, collective=None):
+    def _auxk_loss(self, x, out: BatchTopKForward, dead: torch.Tensor, collective=None):
+        """AuxK: the dead latents reconstruct the residual (per level with ``matryoshka_aux_loss``)."""
+        residual = out.recon.residual
+        if not self.cfg.matryoshka_aux_loss:
+            return self._dead_fit(x, residual, out.pre_activations, dead, collective)
+        if not bool(dead.any()) or self.cfg.auxk_alpha == 0:
+            return residual.new_zeros(()), -1.0
+        residuals = self.ae.level_residuals(x, out.latents, self.level_ends)
+        total, pre_norm, start = residual.new_zeros((), dtype=torch.float32), 0.0, 0
+        for end, r in zip(self.level_ends, residuals):
+            mine = torch.zeros_like(dead)
+            mine[start:end] = dead[start:end]
+            start = end
+            n_dead = int(mine.sum())
+            if n_dead == 0:
+                continue
+            loss, pre = self._dead_fit(x, r, out.pre_activations, mine, collective)
+            scale = min(n_dead / self.cfg.top_k_aux, 1.0)
+            total, pre_norm = total + scale * loss, pre_norm + scale * pre
+        return total, pre_norm
+
+    def _dead_fit(self, x, residual: torch.Tensor, pre_activations: torch.Tensor, dead: torch.Tensor, collective=None):
+        """How well the ``dead`` latents reconstruct ``residual``, normalised by its variance;
+        and the error before normalisation (``-1`` when no latent is dead)."""
         n_dead = int(dead.sum())
         if n_dead == 0 or self.cfg.auxk_alpha == 0:
             return residual.new_zeros(()), -1.0
         k_aux = min(self.cfg.top_k_aux, n_dead)
-        with torch.no_grad():
-            masked = post_relu.masked_fill(~dead[None, :], float("-inf"))
-            vals, idx = masked.topk(k_aux, dim=-1, sorted=False)
-        rows = torch.arange(x.shape[0], device=x.device).repeat_interleave(k_aux)
-        ae = self.ae
-        vals = encoder_entries(x, ae.W_enc, ae.b_enc, ae.b_dec, rows, idx.reshape(-1), vals.reshape(-1),
-                               self.cfg.backend)
-        recon = F.embedding_bag(idx, ae.W_dec, per_sample_weights=vals.view(-1, k_aux), mode="sum")
+        recon = self.ae.dead_latent_decode(x, pre_activations, dead, k_aux, self.cfg.backend)
         l2 = (residual.float() - recon.float()).pow(2).sum(-1).mean()
         r = residual.float()
         if collective is None:
@@ -300,46 +314,23 @@ class MatryoshkaBatchTopKTrainer(MatryoshkaTrainerBase):
             pre_norm = float(collective.sum_(l2.detach().clone())) / collective.world_size
         return (l2 / denom).nan_to_num(0.0), pre_norm
 
-    def _level_auxk_loss(self, x, latents, residual, post_relu, dead, collective=None):
-        """Per-level AuxK (``matryoshka_aux_loss``): each group's dead latents fit its own residual."""
-        if not bool(dead.any()) or self.cfg.auxk_alpha == 0:
-            return residual.new_zeros(()), -1.0
-        ae = self.ae
-        residuals = level_residuals(x, latents, ae.W_dec, ae.b_dec, self.level_ends)
-        total, pre_norm, start = residual.new_zeros((), dtype=torch.float32), 0.0, 0
-        for end, r in zip(self.level_ends, residuals):
-            mine = torch.zeros_like(dead)
-            mine[start:end] = dead[start:end]
-            start = end
-            n_dead = int(mine.sum())
-            if n_dead == 0:
-                continue
-            loss, pre = self._auxk_loss(x, r, post_relu, mine, collective)
-            scale = min(n_dead / self.cfg.top_k_aux, 1.0)
-            total, pre_norm = total + scale * loss, pre_norm + scale * pre
-        return total, pre_norm
-
     def _forward(self, x: torch.Tensor, step: int | None, training: bool, collective=None) -> StepOutput:
-        latents, post_relu = self.ae.encode_training(x, self.cfg.backend, self.matmul_dtype, collective)
+        """The SAE's forward pass (encoding and prefix loss), then AuxK on the residual it hands back."""
         weights = self.prefixes.sample(self.generator) if training else self.prefixes.expected()
-        ae = self.ae
-        if self.cfg.detach_inner_levels:
-            recon = detached_level_mse(x, latents, ae.W_dec, ae.b_dec, weights, self.level_ends)
-        else:
-            recon = prefix_mse(x, latents, ae.W_dec, ae.b_dec, weights, backend=self.cfg.backend,
-                               consume_grads=training)
-        since, dead = self._dead_mask(latents, collective)
-        if self.cfg.matryoshka_aux_loss:
-            auxk, pre_norm_auxk = self._level_auxk_loss(x, latents, recon.residual, post_relu, dead, collective)
-        else:
-            auxk, pre_norm_auxk = self._auxk_loss(x, recon.residual, post_relu, dead, collective)
+        out = self.ae.training_forward(
+            x, weights, self.cfg.backend, self.matmul_dtype, collective, consume_grads=training,
+            detach_level_ends=self.level_ends if self.cfg.detach_inner_levels else None,
+        )
+        since, dead = self._dead_mask(out.latents, collective)
+        auxk, pre_norm_auxk = self._auxk_loss(x, out, dead, collective)
+        recon = out.recon
         loss = recon.loss + self.cfg.auxk_alpha * auxk
         terms = torch.stack([recon.loss.detach().float(), auxk.detach().float()])
         if collective is not None:  # every rank sees the global values, so all raise together
             terms = collective.sum_(terms) / collective.world_size
         parts = {"l2_loss": terms[0].item(), "auxk_loss": terms[1].item()}
         self._check_loss(terms.sum() if collective is not None else loss, step, parts)
-        return StepOutput(loss, latents, recon, post_relu, parts, since, dead, pre_norm_auxk)
+        return StepOutput(loss, out.latents, recon, out.pre_activations, parts, since, dead, pre_norm_auxk)
 
     @threads_by_work
     def loss(self, x: torch.Tensor, step: int | None = None, logging: bool = False):

@@ -1,0 +1,104 @@
+"""Print the walk of one training step through the package's modules (docs/development.md,
+"One training step"): which module runs, in order, while a trainer's ``update`` runs once.
+
+A *stay* is a run of consecutive package code in one module (calls and returns both move the
+walk); leaf modules (data types, kernels, checks) are called like a library. A *climb back up*
+is a stay in a module between the trainer and the leaves that control reaches from a module
+below it and leaves downward again: the module hands data down, takes it back and hands it down
+once more, instead of the trainer asking for each piece in turn.
+
+    .venv/bin/python scripts/step_walk.py
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+
+PACKAGE = Path(__file__).resolve().parents[1] / "matryoshka_plugin"
+# Modules a step only calls into, like a library: they never call back.
+LEAVES = ("sparse_latents", "kernels", "errors", "threads", "prefixes", "sparsity")
+
+
+def _module(filename: str) -> str | None:
+    """The module a file belongs to, as the walk names it (``trainers/*`` and ``kernels/*`` are one each)."""
+    path = Path(filename).resolve()
+    if PACKAGE not in path.parents:
+        return None
+    rel = path.relative_to(PACKAGE).with_suffix("")
+    return rel.parts[0] if rel.parts[0] in ("trainers", "kernels") else ".".join(rel.parts)
+
+
+def _layer(module: str) -> int:
+    if module.startswith("trainers"):
+        return 0
+    if module.split(".")[0] in LEAVES:
+        return 3
+    return {"sae": 1}.get(module, 2)
+
+
+def walk(trainer, step: int, x: torch.Tensor) -> list[tuple[str, list[str]]]:
+    """The stays of one ``update``: each module whose code runs, in order (consecutive repeats
+    collapsed), with the functions control entered there from another module."""
+    seen: list[tuple[str, list[str]]] = []
+
+    def note(module: str | None, function: str | None) -> None:
+        if module is None:
+            return
+        if not seen or seen[-1][0] != module:
+            seen.append((module, []))
+        if function is not None and function not in seen[-1][1]:
+            seen[-1][1].append(function)
+
+    def profile(frame, event, arg):
+        if event == "call":
+            caller = _module(frame.f_back.f_code.co_filename) if frame.f_back is not None else None
+            module = _module(frame.f_code.co_filename)
+            note(module, frame.f_code.co_name if caller != module else None)
+        elif event == "return" and frame.f_back is not None:
+            note(_module(frame.f_back.f_code.co_filename), None)
+
+    sys.setprofile(profile)
+    try:
+        trainer.update(step, x)
+    finally:
+        sys.setprofile(None)
+    return seen
+
+
+def climbs(stays: list[str]) -> int:
+    """Climbs back up among ``stays`` (see the module docstring); calls into leaves don't count."""
+    inner = [m for m in stays if _layer(m) < 3]
+    inner = [m for i, m in enumerate(inner) if i == 0 or inner[i - 1] != m]
+    return sum(
+        1 for i in range(1, len(inner) - 1)
+        if _layer(inner[i]) > 0 and _layer(inner[i - 1]) > _layer(inner[i]) < _layer(inner[i + 1])
+    )
+
+
+def report(name: str, stays: list[tuple[str, list[str]]]) -> str:
+    modules = [m for m, _ in stays]
+    lines = [f"{name}: {len(stays)} stays in {len(set(modules))} modules, {climbs(modules)} climbs back up"]
+    for module, functions in stays:
+        lines.append(f"  {module}: {', '.join(functions) if functions else '(back)'}")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    from matryoshka_plugin.trainers import MatryoshkaBatchTopKTrainer, MatryoshkaLogSparsityTrainer
+
+    torch.manual_seed(0)
+    x = torch.randn(64, 16)
+    common = dict(steps=10, activation_dim=16, dict_size=64, device="cpu", seed=0)
+    topk = MatryoshkaBatchTopKTrainer(k=4, group_fractions=[0.25, 0.75], dead_feature_threshold=1, **common)
+    topk.update(0, x)  # first step: the decoder-bias start and the kernels' self-checks
+    print(report("MatryoshkaBatchTopKTrainer.update", walk(topk, 1, x)))
+    log = MatryoshkaLogSparsityTrainer(target_l0=4, **common)
+    log.update(0, x)
+    print(report("MatryoshkaLogSparsityTrainer.update", walk(log, 1, x)))
+
+
+if __name__ == "__main__":
+    main()
