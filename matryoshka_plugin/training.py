@@ -261,7 +261,7 @@ def _train(ctx: DistributedRun, *, data: Any, trainer_configs: list[dict], opts:
         # ranks 1+ may get data=None
         buffer_config=ctx.broadcast_object(getattr(data, "config", None) if ctx.is_main else None),
         autocast=autocast,
-        state=_RunState(step=resumed.step, norm_factor=resumed.norm_factor) if resumed else _RunState(),
+        state=_RunState(step=resumed.step, norm_factor=resumed.norm_factor) if resumed is not None else _RunState(),
     )
     for i, t in run.own():
         _write_config(run, i=i, trainer=t)
