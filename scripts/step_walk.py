@@ -4,8 +4,9 @@
 A *stay* is a run of consecutive package code in one module (calls and returns both move the
 walk); leaf modules (data types, kernels, checks) are called like a library. A *climb back up*
 is a stay in a module between the trainer and the leaves that control reaches from a module
-below it and leaves downward again: the module hands data down, takes it back and hands it down
-once more, instead of the trainer asking for each piece in turn.
+below it and leaves downward again, into a module the walk has already visited: the module
+hands data down, takes it back and hands it down to the same place once more, instead of
+asking once for what it needs.
 
     .venv/bin/python scripts/step_walk.py
 """
@@ -17,7 +18,9 @@ from pathlib import Path
 
 import torch
 
-PACKAGE = Path(__file__).resolve().parents[1] / "matryoshka_plugin"
+import matryoshka_plugin
+
+PACKAGE = Path(matryoshka_plugin.__file__).resolve().parent
 # Modules a step only calls into, like a library: they never call back.
 LEAVES = ("sparse_latents", "kernels", "errors", "threads", "prefixes", "sparsity")
 
@@ -75,12 +78,16 @@ def climbs(stays: list[str]) -> int:
     return sum(
         1 for i in range(1, len(inner) - 1)
         if _layer(inner[i]) > 0 and _layer(inner[i - 1]) > _layer(inner[i]) < _layer(inner[i + 1])
+        and inner[i + 1] in inner[:i]
     )
 
 
 def report(name: str, stays: list[tuple[str, list[str]]]) -> str:
     modules = [m for m, _ in stays]
-    lines = [f"{name}: {len(stays)} stays in {len(set(modules))} modules, {climbs(modules)} climbs back up"]
+    inner = [m for m in modules if _layer(m) < 3]
+    inner = [m for i, m in enumerate(inner) if i == 0 or inner[i - 1] != m]
+    lines = [f"{name}: {len(stays)} stays in {len(set(modules))} modules, {climbs(modules)} climbs back up; "
+             f"without the leaves: {len(inner)} stays: {' -> '.join(inner)}"]
     for module, functions in stays:
         lines.append(f"  {module}: {', '.join(functions) if functions else '(back)'}")
     return "\n".join(lines)

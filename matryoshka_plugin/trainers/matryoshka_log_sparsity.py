@@ -30,15 +30,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple, Sequence
+from typing import Any, Sequence
 
 import torch
 
 from ..errors import ActivationError
-from ..prefix_loss import PrefixLoss, prefix_mse
 from ..prefixes import group_sizes_from_fractions
-from ..sae import MatryoshkaLogSparsitySAE
-from ..sparse_latents import sparse_from_dense
+from ..sae import LogSparsityForward, MatryoshkaLogSparsitySAE
 from ..sparsity import SPARSITY_KINDS, L0Controller, sparsity_penalty
 from ..threads import threads_by_work
 from .common import (
@@ -182,19 +180,6 @@ class MatryoshkaLogSparsityConfig(TrainerConfig):
         return int(self.controller_warmup_fraction * self.steps)
 
 
-class LogSparsityForward(NamedTuple):
-    """One forward pass of the training loss."""
-
-    activations: torch.Tensor
-    """ReLU activations ``[B, n]`` of the scaled input (decoder norms not folded in)."""
-    magnitudes: torch.Tensor
-    """Activations times decoder-row norms: what the sparsity penalty acts on."""
-    recon: PrefixLoss
-    """The prefix reconstruction loss and the full SAE's residual."""
-    penalty: torch.Tensor
-    """The sparsity term before its coefficient (scalar, with graph)."""
-
-
 class MatryoshkaLogSparsityTrainer(MatryoshkaTrainerBase):
     """Train a :class:`MatryoshkaLogSparsitySAE` with ``dictionary_learning.training.trainSAE``.
 
@@ -222,9 +207,9 @@ class MatryoshkaLogSparsityTrainer(MatryoshkaTrainerBase):
                                        warmup_steps=cfg.controller_warmup)
         self.ae = cfg.dict_class(cfg.activation_dim, cfg.dict_size).to(cfg.device)
         if self.cfg.normalize_decoder:
-            # Unit decoder rows; the encoder keeps the post's scale (folding the decoder's 0.1
-            # into the encoder instead made its Adam steps 10x larger relative to its weights
-            # and broke the toy: absorption 0.33 instead of 0 on the post's tree).
+            # Unit decoder rows; the encoder keeps the post's scale: folding the decoder's 0.1
+            # into the encoder would make its Adam steps larger relative to its weights, which
+            # broke the toy's tree (docs/real_model.md, "Decoder-norm escape").
             with torch.no_grad():
                 self.ae.W_dec.div_(self.ae.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12))
         self.optimizer = make_adam(self.ae.parameters(), cfg.lr, cfg.betas)
@@ -251,17 +236,13 @@ class MatryoshkaLogSparsityTrainer(MatryoshkaTrainerBase):
     def _scaled(self, x: torch.Tensor) -> torch.Tensor:
         return x / self.ae.input_scale() if self.cfg.normalize_input else x
 
-    def _forward(self, x_scaled: torch.Tensor, training: bool) -> LogSparsityForward:
-        """Activations, their magnitudes, the prefix reconstruction and the sparsity term."""
-        a = self.ae.raw_encode(x_scaled, self.matmul_dtype)  # bf16 input or autocast: a bf16 matmul
+    def _forward(self, x_scaled: torch.Tensor, training: bool) -> tuple[LogSparsityForward, torch.Tensor]:
+        """The SAE's forward pass (activations, magnitudes, prefix loss) and the sparsity term."""
         weights = self.prefixes.sample(self.generator) if training else self.prefixes.expected()
-        recon = prefix_mse(
-            x_scaled, sparse_from_dense(a), self.ae.W_dec, self.ae.b_dec, weights,
-            backend=self.cfg.backend, consume_grads=training,
-        )
-        magnitudes = a * self.ae.W_dec.norm(dim=1)
-        penalty = sparsity_penalty(magnitudes, weights.tail().to(a.device), self.cfg.sparsity, self.cfg.log_eps)
-        return LogSparsityForward(a, magnitudes, recon, penalty)
+        # bf16 input or autocast: a bf16 encoder matmul
+        out = self.ae.training_forward(x_scaled, weights, self.cfg.backend, self.matmul_dtype, consume_grads=training)
+        tail = weights.tail().to(out.activations.device)
+        return out, sparsity_penalty(out.magnitudes, tail, self.cfg.sparsity, self.cfg.log_eps)
 
     def _total(self, recon, penalty, coefficient: float, step: int | None, collective=None):
         loss = recon.loss + coefficient * penalty
@@ -280,8 +261,8 @@ class MatryoshkaLogSparsityTrainer(MatryoshkaTrainerBase):
         """
         x = self._prepare(x, step)
         coefficient = self.controller.applied(step if step is not None else self.cfg.steps)
-        _, _, recon, penalty = self._forward(self._scaled(x), training=False)
-        loss, parts = self._total(recon, penalty, coefficient, step)
+        out, penalty = self._forward(self._scaled(x), training=False)
+        loss, parts = self._total(out.recon, penalty, coefficient, step)
         if not logging:
             return loss
         with torch.no_grad():
@@ -339,7 +320,7 @@ class MatryoshkaLogSparsityTrainer(MatryoshkaTrainerBase):
             if self.cfg.normalize_input:
                 self._update_input_norm(x, dp)
             x_scaled = self._scaled(x)
-            a, magnitudes, recon, penalty = self._forward(x_scaled, training=True)
+            (a, magnitudes, recon), penalty = self._forward(x_scaled, training=True)
             active = (a > 0).sum()
             l0 = float(active if dp is None else dp.sum_(active.reshape(1))) / batch
             coefficient = self.controller.update(step, l0)
