@@ -136,7 +136,7 @@ class MatryoshkaBatchTopKSAE(_SAEBase):
         w = w / w.norm(dim=1, keepdim=True).clamp_min(1e-12)
         # Registration order as upstream (W_enc, b_enc, W_dec, b_dec), so optimizer states line up.
         # W_enc is [d, n] and contiguous, as upstream: fused Adam steps a transposed view only
-        # through a contiguous copy (a third of a large step was spent there).
+        # through a contiguous copy of it, its gradient and moments, every step (docs/speed.md).
         self.W_enc = nn.Parameter(w.T.contiguous())
         self.b_enc = nn.Parameter(torch.zeros(dict_size))
         self.W_dec = nn.Parameter(w)

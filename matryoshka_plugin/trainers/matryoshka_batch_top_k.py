@@ -394,7 +394,8 @@ class MatryoshkaBatchTopKTrainer(MatryoshkaTrainerBase):
             else:
                 self.effective_l0 = float(dp.sum_(active.reshape(1))) / (x.shape[0] * dp.world_size)
             thr = float(self.ae.threshold)
-            # Estimated on up to 256 tokens: a full pass over [B, n] would cost a tenth of a step.
+            # Estimated on up to 256 tokens: a full pass over [B, n] for a logged figure is not worth
+            # its share of the step (docs/speed.md).
             sample = post_relu[:256]
             self.threshold_l0 = float((sample > thr).count_nonzero()) / sample.shape[0] if thr >= 0 else -1.0
             perm = self._reorder_permutation(latents) if self.cfg.reorder_by is not None else None
