@@ -246,42 +246,34 @@ class _Interrupted(Exception):
     pass
 
 
-class _FailingHub:
-    """The local hub, except that the training text stream breaks after ``stop`` documents."""
-
-    def __init__(self, hub, stop: int):
-        self.hub, self.stop = hub, stop
-
-    def load_dataset(self, path, *args, **kwargs):
-        ds = self.hub.load_dataset(path, *args, **kwargs)
-        if path != "monology/pile-uncopyrighted":
-            return ds
-        stop = self.stop
-
-        class Breaking:
-            def __iter__(self):
-                for i, row in enumerate(ds):
-                    if i == stop:
-                        raise _Interrupted
-                    yield row
-
-        return Breaking()
-
-
 @pytest.mark.slow
-def test_an_interrupted_group_resumes_inside_the_group(tmp_path):
+def test_an_interrupted_group_resumes_inside_the_group(tmp_path, monkeypatch):
+    from benchmarks.causal_lm_comparison import activations
+    from matryoshka_plugin.training import NORM_FACTOR_BATCHES
+
     models, hub = tiny_models(), LocalHub()
     base = {"training.checkpoint_every": 40}
     full = load_config(TINY, {**base, "run_dir": str(tmp_path / "full")})
     run_benchmark(full, models=models, load_dataset=hub.load_dataset, skip_evals=True, log=lambda s: None)
-    cfg = load_config(TINY, {**base, "run_dir": str(tmp_path / "run")})
+    cfg = load_config(TINY, {**base, "run_dir": str(tmp_path / "run"), "data.cache_dir": str(tmp_path / "full" / "activations")})
+    batches = activations.CachedActivations._batches
+    served = []
+
+    def breaking(self, first):  # the process dies after the norm factor's batches and 100 of training
+        for x in batches(self, first):
+            served.append(1)
+            if len(served) == NORM_FACTOR_BATCHES + 2 + 100:
+                raise _Interrupted
+            yield x
+
+    monkeypatch.setattr(activations.CachedActivations, "_batches", breaking)
     with pytest.raises(_Interrupted):
-        run_benchmark(cfg, models=models, load_dataset=_FailingHub(hub, 1000).load_dataset, skip_evals=True,
-                      log=lambda s: None)
+        run_benchmark(cfg, models=NoModels(), skip_evals=True, log=lambda s: None)
+    monkeypatch.undo()
     checkpoints = sorted(p.name for p in (tmp_path / "run" / "train" / ".all.partial" / "resume").glob("step_*"))
     assert checkpoints, "no checkpoint was written before the interruption"
     lines = []
-    run_benchmark(cfg, models=models, load_dataset=hub.load_dataset, skip_evals=True, log=lines.append)
+    run_benchmark(cfg, models=NoModels(), skip_evals=True, log=lines.append)  # the cache is complete: no model
     assert any("resuming all from" in line for line in lines)
     assert not (tmp_path / "run" / "train" / "all" / "resume").exists()
     for i in range(2):
@@ -393,7 +385,8 @@ def test_smollm2_trains_a_few_steps_and_converts_for_the_evals(tmp_path):
         "data.refresh_batch_size": 8, "training.tokens": 256, "training.batch_size": 64,
         "training.architectures": ["matryoshka", "batchtopk"], "training.widths": [1152], "training.l0s": [20],
         "training.warmup_steps": 1, "training.threshold_start_step": 2, "training.decay_start_fraction": 0.5,
-        "training.group_by": "all"})
+        "training.group_by": "all", "data.cache_dir": str(tmp_path / "acts"), "data.heldout_tokens": 64,
+        "data.cache_shard_texts": 8})
 
     class Recording(ConfiguredModels):
         def language_model(self, cfg):
@@ -416,3 +409,112 @@ def test_smollm2_trains_a_few_steps_and_converts_for_the_evals(tmp_path):
     assert (tl.cfg.model_name, tl.cfg.n_layers, tl.cfg.n_ctx, tl.cfg.dtype) == (
         "SmolLM2-135M-Instruct", 30, 1024, torch.float32)
     assert tl.to_tokens("Paris")[0, 0] == tl.tokenizer.bos_token_id
+
+
+# ----------------------------------------------------------------------------------------------
+# The activation cache
+# ----------------------------------------------------------------------------------------------
+
+
+def _tiny_cache_cfg(tmp_path, name, **overrides):
+    return load_config(TINY, {"run_dir": str(tmp_path / "run"), "data.cache_dir": str(tmp_path / name),
+                              "data.cache_shard_texts": 48, **overrides})
+
+
+def _cache_files(folder):
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.slow
+def test_activation_cache_resumes_bit_for_bit_and_refuses_other_settings(tmp_path, monkeypatch):
+    from benchmarks.causal_lm_comparison.activations import (
+        CACHE_ENV,
+        CachedActivations,
+        cache_dir,
+        load_split,
+        read_manifest,
+        split_texts,
+    )
+    from benchmarks.causal_lm_comparison.pipeline import prepare_activations
+
+    monkeypatch.delenv(CACHE_ENV, raising=False)
+    models, hub = tiny_models(), LocalHub()
+    targets = {"train": 12_000, "heldout": 3_000}
+    full = _tiny_cache_cfg(tmp_path, "full")
+    prepare_activations(full, models, hub.load_dataset, log=lambda s: None, progress=False, targets=targets)
+    cfg = _tiny_cache_cfg(tmp_path, "cache")
+    with pytest.raises(KeyboardInterrupt):  # killed after 2 shards
+        prepare_activations(cfg, models, hub.load_dataset, log=lambda s: None, progress=False, targets=targets,
+                            stop_after_shards=2)
+    folder = cache_dir(cfg)
+    assert len(read_manifest(folder)["splits"]["train"]) == 2
+    (folder / "train" / "shard_00002.pt").write_bytes(b"debris of a shard being written")  # not in the manifest
+    prepare_activations(cfg, models, hub.load_dataset, log=lambda s: None, progress=False, targets=targets)
+    assert _cache_files(folder) == _cache_files(cache_dir(full))  # the manifest included
+    manifest = read_manifest(folder)
+    train = manifest["splits"]["train"]
+    assert sum(s["tokens"] for s in train) >= 12_000 and len(train) >= 3
+    assert [s["text_start"] for s in train] == [48 * i for i in range(len(train))]
+    assert (manifest["ctx_len"], manifest["forward_dtype"], manifest["stored_dtype"], manifest["layer"]) == (
+        64, "float32", "bfloat16", 1)
+    assert manifest["model_fingerprint"].startswith("weights:")
+
+    # The held-out split comes from other texts than the training split.
+    heldout = load_split(folder, "heldout")
+    acts = load_split(folder, "train")
+    assert heldout.shape[0] >= 3_000 and heldout.dtype == torch.float32
+    texts = [t for t in (r["text"] for r in hub.load_dataset("monology/pile-uncopyrighted", split="train"))
+             if t.strip()]
+    assert list(split_texts(cfg, "heldout", hub.load_dataset)) == texts[::20]
+    train_texts = list(split_texts(cfg, "train", hub.load_dataset))
+    assert train_texts == [t for i, t in enumerate(texts) if i % 20]
+    # A shard is its texts' activations (the model's layer-1 output, no padding), shuffled.
+    lm = models.language_model()
+    train_texts = train_texts[:48]
+    ref = []
+    hook = models.hf_model.transformer.h[1].register_forward_hook(
+        lambda mod, inp, out: ref.append((out[0] if isinstance(out, tuple) else out)[0]))
+    try:
+        with torch.no_grad():
+            for t in train_texts:  # one at a time: no padding
+                models.hf_model(**lm.tokenizer(t, return_tensors="pt", truncation=True, max_length=64))
+    finally:
+        hook.remove()
+    ref = torch.cat(ref).to(torch.bfloat16).float()
+    shard0 = acts[: train[0]["tokens"]]
+    assert shard0.shape == ref.shape
+    dist = torch.cdist(ref, shard0)
+    # every reference token is cached, and every cached token is a reference token
+    assert max(dist.min(1).values.max(), dist.min(0).values.max()) < 0.05 * ref.norm(dim=1).min()
+    assert not torch.equal(shard0[:50, :4], ref[:50, :4])  # shuffled
+
+    # Batches: the same order whenever read, and a saved position continues with the next batch.
+    src = CachedActivations(folder, 256, n_batches=40)
+    batches = list(src)
+    assert len(batches) == 40 and torch.equal(torch.cat(batches), acts[: 40 * 256])
+    assert src.state_dict()["batch"] == 40
+    again = CachedActivations(folder, 256, n_batches=40)
+    it = iter(again)
+    [next(it) for _ in range(17)]
+    state = again.state_dict()
+    later = CachedActivations(folder, 256, n_batches=40)
+    later.load_state_dict(state)
+    assert all(torch.equal(a, b) for a, b in zip(list(later), batches[17:])) and len(list(later)) == 23
+    with pytest.raises(ConfigError, match="40 asked for|asked for"):
+        CachedActivations(folder, 256, n_batches=10_000)
+
+    # A configuration that would give other activations is refused, naming the key.
+    for key, value, name in (("data.ctx_len", 32, "ctx_len"), ("data.cache_dtype", "float32", "stored_dtype"),
+                             ("data.remove_bos", True, "remove_bos"), ("model.dtype", "bfloat16", "forward_dtype"),
+                             ("data.cache_shard_texts", 64, "shard_texts")):
+        other = _tiny_cache_cfg(tmp_path, "cache", **{key: value})
+        with pytest.raises(ConfigError, match=f"built with {name} = "):
+            prepare_activations(other, NoModels(), hub.load_dataset, log=lambda s: None, progress=False,
+                                targets={"train": 10**6})
+    other_weights = tiny_models(seed=1)
+    with pytest.raises(ConfigError, match="built with model_fingerprint = 'weights:"):
+        prepare_activations(cfg, other_weights, hub.load_dataset, log=lambda s: None, progress=False,
+                            targets={"train": 10**6})
+    # The environment variable moves the cache.
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "elsewhere"))
+    assert cache_dir(cfg) == tmp_path / "elsewhere"

@@ -25,6 +25,11 @@ def main(argv: list[str] | None = None) -> int:
                    "--set 'training.widths=[16384]'")
     p.add_argument("--run-dir", help="shortcut for --set run_dir=...")
     p.add_argument("--device", help="shortcut for --set device=...")
+    p.add_argument("--cache-dir", help="the activation cache folder (shortcut for --set data.cache_dir=...; the "
+                   "CAUSAL_LM_CACHE_DIR environment variable also overrides the config's)")
+    p.add_argument("--activations-only", action="store_true",
+                   help="build (or finish) the activation cache, training and held-out splits, then stop")
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
     p.add_argument("--dry-run", action="store_true", help="print the plan and the estimates, then stop")
     p.add_argument("--published-baselines", action="store_true",
                    help="evaluate SAEBench's published suites (through SAELens) instead of training the baselines")
@@ -45,11 +50,23 @@ def main(argv: list[str] | None = None) -> int:
             overrides["run_dir"] = args.run_dir
         if args.device:
             overrides["device"] = args.device
+        if args.cache_dir:
+            overrides["data.cache_dir"] = args.cache_dir
+            os.environ.pop("CAUSAL_LM_CACHE_DIR", None)  # the flag wins over the environment
         if args.nproc is not None:
             overrides["training.nproc"] = args.nproc
         if args.published_baselines:
             overrides["training.baselines"] = "published"
         cfg = load_config(args.config, overrides)
+        if args.threads:
+            import torch
+
+            torch.set_num_threads(args.threads)
+        if args.activations_only:
+            from .pipeline import ConfiguredModels, default_load_dataset, prepare_activations
+
+            prepare_activations(cfg, ConfiguredModels(), default_load_dataset(cfg))
+            return 0
         run_benchmark(cfg, dry_run=args.dry_run, skip_training=args.skip_training, skip_evals=args.skip_evals,
                       force_evals=args.force_evals)
     except ConfigError as e:

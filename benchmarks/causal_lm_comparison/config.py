@@ -95,6 +95,12 @@ class DataConfig:
     # and every heldout_every-th remaining text is kept for the evals (served as "sae-probes-heldout").
     exclude_probing_texts: bool = True
     heldout_every: int = 20
+    # The activation cache (activations.py): built once, read by every SAE. None: <run_dir>/activations;
+    # the CAUSAL_LM_CACHE_DIR environment variable and --cache-dir override it.
+    cache_dir: str | None = None
+    cache_dtype: str = "bfloat16"  # stored activations
+    cache_shard_texts: int = 2048  # texts per shard (the unit a build resumes from)
+    heldout_tokens: int = 1_048_576  # held-out activations for the metrics (held-out texts)
 
 
 @dataclass
@@ -222,8 +228,6 @@ class BenchmarkConfig:
         if m.n_ctx is not None and (isinstance(m.n_ctx, bool) or not isinstance(m.n_ctx, int) or m.n_ctx < 2):
             errors.append(f"model.n_ctx must be an integer of at least 2 or absent, got {m.n_ctx!r}")
         if d.dataset == SAE_PROBES_TEXT:
-            if isinstance(d.heldout_every, bool) or not isinstance(d.heldout_every, int) or d.heldout_every < 2:
-                errors.append(f"data.heldout_every must be an integer of at least 2, got {d.heldout_every!r}")
             if d.exclude_probing_texts and "sparse_probing_sae_probes" in e.evals and (
                     "dataset_names" not in e.overrides.get("sparse_probing_sae_probes", {})):
                 errors.append("data.dataset = 'sae-probes' keeps the probing datasets' texts out of training, but "
@@ -289,6 +293,16 @@ class BenchmarkConfig:
                     sizes = [int(f * w) for f in fr[:-1]]
                     if min(sizes + [w - sum(sizes)]) < 1:
                         errors.append(f"training.group_fractions {fr} leave an empty group at width {w}")
+        if d.cache_dtype not in _DTYPES:
+            errors.append(f"data.cache_dtype must be one of {_DTYPES}, got {d.cache_dtype!r}")
+        for key in ("cache_shard_texts", "heldout_tokens"):
+            value = getattr(d, key)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                errors.append(f"data.{key} must be a positive integer, got {value!r}")
+        if d.cache_dir is not None and not isinstance(d.cache_dir, str):
+            errors.append(f"data.cache_dir must be a path or absent, got {d.cache_dir!r}")
+        if isinstance(d.heldout_every, bool) or not isinstance(d.heldout_every, int) or d.heldout_every < 2:
+            errors.append(f"data.heldout_every must be an integer of at least 2, got {d.heldout_every!r}")
         if d.ctx_len < 2 or d.buffer_contexts < 1 or d.refresh_batch_size < 1:
             errors.append("data.ctx_len, data.buffer_contexts and data.refresh_batch_size must be positive")
         if d.buffer_contexts * (d.ctx_len - int(d.remove_bos)) < 2 * t.batch_size:

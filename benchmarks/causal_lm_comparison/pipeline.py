@@ -4,9 +4,10 @@
 
 1. Check the config and every existing result against it (nothing is loaded yet), print the plan
    and the GPU memory / time estimates.
-2. Train each pending group of SAEs with :func:`matryoshka_plugin.train` (trainSAE's loop with
-   full-state checkpoints) on a :class:`~matryoshka_plugin.ActivationSource` over the nnsight
-   ``LanguageModel`` (text streamed with ``datasets.load_dataset``). A group is written to
+2. Build (or finish) the activation cache once (``activations.py``: the training and held-out
+   splits, in resumable shards, under ``data.cache_dir``), then train each pending group of SAEs
+   with :func:`matryoshka_plugin.train` (trainSAE's loop with full-state checkpoints) on the cached
+   activations, the same batches in the same order for every SAE. A group is written to
    ``train/.<group>.partial`` and renamed to ``train/<group>`` when every SAE of it is saved; an
    interrupted group resumes from its newest checkpoint (every ``training.checkpoint_every`` steps)
    and finished groups are skipped. With ``training.nproc = N`` (``--nproc N``, under torchrun) the
@@ -53,7 +54,7 @@ from .plan import (
 from .report import write_report
 
 __all__ = ["ConfiguredModels", "BenchmarkResult", "default_load_dataset", "run_benchmark", "prepare",
-           "text_stream"]
+           "prepare_activations", "text_stream"]
 
 _TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -93,6 +94,30 @@ class ConfiguredModels:
             raise ConfigError(f"model: {e}") from None
         tokenizer.padding_side = "right"
         return LanguageModel(model, tokenizer=tokenizer)
+
+    def fingerprint(self, cfg: BenchmarkConfig) -> str:
+        """The model source's fingerprint for the activation cache, without loading it: sha256 of
+        the file (GGUF, package file) or of a local folder's files; a hub id is named as it is."""
+        import hashlib
+
+        from matryoshka_plugin.language_model import LanguageModelError, resolve_source
+
+        m = cfg.model
+        try:
+            location, gguf, local = resolve_source(m.source or m.name, m.gguf_file)
+        except LanguageModelError as e:
+            raise ConfigError(f"model: {e}") from None
+        if not local:
+            return f"hub:{location}"
+        path = Path(location)
+        files = [path / gguf] if gguf else ([path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file()))
+        h = hashlib.sha256()
+        for f in files:
+            h.update(str(f.relative_to(path) if f != path else f.name).encode())
+            with open(f, "rb") as fh:
+                for block in iter(lambda: fh.read(1 << 22), b""):
+                    h.update(block)
+        return "sha256:" + h.hexdigest()
 
     def hooked_transformer(self, cfg: BenchmarkConfig):
         if cfg.model.hooked_transformer == "official":
@@ -253,11 +278,34 @@ def resolve_submodule(lm: Any, path: str) -> Any:
     return obj
 
 
-def train_group(plan: Plan, group: str, lm: Any, load_dataset: Callable | None, log: Callable[[str], None]) -> None:
-    """Train one group with ``matryoshka_plugin.train`` in ``train/.<group>.partial``, resuming from
-    its newest full-state checkpoint; with ``training.nproc > 1`` (under torchrun) the group's SAEs
-    are spread over the ranks, rank 0 reads the text and runs the model (``lm`` is None elsewhere)."""
-    from matryoshka_plugin import ActivationSource, reuse_host_memory, train
+def prepare_activations(cfg: BenchmarkConfig, models: Any, load_dataset: Callable[..., Any] | None,
+                        log: Callable[[str], None] = print, progress: bool = True, **kwargs: Any) -> Path:
+    """Build (or finish) the configuration's activation cache (``activations.py``): the training
+    split (``training.tokens``) and the held-out split (``data.heldout_tokens``). The model is
+    loaded only if a shard is missing. Returns the cache folder."""
+    from .activations import build_cache, cache_dir, weights_fingerprint
+
+    if hasattr(models, "fingerprint"):
+        fingerprint = models.fingerprint(cfg)
+    else:  # a model handed in: hash the weights it runs
+        def fingerprint(lm: Any) -> str:
+            return weights_fingerprint(getattr(lm, "_model", lm), getattr(lm, "tokenizer", None))
+
+    t0 = time.time()
+    build_cache(cfg, lambda: models.language_model(cfg), fingerprint, load_dataset=load_dataset, log=log,
+                progress=progress, **kwargs)
+    log(f"[activations] ready in {cache_dir(cfg)} ({time.time() - t0:.0f} s)")
+    return cache_dir(cfg)
+
+
+def train_group(plan: Plan, group: str, cache: Path | None, log: Callable[[str], None]) -> None:
+    """Train one group with ``matryoshka_plugin.train`` in ``train/.<group>.partial`` on the cached
+    activations (the same batches in the same order for every SAE), resuming from its newest
+    full-state checkpoint; with ``training.nproc > 1`` (under torchrun) the group's SAEs are spread
+    over the ranks and rank 0 reads the cache (``cache`` is None elsewhere)."""
+    from matryoshka_plugin import reuse_host_memory, train
+
+    from .activations import CachedActivations
 
     cfg = plan.cfg
     specs = plan.groups[group]
@@ -272,19 +320,10 @@ def train_group(plan: Plan, group: str, lm: Any, load_dataset: Callable | None, 
         if final.exists():
             shutil.rmtree(final)  # incomplete (no group.json or a missing ae.pt)
         partial.mkdir(parents=True, exist_ok=True)
-    d, t = cfg.data, cfg.training
+    t = cfg.training
     source = None
-    if lm is not None:
-        if d.remove_bos:
-            # Position 0 is dropped as the BOS token: with left padding that would be a pad token
-            # (masked anyway) and the real BOS would stay in.
-            lm.tokenizer.padding_side = "right"
-        source = ActivationSource(
-            text_stream(cfg, load_dataset), lm, resolve_submodule(lm, cfg.model.submodule),
-            d_submodule=cfg.model.d_model, io=cfg.model.io, n_ctxs=int(d.buffer_contexts), ctx_len=d.ctx_len,
-            refresh_batch_size=d.refresh_batch_size, out_batch_size=t.batch_size, device=cfg.device,
-            remove_bos=d.remove_bos, seed=t.seed,
-        )
+    if cache is not None:
+        source = CachedActivations(cache, t.batch_size, device=cfg.device, n_batches=t.steps)
     configs = [trainer_config(cfg, s) for s in specs]
     if torch.device(cfg.device).type == "cpu":
         reuse_host_memory()  # faster CPU steps for the whole process (docs/speed.md, "Host memory")
@@ -354,19 +393,18 @@ def run_benchmark(
     if rank != 0:
         # The other ranks only train their share of each group; rank 0 evaluates and reports.
         for group in todo:
-            train_group(plan, group, None, load_dataset, log)
+            train_group(plan, group, None, log)
         return result
     if todo:
-        lm = models.language_model(cfg)
+        cache = prepare_activations(cfg, models, load_dataset, log)
+        _release_memory()  # the language model, if the cache needed it
         for i, group in enumerate(todo, 1):
             t0 = time.time()
             log(f"[train {i}/{len(todo)}] {group}: {', '.join(s.name for s in plan.groups[group])}")
-            train_group(plan, group, lm, load_dataset, log)
+            train_group(plan, group, cache, log)
             _release_memory()
             result.trained_groups.append(group)
             log(f"[train {i}/{len(todo)}] {group} done in {(time.time() - t0) / 60:.1f} min")
-        del lm  # the evals load the TransformerLens model instead
-        _release_memory()
 
     available = [s for s in plan.saes if s.source != "train" or plan.group_done(s.group)]
     missing = [s.name for s in plan.saes if s not in available]
