@@ -66,7 +66,23 @@ class _ForestSampler:
 class ToyModel(_ForestSampler):
     """Samples ``(features [B, F], x [B, d])`` from a feature forest."""
 
-    def __init__(self, roots: list[Feature], d: int, magnitude_noise: float = 0.05, seed: int = 0):
+    def __init__(
+        self,
+        roots: list[Feature],
+        d: int,
+        magnitude_noise: float = 0.05,
+        seed: int = 0,
+        directions: torch.Tensor | None = None,
+        firing_noise: float = 0.0,
+    ):
+        """``directions`` (``[F, d]``, normalised here) replaces the drawn ones, e.g. a mildly
+        superposed set with bounded overlaps; ``firing_noise`` scales each firing by
+        ``1 + N(0, firing_noise)`` per sample (clamped positive), so ``sample`` then returns
+        the firing magnitudes instead of 0/1 features. Both off by default (the draws of the
+        standard trees are unchanged)."""
+        if firing_noise < 0:
+            raise ValueError(f"firing_noise must be >= 0, got {firing_noise}")
+        self.firing_noise = float(firing_noise)
         self.roots = roots
         self.features: list[Feature] = []
         self.parent: list[int] = []
@@ -79,7 +95,12 @@ class ToyModel(_ForestSampler):
             if f.exclusive and sum(c.prob for c in f.children) > 1.0 + 1e-9:
                 raise ValueError(f"exclusive children of feature {i} ({f.name}) have probabilities summing above 1")
         gen = torch.Generator().manual_seed(seed)
-        if self.n_features <= d:
+        if directions is not None:
+            if tuple(directions.shape) != (self.n_features, d):
+                raise ValueError(f"directions have shape {tuple(directions.shape)}, expected {(self.n_features, d)}")
+            dirs = directions.to(torch.float64)
+            dirs = dirs / dirs.norm(dim=1, keepdim=True)
+        elif self.n_features <= d:
             q, _ = torch.linalg.qr(torch.randn(d, d, generator=gen, dtype=torch.float64))
             dirs = q[:, : self.n_features].T
         else:  # superposition: random unit directions
@@ -197,8 +218,12 @@ class ToyModel(_ForestSampler):
         return acts
 
     def sample(self, batch: int, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(features [B, F], x [B, d])`` with ``x = features @ directions``."""
+        """``(features [B, F], x [B, d])`` with ``x = features @ directions`` (features are 0/1,
+        or the firing magnitudes with ``firing_noise``)."""
         acts = self.sample_features(batch, generator)
+        if self.firing_noise > 0:
+            scale = 1.0 + self.firing_noise * torch.randn(acts.shape, generator=generator)
+            acts = acts * scale.clamp_min(0.05)  # a firing feature stays on
         return acts, acts @ self.directions
 
 
