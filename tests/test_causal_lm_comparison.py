@@ -98,7 +98,7 @@ def test_cli_dry_run_and_bad_input(tmp_path, capsys):
 
     assert "unknown eval name(s) ['absorbtion']" in error("--set", 'evals.evals=["core", "absorbtion"]')
     assert "unknown key(s) ['lr']" in error("--set", "model.lr=1")
-    assert "unknown training.architectures ['topk']" in error("--set", 'training.architectures=["topk"]')
+    assert "unknown training.architectures ['gated']" in error("--set", 'training.architectures=["gated"]')
     assert "threshold_start_step=500 must be in [0, steps=200)" in error("--set", "training.threshold_start_step=500")
     assert "no such config file" in error("--config", str(tmp_path / "nope.toml"))
 
@@ -313,7 +313,8 @@ def test_configurations_by_name(tmp_path, capsys):
     assert cli(["--config", "smollm2", "--dry-run", "--run-dir", str(tmp_path / "s")]) == 0
     out = capsys.readouterr().out
     assert "HuggingFaceTB/SmolLM2-135M-Instruct (SmolLM2-135M-Instruct), model.layers.15 -> blocks.15.hook_resid_post" in out
-    assert "matryoshka_4k_k20, matryoshka_4k_k40, matryoshka_4k_k80" in out and not (tmp_path / "s").exists()
+    assert "matryoshka_4k_k20, matryoshka_4k_k20_s1, matryoshka_4k_k40" in out and not (tmp_path / "s").exists()
+    assert "topk_4k_k40_lr0.0003, topk_4k_k40_lr0.001, topk_4k_k40_lr0.003" in out
 
 
 def test_smollm2_configuration(tmp_path):
@@ -334,7 +335,8 @@ def test_smollm2_configuration(tmp_path):
     assert t.l0s == [20, 40, 80] and cfg.published == []
     assert "scr" not in cfg.evals.evals and cfg.evals.overrides["core"]["dataset"] == "sae-probes-heldout"
     plan, est, _ = prepare(cfg)
-    assert len(plan.saes) == 9 and 0 < est.pending_train_hours < 100
+    assert len(plan.saes) == 7 * 3 + 6 + 7 * 3 and 0 < est.pending_train_hours < 100  # sweep + main rows
+    assert cfg.data.cache_dir.startswith("~/.cache/") and cfg.model.dtype == cfg.data.cache_dtype == "bfloat16"
     # Training on sae-probes' texts while probing on every sae-probes dataset would leave no text.
     with pytest.raises(ConfigError, match="name the probing datasets"):
         load_config(SMOLLM2, {"run_dir": str(tmp_path), "evals.overrides.sparse_probing_sae_probes": {}})
@@ -518,3 +520,91 @@ def test_activation_cache_resumes_bit_for_bit_and_refuses_other_settings(tmp_pat
     # The environment variable moves the cache.
     monkeypatch.setenv(CACHE_ENV, str(tmp_path / "elsewhere"))
     assert cache_dir(cfg) == tmp_path / "elsewhere"
+
+
+# ----------------------------------------------------------------------------------------------
+# Architectures and the lr sweep
+# ----------------------------------------------------------------------------------------------
+
+ALL_ARCHITECTURES = ["matryoshka", "matryoshka_every", "log_sparsity", "batchtopk", "topk", "relu", "jumprelu"]
+TRAINER_CLASSES = {"matryoshka": "MatryoshkaBatchTopKTrainer", "matryoshka_every": "MatryoshkaBatchTopKTrainer",
+                   "log_sparsity": "MatryoshkaLogSparsityTrainer", "batchtopk": "BatchTopKTrainer",
+                   "topk": "TopKTrainer", "relu": "StandardTrainer", "jumprelu": "JumpReluTrainer"}
+
+
+def test_smollm2_plan_has_every_architecture_seeds_and_the_lr_sweep(tmp_path):
+    from benchmarks.causal_lm_comparison.config import ARCHITECTURES
+    from benchmarks.causal_lm_comparison.plan import build_plan, trainer_config
+
+    assert set(ALL_ARCHITECTURES) <= set(ARCHITECTURES)
+    cfg = load_config(SMOLLM2, {"run_dir": str(tmp_path)})
+    assert cfg.training.architectures == ALL_ARCHITECTURES
+    plan = build_plan(cfg)
+    sweep = [s for s in plan.saes if s.stage == "sweep"]
+    assert sorted(plan.sweep_groups) == sorted(f"sweep_4k_{a}" for a in ALL_ARCHITECTURES)
+    assert {(s.architecture, s.lr) for s in sweep} == {(a, lr) for a in ALL_ARCHITECTURES for lr in (3e-4, 1e-3, 3e-3)}
+    assert all(s.k == 40 for s in sweep if s.architecture != "relu")
+    assert {s.l1_penalty for s in sweep if s.architecture == "relu"} == {0.04}  # ReLU's penalty for L0 40
+    main = [s for s in plan.saes if s.stage == "main"]
+    assert len(main) == 7 * 3 + 2 * 3  # 7 architectures x 3 L0s, a second seed for Matryoshka and BatchTopK
+    assert {s.name for s in main if s.seed == 1} == {f"{a}_4k_k{k}_s1" for a in ("matryoshka", "batchtopk")
+                                                      for k in (20, 40, 80)}
+    assert all(s.lr is None and plan.waits_for_sweep(s.group) for s in main)  # chosen by the sweep
+    with pytest.raises(ConfigError, match="lr sweep, which has not finished"):
+        trainer_config(cfg, main[0])
+    for s in sweep:
+        c = trainer_config(cfg, s)
+        assert c["trainer"].__name__ == TRAINER_CLASSES[s.architecture] and c["lr"] == s.lr and c["dict_size"] == 4608
+    c = {s.architecture: trainer_config(cfg, s) for s in sweep}
+    assert c["matryoshka"]["group_fractions"] and "prefix_mode" not in c["matryoshka"]
+    assert c["matryoshka_every"]["prefix_mode"] == "every" and "group_fractions" not in c["matryoshka_every"]
+    assert c["log_sparsity"]["target_l0"] == 40 and "warmup_steps" not in c["log_sparsity"]  # its defaults
+    assert c["jumprelu"]["target_l0"] == 40
+    with pytest.raises(ConfigError, match="lr_sweep_l0 must be one of"):
+        load_config(SMOLLM2, {"run_dir": str(tmp_path), "training.lr_sweep_l0": 30})
+    with pytest.raises(ConfigError, match="training.seeds names 'gated'"):
+        load_config(SMOLLM2, {"run_dir": str(tmp_path), "training.seeds": {"gated": [0, 1]}})
+
+
+@pytest.mark.slow
+def test_every_architecture_trains_after_an_lr_sweep_on_the_cache(tmp_path):
+    from benchmarks.causal_lm_comparison.activations import load_split
+    from benchmarks.causal_lm_comparison.pipeline import heldout_metrics
+
+    models, hub = tiny_models(), LocalHub()
+    cfg = load_config(TINY, {
+        "run_dir": str(tmp_path / "run"), "training.architectures": ALL_ARCHITECTURES, "training.tokens": 256 * 40,
+        "training.warmup_steps": 4, "training.threshold_start_step": 10, "training.sparsity_warmup_steps": 10,
+        "training.relu_l1_penalties": [0.05], "training.seeds": {"matryoshka": [0, 1]},
+        "training.lr_sweep": [1e-3, 3e-3], "training.lr_sweep_l0": 16, "training.group_by": "width_architecture",
+        "data.heldout_tokens": 2048})
+    lines = []
+    result = run_benchmark(cfg, models=models, load_dataset=hub.load_dataset, skip_evals=True, log=lines.append)
+    plan = result.plan
+    sweep = json.loads((tmp_path / "run" / "lr_sweep.json").read_text())
+    assert sorted(sweep["architectures"]) == sorted(ALL_ARCHITECTURES) and sweep["l0"] == 16
+    acts = load_split(tmp_path / "run" / "activations", "heldout", 2048)
+    for arch, r in sweep["architectures"].items():
+        fvus = {v["lr"]: v["fvu"] for v in r["results"].values()}
+        assert set(fvus) == {1e-3, 3e-3} and r["chosen_lr"] == min(fvus, key=fvus.get)
+        # the recorded figures are the SAE's on the held-out activations
+        name = f"{arch}_256_k16_lr0.001" if arch != "relu" else "relu_256_l1-0.05_lr0.001"
+        again = heldout_metrics(tmp_path / "run" / "train" / f"sweep_256_{arch}" / "trainer_0", acts)
+        assert again["fvu"] == pytest.approx(r["results"][name]["fvu"], rel=1e-6)
+        assert 0 < r["results"][name]["fvu"] < 2
+    assert any("[lr sweep]" in line and "-> lr" in line for line in lines)
+    main = [s for s in plan.saes if s.stage == "main"]
+    assert len(main) == 8 and all(plan.group_done(s.group) for s in main)
+    for s in main:
+        trainer = json.loads((tmp_path / "run" / "train" / s.group / f"trainer_{s.index}" / "config.json").read_text())
+        trainer = trainer["trainer"]
+        assert trainer["trainer_class"] == TRAINER_CLASSES[s.architecture]
+        assert float(trainer["lr"]) == sweep["architectures"][s.architecture]["chosen_lr"]
+        assert int(trainer["seed"]) == s.seed and int(trainer["steps"]) == 40
+    # Both Matryoshka seeds trained, to different weights.
+    a = torch.load(tmp_path / "run" / "train" / "256_matryoshka" / "trainer_0" / "ae.pt")
+    b = torch.load(tmp_path / "run" / "train" / "256_matryoshka" / "trainer_1" / "ae.pt")
+    assert a.keys() == b.keys() and not all(torch.equal(a[k], b[k]) for k in a)
+    # Rerunning trains nothing and keeps the sweep's choice.
+    again = run_benchmark(cfg, models=NoModels(), skip_evals=True, log=lambda s: None)
+    assert again.trained_groups == []

@@ -38,11 +38,15 @@ __all__ = [
 ]
 
 # Architectures this benchmark trains: name -> (what, trainer). "relu" targets an L1 penalty, the
-# rest a BatchTopK k (= the target L0).
+# rest an L0 (a BatchTopK/TopK k, or the target of the log-sparsity and JumpReLU trainers).
 ARCHITECTURES = {
-    "matryoshka": "matryoshka_plugin.MatryoshkaBatchTopKTrainer (this package)",
+    "matryoshka": "matryoshka_plugin.MatryoshkaBatchTopKTrainer (this package; the paper's fixed groups)",
+    "matryoshka_every": "matryoshka_plugin.MatryoshkaBatchTopKTrainer (this package; prefix_mode='every')",
+    "log_sparsity": "matryoshka_plugin.MatryoshkaLogSparsityTrainer (this package; its defaults, target_l0)",
     "batchtopk": "dictionary_learning.trainers.batch_top_k.BatchTopKTrainer",
+    "topk": "dictionary_learning.trainers.top_k.TopKTrainer",
     "relu": "dictionary_learning.trainers.standard.StandardTrainer (L1 penalty)",
+    "jumprelu": "dictionary_learning.trainers.jumprelu.JumpReluTrainer (target_l0)",
     "matryoshka_upstream": "dictionary_learning.trainers.matryoshka_batch_top_k.MatryoshkaBatchTopKTrainer",
 }
 GROUPINGS = ("width_architecture", "width", "all", "sae")
@@ -117,12 +121,20 @@ class TrainingConfig:
     relu_l1_penalties: list[float] = field(default_factory=lambda: [0.06, 0.04, 0.03, 0.02, 0.012])
     warmup_steps: int = 1000
     decay_start_fraction: float | None = 0.8  # linear lr decay over the last 20% of steps
-    sparsity_warmup_steps: int = 5000  # ReLU only
+    sparsity_warmup_steps: int = 5000  # ReLU and JumpReLU only
     threshold_start_step: int = 1000  # BatchTopK inference-threshold estimation starts here
     normalize_activations: bool = True  # trainSAE's unit mean-squared-norm scaling (folded back on save)
     autocast_dtype: str = "float32"
     group_by: str = "width_architecture"  # SAEs trained together on one activation stream
     seed: int = 0
+    # More seeds for some architectures (the main rows): architecture -> seeds (others: [seed]).
+    seeds: dict[str, list[int]] = field(default_factory=dict)
+    # The lr sweep: every architecture at each of lr_sweep, at L0 lr_sweep_l0 (ReLU: its penalty for
+    # that L0), first; then every L0 at the lr with the lowest held-out FVU (run_dir/lr_sweep.json).
+    # Empty: every SAE trains at lrs.get(architecture, lr).
+    lr_sweep: list[float] = field(default_factory=list)
+    lr_sweep_l0: int | None = None
+    lrs: dict[str, float] = field(default_factory=dict)  # per-architecture lr without a sweep
     baselines: str = "train"  # "train" or "published" (SAEBench's suites through SAELens)
     checkpoint_every: int = 2000  # full-state checkpoints (steps): an interrupted group resumes from the newest
     nproc: int = 1  # processes (GPUs) the SAEs of a group are spread over (torchrun; see --nproc)
@@ -259,6 +271,19 @@ class BenchmarkConfig:
         if t.normalize_activations and "matryoshka_upstream" in t.architectures:
             errors.append("dictionary_learning's Matryoshka SAE (matryoshka_upstream) has no scale_biases, so it "
                           "cannot train with training.normalize_activations = true")
+        for arch, seeds in t.seeds.items():
+            if arch not in t.architectures:
+                errors.append(f"training.seeds names {arch!r}, which is not in training.architectures")
+            elif (not isinstance(seeds, list) or not seeds or len(set(seeds)) != len(seeds)
+                  or any(isinstance(x, bool) or not isinstance(x, int) or x < 0 for x in seeds)):
+                errors.append(f"training.seeds.{arch} must be a list of distinct non-negative integers, got {seeds!r}")
+        for arch in t.lrs:
+            if arch not in t.architectures:
+                errors.append(f"training.lrs names {arch!r}, which is not in training.architectures")
+        if any(isinstance(v, bool) or not isinstance(v, (int, float)) or v <= 0 for v in [*t.lr_sweep, *t.lrs.values()]):
+            errors.append("training.lr_sweep and training.lrs must hold positive learning rates")
+        if t.lr_sweep and t.lr_sweep_l0 not in t.l0s:
+            errors.append(f"training.lr_sweep_l0 must be one of training.l0s {t.l0s}, got {t.lr_sweep_l0!r}")
         if t.group_by not in GROUPINGS:
             errors.append(f"training.group_by must be one of {GROUPINGS}, got {t.group_by!r}")
         steps = t.steps
@@ -267,7 +292,9 @@ class BenchmarkConfig:
         for key in ("warmup_steps", "threshold_start_step"):
             if not 0 <= getattr(t, key) < steps:
                 errors.append(f"training.{key}={getattr(t, key)} must be in [0, steps={steps})")
-        if "relu" in t.architectures and not 0 <= t.sparsity_warmup_steps < steps:
+        if t.lr_sweep and t.nproc > 1:
+            errors.append("training.lr_sweep runs in one process: sweep with nproc = 1 first, then train with more")
+        if {"relu", "jumprelu"} & set(t.architectures) and not 0 <= t.sparsity_warmup_steps < steps:
             errors.append(f"training.sparsity_warmup_steps={t.sparsity_warmup_steps} must be in [0, steps={steps})")
         if t.decay_start_fraction is not None:
             if not 0 < t.decay_start_fraction < 1:

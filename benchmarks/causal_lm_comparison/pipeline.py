@@ -228,7 +228,8 @@ def _pending_evals(plan: Plan, force_evals: bool) -> dict[str, int]:
     seeds = plan.cfg.evals.seeds
     folders = {ev: [seed_dir(plan.eval_dir, x) for x in seeds] if seeds and ev in SEEDED_EVALS else [plan.eval_dir]
                for ev in plan.cfg.evals.evals}  # one result per SAE and seed
-    return {ev: sum(1 for s in plan.saes for f in folders[ev] if force_evals or read_result(f, s.name, ev) is None)
+    return {ev: sum(1 for s in plan.saes if s.stage != "sweep" for f in folders[ev]
+                    if force_evals or read_result(f, s.name, ev) is None)
             for ev in plan.cfg.evals.evals}
 
 
@@ -346,6 +347,48 @@ def train_group(plan: Plan, group: str, cache: Path | None, log: Callable[[str],
             log(f"removed stale result {path}")
 
 
+@torch.no_grad()
+def heldout_metrics(folder: str | Path, acts: torch.Tensor, batch_size: int = 4096) -> dict[str, float]:
+    """FVU (``sum |x - x_hat|^2 / sum |x - mean|^2``), mean L0 and the fraction of latents that
+    never fire, of the SAE in ``folder`` on the held-out activations ``acts``."""
+    from matryoshka_plugin import load_dictionary
+
+    ae, _ = load_dictionary(folder, device="cpu")
+    ae.eval()
+    err = l0 = 0.0
+    fired = None
+    for s in range(0, acts.shape[0], batch_size):
+        x = acts[s : s + batch_size]
+        x_hat, f = ae(x, output_features=True)
+        err += float(((x - x_hat) ** 2).sum())
+        active = f != 0
+        l0 += float(active.sum())
+        fired = active.any(0) if fired is None else fired | active.any(0)
+    total = float(((acts - acts.mean(0)) ** 2).sum())
+    return {"fvu": err / total, "l0": l0 / acts.shape[0], "dead": 1.0 - float(fired.float().mean())}
+
+
+def write_sweep_result(plan: Plan, cache: Path, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Evaluate the lr sweep's SAEs on the held-out activations and write ``lr_sweep.json``: per
+    architecture each lr's FVU, L0 and dead fraction, and the lr of the lowest FVU (chosen)."""
+    from .activations import load_split
+
+    t = plan.cfg.training
+    acts = load_split(cache, "heldout", plan.cfg.data.heldout_tokens)
+    out: dict[str, Any] = {"lrs": [float(x) for x in t.lr_sweep], "l0": t.lr_sweep_l0,
+                           "heldout_tokens": int(acts.shape[0]), "architectures": {}}
+    for group in plan.sweep_groups:
+        specs = plan.groups[group]
+        results = {s.name: {"lr": s.lr, **heldout_metrics(s.location, acts)} for s in specs}
+        best = min(results.values(), key=lambda r: r["fvu"])
+        out["architectures"][specs[0].architecture] = {"chosen_lr": best["lr"], "results": results}
+        log(f"[lr sweep] {specs[0].architecture}: " + ", ".join(
+            f"lr {r['lr']:g} FVU {r['fvu']:.4f} L0 {r['l0']:.1f} dead {r['dead']:.1%}" for r in results.values())
+            + f" -> lr {best['lr']:g}")
+    _json_dump_atomic(plan.sweep_file, out)
+    return out
+
+
 def _release_memory() -> None:
     gc.collect()
     if torch.cuda.is_available():
@@ -398,16 +441,25 @@ def run_benchmark(
     if todo:
         cache = prepare_activations(cfg, models, load_dataset, log)
         _release_memory()  # the language model, if the cache needed it
-        for i, group in enumerate(todo, 1):
-            t0 = time.time()
-            log(f"[train {i}/{len(todo)}] {group}: {', '.join(s.name for s in plan.groups[group])}")
-            train_group(plan, group, cache, log)
-            _release_memory()
-            result.trained_groups.append(group)
-            log(f"[train {i}/{len(todo)}] {group} done in {(time.time() - t0) / 60:.1f} min")
 
-    available = [s for s in plan.saes if s.source != "train" or plan.group_done(s.group)]
-    missing = [s.name for s in plan.saes if s not in available]
+        def train_groups(groups: list[str], stage: str) -> None:
+            for i, group in enumerate(groups, 1):
+                t0 = time.time()
+                log(f"[{stage} {i}/{len(groups)}] {group}: {', '.join(s.name for s in plan.groups[group])}")
+                train_group(plan, group, cache, log)
+                _release_memory()
+                result.trained_groups.append(group)
+                log(f"[{stage} {i}/{len(groups)}] {group} done in {(time.time() - t0) / 60:.1f} min")
+
+        # The lr sweep first (if any), then the SAEs at the chosen lrs.
+        train_groups([g for g in todo if g in plan.sweep_groups], "lr sweep")
+        if plan.sweep_groups and not plan.sweep_file.is_file():
+            write_sweep_result(plan, cache, log)
+            plan = result.plan = build_plan(cfg)
+        train_groups([g for g in plan.pending_groups() if g not in plan.sweep_groups], "train")
+
+    available = [s for s in plan.saes if s.stage != "sweep" and (s.source != "train" or plan.group_done(s.group))]
+    missing = [s.name for s in plan.saes if s not in available and s.stage != "sweep"]
     if missing:
         log(f"not trained yet (skipped in evals and report): {', '.join(missing)}")
     if not skip_evals and available:

@@ -3,6 +3,7 @@ GPU memory and time, all computed without loading a model."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from dataclasses import asdict, dataclass, field
@@ -33,6 +34,9 @@ class SAESpec:
     group: str | None = None
     index: int | None = None  # trainer_i inside the group
     location: str | None = None  # folder, or "saelens:RELEASE:SAE_ID"
+    seed: int | None = None
+    lr: float | None = None  # None: not known until the lr sweep has run
+    stage: str = "main"  # "sweep": an SAE of the lr sweep (trained first, not evaluated by SAEBench)
 
 
 @dataclass
@@ -53,6 +57,18 @@ class Plan:
 
     def pending_groups(self) -> list[str]:
         return [g for g in self.groups if not self.group_done(g)]
+
+    @property
+    def sweep_groups(self) -> list[str]:
+        return [g for g, specs in self.groups.items() if specs[0].stage == "sweep"]
+
+    @property
+    def sweep_file(self) -> Path:
+        """The lr sweep's result: per architecture, each lr's held-out FVU, L0 and dead latents, and the chosen lr."""
+        return self.run_dir / "lr_sweep.json"
+
+    def waits_for_sweep(self, group: str) -> bool:
+        return any(s.lr is None for s in self.groups[group])
 
     @property
     def eval_dir(self) -> Path:
@@ -98,31 +114,64 @@ def _published_specs(cfg: BenchmarkConfig) -> list[SAESpec]:
     return specs
 
 
+def _chosen_lrs(cfg: BenchmarkConfig) -> dict[str, float]:
+    """The lr sweep's choices (``run_dir/lr_sweep.json``), if it has run with these settings."""
+    path = Path(cfg.run_dir) / "lr_sweep.json"
+    if not cfg.training.lr_sweep or not path.is_file():
+        return {}
+    try:
+        saved = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ConfigError(f"{path} is unreadable ({e}); delete it to redo the lr sweep's choice") from None
+    if saved.get("lrs") != [float(x) for x in cfg.training.lr_sweep] or saved.get("l0") != cfg.training.lr_sweep_l0:
+        raise ConfigError(f"{path} was made for lrs {saved.get('lrs')} at L0 {saved.get('l0')}, the configuration "
+                          f"sweeps {cfg.training.lr_sweep} at L0 {cfg.training.lr_sweep_l0}; use another run_dir")
+    return {arch: float(r["chosen_lr"]) for arch, r in saved["architectures"].items()}
+
+
 def build_plan(cfg: BenchmarkConfig) -> Plan:
-    """The SAEs to train and evaluate, grouped for training; raises ConfigError on conflicts."""
+    """The SAEs to train and evaluate, grouped for training; raises ConfigError on conflicts.
+
+    With ``training.lr_sweep``, the sweep's SAEs (every architecture at each lr, at L0
+    ``lr_sweep_l0``) come first, in groups ``sweep_<width>_<architecture>``; the main SAEs get
+    each architecture's chosen lr once ``lr_sweep.json`` exists (until then their lr is None)."""
     t = cfg.training
     run_dir = Path(cfg.run_dir)
     archs = list(t.architectures)
     if t.baselines == "published":
         archs = [a for a in archs if a.startswith("matryoshka")]
+    chosen = _chosen_lrs(cfg)
     specs: list[SAESpec] = []
+    sweep: list[SAESpec] = []
     for arch in archs:
         for width in t.widths:
             for i, k in enumerate(t.l0s):
                 if arch == "relu":
                     pen = t.relu_l1_penalties[i]
-                    specs.append(SAESpec(f"relu_{width_label(width)}_l1-{pen:g}", arch, "train", width=width,
-                                         l1_penalty=float(pen)))
+                    base = SAESpec(f"relu_{width_label(width)}_l1-{pen:g}", arch, "train", width=width,
+                                   l1_penalty=float(pen))
                 else:
-                    specs.append(SAESpec(f"{arch}_{width_label(width)}_k{k}", arch, "train", width=width, k=int(k)))
+                    base = SAESpec(f"{arch}_{width_label(width)}_k{k}", arch, "train", width=width, k=int(k))
+                if t.lr_sweep and k == t.lr_sweep_l0:
+                    for lr in t.lr_sweep:
+                        sweep.append(dataclasses.replace(base, name=f"{base.name}_lr{lr:g}", seed=t.seed,
+                                                         lr=float(lr), stage="sweep"))
+                lr = chosen.get(arch) if t.lr_sweep else t.lrs.get(arch, t.lr)
+                for seed in t.seeds.get(arch, [t.seed]):
+                    suffix = "" if seed == t.seed else f"_s{seed}"
+                    specs.append(dataclasses.replace(base, name=base.name + suffix, seed=int(seed), lr=lr))
     groups: dict[str, list[SAESpec]] = {}
-    for s in specs:
-        key = {"width_architecture": f"{width_label(s.width)}_{s.architecture}", "width": width_label(s.width),
-               "all": "all", "sae": s.name}[t.group_by]
+    for s in sweep + specs:
+        if s.stage == "sweep":
+            key = f"sweep_{width_label(s.width)}_{s.architecture}"
+        else:
+            key = {"width_architecture": f"{width_label(s.width)}_{s.architecture}", "width": width_label(s.width),
+                   "all": "all", "sae": s.name}[t.group_by]
         s.group = key
         s.index = len(groups.setdefault(key, []))
         groups[key].append(s)
         s.location = str(run_dir / "train" / key / f"trainer_{s.index}")
+    specs = sweep + specs
     if t.baselines == "published":
         specs += _published_specs(cfg)
     for name, location in cfg.evals.extra_saes.items():
@@ -142,32 +191,54 @@ def build_plan(cfg: BenchmarkConfig) -> Plan:
 def trainer_config(cfg: BenchmarkConfig, spec: SAESpec) -> dict[str, Any]:
     """The ``trainSAE`` config dict for one SAE (the ``"trainer"`` key holds the class)."""
     t, m = cfg.training, cfg.model
+    if spec.lr is None:
+        raise ConfigError(f"{spec.name}: its lr is chosen by the lr sweep, which has not finished")
     base = dict(
         steps=t.steps, activation_dim=m.d_model, dict_size=spec.width, layer=m.layer, lm_name=m.name,
-        submodule_name=m.submodule, lr=t.lr, warmup_steps=t.warmup_steps,
+        submodule_name=m.submodule, lr=spec.lr, warmup_steps=t.warmup_steps,
         decay_start=int(t.steps * t.decay_start_fraction) if t.decay_start_fraction else None,
-        seed=t.seed, device=cfg.device, wandb_name=spec.name,
+        seed=t.seed if spec.seed is None else spec.seed, device=cfg.device, wandb_name=spec.name,
     )
-    if spec.architecture == "matryoshka":
+    arch = spec.architecture
+    if arch in ("matryoshka", "matryoshka_every"):
         from matryoshka_plugin import MatryoshkaBatchTopKTrainer
 
+        if arch == "matryoshka_every":
+            return dict(trainer=MatryoshkaBatchTopKTrainer, k=spec.k, prefix_mode="every",
+                        threshold_start_step=t.threshold_start_step, **base)
         return dict(trainer=MatryoshkaBatchTopKTrainer, k=spec.k, group_fractions=list(t.group_fractions),
                     threshold_start_step=t.threshold_start_step, **base)
-    if spec.architecture == "matryoshka_upstream":
+    if arch == "log_sparsity":
+        from matryoshka_plugin import MatryoshkaLogSparsityTrainer
+
+        # Its own defaults (warm-up, decay, Adam betas, controller); only the lr and the L0 target are set.
+        keep = ("steps", "activation_dim", "dict_size", "layer", "lm_name", "submodule_name", "lr", "seed", "device",
+                "wandb_name")
+        return dict(trainer=MatryoshkaLogSparsityTrainer, target_l0=float(spec.k), **{k: base[k] for k in keep})
+    if arch == "matryoshka_upstream":
         from dictionary_learning.trainers.matryoshka_batch_top_k import MatryoshkaBatchTopKTrainer
 
         return dict(trainer=MatryoshkaBatchTopKTrainer, k=spec.k, group_fractions=list(t.group_fractions),
                     threshold_start_step=t.threshold_start_step, **base)
-    if spec.architecture == "batchtopk":
+    if arch == "batchtopk":
         from dictionary_learning.trainers.batch_top_k import BatchTopKTrainer
 
         return dict(trainer=BatchTopKTrainer, k=spec.k, threshold_start_step=t.threshold_start_step, **base)
-    if spec.architecture == "relu":
+    if arch == "topk":
+        from dictionary_learning.trainers.top_k import TopKTrainer
+
+        return dict(trainer=TopKTrainer, k=spec.k, threshold_start_step=t.threshold_start_step, **base)
+    if arch == "relu":
         from dictionary_learning.trainers.standard import StandardTrainer
 
         return dict(trainer=StandardTrainer, l1_penalty=spec.l1_penalty,
                     sparsity_warmup_steps=t.sparsity_warmup_steps, **base)
-    raise ConfigError(f"no trainer for architecture {spec.architecture!r}")
+    if arch == "jumprelu":
+        from dictionary_learning.trainers.jumprelu import JumpReluTrainer
+
+        return dict(trainer=JumpReluTrainer, target_l0=float(spec.k), sparsity_warmup_steps=t.sparsity_warmup_steps,
+                    **base)
+    raise ConfigError(f"no trainer for architecture {arch!r}")
 
 
 def group_spec(cfg: BenchmarkConfig, group: list[SAESpec]) -> dict[str, Any]:
@@ -296,8 +367,8 @@ def estimate(plan: Plan, pending_evals: dict[str, int] | None = None) -> Estimat
             per_gpu_mem.append((states + transient) / GB)
             per_gpu_flops.append(sum(12 * m.d_model * s.width for s in part))  # fwd + bwd of encoder and decoder
         group_mem[g] = max(per_gpu_mem)
-        group_hours[g] = tokens * (lm_flops_per_token / (hw.lm_tflops * 1e12)
-                                   + max(per_gpu_flops) / (hw.sae_tflops * 1e12)) / 3600
+        # The language model runs once, for the activation cache (below), not per group.
+        group_hours[g] = tokens * max(per_gpu_flops) / (hw.sae_tflops * 1e12) / 3600
     train_breakdown = {"LM weights": lm_weights / GB, "activation buffer": buffer / GB, "LM forward": lm_work / GB,
                        ("largest training group (SAEs + Adam)" if t.nproc == 1 else
                         f"largest group's share on one of {t.nproc} GPUs (SAEs + Adam)"): max(group_mem.values(), default=0.0)}
@@ -354,6 +425,15 @@ def estimate(plan: Plan, pending_evals: dict[str, int] | None = None) -> Estimat
             units = sum(len(c.column1_vals_lookup.get(ds, [])) for ds in c.dataset_names)
         eval_hours[ev] = scale * units * (once + n * per_sae) / 3600
     notes = []
+    from .activations import cache_dir, read_manifest, split_tokens
+
+    try:
+        manifest = read_manifest(cache_dir(cfg)) or {}
+    except ConfigError:
+        manifest = {}
+    missing = max(0, t.tokens - split_tokens(manifest, "train")) + max(0, d.heldout_tokens - split_tokens(manifest, "heldout"))
+    cache_hours = missing * lm_flops_per_token / (hw.lm_tflops * 1e12) / 3600
+    notes.append(f"activation cache {cache_dir(cfg)}: {missing:,} tokens still to extract (~{_hours(cache_hours)}, once)")
     if hw.gpu_memory_gb is not None and max(train_peak, eval_peak) > hw.gpu_memory_gb:
         notes.append(
             f"the estimated peak ({max(train_peak, eval_peak):.1f} GB) exceeds hardware.gpu_memory_gb="
@@ -366,7 +446,7 @@ def estimate(plan: Plan, pending_evals: dict[str, int] | None = None) -> Estimat
         train_peak_gb=train_peak, train_breakdown_gb=train_breakdown, eval_peak_gb=eval_peak,
         eval_breakdown_gb=eval_breakdown, group_hours=group_hours, group_memory_gb=group_mem,
         eval_hours=eval_hours,
-        pending_train_hours=sum(h for g, h in group_hours.items() if not plan.group_done(g)),
+        pending_train_hours=cache_hours + sum(h for g, h in group_hours.items() if not plan.group_done(g)),
         pending_eval_hours=sum(eval_hours.values()), notes=notes,
     )
 
@@ -393,7 +473,7 @@ def format_plan(plan: Plan, est: Estimate, pending_evals: dict[str, int]) -> str
         + (f"; spread over {t.nproc} GPUs, memory per GPU):" if t.nproc > 1 else "):"),
     ]
     for g, specs in plan.groups.items():
-        status = "done" if plan.group_done(g) else "to train"
+        status = "done" if plan.group_done(g) else ("after the lr sweep" if plan.waits_for_sweep(g) else "to train")
         lines.append(f"  {g:<28} {len(specs):>2} SAEs  ~{est.group_memory_gb[g]:6.1f} GB for SAEs + Adam  "
                      f"~{_hours(est.group_hours[g]):>7}  [{status}]")
         lines.append("      " + ", ".join(s.name for s in specs))
