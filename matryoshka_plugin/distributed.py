@@ -38,6 +38,7 @@ import torch.distributed as dist
 __all__ = [
     "DISTRIBUTED_MODES",
     "DistributedRun",
+    "LocalCollective",
     "ProcessGroupCollective",
     "setup",
     "assign_trainers",
@@ -311,6 +312,13 @@ class ProcessGroupCollective:
         dist.broadcast(t, src=0, group=self.group)
         return t
 
+    def batch_mean(self, t: torch.Tensor) -> torch.Tensor:
+        """The mean over dim 0 of every rank's ``t`` together (ranks may hold different numbers of
+        rows; ``nan`` where no rank holds any), in one all-reduce of the sums and the row count."""
+        sums = t.sum(0).reshape(-1)
+        total = self.sum_(torch.cat([sums, sums.new_full((1,), t.shape[0])]))
+        return (total[:-1] / total[-1]).reshape(t.shape[1:])
+
     @torch.no_grad()
     def average_gradients_(self, params: Sequence[torch.nn.Parameter]) -> None:
         """Gradients averaged over ranks, in one flat all-reduce."""
@@ -355,3 +363,47 @@ class ProcessGroupCollective:
             keep = above.clone()
             keep[tie_idx] = True
         return torch.nonzero(keep).squeeze(1)
+
+
+class LocalCollective:
+    """The collective of single-process training: world size 1, every reduction the identity.
+
+    A trainer computes each statistic through its collective, so one code path serves one process
+    (this class) and data-parallel ranks (:class:`ProcessGroupCollective`); nothing here changes
+    the local arithmetic."""
+
+    world_size = 1
+    rank = 0
+
+    def sum_(self, t: torch.Tensor) -> torch.Tensor:
+        return t
+
+    def max_(self, t: torch.Tensor) -> torch.Tensor:
+        return t
+
+    def min_(self, t: torch.Tensor) -> torch.Tensor:
+        return t
+
+    def gather_rows(self, t: torch.Tensor) -> torch.Tensor:
+        return t
+
+    def broadcast_(self, t: torch.Tensor) -> torch.Tensor:
+        return t
+
+    def batch_mean(self, t: torch.Tensor) -> torch.Tensor:
+        """The mean over dim 0 (``nan`` for no rows)."""
+        return t.mean(0)
+
+    def average_gradients_(self, params: Sequence[torch.nn.Parameter]) -> None:
+        return None
+
+    @torch.no_grad()
+    def batch_topk_select(self, scores: torch.Tensor, count: int, backend: str = "auto") -> torch.Tensor:
+        """Flat indices (ascending) of the ``count`` largest of ``scores``."""
+        from .sparse_encoder import batch_topk_select
+
+        return batch_topk_select(scores, min(count, scores.numel()), backend)
+
+
+LOCAL = LocalCollective()
+"""The shared instance (it holds no state)."""

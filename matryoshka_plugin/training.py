@@ -344,7 +344,7 @@ def _build_trainers(ctx: DistributedRun, trainer_configs: list[dict]) -> tuple[l
             for tensor in list(t.ae.parameters()) + list(t.ae.buffers()):
                 collective.broadcast_(tensor.data)
             t.generator.set_state(ctx.broadcast_object(t.generator.get_state()))
-            t.collective = collective
+            t.bind_collective(collective)
     return mine, trainers
 
 

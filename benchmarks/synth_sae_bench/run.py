@@ -104,8 +104,8 @@ def _ablated(base: type, encoder_gain: float | None, recon_scale: float | None, 
             if not grad_clip:
                 _undo_clipping(self)
 
-        def _forward(self, x: torch.Tensor, step: int | None, training: bool, collective: Any = None) -> Any:
-            out = super()._forward(x, step, training, collective)
+        def _forward(self, x: torch.Tensor, step: int | None, training: bool, **kwargs: Any) -> Any:
+            out = super()._forward(x, step, training, **kwargs)
             if recon_scale is None or not training:
                 return out
             return out._replace(loss=out.loss + (recon_scale - 1.0) * out.recon.loss)

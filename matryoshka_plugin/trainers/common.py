@@ -12,6 +12,7 @@ from typing import Any, Callable, Iterable
 
 import torch
 
+from ..distributed import LOCAL, LocalCollective, ProcessGroupCollective
 from ..errors import CheckpointError, TrainingError, check_activations
 from ..host_memory import reuse_if_requested
 from ..import_hooks import import_leaf
@@ -100,6 +101,10 @@ class TrainerConfig:
         return out
 
 
+Collective = LocalCollective | ProcessGroupCollective
+"""What a trainer reduces its statistics over (see :mod:`..distributed`)."""
+
+
 class MatryoshkaTrainerBase(SAETrainer):
     """Bookkeeping common to the trainers: typed settings, seed, metadata and input checks.
 
@@ -143,6 +148,16 @@ class MatryoshkaTrainerBase(SAETrainer):
         if torch.device(cfg.device).type == "cpu":
             reuse_if_requested()  # malloc is changed only on the user's request (host_memory)
         self.generator.manual_seed(seed if seed is not None else torch.initial_seed() % (2**63))
+        # Every batch statistic goes through this: one process by default, the ranks' collective
+        # once bind_collective is called (train(distributed="data")).
+        self.collective: Collective = LOCAL
+
+    def bind_collective(self, collective: Collective) -> None:
+        """Train data-parallel over ``collective``'s ranks: ``update`` then sees this rank's shard
+        of each batch and reduces every statistic and the gradients over the ranks."""
+        if not self.supports_data_parallel and collective.world_size > 1:
+            raise ValueError(f"{type(self).__name__} cannot train one SAE over several processes")
+        self.collective = collective
 
     # -- full training state (exact resume) ------------------------------------------------------
 

@@ -27,12 +27,14 @@ from typing import Any, NamedTuple, Sequence
 
 import torch
 
+from ..distributed import LOCAL
 from ..prefix_loss import PrefixLoss
 from ..prefixes import group_sizes_from_fractions
 from ..sae import BatchTopKForward, MatryoshkaBatchTopKSAE
 from ..sparse_latents import SparseLatents
 from ..threads import threads_by_work
 from .common import (
+    Collective,
     LossLog,
     MatryoshkaTrainerBase,
     TrainerConfig,
@@ -252,8 +254,6 @@ class MatryoshkaBatchTopKTrainer(MatryoshkaTrainerBase):
         self.reorder_ema = torch.zeros(cfg.dict_size, dtype=torch.float32, device=cfg.device)
         self.latent_origin = torch.arange(cfg.dict_size, device=cfg.device)
         self.level_ends = [int(e) for e in torch.tensor(cfg.group_sizes).cumsum(0)]
-        # Set by train(distributed="data"): update() then sees this rank's shard of each batch.
-        self.collective = None
         self.logging_parameters = ["effective_l0", "threshold_l0", "dead_features", "pre_norm_auxk_loss"]
         self.effective_l0 = -1.0
         self.threshold_l0 = -1.0
@@ -262,18 +262,16 @@ class MatryoshkaBatchTopKTrainer(MatryoshkaTrainerBase):
 
     # -- the loss ---------------------------------------------------------------------------
 
-    def _dead_mask(self, latents: SparseLatents, collective=None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Counters after this batch (without storing them) and the resulting dead mask."""
+    def _dead_mask(self, latents: SparseLatents, collective: Collective = LOCAL) -> tuple[torch.Tensor, torch.Tensor]:
+        """Counters after this (global) batch, without storing them, and the resulting dead mask."""
         fired = torch.zeros_like(self.num_tokens_since_fired, dtype=torch.bool)
         fired[latents.indices[latents.values > 0]] = True
-        tokens = latents.batch_size
-        if collective is not None:  # fired anywhere in the global batch
-            fired = collective.max_(fired.to(torch.int32)).bool()
-            tokens *= collective.world_size
+        fired = collective.max_(fired.to(torch.int32)).bool()  # fired anywhere in the global batch
+        tokens = latents.batch_size * collective.world_size
         since = torch.where(fired, 0, self.num_tokens_since_fired + tokens)
         return since, since >= self.cfg.dead_feature_threshold
 
-    def _auxk_loss(self, x, out: BatchTopKForward, dead: torch.Tensor, collective=None):
+    def _auxk_loss(self, x, out: BatchTopKForward, dead: torch.Tensor, collective: Collective = LOCAL):
         """AuxK: the dead latents reconstruct the residual (per level with ``matryoshka_aux_loss``)."""
         residual = out.recon.residual
         if not self.cfg.matryoshka_aux_loss:
@@ -294,7 +292,10 @@ class MatryoshkaBatchTopKTrainer(MatryoshkaTrainerBase):
             total, pre_norm = total + scale * loss, pre_norm + scale * pre
         return total, pre_norm
 
-    def _dead_fit(self, x, residual: torch.Tensor, pre_activations: torch.Tensor, dead: torch.Tensor, collective=None):
+    def _dead_fit(
+        self, x, residual: torch.Tensor, pre_activations: torch.Tensor, dead: torch.Tensor,
+        collective: Collective = LOCAL,
+    ):
         """How well the ``dead`` latents reconstruct ``residual``, normalised by its variance;
         and the error before normalisation (``-1`` when no latent is dead)."""
         n_dead = int(dead.sum())
@@ -304,17 +305,14 @@ class MatryoshkaBatchTopKTrainer(MatryoshkaTrainerBase):
         recon = self.ae.dead_latent_decode(x, pre_activations, dead, k_aux, self.cfg.backend)
         l2 = (residual.float() - recon.float()).pow(2).sum(-1).mean()
         r = residual.float()
-        if collective is None:
-            denom = (r - r.mean(0)).pow(2).sum(-1).mean()
-            pre_norm = float(l2.detach())
-        else:  # the residual's variance over the global batch, in two passes like the one above
-            n = r.shape[0] * collective.world_size
-            mean = collective.sum_(r.sum(0)) / n
-            denom = collective.sum_((r - mean).pow(2).sum()) / n
-            pre_norm = float(collective.sum_(l2.detach().clone())) / collective.world_size
+        # The residual's variance over the global batch, in two passes.
+        denom = collective.batch_mean((r - collective.batch_mean(r)).pow(2).sum(-1))
+        pre_norm = float(collective.sum_(l2.detach().clone())) / collective.world_size
         return (l2 / denom).nan_to_num(0.0), pre_norm
 
-    def _forward(self, x: torch.Tensor, step: int | None, training: bool, collective=None) -> StepOutput:
+    def _forward(
+        self, x: torch.Tensor, step: int | None, training: bool, collective: Collective = LOCAL
+    ) -> StepOutput:
         """The SAE's forward pass (encoding and prefix loss), then AuxK on the residual it hands back."""
         weights = self.prefixes.sample(self.generator) if training else self.prefixes.expected()
         out = self.ae.training_forward(
@@ -325,11 +323,11 @@ class MatryoshkaBatchTopKTrainer(MatryoshkaTrainerBase):
         auxk, pre_norm_auxk = self._auxk_loss(x, out, dead, collective)
         recon = out.recon
         loss = recon.loss + self.cfg.auxk_alpha * auxk
-        terms = torch.stack([recon.loss.detach().float(), auxk.detach().float()])
-        if collective is not None:  # every rank sees the global values, so all raise together
-            terms = collective.sum_(terms) / collective.world_size
+        # The global batch's values, the same on every rank, so all ranks raise together.
+        terms = torch.stack([recon.loss.detach().float(), auxk.detach().float(), loss.detach().float()])
+        terms = collective.sum_(terms) / collective.world_size
         parts = {"l2_loss": terms[0].item(), "auxk_loss": terms[1].item()}
-        self._check_loss(terms.sum() if collective is not None else loss, step, parts)
+        self._check_loss(terms[2], step, parts)
         return StepOutput(loss, out.latents, recon, out.pre_activations, parts, since, dead, pre_norm_auxk)
 
     @threads_by_work
@@ -339,7 +337,7 @@ class MatryoshkaBatchTopKTrainer(MatryoshkaTrainerBase):
         Random prefix modes use their exact expectation here.
         """
         x = self._prepare(x, step)
-        out = self._forward(x, step, training=False)
+        out = self._forward(x, step, training=False)  # this process's x only, whatever the collective
         loss, latents, recon = out.loss, out.latents, out.recon
         if not logging:
             return loss
@@ -350,14 +348,11 @@ class MatryoshkaBatchTopKTrainer(MatryoshkaTrainerBase):
     # -- one optimisation step ----------------------------------------------------------------
 
     @torch.no_grad()
-    def _update_threshold(self, latents: SparseLatents, collective=None) -> None:
+    def _update_threshold(self, latents: SparseLatents, collective: Collective = LOCAL) -> None:
         active = latents.values[latents.values > 0]
-        if collective is None:
-            smallest = float(active.min()) if active.numel() else 0.0
-        else:
-            low = active.min() if active.numel() else active.new_tensor(float("inf"))
-            smallest = float(collective.min_(low.reshape(1).float()))
-            smallest = 0.0 if smallest == float("inf") else smallest
+        low = active.min() if active.numel() else active.new_tensor(float("inf"))
+        smallest = float(collective.min_(low.reshape(1).float()))  # over the global batch
+        smallest = 0.0 if smallest == float("inf") else smallest
         thr = self.ae.threshold
         if float(thr) < 0:
             thr.fill_(smallest)
@@ -366,7 +361,7 @@ class MatryoshkaBatchTopKTrainer(MatryoshkaTrainerBase):
 
     @threads_by_work
     def update(self, step: int, x: torch.Tensor) -> float:
-        """One optimisation step on ``x`` (with ``collective`` set: this rank's shard of the batch)."""
+        """One optimisation step on ``x`` (data-parallel, after bind_collective: this rank's shard)."""
         x = self._prepare(x, step)
         dp = self.collective
         if self.cfg.k_anneal_steps:
@@ -375,7 +370,7 @@ class MatryoshkaBatchTopKTrainer(MatryoshkaTrainerBase):
             if self.cfg.b_dec_init == "zeros":
                 self.ae.b_dec.data.zero_()
             else:
-                first = (x if dp is None else dp.gather_rows(x)).float()
+                first = dp.gather_rows(x).float()
                 start = geometric_median(first) if self.cfg.b_dec_init == "geometric_median" else first.mean(0)
                 self.ae.b_dec.data.copy_(start.to(self.ae.b_dec.dtype))
             self._b_dec_initialised = True
@@ -388,23 +383,21 @@ class MatryoshkaBatchTopKTrainer(MatryoshkaTrainerBase):
             self.num_tokens_since_fired.copy_(out.since_fired)
             self.dead_features = int(out.dead.sum())
             self.pre_norm_auxk_loss = out.pre_norm_auxk
+            # The active count and the loss of the global batch, in one reduction.
             active = (latents.values > 0).sum()
-            if dp is None:
-                self.effective_l0 = float(active) / x.shape[0]
-            else:
-                self.effective_l0 = float(dp.sum_(active.reshape(1))) / (x.shape[0] * dp.world_size)
+            counts = dp.sum_(torch.stack([active.double(), loss.detach().double()]))
+            self.effective_l0 = float(counts[0]) / (x.shape[0] * dp.world_size)
+            total = float(counts[1]) / dp.world_size
             thr = float(self.ae.threshold)
             # Estimated on up to 256 tokens: a full pass over [B, n] for a logged figure is not worth
             # its share of the step (docs/speed.md).
             sample = post_relu[:256]
             self.threshold_l0 = float((sample > thr).count_nonzero()) / sample.shape[0] if thr >= 0 else -1.0
             perm = self._reorder_permutation(latents) if self.cfg.reorder_by is not None else None
-        parts = out.parts
         del post_relu, out  # the dense [B, n] activations are not needed for backward
 
         loss.backward()
-        if dp is not None:
-            dp.average_gradients_(list(self.ae.parameters()))
+        dp.average_gradients_(list(self.ae.parameters()))
         W = self.ae.W_dec
         project_out_radial_(W.grad, W, self.cfg.backend)
         clip_grad_norm_(self.ae.parameters(), 1.0)
@@ -414,8 +407,7 @@ class MatryoshkaBatchTopKTrainer(MatryoshkaTrainerBase):
         normalise_rows_(W, self.cfg.backend)
         if perm is not None:
             self.reorder(perm)
-        # With a collective: the global batch's loss, the same on every rank.
-        return parts["l2_loss"] + self.cfg.auxk_alpha * parts["auxk_loss"] if dp is not None else loss.item()
+        return total  # the mean of the ranks' losses, the same on every rank
 
     # -- dynamic prefixes ---------------------------------------------------------------------
 
@@ -431,8 +423,8 @@ class MatryoshkaBatchTopKTrainer(MatryoshkaTrainerBase):
         else:  # squared contribution a_i * ||w_i||
             norms = self.ae.W_dec.detach().float().norm(dim=1)
             stat = torch.zeros(n, device=idx.device).index_add_(0, idx, (vals * norms[idx]).pow(2))
-        if dp is not None:  # the statistic of the global batch, so every rank sorts alike
-            stat, B = dp.sum_(stat), B * dp.world_size
+        # The statistic of the global batch, so every rank sorts alike.
+        stat, B = dp.sum_(stat), B * dp.world_size
         ema = self.reorder_ema
         ema.mul_(self.cfg.reorder_decay).add_((1 - self.cfg.reorder_decay) * stat.to(ema.device) / B)
         return torch.argsort(ema, descending=True, stable=True)

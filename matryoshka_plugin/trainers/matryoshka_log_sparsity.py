@@ -34,12 +34,14 @@ from typing import Any, Sequence
 
 import torch
 
+from ..distributed import LOCAL
 from ..errors import ActivationError
 from ..prefixes import group_sizes_from_fractions
 from ..sae import LogSparsityForward, MatryoshkaLogSparsitySAE
 from ..sparsity import SPARSITY_KINDS, L0Controller, sparsity_penalty
 from ..threads import threads_by_work
 from .common import (
+    Collective,
     LossLog,
     MatryoshkaTrainerBase,
     TrainerConfig,
@@ -221,8 +223,6 @@ class MatryoshkaLogSparsityTrainer(MatryoshkaTrainerBase):
         self.num_tokens_since_fired = torch.zeros(cfg.dict_size, dtype=torch.long, device=cfg.device)
         self.latent_origin = torch.arange(cfg.dict_size, device=cfg.device)
         self._input_norm_initialised = False
-        # Set by train(distributed="data"): update() then sees this rank's shard of each batch.
-        self.collective = None
 
         self.logging_parameters = ["effective_l0", "sparsity_coefficient", "dead_features", "input_norm", "resampled"]
         self.resampled = 0
@@ -244,14 +244,14 @@ class MatryoshkaLogSparsityTrainer(MatryoshkaTrainerBase):
         tail = weights.tail().to(out.activations.device)
         return out, sparsity_penalty(out.magnitudes, tail, self.cfg.sparsity, self.cfg.log_eps)
 
-    def _total(self, recon, penalty, coefficient: float, step: int | None, collective=None):
+    def _total(self, recon, penalty, coefficient: float, step: int | None, collective: Collective = LOCAL):
         loss = recon.loss + coefficient * penalty
-        terms = torch.stack([recon.loss.detach().float(), penalty.detach().float()])
-        if collective is not None:  # the global batch's terms, so every rank raises together
-            terms = collective.sum_(terms) / collective.world_size
+        # The global batch's values, the same on every rank, so all ranks raise together.
+        terms = torch.stack([recon.loss.detach().float(), penalty.detach().float(), loss.detach().float()])
+        terms = collective.sum_(terms) / collective.world_size
         parts = {"mse_loss": terms[0].item(), "sparsity_loss": terms[1].item()}
-        self._check_loss(loss if collective is None else terms.sum(), step, parts)
-        return loss, parts
+        self._check_loss(terms[2], step, parts)
+        return loss, parts, terms[2].item()
 
     @threads_by_work
     def loss(self, x: torch.Tensor, step: int | None = None, logging: bool = False):
@@ -262,7 +262,7 @@ class MatryoshkaLogSparsityTrainer(MatryoshkaTrainerBase):
         x = self._prepare(x, step)
         coefficient = self.controller.applied(step if step is not None else self.cfg.steps)
         out, penalty = self._forward(self._scaled(x), training=False)
-        loss, parts = self._total(out.recon, penalty, coefficient, step)
+        loss, parts, _ = self._total(out.recon, penalty, coefficient, step)  # this process's x only
         if not logging:
             return loss
         with torch.no_grad():
@@ -288,18 +288,13 @@ class MatryoshkaLogSparsityTrainer(MatryoshkaTrainerBase):
         return x
 
     @torch.no_grad()
-    def _update_input_norm(self, x: torch.Tensor, collective=None) -> None:
+    def _update_input_norm(self, x: torch.Tensor, collective: Collective = LOCAL) -> None:
         norms = x.double().norm(dim=1)
-        nonzero = norms > 0
-        if collective is None:
-            if not bool(nonzero.any()):
-                return  # an all-zero batch says nothing about the input's scale
-            mean_norm = float(norms[nonzero].mean())
-        else:
-            total = collective.sum_(torch.stack([norms[nonzero].sum(), nonzero.sum().double()]))
-            if float(total[1]) == 0:
-                return
-            mean_norm = float(total[0] / total[1])
+        # The mean non-zero norm of the global batch: nan only where it has no non-zero row (the
+        # norms are finite, _prepare checked).
+        mean_norm = float(collective.batch_mean(norms[norms > 0]))
+        if math.isnan(mean_norm):
+            return  # an all-zero batch says nothing about the input's scale
         if not self._input_norm_initialised:
             # The reference starts the running mean at 0, inflating early inputs; start from data.
             self.ae.input_norm.fill_(mean_norm)
@@ -309,10 +304,10 @@ class MatryoshkaLogSparsityTrainer(MatryoshkaTrainerBase):
 
     @threads_by_work
     def update(self, step: int, x: torch.Tensor) -> float:
-        """One optimisation step on ``x`` (with ``collective`` set: this rank's shard of the batch)."""
+        """One optimisation step on ``x`` (data-parallel, after bind_collective: this rank's shard)."""
         x = self._prepare(x, step)
         dp = self.collective
-        batch = x.shape[0] * (dp.world_size if dp is not None else 1)
+        batch = x.shape[0] * dp.world_size
         if self.cfg.dead_feature_threshold is None:
             self.cfg.dead_feature_threshold = min(10_000_000, max(batch, self.cfg.steps * batch // 10))
         saved = (self.ae.input_norm.clone(), self._input_norm_initialised, self.controller.coefficient)
@@ -322,9 +317,9 @@ class MatryoshkaLogSparsityTrainer(MatryoshkaTrainerBase):
             x_scaled = self._scaled(x)
             (a, magnitudes, recon), penalty = self._forward(x_scaled, training=True)
             active = (a > 0).sum()
-            l0 = float(active if dp is None else dp.sum_(active.reshape(1))) / batch
+            l0 = float(dp.sum_(active.reshape(1))) / batch
             coefficient = self.controller.update(step, l0)
-            loss, parts = self._total(recon, penalty, coefficient, step, dp)
+            loss, _, total = self._total(recon, penalty, coefficient, step, dp)
         except Exception:
             # A failed step leaves no trace: restore what was updated before the check.
             self.ae.input_norm.copy_(saved[0])
@@ -332,9 +327,7 @@ class MatryoshkaLogSparsityTrainer(MatryoshkaTrainerBase):
             raise
 
         with torch.no_grad():
-            fired = (a > 0).any(0)
-            if dp is not None:
-                fired = dp.max_(fired.to(torch.int32)).bool()
+            fired = dp.max_((a > 0).any(0).to(torch.int32)).bool()  # anywhere in the global batch
             self.num_tokens_since_fired.add_(batch).masked_fill_(fired, 0)
             dead = self.num_tokens_since_fired >= self.cfg.dead_feature_threshold
             self.dead_features = int(dead.sum())
@@ -342,16 +335,13 @@ class MatryoshkaLogSparsityTrainer(MatryoshkaTrainerBase):
             self.input_norm = float(self.ae.input_norm)
             perm = None
             if self.cfg.reorder_latents:
-                contribution = magnitudes.pow(2).mean(0)
-                if dp is not None:
-                    contribution = dp.sum_(contribution) / dp.world_size
+                contribution = dp.sum_(magnitudes.pow(2).mean(0)) / dp.world_size
                 self.contribution_ema.mul_(self.cfg.reorder_decay).add_((1 - self.cfg.reorder_decay) * contribution)
                 perm = torch.argsort(self.contribution_ema, descending=True, stable=True)
 
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        if dp is not None:
-            dp.average_gradients_(list(self.ae.parameters()))
+        dp.average_gradients_(list(self.ae.parameters()))
         W = self.ae.W_dec
         if self.cfg.normalize_decoder:
             project_out_radial_(W.grad, W, self.cfg.backend)
@@ -362,13 +352,11 @@ class MatryoshkaLogSparsityTrainer(MatryoshkaTrainerBase):
             normalise_rows_(W, self.cfg.backend)
         self.resampled = 0
         if self.cfg.resample_dead and self.dead_features and step < self.cfg.steps * (1 - self.cfg.decay_fraction):
-            if dp is None:
-                self.resampled = self.resample(dead, x_scaled, recon.residual)
-            else:  # every rank resamples from the whole batch, with the same generator
-                self.resampled = self.resample(dead, dp.gather_rows(x_scaled), dp.gather_rows(recon.residual))
+            # Every rank resamples from the whole batch, with the same generator.
+            self.resampled = self.resample(dead, dp.gather_rows(x_scaled), dp.gather_rows(recon.residual))
         if perm is not None:
             self.reorder(perm)
-        return loss.item() if dp is None else parts["mse_loss"] + coefficient * parts["sparsity_loss"]
+        return total  # the mean of the ranks' losses, the same on every rank
 
     @torch.no_grad()
     def resample(self, dead: torch.Tensor, x_scaled: torch.Tensor, residual: torch.Tensor) -> int:
@@ -387,7 +375,7 @@ class MatryoshkaLogSparsityTrainer(MatryoshkaTrainerBase):
         if not bool(weights.sum() > 0):
             return 0
         idx = idx[: max(1, x_scaled.shape[0] // 2)]
-        if self.collective is not None and weights.device.type != "cpu":
+        if self.collective.world_size > 1 and weights.device.type != "cpu":
             # every rank must draw the same tokens: the trainer's (synchronised) CPU generator
             tokens = torch.multinomial(weights.cpu(), idx.numel(), replacement=False,
                                        generator=self.generator).to(weights.device)
