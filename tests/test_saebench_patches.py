@@ -112,11 +112,14 @@ def test_absorption_vocabulary_draws_the_same_words_whatever_the_vocabulary_orde
     words = [f" {a}{b}" for a in letters for b in letters] + ["Cd", "x1", " ", "é"]  # 677 alphabetic
     originals = common.get_alpha_tokens, fa.get_alpha_tokens
     full = common.get_alpha_tokens(Tok(words))
-    with absorption_vocabulary(200, seed=3):
+    with absorption_vocabulary(300, seed=3):
         got = common.get_alpha_tokens(Tok(words))
         assert fa.get_alpha_tokens(Tok(list(reversed(words)))) == got  # probes and prompts: one sample
-        assert len(full) == 677 and len(got) == 200 and len(set(got)) == 200 and set(got) <= set(full)
-    with absorption_vocabulary(200, seed=4):
+        assert len(full) == 677 and len(got) == 300 and len(set(got)) == 300 and set(got) <= set(full)
+        # every first letter keeps enough words for SAEBench's 80/20 split to train a probe for it
+        per_letter = {c: sum(w.strip()[0].lower() == c for w in got) for c in letters}
+        assert min(per_letter.values()) >= 10
+    with absorption_vocabulary(300, seed=4):
         assert common.get_alpha_tokens(Tok(words)) != got
     with absorption_vocabulary(None, seed=3):
         assert sorted(common.get_alpha_tokens(Tok(words))) == sorted(full)
@@ -133,7 +136,9 @@ def test_probe_vocab_size_is_an_absorption_setting_of_the_adapter():
     keys = {make("absorption", "m", llm_batch_size=4, llm_dtype="float32", overrides=o).cache_key()
             for o in ({}, {"probe_vocab_size": 2000}, {"probe_vocab_size": 3000})}
     assert len(keys) == 3
-    for bad in (0, 10, 2.5, True, "all"):
+    assert make("absorption", "m", llm_batch_size=4, llm_dtype="float32",
+                overrides={"probe_vocab_size": 260}).probe_vocab_size == 260
+    for bad in (0, 10, 259, 2.5, True, "all"):
         with pytest.raises(sb.SAEBenchError, match="probe_vocab_size"):
             make("absorption", "m", llm_batch_size=4, llm_dtype="float32", overrides={"probe_vocab_size": bad})
     with pytest.raises(sb.SAEBenchError, match="unknown core settings"):

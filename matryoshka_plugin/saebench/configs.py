@@ -221,9 +221,11 @@ def make_eval_config(
 
 def _check_adapter_fields(eval_name: str, adapter: Mapping[str, Any]) -> None:
     size = adapter.get("probe_vocab_size")
-    if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 26 * 5):
-        # fewer than a handful of words per letter leaves most letters without a test word
-        raise SAEBenchError(f"{eval_name}: probe_vocab_size must be None (all) or an integer >= 130, got {size!r}")
+    from .patches import MIN_WORDS_PER_LETTER
+
+    least = 26 * MIN_WORDS_PER_LETTER  # the sample holds that many words of every first letter
+    if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < least):
+        raise SAEBenchError(f"{eval_name}: probe_vocab_size must be None (all) or an integer >= {least}, got {size!r}")
 
 
 def _check_sae_probes(kw: Mapping[str, Any]) -> None:

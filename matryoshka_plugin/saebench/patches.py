@@ -132,13 +132,32 @@ def absorption_in(artifacts: Path) -> Iterator[Path]:
 _ABSORPTION_VOCAB_MODULES = ("sae_bench.evals.absorption.common", "sae_bench.evals.absorption.feature_absorption")
 
 
+MIN_WORDS_PER_LETTER = 10
+"""Words of every first letter in a sampled vocabulary: SAEBench trains a k-sparse probe for each
+letter of the probe's training words and then looks one up for every letter of the alphabet (a
+letter without training words raises KeyError); with 10, its 80/20 split leaves a letter without
+training words with probability 0.2^10."""
+
+
 def sampled_alpha_tokens(get_alpha_tokens: Callable[..., list[str]], size: int, seed: int) -> Callable[..., list[str]]:
     """``get_alpha_tokens`` returning ``size`` of its words, drawn with ``seed`` from their sorted list
-    (the same words on every call, whatever order the tokenizer's vocabulary comes in)."""
+    (the same words on every call, whatever order the tokenizer's vocabulary comes in):
+    :data:`MIN_WORDS_PER_LETTER` of every first letter (all of a rarer letter's), the rest
+    uniformly from the remaining words."""
 
     def sampled(tokenizer: Any, *args: Any, **kwargs: Any) -> list[str]:
         words = sorted(get_alpha_tokens(tokenizer, *args, **kwargs))
-        return words if len(words) <= size else random.Random(seed).sample(words, size)
+        if len(words) <= size:
+            return words
+        rng = random.Random(seed)
+        by_letter: dict[str, list[str]] = {}
+        for w in words:
+            by_letter.setdefault(w.strip()[0].lower(), []).append(w)
+        chosen = [w for group in by_letter.values() for w in rng.sample(group, min(len(group), MIN_WORDS_PER_LETTER))]
+        taken = set(chosen)
+        rest = [w for w in words if w not in taken]
+        chosen += rng.sample(rest, max(0, size - len(chosen)))
+        return rng.sample(chosen, len(chosen))
 
     return sampled
 
