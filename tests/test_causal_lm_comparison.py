@@ -608,3 +608,23 @@ def test_every_architecture_trains_after_an_lr_sweep_on_the_cache(tmp_path):
     # Rerunning trains nothing and keeps the sweep's choice.
     again = run_benchmark(cfg, models=NoModels(), skip_evals=True, log=lambda s: None)
     assert again.trained_groups == []
+
+
+def test_one_process_builds_a_cache_at_a_time(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from benchmarks.causal_lm_comparison.pipeline import prepare_activations
+
+    cfg = _tiny_cache_cfg(tmp_path, "cache")
+    folder = tmp_path / "cache"
+    folder.mkdir()
+    (folder / ".build.lock").write_text(str(os.getpid()))  # a live builder
+    with pytest.raises(ConfigError, match=f"process {os.getpid()} is building the activation cache"):
+        prepare_activations(cfg, NoModels(), None, log=lambda s: None, progress=False)
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    (folder / ".build.lock").write_text(gone.stdout.strip())  # a builder that died
+    with pytest.raises(AssertionError, match="the language model was loaded"):  # got past the lock
+        prepare_activations(cfg, NoModels(), None, log=lambda s: None, progress=False)
+    assert not (folder / ".build.lock").exists()

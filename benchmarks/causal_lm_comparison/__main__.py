@@ -29,6 +29,8 @@ def main(argv: list[str] | None = None) -> int:
                    "CAUSAL_LM_CACHE_DIR environment variable also overrides the config's)")
     p.add_argument("--activations-only", action="store_true",
                    help="build (or finish) the activation cache, training and held-out splits, then stop")
+    p.add_argument("--sweep-only", action="store_true",
+                   help="build the activation cache and run the lr sweep (training.lr_sweep), then stop")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
     p.add_argument("--dry-run", action="store_true", help="print the plan and the estimates, then stop")
     p.add_argument("--published-baselines", action="store_true",
@@ -68,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
             prepare_activations(cfg, ConfiguredModels(), default_load_dataset(cfg))
             return 0
         run_benchmark(cfg, dry_run=args.dry_run, skip_training=args.skip_training, skip_evals=args.skip_evals,
-                      force_evals=args.force_evals)
+                      force_evals=args.force_evals, sweep_only=args.sweep_only)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

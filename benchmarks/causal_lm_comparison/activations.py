@@ -226,12 +226,6 @@ def build_cache(
     computes it. ``stop_after_shards`` (tests) raises after that many new shards, as a kill would.
     Returns the manifest.
     """
-    from tqdm.auto import tqdm
-
-    from matryoshka_plugin.io import atomic_torch_save
-
-    from .pipeline import resolve_submodule
-
     folder = cache_dir(cfg)
     targets = targets if targets is not None else {"train": cfg.training.tokens, "heldout": cfg.data.heldout_tokens}
     saved = read_manifest(folder)
@@ -243,6 +237,52 @@ def build_cache(
     todo = {s: n for s, n in targets.items() if split_tokens(saved or {}, s) < n}
     if not todo:
         return saved
+    folder.mkdir(parents=True, exist_ok=True)
+    with _BuildLock(folder):
+        return _build(cfg, folder, saved, todo, lm_factory, fingerprint, known, load_dataset, log, progress,
+                      stop_after_shards)
+
+
+class _BuildLock:
+    """One builder per cache folder: a second process is refused while the first one lives."""
+
+    def __init__(self, folder: Path):
+        self.path = folder / ".build.lock"
+
+    def __enter__(self) -> "_BuildLock":
+        for _ in range(2):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            except FileExistsError:
+                try:
+                    pid = int(self.path.read_text() or 0)
+                    os.kill(pid, 0)
+                except (ValueError, ProcessLookupError, FileNotFoundError):
+                    self.path.unlink(missing_ok=True)  # left by a process that is gone
+                    continue
+                except PermissionError:
+                    pass
+                raise ConfigError(f"process {pid} is building the activation cache {self.path.parent}; wait for it "
+                                  f"(or delete {self.path} if it is not running)") from None
+            os.write(fd, str(os.getpid()).encode())
+            os.close(fd)
+            return self
+        raise ConfigError(f"cannot take {self.path}")
+
+    def __exit__(self, *exc: Any) -> None:
+        self.path.unlink(missing_ok=True)
+
+
+def _build(cfg: BenchmarkConfig, folder: Path, saved: dict[str, Any] | None, todo: dict[str, int],
+           lm_factory: Callable[[], Any], fingerprint: Any, known: bool, load_dataset: Callable[..., Any] | None,
+           log: Callable[[str], None], progress: bool, stop_after_shards: int | None) -> dict[str, Any]:
+    from tqdm.auto import tqdm
+
+    from matryoshka_plugin.io import atomic_torch_save
+
+    from .pipeline import resolve_submodule
+
+    saved = read_manifest(folder)  # as the lock holder sees it
     lm = lm_factory()
     if not known:
         fingerprint = fingerprint(lm)
@@ -251,7 +291,6 @@ def build_cache(
         _check_settings(folder, saved, manifest)
         manifest["splits"] = saved.get("splits", {})
     manifest.setdefault("splits", {})
-    folder.mkdir(parents=True, exist_ok=True)
     _write_manifest(folder, manifest)
     if cfg.data.remove_bos:
         lm.tokenizer.padding_side = "right"  # position 0 must be the BOS token, not padding

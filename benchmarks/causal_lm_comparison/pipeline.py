@@ -409,6 +409,7 @@ def run_benchmark(
     skip_training: bool = False,
     skip_evals: bool = False,
     force_evals: bool = False,
+    sweep_only: bool = False,
     log: Callable[[str], None] = print,
 ) -> BenchmarkResult:
     """Run (or with ``dry_run`` only plan) the benchmark; see the module docstring."""
@@ -456,7 +457,10 @@ def run_benchmark(
         if plan.sweep_groups and not plan.sweep_file.is_file():
             write_sweep_result(plan, cache, log)
             plan = result.plan = build_plan(cfg)
-        train_groups([g for g in plan.pending_groups() if g not in plan.sweep_groups], "train")
+        if not sweep_only:
+            train_groups([g for g in plan.pending_groups() if g not in plan.sweep_groups], "train")
+    if sweep_only:
+        return result
 
     available = [s for s in plan.saes if s.stage != "sweep" and (s.source != "train" or plan.group_done(s.group))]
     missing = [s.name for s in plan.saes if s not in available and s.stage != "sweep"]
