@@ -319,6 +319,13 @@ class ProcessGroupCollective:
         total = self.sum_(torch.cat([sums, sums.new_full((1,), t.shape[0])]))
         return (total[:-1] / total[-1]).reshape(t.shape[1:])
 
+    def batch_variance(self, r: torch.Tensor) -> torch.Tensor:
+        """The total variance of every rank's rows ``r`` ``[B, d]`` together (equal ``B`` on each):
+        the mean over the global batch of each row's squared distance from the global mean."""
+        n = r.shape[0] * self.world_size
+        mean = self.sum_(r.sum(0)) / n
+        return self.sum_((r - mean).pow(2).sum()) / n
+
     @torch.no_grad()
     def average_gradients_(self, params: Sequence[torch.nn.Parameter]) -> None:
         """Gradients averaged over ranks, in one flat all-reduce."""
@@ -393,6 +400,10 @@ class LocalCollective:
     def batch_mean(self, t: torch.Tensor) -> torch.Tensor:
         """The mean over dim 0 (``nan`` for no rows)."""
         return t.mean(0)
+
+    def batch_variance(self, r: torch.Tensor) -> torch.Tensor:
+        """The total variance of the rows ``r`` ``[B, d]``: the mean squared distance from their mean."""
+        return (r - r.mean(0)).pow(2).sum(-1).mean()
 
     def average_gradients_(self, params: Sequence[torch.nn.Parameter]) -> None:
         return None

@@ -62,6 +62,10 @@ class Recording(LocalCollective):
         self.calls.append("batch_mean")
         return super().batch_mean(t)
 
+    def batch_variance(self, r):
+        self.calls.append("batch_variance")
+        return super().batch_variance(r)
+
     def average_gradients_(self, params):
         self.calls.append("average_gradients_")
 
@@ -91,7 +95,7 @@ def test_batch_top_k_statistics_go_through_the_collective():
     for step, x in enumerate(_batches(6)):
         assert plain.update(step, x) == recorded.update(step, x)  # bit for bit: the identity changes nothing
     assert recorded.dead_features > 0  # the AuxK variance was computed
-    assert {"sum_", "max_", "min_", "gather_rows", "batch_mean", "average_gradients_",
+    assert {"sum_", "max_", "min_", "gather_rows", "batch_variance", "average_gradients_",
             "batch_topk_select"} <= set(rec.calls), sorted(set(rec.calls))
     for name in ("W_enc", "W_dec", "b_dec", "threshold"):
         assert torch.equal(getattr(plain.ae, name), getattr(recorded.ae, name)), name

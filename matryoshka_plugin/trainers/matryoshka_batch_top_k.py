@@ -305,8 +305,7 @@ class MatryoshkaBatchTopKTrainer(MatryoshkaTrainerBase):
         recon = self.ae.dead_latent_decode(x, pre_activations, dead, k_aux, self.cfg.backend)
         l2 = (residual.float() - recon.float()).pow(2).sum(-1).mean()
         r = residual.float()
-        # The residual's variance over the global batch, in two passes.
-        denom = collective.batch_mean((r - collective.batch_mean(r)).pow(2).sum(-1))
+        denom = collective.batch_variance(r)  # over the global batch
         pre_norm = float(collective.sum_(l2.detach().clone())) / collective.world_size
         return (l2 / denom).nan_to_num(0.0), pre_norm
 
