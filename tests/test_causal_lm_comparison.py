@@ -387,7 +387,8 @@ def test_smollm2_trains_a_few_steps_and_converts_for_the_evals(tmp_path):
         "data.refresh_batch_size": 8, "training.tokens": 256, "training.batch_size": 64,
         "training.architectures": ["matryoshka", "batchtopk"], "training.widths": [1152], "training.l0s": [20],
         "training.warmup_steps": 1, "training.threshold_start_step": 2, "training.decay_start_fraction": 0.5,
-        "training.group_by": "all", "data.cache_dir": str(tmp_path / "acts"), "data.heldout_tokens": 64,
+        "training.group_by": "all", "training.lr_sweep": [], "training.seeds": {},
+        "data.cache_dir": str(tmp_path / "acts"), "data.heldout_tokens": 64,
         "data.cache_shard_texts": 8})
 
     class Recording(ConfiguredModels):
