@@ -2,8 +2,9 @@
 
 Torch's default is one intra-op thread per core. For small steps (toy SAEs, tiny tests) the
 threads' synchronisation costs more than the work, and on a loaded machine a thread that waits
-for a busy core stalls the whole step: on 2 busy cores a 20-latent training step ran 5-10x
-slower with two threads than with one. Large steps (real SAE widths) keep every thread.
+for a busy core stalls the whole step, so a toy step runs slower with two threads than with one
+(figures: docs/speed.md, "Thread counts for small steps"). Large steps (real SAE widths) keep
+every thread.
 """
 
 from __future__ import annotations
@@ -17,9 +18,9 @@ import torch
 __all__ = ["STEP_PARALLEL_MIN_WORK", "threads_for", "cpu_threads", "threads_by_work"]
 
 # Multiply-adds of a step's encoder matmul (batch x d x latents) below which one thread runs
-# the whole step: 2**24 is about 2 ms of single-threaded work, where a parallel region's
-# start-up and barriers are no longer negligible and a stalled thread costs more than the split
-# saves. (The numba kernels keep their own, smaller cut-off: kernels.numba.PARALLEL_MIN_WORK.)
+# the whole step: below it a parallel region's start-up and barriers are no longer negligible
+# and a stalled thread costs more than the split saves (docs/speed.md, "Thread counts for small
+# steps"). (The numba kernels keep their own, smaller cut-off: kernels.numba.PARALLEL_MIN_WORK.)
 STEP_PARALLEL_MIN_WORK = 1 << 24
 
 F = TypeVar("F", bound=Callable)
