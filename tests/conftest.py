@@ -56,3 +56,13 @@ def kernel_path(request, monkeypatch):
     else:
         monkeypatch.setattr(kernels, "PARALLEL_MIN_WORK", 1 << 62)
         yield request.param
+
+
+@pytest.fixture
+def one_torch_thread():
+    """One intra-op thread for the test: small matrices run far slower on two threads of a busy
+    machine than on one. Modules opt in with ``pytestmark = pytest.mark.usefixtures(...)``."""
+    from matryoshka_plugin.threads import cpu_threads
+
+    with cpu_threads(1):
+        yield

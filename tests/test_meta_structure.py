@@ -11,13 +11,7 @@ D, N_ATOMS, N_ROWS = 32, 12, 256
 META = dict(autocast=False, train_steps=300, train_batch_size=256, k=2, learning_rate=5e-3)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The meta-SAE's small matrices run far slower on two threads of a busy machine than on one."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _atoms(gen: torch.Generator) -> torch.Tensor:

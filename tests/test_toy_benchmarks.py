@@ -9,7 +9,6 @@ import json
 import math
 
 import pytest
-import torch
 
 
 from benchmarks.toy.config import default_setups, merge_overrides, parse_variant
@@ -24,12 +23,7 @@ def reduced(name, **over):
     return merge_overrides(SETUPS[name], {"eval_samples": 10_000, **over})
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 # Reduced settings, checked over seeds 0-9 (see the README's toy-benchmark section).
