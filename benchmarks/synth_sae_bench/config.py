@@ -5,7 +5,7 @@ docs/synth_sae_bench.md and synth-sae-bench-experiments experiments/sweeps/commo
 features in d=768, SAEs of width 4096 with Matryoshka widths 128/512/2048/4096, 200M samples,
 batch 1024, lr 3e-4, constant schedule. ``cpu`` is the same generator at a quarter of the size
 in every count (4,096 features in d=256, 32 hierarchy roots, SAE width 1024, widths
-32/128/512/1024), which builds in a minute.
+32/128/512/1024), small enough to build on a CPU (build time: docs/synth_sae_bench.md).
 """
 
 from __future__ import annotations

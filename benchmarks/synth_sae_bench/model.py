@@ -135,8 +135,8 @@ def sample_pool(model: Any, n: int, seed: int, path: Path, batch_size: int = 102
     """``n`` samples as ``(hidden activations [n, d], feature activations, sparse COO [n, F])``, drawn
     once with ``seed`` and cached at ``path`` (keyed by the model's fingerprint).
 
-    Sampling costs about 1.5 s per 1024 samples of the CPU model on two cores, more than a training
-    step, so every SAE of a run reads this one pool.
+    Sampling costs more than a training step on the CPU model (figures: docs/synth_sae_bench.md,
+    "Protocols"), so every SAE of a run reads this one pool.
     """
     path = Path(path)
     key = {"fingerprint": fingerprint(model), "n": int(n), "seed": int(seed)}
