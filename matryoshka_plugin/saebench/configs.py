@@ -64,8 +64,8 @@ _ABSORPTION_CACHE_FIELDS = ("prompt_template", "prompt_token_pos", "llm_dtype", 
                             "probe_vocab_size")
 # Settings the adapter adds to SAEBench's, per eval: name -> default (None keeps SAEBench's behaviour).
 # absorption's probe_vocab_size: how many of the tokenizer's alphabetic tokens the first-letter probe
-# and the absorption prompts draw on (SAEBench takes all of them, about 47,000 for SmolLM2, each an
-# ~88-token prompt through the whole model: hours on a CPU); see patches.absorption_vocabulary.
+# and the absorption prompts draw on (SAEBench takes all of them, each in a prompt through the whole
+# model, too many for a CPU: docs/causal_lm_comparison.md); see patches.absorption_vocabulary.
 ADAPTER_FIELDS: dict[str, dict[str, Any]] = {"absorption": {"probe_vocab_size": None}}
 # Fields that change nothing SAEBench caches for the probing evals (batch sizes, post-processing).
 _UNCACHED_FIELDS = ("llm_batch_size", "sae_batch_size", "eval_batch_size_prompts", "n_values", "lower_vram_usage")
