@@ -1,0 +1,472 @@
+"""What every benchmark study shares: a store of finished runs, mean ± std over seeds, one
+markdown-table and one CSV writer, and a command line built from a config dataclass.
+
+A study declares its settings as a dataclass (help text in ``field(metadata={"help": ...})``,
+or with :func:`option`), reads them with :func:`parse_config` (flags from the fields, plus
+``--config FILE`` (TOML or JSON) and ``--set key=value``), saves each finished run with
+:meth:`RunStore.save` and skips it on a rerun with :meth:`RunStore.is_done`, and writes its
+tables with :func:`summarise`, :func:`markdown_table` and :func:`write_csv`. Generated results
+go under ``docs/results/<study>/`` (:func:`results_dir`); hand-written prose stays in ``docs/``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import csv
+import dataclasses
+import io
+import json
+import math
+import types
+import typing
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping, Sequence, TypeVar
+
+from matryoshka_plugin.io import atomic_open, atomic_write_json
+
+__all__ = [
+    "RESULTS_ROOT", "RunStore", "add_meta_structure", "apply_overrides", "build_parser", "config_from_dict",
+    "csv_text", "fmt_mean_std", "load_config_file", "markdown_table", "mean_std", "option", "parse_config",
+    "results_dir", "summarise", "width_label", "write_csv",
+]
+
+T = TypeVar("T")
+RESULTS_ROOT = Path("docs/results")
+
+
+def results_dir(study: str) -> Path:
+    """Where a study's generated tables, figures and archives go: ``docs/results/<study>``."""
+    return RESULTS_ROOT / study
+
+
+def width_label(width: int) -> str:
+    """A dictionary width as the studies name it: ``4096 -> "4k"``, ``512 -> "512"``."""
+    return f"{width // 1000}k" if width >= 1000 else str(width)
+
+
+# ----------------------------------------------------------------------------------------------
+# Finished runs
+# ----------------------------------------------------------------------------------------------
+
+
+def _canonical(obj: Any) -> Any:
+    """``obj`` as it reads back from JSON (tuples become lists, keys strings), for comparison."""
+    return json.loads(json.dumps(obj, default=str))
+
+
+class RunStore:
+    """One JSON record per finished run, ``<root>/<key>.json`` (a key may hold ``/`` for
+    sub-folders), written atomically. A record saved with a fingerprint (the settings that
+    determine its result) counts as done only for the same fingerprint, so a changed setting
+    reruns that run and an interrupted study resumes where it stopped."""
+
+    def __init__(self, root: str | Path, name: str = "record.json") -> None:
+        self.root = Path(root)
+        self.name = name
+
+    def path(self, key: str) -> Path:
+        """The record file of ``key``: ``root/key/<name>``."""
+        if not key or key.startswith("/") or ".." in key.split("/"):
+            raise ValueError(f"run key {key!r} must be a relative path without '..'")
+        return self.root / key / self.name
+
+    def load(self, key: str) -> dict[str, Any] | None:
+        """The record of ``key``, or None when the run has not finished."""
+        path = self.path(key)
+        return json.loads(path.read_text()) if path.is_file() else None
+
+    def is_done(self, key: str, fingerprint: Any = None) -> bool:
+        """Whether ``key`` has a record (with this fingerprint, when one is given)."""
+        record = self.load(key)
+        if record is None:
+            return False
+        return fingerprint is None or record.get("fingerprint") == _canonical(fingerprint)
+
+    def save(self, key: str, record: Mapping[str, Any], fingerprint: Any = None) -> Path:
+        """Write ``record`` (plus ``fingerprint`` when given) atomically; returns its path."""
+        out = dict(record)
+        if fingerprint is not None:
+            out["fingerprint"] = _canonical(fingerprint)
+        path = self.path(key)
+        atomic_write_json(out, path, indent=1, default=str)
+        return path
+
+    def records(self, keys: Iterable[str] | None = None) -> list[dict[str, Any]]:
+        """The records of ``keys`` that exist (in that order), or of every run under ``root``."""
+        if keys is None:
+            keys = sorted(str(p.parent.relative_to(self.root)) for p in self.root.rglob(self.name))
+        return [r for r in (self.load(k) for k in keys) if r is not None]
+
+
+# ----------------------------------------------------------------------------------------------
+# Tables
+# ----------------------------------------------------------------------------------------------
+
+
+def _number(value: Any) -> float | None:
+    if value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    return None if math.isnan(value) else float(value)
+
+
+def mean_std(values: Iterable[Any]) -> tuple[float, float, int]:
+    """Mean, sample standard deviation (ddof 1; 0 for one value) and count of the numbers in
+    ``values``; None, NaN and non-numbers are left out; ``(nan, nan, 0)`` when none is left."""
+    vals = [v for v in map(_number, values) if v is not None]
+    if not vals:
+        return math.nan, math.nan, 0
+    mean = math.fsum(vals) / len(vals)
+    if len(vals) == 1:
+        return mean, 0.0, 1
+    return mean, math.sqrt(math.fsum((v - mean) ** 2 for v in vals) / (len(vals) - 1)), len(vals)
+
+
+def summarise(records: Iterable[Mapping[str, Any]], by: Sequence[str | Callable[[Mapping[str, Any]], Any]],
+              metrics: Sequence[str], count: str = "seeds", counts: bool = False) -> list[dict[str, Any]]:
+    """One row per group of ``records`` sharing the ``by`` values (keys, or ``(name, function)``
+    pairs, in first-seen order): the group's ``by`` values, ``count`` (its number of records),
+    and per metric its mean as ``<metric>`` and sample std over the group as ``<metric>_std``
+    (plus ``<metric>_n``, the values counted, with ``counts=True``)."""
+    getters = []
+    for b in by:
+        name, get = (b, (lambda r, b=b: r.get(b))) if isinstance(b, str) else b
+        getters.append((name, get))
+    groups: dict[tuple, list[Mapping[str, Any]]] = {}
+    for r in records:
+        groups.setdefault(tuple(get(r) for _, get in getters), []).append(r)
+    rows = []
+    for values, recs in groups.items():
+        row: dict[str, Any] = dict(zip((n for n, _ in getters), values))
+        row[count] = len(recs)
+        for m in metrics:
+            row[m], row[f"{m}_std"], n = mean_std(r.get(m) for r in recs)
+            if counts:
+                row[f"{m}_n"] = n
+        rows.append(row)
+    return rows
+
+
+def fmt_mean_std(mean: Any, std: Any = None, decimals: int = 3, missing: str = "–") -> str:
+    """``"0.123 ± 0.004"``; ``missing`` for None/NaN; just the mean when ``std`` is None/NaN."""
+    m = _number(mean)
+    if m is None:
+        return missing
+    s = _number(std)
+    return f"{m:.{decimals}f}" if s is None else f"{m:.{decimals}f} ± {s:.{decimals}f}"
+
+
+def markdown_table(header: Sequence[Any], rows: Iterable[Sequence[Any]]) -> str:
+    """A GitHub markdown table (no trailing newline); cells are ``str()``-ed, ``|`` escaped."""
+
+    def line(cells: Sequence[Any]) -> str:
+        return "| " + " | ".join(str(c).replace("|", "\\|") for c in cells) + " |"
+
+    head = list(header)
+    return "\n".join([line(head), "|" + "---|" * len(head)] + [line(r) for r in rows])
+
+
+def csv_text(rows: Iterable[Mapping[str, Any]], fieldnames: Sequence[str] | None = None) -> str:
+    """``rows`` as CSV text (``\\n`` line ends); None is written as an empty cell, keys outside
+    ``fieldnames`` (default: the first row's keys, then any new ones in order) are dropped."""
+    rows = list(rows)
+    if fieldnames is None:
+        fieldnames = list(dict.fromkeys(k for r in rows for k in r))
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=list(fieldnames), extrasaction="ignore", lineterminator="\n")
+    w.writeheader()
+    for r in rows:
+        w.writerow({k: ("" if v is None else v) for k, v in r.items()})
+    return buf.getvalue()
+
+
+def write_csv(path: str | Path, rows: Iterable[Mapping[str, Any]], fieldnames: Sequence[str] | None = None) -> Path:
+    """Write :func:`csv_text` of ``rows`` to ``path`` atomically; returns the path."""
+    path = Path(path)
+    with atomic_open(path, newline="") as f:
+        f.write(csv_text(rows, fieldnames))
+    return path
+
+
+# ----------------------------------------------------------------------------------------------
+# SAEBench's meta-structure eval on saved decoders
+# ----------------------------------------------------------------------------------------------
+
+
+def add_meta_structure(runs: Iterable[tuple[str, Callable[[], Any], list[int]]], have: Callable[[str], bool],
+                       put: Callable[[str, dict[str, Any]], None], **config: Any) -> None:
+    """For every ``(name, load_sae, seeds)`` in ``runs`` that ``have(name)`` says lacks it, run
+    SAEBench's meta-structure eval (a BatchTopK meta-SAE on the decoder rows, one per seed;
+    ``config`` overrides SAEBench's settings) and hand the result to ``put(name, result)``."""
+    from matryoshka_plugin.saebench.meta_structure import decoder_meta_structure
+
+    for name, load_sae, seeds in runs:
+        if not have(name):
+            put(name, decoder_meta_structure(load_sae(), seeds=list(seeds), **config))
+
+
+# ----------------------------------------------------------------------------------------------
+# Config dataclasses: files, overrides and the command line
+# ----------------------------------------------------------------------------------------------
+
+
+def option(default: Any = dataclasses.MISSING, help: str = "", *, default_factory: Any = dataclasses.MISSING,
+           flag: bool = True, **argparse_kwargs: Any) -> Any:
+    """A dataclass field with its command-line help (``flag=False``: settable only through
+    ``--set``/``--config``); ``argparse_kwargs`` (``metavar``, ``choices``...) go to argparse."""
+    meta = {"help": help, "flag": flag, "argparse": argparse_kwargs}
+    if default_factory is not dataclasses.MISSING:
+        return dataclasses.field(default_factory=default_factory, metadata=meta)
+    return dataclasses.field(default=default, metadata=meta)
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _optional(tp: Any) -> tuple[Any, bool]:
+    """``X | None`` -> ``(X, True)``."""
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(args) < len(typing.get_args(tp)):
+            return (args[0] if len(args) == 1 else typing.Union[tuple(args)]), True
+    return tp, False
+
+
+def _parse_text(text: str) -> Any:
+    """A ``--set`` value: a Python/JSON literal where it is one, else the text itself."""
+    low = text.strip().lower()
+    if low in ("true", "false", "null", "none"):
+        return {"true": True, "false": False}.get(low)
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+
+
+def coerce(value: Any, tp: Any, name: str) -> Any:
+    """``value`` checked and converted to the type hint ``tp``; ValueError naming ``name``."""
+    tp, optional = _optional(tp)
+    if value is None:
+        if optional or tp is Any:
+            return None
+        raise ValueError(f"{name}: None is not allowed (expected {tp})")
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if isinstance(value, str) and tp is not str and origin is not typing.Literal:
+        value = _parse_text(value)
+        if value is None and optional:
+            return None
+    try:
+        if tp is Any:
+            return value
+        if dataclasses.is_dataclass(tp):
+            if dataclasses.is_dataclass(value):
+                return value
+            if not isinstance(value, Mapping):
+                raise TypeError(f"a table of {tp.__name__} settings")
+            return config_from_dict(tp, value, prefix=f"{name}.")
+        if origin is typing.Literal:
+            if value not in args:
+                raise TypeError(f"one of {list(args)}")
+            return value
+        if origin in (list, tuple, Sequence) or tp in (list, tuple):
+            if isinstance(value, (str, bytes)) or not isinstance(value, Iterable):
+                value = [value]
+            item = args[0] if args else Any
+            items = [coerce(v, item, f"{name}[{i}]") for i, v in enumerate(value)]
+            return tuple(items) if origin is tuple or tp is tuple else items
+        if origin is dict or tp is dict:
+            if not isinstance(value, Mapping):
+                raise TypeError("a table/dict")
+            vt = args[1] if len(args) == 2 else Any
+            return {k: coerce(v, vt, f"{name}.{k}") for k, v in value.items()}
+        if tp is bool:
+            if not isinstance(value, bool):
+                raise TypeError("true or false")
+            return value
+        if tp is int:
+            if isinstance(value, bool) or not isinstance(value, int):
+                if isinstance(value, float) and value.is_integer():
+                    return int(value)
+                raise TypeError("an integer")
+            return value
+        if tp is float:
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise TypeError("a number")
+            return float(value)
+        if tp is str:
+            if not isinstance(value, str):
+                raise TypeError("a string")
+            return value
+        if tp is Path:
+            return Path(value)
+        return tp(value)
+    except (TypeError, ValueError) as e:
+        if isinstance(e, ValueError) and str(e).startswith(name):
+            raise
+        raise ValueError(f"{name}: expected {e if isinstance(e, TypeError) else tp}, got {value!r}") from None
+
+
+def _unknown(name: str, known: Iterable[str]) -> ValueError:
+    return ValueError(f"unknown setting {name!r}; known: {', '.join(sorted(known))}")
+
+
+def config_from_dict(cls: type[T], data: Mapping[str, Any], prefix: str = "") -> T:
+    """A ``cls`` from ``data`` (a parsed TOML/JSON table), nested dataclasses included; every
+    value is type-checked and an unknown key raises ValueError naming it."""
+    return apply_overrides(cls(), dict(data), prefix) if _all_defaulted(cls) else _strict(cls, data, prefix)
+
+
+def _all_defaulted(cls: type) -> bool:
+    return all(f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING
+               for f in dataclasses.fields(cls) if f.init)
+
+
+def _strict(cls: type[T], data: Mapping[str, Any], prefix: str) -> T:
+    hints, names = _hints(cls), {f.name for f in dataclasses.fields(cls) if f.init}
+    for key in data:
+        if key not in names:
+            raise _unknown(prefix + key, names)
+    return cls(**{k: coerce(v, hints[k], prefix + k) for k, v in data.items()})
+
+
+def apply_overrides(cfg: T, overrides: Mapping[str, Any], prefix: str = "") -> T:
+    """A copy of the dataclass ``cfg`` with ``overrides`` applied: keys may be dotted
+    (``"toy.d"``) into nested dataclasses and dict fields; a table merges into a nested
+    dataclass or dict field; values are type-checked; an unknown key raises ValueError naming it."""
+    hints = _hints(type(cfg))
+    names = {f.name for f in dataclasses.fields(cfg) if f.init}
+    changes: dict[str, Any] = {}
+    for key, value in overrides.items():
+        head, _, rest = key.partition(".")
+        if head not in names:
+            raise _unknown(prefix + head, names)
+        current = changes.get(head, getattr(cfg, head))
+        tp, _ = _optional(hints[head])
+        if rest or (isinstance(value, Mapping) and (dataclasses.is_dataclass(current) or isinstance(current, dict))):
+            sub = {rest: value} if rest else dict(value)
+            if dataclasses.is_dataclass(current):
+                changes[head] = apply_overrides(current, sub, f"{prefix}{head}.")
+            elif isinstance(current, dict) or current is None and typing.get_origin(tp) is dict:
+                vt = typing.get_args(tp)[1] if len(typing.get_args(tp)) == 2 else Any
+                merged = dict(current or {})
+                for k, v in sub.items():
+                    _set_dotted(merged, k, coerce(v, vt, f"{prefix}{head}.{k}") if "." not in k else v)
+                changes[head] = merged
+            else:
+                raise ValueError(f"setting {prefix}{head!s} is not a table; cannot set {prefix}{key!r}")
+        else:
+            changes[head] = coerce(value, hints[head], prefix + head)
+    return dataclasses.replace(cfg, **changes)
+
+
+def _set_dotted(d: dict[str, Any], key: str, value: Any) -> None:
+    head, _, rest = key.partition(".")
+    if rest:
+        _set_dotted(d.setdefault(head, {}), rest, value)
+    else:
+        d[head] = value
+
+
+def load_config_file(path: str | Path) -> dict[str, Any]:
+    """A TOML (``.toml``) or JSON file as a dict; ValueError naming the file when it is broken."""
+    path = Path(path)
+    text = path.read_text()
+    try:
+        if path.suffix == ".toml":
+            import tomllib
+
+            data = tomllib.loads(text)
+        else:
+            data = json.loads(text)
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a table of settings at the top level")
+    return data
+
+
+def _flag_name(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def build_parser(cls: type, prog: str | None = None, description: str | None = None,
+                 parser: argparse.ArgumentParser | None = None, config_file: bool = True) -> argparse.ArgumentParser:
+    """An ArgumentParser with one flag per field of ``cls`` (bool: ``--x/--no-x``; list: one or
+    more values; ``X | None``: the X flag; nested dataclasses and dicts only through
+    ``--set``), plus ``--set KEY=VALUE`` and, with ``config_file``, ``--config FILE``. Flags not
+    given stay absent from the namespace, so :func:`parse_config` can layer them."""
+    p = parser or argparse.ArgumentParser(prog=prog, description=description,
+                                          formatter_class=argparse.RawDescriptionHelpFormatter)
+    hints = _hints(cls)
+    for f in dataclasses.fields(cls):
+        meta = f.metadata
+        if not f.init or not meta.get("flag", True):
+            continue
+        tp, _ = _optional(hints[f.name])
+        origin, args = typing.get_origin(tp), typing.get_args(tp)
+        if dataclasses.is_dataclass(tp) or origin is dict or tp is dict:
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else (
+            f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
+        help_text = meta.get("help", "")
+        if default is not None and help_text != argparse.SUPPRESS:
+            shown = " ".join(map(str, default)) if isinstance(default, (list, tuple)) else default
+            help_text = f"{help_text} (default: {shown})".strip()
+        kw: dict[str, Any] = dict(dest=f.name, default=argparse.SUPPRESS, help=help_text.replace("%", "%%"))
+        if tp is bool:
+            kw["action"] = argparse.BooleanOptionalAction
+        else:
+            item = args[0] if origin in (list, tuple) and args else tp
+            if origin in (list, tuple):
+                kw["nargs"] = "+"
+            if typing.get_origin(item) is typing.Literal:
+                kw["choices"] = list(typing.get_args(item))
+            else:
+                kw["type"] = (lambda t, n: lambda s: _flag_value(s, t, n))(item, f.name)
+                kw["metavar"] = getattr(item, "__name__", "VALUE").upper()
+        kw.update(meta.get("argparse", {}))
+        p.add_argument(_flag_name(f.name), **kw)
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="set_",
+                   help="override any setting, dotted for nested ones (e.g. --set toy.d=32); "
+                        "values are Python/JSON literals or plain text; applied last")
+    if config_file:
+        p.add_argument("--config", dest="config_file", metavar="FILE", default=None,
+                       help="a TOML or JSON file of settings (applied before the flags)")
+    return p
+
+
+def _flag_value(text: str, tp: Any, name: str) -> Any:
+    try:
+        return coerce(text, tp, name)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def config_from_args(cls: type[T], args: argparse.Namespace, parser: argparse.ArgumentParser,
+                     base: T | None = None) -> T:
+    """The config from a namespace of :func:`build_parser`: ``base`` (default ``cls()``), then
+    ``--config``, then the flags given, then ``--set``; a bad key or value is a parser error."""
+    try:
+        cfg = base if base is not None else cls()
+        if getattr(args, "config_file", None):
+            cfg = apply_overrides(cfg, load_config_file(args.config_file))
+        names = {f.name for f in dataclasses.fields(cls)}
+        cfg = apply_overrides(cfg, {k: v for k, v in vars(args).items() if k in names})
+        sets = {}
+        for item in args.set_:
+            key, sep, val = item.partition("=")
+            if not sep or not key:
+                raise ValueError(f"--set expects KEY=VALUE, got {item!r}")
+            sets[key.strip()] = val
+        return apply_overrides(cfg, sets)
+    except (ValueError, OSError) as e:
+        parser.error(str(e))
+        raise  # parser.error exits; this line keeps type checkers content
+
+
+def parse_config(cls: type[T], argv: Sequence[str] | None = None, prog: str | None = None,
+                 description: str | None = None, base: T | None = None) -> T:
+    """Parse ``argv`` into a ``cls`` (see :func:`build_parser` and :func:`config_from_args`)."""
+    parser = build_parser(cls, prog, description)
+    return config_from_args(cls, parser.parse_args(argv), parser, base)
