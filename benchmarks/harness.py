@@ -166,25 +166,28 @@ def markdown_table(header: Sequence[Any], rows: Iterable[Sequence[Any]]) -> str:
     return "\n".join([line(head), "|" + "---|" * len(head)] + [line(r) for r in rows])
 
 
-def csv_text(rows: Iterable[Mapping[str, Any]], fieldnames: Sequence[str] | None = None) -> str:
-    """``rows`` as CSV text (``\\n`` line ends); None is written as an empty cell, keys outside
-    ``fieldnames`` (default: the first row's keys, then any new ones in order) are dropped."""
+def csv_text(rows: Iterable[Mapping[str, Any]], fieldnames: Sequence[str] | None = None,
+             lineterminator: str = "\r\n") -> str:
+    """``rows`` as CSV text (the csv module's ``\\r\\n`` line ends unless told); None is written
+    as an empty cell, keys outside ``fieldnames`` (default: every key, in first-seen order) are
+    dropped."""
     rows = list(rows)
     if fieldnames is None:
         fieldnames = list(dict.fromkeys(k for r in rows for k in r))
     buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=list(fieldnames), extrasaction="ignore", lineterminator="\n")
+    w = csv.DictWriter(buf, fieldnames=list(fieldnames), extrasaction="ignore", lineterminator=lineterminator)
     w.writeheader()
     for r in rows:
         w.writerow({k: ("" if v is None else v) for k, v in r.items()})
     return buf.getvalue()
 
 
-def write_csv(path: str | Path, rows: Iterable[Mapping[str, Any]], fieldnames: Sequence[str] | None = None) -> Path:
+def write_csv(path: str | Path, rows: Iterable[Mapping[str, Any]], fieldnames: Sequence[str] | None = None,
+              lineterminator: str = "\r\n") -> Path:
     """Write :func:`csv_text` of ``rows`` to ``path`` atomically; returns the path."""
     path = Path(path)
     with atomic_open(path, newline="") as f:
-        f.write(csv_text(rows, fieldnames))
+        f.write(csv_text(rows, fieldnames, lineterminator))
     return path
 
 

@@ -65,6 +65,7 @@ def test_write_csv_round_trips_with_empty_cells_for_none(tmp_path):
     path = write_csv(tmp_path / "sub" / "r.csv", [{"a": 1, "b": None}, {"a": 2.5, "c": "z"}])
     rows = list(csv.DictReader(io.StringIO(path.read_text())))
     assert rows == [{"a": "1", "b": "", "c": ""}, {"a": "2.5", "b": "", "c": "z"}]
+    assert path.read_bytes().count(b"\r\n") == 3  # the csv module's dialect, as the studies wrote before
     assert not list(path.parent.glob(".*tmp"))  # the temporary file is gone
 
 

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-import csv
 import math
 from pathlib import Path
 from typing import Any, Sequence
+
+from ..harness import markdown_table, width_label, write_csv
 
 __all__ = ["METRIC_LABELS", "PAPER_REFERENCE", "comparison_rows", "write_report"]
 
@@ -97,9 +98,8 @@ def _markdown(rows: list[dict[str, Any]], metrics: list[str], plan: Any) -> str:
         "sae-probes sparse probing is the most reliable metric that study tested."
         + (f" Seeded evals: mean ± sample std over seeds {cfg.evals.seeds}." if cfg.evals.seeds else ""),
         "",
-        "| " + " | ".join(header) + " |",
-        "|" + "|".join("---" for _ in header) + "|",
     ]
+    table = []
     for r in rows:
         target = r["target_l0"] if r["target_l0"] is not None else (f"l1 {r['l1_penalty']:g}" if r["l1_penalty"] else "–")
         cells = [r["name"], str(r["architecture"]), _fmt(r["width"]), str(target)]
@@ -108,7 +108,8 @@ def _markdown(rows: list[dict[str, Any]], metrics: list[str], plan: Any) -> str:
                 cells.append("n/e")
             else:
                 cells.append(_cell(r, m))
-        lines.append("| " + " | ".join(cells) + " |")
+        table.append(cells)
+    lines.append(markdown_table(header, table))
     if any(r["absorption_status"] == "not_evaluated" for r in rows):
         lines += ["", "n/e: SAEBench computed no absorption score because too few first letters have a "
                       "ground-truth probe above its F1 threshold (see evals/absorption/*_not_evaluated.json)."]
@@ -122,10 +123,6 @@ def _markdown(rows: list[dict[str, Any]], metrics: list[str], plan: Any) -> str:
         f"{ref['meta_variance_explained']['batchtopk']:.2f}.",
     ]
     return "\n".join(lines) + "\n"
-
-
-def width_label(width: int) -> str:
-    return f"{width // 1000}k" if width >= 1000 else str(width)
 
 
 def _plot(rows: list[dict[str, Any]], metric: str, path: Path, title: str) -> None:
@@ -171,12 +168,14 @@ def _plot(rows: list[dict[str, Any]], metric: str, path: Path, title: str) -> No
     plt.close(fig)
 
 
-def write_report(plan: Any, specs: Sequence[Any]) -> tuple[list[dict[str, Any]], list[Path]]:
-    """Write ``comparison.md``, ``comparison.csv`` and one ``<metric>_vs_l0.png`` per metric."""
+def write_report(plan: Any, specs: Sequence[Any], out: str | Path | None = None) -> tuple[list[dict[str, Any]], list[Path]]:
+    """Write ``comparison.md``, ``comparison.csv`` and one ``<metric>_vs_l0.png`` per metric into
+    ``out`` (default ``plan.report_dir``; a study's published copy belongs under
+    ``harness.results_dir("causal_lm_comparison")``, e.g. ``docs/results/causal_lm_comparison/smollm2_135m``)."""
     from matryoshka_plugin.io import atomic_open
     from matryoshka_plugin.saebench import HEADLINE_METRICS
 
-    out = Path(plan.report_dir)
+    out = Path(plan.report_dir if out is None else out)
     out.mkdir(parents=True, exist_ok=True)
     rows = comparison_rows(plan, specs)
     evals = set(plan.cfg.evals.evals)
@@ -184,15 +183,9 @@ def write_report(plan: Any, specs: Sequence[Any]) -> tuple[list[dict[str, Any]],
     md = out / "comparison.md"
     with atomic_open(md) as f:
         f.write(_markdown(rows, metrics, plan))
-    csv_path = out / "comparison.csv"
-    with atomic_open(csv_path, newline="") as f:
-        seeded = [col for col, _, _ in HEADLINE_METRICS if any(f"{col}_std" in r for r in rows)]
-        stds = [f"{col}_{x}" for col in seeded for x in ("std", "n")]
-        w = csv.DictWriter(f, fieldnames=_ID_COLUMNS + [col for col, _, _ in HEADLINE_METRICS] + stds,
-                           extrasaction="ignore")
-        w.writeheader()
-        for r in rows:
-            w.writerow({k: ("" if v is None else v) for k, v in r.items()})
+    seeded = [col for col, _, _ in HEADLINE_METRICS if any(f"{col}_std" in r for r in rows)]
+    stds = [f"{col}_{x}" for col in seeded for x in ("std", "n")]
+    csv_path = write_csv(out / "comparison.csv", rows, _ID_COLUMNS + [col for col, _, _ in HEADLINE_METRICS] + stds)
     files = [md, csv_path]
     for m in metrics:
         if m == "l0":
