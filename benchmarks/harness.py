@@ -23,6 +23,8 @@ import typing
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence, TypeVar
 
+import numpy as np
+
 from matryoshka_plugin.io import atomic_open, atomic_write_json
 
 __all__ = [
@@ -77,8 +79,11 @@ class RunStore:
         return json.loads(path.read_text()) if path.is_file() else None
 
     def is_done(self, key: str, fingerprint: Any = None) -> bool:
-        """Whether ``key`` has a record (with this fingerprint, when one is given)."""
-        record = self.load(key)
+        """Whether ``key`` has a readable record (with this fingerprint, when one is given)."""
+        try:
+            record = self.load(key)
+        except (OSError, ValueError):  # unreadable: run it again
+            return False
         if record is None:
             return False
         return fingerprint is None or record.get("fingerprint") == _canonical(fingerprint)
@@ -116,10 +121,7 @@ def mean_std(values: Iterable[Any]) -> tuple[float, float, int]:
     vals = [v for v in map(_number, values) if v is not None]
     if not vals:
         return math.nan, math.nan, 0
-    mean = math.fsum(vals) / len(vals)
-    if len(vals) == 1:
-        return mean, 0.0, 1
-    return mean, math.sqrt(math.fsum((v - mean) ** 2 for v in vals) / (len(vals) - 1)), len(vals)
+    return float(np.mean(vals)), float(np.std(vals, ddof=1)) if len(vals) > 1 else 0.0, len(vals)
 
 
 def summarise(records: Iterable[Mapping[str, Any]], by: Sequence[str | Callable[[Mapping[str, Any]], Any]],

@@ -4,15 +4,17 @@ hedging critique, plus smoke runs of the loud-child and superposition set-ups.
 The full study is ``python -m benchmarks.toy.run`` (README, "Toy benchmarks").
 """
 
-import argparse
 import json
 import math
+from pathlib import Path
 
 import pytest
 
 
 from benchmarks.toy.config import default_setups, merge_overrides, parse_variant
-from benchmarks.toy.run import build_config
+import benchmarks.toy.run as run_module
+from benchmarks.harness import parse_config
+from benchmarks.toy.run import ToyStudy, build_config
 from benchmarks.toy.run import main as run_main
 from benchmarks.toy.train import train_and_evaluate
 
@@ -107,26 +109,37 @@ def test_runs_are_trainsae_folders_that_load_and_remeasure_identically(tmp_path,
         assert json.loads((d / "record.json").read_text()) == records[v]
 
 
-def _args(**kw):
-    base = dict(quick=False, config=None, setups=None, steps=None, variants=None, seeds=None)
-    return argparse.Namespace(**{**base, **kw})
+def _study(*argv):
+    return parse_config(ToyStudy, list(argv))
 
 
-def test_config_file_overrides_and_selects(tmp_path):
+def test_config_file_overrides_and_selects(tmp_path, capsys):
     cfg = tmp_path / "c.json"
-    cfg.write_text(json.dumps({"seeds": [3], "setups": {"hedging": {"steps": 7, "log": {"sparsity_coeff": 2.0}}}}))
-    setups, seeds = build_config(_args(config=str(cfg)))
+    cfg.write_text(json.dumps({"seeds": [3], "overrides": {"hedging": {"steps": 7, "log": {"sparsity_coeff": 2.0}}}}))
+    setups, seeds = build_config(_study("--config", str(cfg)))
     assert list(setups) == ["hedging"] and seeds == [3]
     assert setups["hedging"].steps == 7 and setups["hedging"].log == {"sparsity": "l1", "sparsity_coeff": 2.0}
-    setups, _ = build_config(_args(config=str(cfg), setups=["post_tree", "hedging"]))
+    setups, _ = build_config(_study("--config", str(cfg), "--setups", "post_tree", "hedging"))
     assert list(setups) == ["post_tree", "hedging"]
-    cfg.write_text(json.dumps({"setups": {"nope": {}}}))
+    setups, seeds = build_config(_study("--quick", "--set", "overrides.magnitude.toy.child_magnitude=5"))
+    assert list(setups) == ["magnitude"] and seeds == [0, 1] and setups["magnitude"].steps == 2000
+    assert setups["magnitude"].toy["child_magnitude"] == 5 and setups["magnitude"].toy["parent_magnitude"] == 2.0
+    for f in sorted((Path(run_module.__file__).parent / "configs").glob("*.json")):
+        assert list(build_config(_study("--config", str(f)))[0]) == ["post_tree"], f
+    cfg.write_text(json.dumps({"overrides": {"nope": {}}}))
+    with pytest.raises(ValueError, match="unknown set-up 'nope'"):
+        build_config(_study("--config", str(cfg)))
     with pytest.raises(SystemExit, match="unknown set-up 'nope'"):
-        build_config(_args(config=str(cfg)))
+        run_main(["--config", str(cfg)])
+    with pytest.raises(ValueError, match="unknown setting 'hedging.stepz'"):
+        build_config(_study("--set", "overrides.hedging.stepz=3"))
     with pytest.raises(ValueError, match="unknown variant 'mat_grops'"):
-        build_config(_args(variants=["mat_grops"]))
+        build_config(_study("--variants", "mat_grops"))
     with pytest.raises(ValueError, match="must lie in"):
         parse_variant("btk_groups_b1.5")
+    with pytest.raises(SystemExit):
+        run_main(["--stepz", "3"])
+    assert "--stepz" in capsys.readouterr().err
 
 
 @pytest.mark.slow  # trains two toy SAEs and a meta-SAE for each

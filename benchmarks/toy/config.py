@@ -1,5 +1,5 @@
 """Set-ups, SAE variants and their defaults (everything here can be overridden from the CLI
-or a JSON config: see ``run.py``).
+or a JSON/TOML config: see ``run.py``).
 
 Set-ups
   post_tree   the original post's tree: 3 parents (p 0.15) with 3 mutually exclusive children
@@ -33,6 +33,8 @@ import copy
 import re
 from dataclasses import dataclass, field
 from typing import Any
+
+from ..harness import apply_overrides
 
 LOG_FAMILY = {"vanilla": "none", "mat_pareto": "pareto", "mat_expected": "pareto_expected",
               "mat_every": "every", "mat_groups": "groups", "vanilla_1": "none"}
@@ -185,16 +187,9 @@ def default_setups() -> dict[str, SetupConfig]:
 
 
 def merge_overrides(setup: SetupConfig, overrides: dict[str, Any]) -> SetupConfig:
-    """A copy of ``setup`` with ``overrides`` applied (dicts ``toy``/``log``/``btk`` merged)."""
-    out = copy.deepcopy(setup)
-    for key, value in overrides.items():
-        if not hasattr(out, key):
-            raise ValueError(f"unknown setting {key!r} for set-up {setup.name!r}")
-        if key in ("toy", "log", "btk") and isinstance(value, dict):
-            getattr(out, key).update(value)
-        else:
-            setattr(out, key, copy.deepcopy(value))
-    return out
+    """A copy of ``setup`` with ``overrides`` applied (dicts ``toy``/``log``/``btk`` merged);
+    a ValueError names an unknown setting or a value of the wrong type."""
+    return apply_overrides(copy.deepcopy(setup), overrides, prefix=f"{setup.name}.")
 
 
 QUICK = {

@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
-import csv
 import json
 import math
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from matryoshka_plugin.toy import evaluate_sae
 from matryoshka_plugin.toy.plots import plot_activations, plot_decoder_cosine, plot_seed_metrics, plot_tradeoff
 
+from .. import harness
+from ..harness import fmt_mean_std, markdown_table, write_csv
 from .config import SetupConfig, parse_variant
 
 # (record key, column title, decimals)
@@ -40,49 +39,29 @@ CLEAN = 0.01  # a seed counts as free of absorption at or below this rate
 
 
 def load_records(out: Path, setups: dict[str, SetupConfig], seeds: list[int]) -> list[dict[str, Any]]:
-    from .run import RECORD, jobs_for, run_dir
+    from .run import jobs_for, run_key, store
 
-    records = []
-    for setup, variant, k, seed in jobs_for(setups, seeds):
-        path = run_dir(out, setup.name, variant, k, seed) / RECORD
-        if path.is_file():
-            records.append(json.loads(path.read_text()))
-    return records
+    return store(out).records(run_key(s.name, v, k, seed) for s, v, k, seed in jobs_for(setups, seeds))
 
 
 def variant_key(rec: dict[str, Any]) -> str:
     return rec["variant"] if rec.get("k") is None else f"{rec['variant']}/k{rec['k']}"
 
 
-def _stats(values: list[Any]) -> tuple[float, float, int]:
-    vals = [float(v) for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
-    if not vals:
-        return float("nan"), float("nan"), 0
-    return float(np.mean(vals)), float(np.std(vals, ddof=1)) if len(vals) > 1 else 0.0, len(vals)
-
-
 def summarise(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """One row per (set-up, variant/k): mean and sample std over seeds of every column."""
-    groups: dict[tuple[str, str], list[dict]] = {}
-    for r in records:
-        groups.setdefault((r["setup"], variant_key(r)), []).append(r)
-    rows = []
-    for (setup, key), recs in groups.items():
-        row: dict[str, Any] = {"setup": setup, "variant": key, "seeds": len(recs),
-                               "steps": recs[0]["trainer"]["steps"],
-                               "clean_seeds": sum(1 for r in recs if r["absorption"] is not None and r["absorption"] <= CLEAN)}
-        for col, _, _ in COLUMNS + SAELENS_COLUMNS + META_COLUMNS:
-            mean, std, n = _stats([r.get(col) for r in recs])
-            row[col], row[col + "_std"] = mean, std
-        row["train_seconds"] = float(np.mean([r["train_seconds"] for r in recs]))
-        rows.append(row)
+    cols = [c for c, _, _ in COLUMNS + SAELENS_COLUMNS + META_COLUMNS]
+    rows = harness.summarise(records, by=["setup", ("variant", variant_key)], metrics=cols + ["train_seconds"])
+    for row in rows:
+        recs = [r for r in records if r["setup"] == row["setup"] and variant_key(r) == row["variant"]]
+        row["steps"] = recs[0]["trainer"]["steps"]
+        row["clean_seeds"] = sum(1 for r in recs if r["absorption"] is not None and r["absorption"] <= CLEAN)
     return rows
 
 
-def _fmt(mean: float, std: float, dec: int) -> str:
-    if math.isnan(mean):
-        return "–"
-    return f"{mean:.{dec}f} ± {std:.{dec}f}"
+SUMMARY_FIELDS = (["setup", "variant", "seeds", "steps", "clean_seeds"]
+                  + [f"{c}{s}" for c, _, _ in COLUMNS + SAELENS_COLUMNS + META_COLUMNS for s in ("", "_std")]
+                  + ["train_seconds"])
 
 
 def markdown(rows: list[dict[str, Any]], setups: dict[str, SetupConfig], true_l0: dict[str, float]) -> str:
@@ -96,13 +75,10 @@ def markdown(rows: list[dict[str, Any]], setups: dict[str, SetupConfig], true_l0
         lines.append(f"### {setup.title}\n")
         lines.append(f"{setup.steps} steps, batch {setup.batch_size}, true L0 {true_l0.get(name, float('nan')):.3f}; "
                      f"mean ± std over {max(r['seeds'] for r in sub)} seeds; 'clean' = seeds with absorption ≤ {CLEAN:.0%}.\n")
-        head = ["SAE", "clean"] + [title for _, title, _ in cols]
-        lines.append("| " + " | ".join(head) + " |")
-        lines.append("|" + "---|" * len(head))
-        for r in sub:
-            cells = [f"`{r['variant']}`", f"{r['clean_seeds']}/{r['seeds']}"]
-            cells += [_fmt(r[c], r[c + "_std"], d) for c, _, d in cols]
-            lines.append("| " + " | ".join(cells) + " |")
+        lines.append(markdown_table(
+            ["SAE", "clean"] + [title for _, title, _ in cols],
+            ([f"`{r['variant']}`", f"{r['clean_seeds']}/{r['seeds']}"] + [fmt_mean_std(r[c], r[c + "_std"], d) for c, _, d in cols]
+             for r in sub)))
         lines.append("")
     return "\n".join(lines)
 
@@ -112,25 +88,16 @@ def write_reports(out: Path, setups: dict[str, SetupConfig], seeds: list[int], f
     from .train import build_toy
 
     records = load_records(out, setups, seeds)
-    written = []
     flat_keys = ["setup", "variant", "k", "seed", "absorption", "absorption_best", "recovery", "mean_max_cosine", "l0", "fvu",
                  "mixing_parent_child", "mixing_parent_child_signed", "mixing_sibling", "mixing_sibling_signed",
                  "mixing_child_parent_signed", "dead_latents", "train_seconds", "final_sparsity_coeff",
                  "meta_variance_explained"]
     extra = sorted({k for r in records for k in r if k.startswith("saelens_")})
-    with open(out / "results.csv", "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(flat_keys + ["absorption_per_parent"] + extra)
-        for r in records:
-            w.writerow([r.get(k) for k in flat_keys] + [json.dumps(r["absorption_per_parent"])] + [r.get(k) for k in extra])
-    written.append(out / "results.csv")
+    flat = [{**{k: r.get(k) for k in flat_keys + extra}, "absorption_per_parent": json.dumps(r["absorption_per_parent"])}
+            for r in records]
+    written = [write_csv(out / "results.csv", flat, flat_keys + ["absorption_per_parent"] + extra)]
     rows = summarise(records)
-    with open(out / "summary.csv", "w", newline="") as f:
-        if rows:
-            w = csv.DictWriter(f, fieldnames=list(rows[0]))
-            w.writeheader()
-            w.writerows(rows)
-    written.append(out / "summary.csv")
+    written.append(write_csv(out / "summary.csv", rows, SUMMARY_FIELDS if rows else []))
     true_l0 = {name: build_toy(s).true_l0 for name, s in setups.items()}
     (out / "results.md").write_text(markdown(rows, setups, true_l0) + "\n")
     written.append(out / "results.md")
