@@ -539,7 +539,7 @@ def test_smollm2_plan_has_every_architecture_seeds_and_the_lr_sweep(tmp_path):
 
     assert set(ALL_ARCHITECTURES) <= set(ARCHITECTURES)
     cfg = load_config(SMOLLM2, {"run_dir": str(tmp_path)})
-    assert cfg.training.architectures == ALL_ARCHITECTURES
+    assert sorted(cfg.training.architectures) == sorted(ALL_ARCHITECTURES)
     plan = build_plan(cfg)
     sweep = [s for s in plan.saes if s.stage == "sweep"]
     assert sorted(plan.sweep_groups) == sorted(f"sweep_4k_{a}" for a in ALL_ARCHITECTURES)
@@ -557,6 +557,10 @@ def test_smollm2_plan_has_every_architecture_seeds_and_the_lr_sweep(tmp_path):
         c = trainer_config(cfg, s)
         assert c["trainer"].__name__ == TRAINER_CLASSES[s.architecture] and c["lr"] == s.lr and c["dict_size"] == 4608
     c = {s.architecture: trainer_config(cfg, s) for s in sweep}
+    # the sweep SAEs train for lr_sweep_tokens (a quarter of the run), the main SAEs for all of it
+    assert cfg.training.lr_sweep_tokens == 524_288 and all(v["steps"] == 512 for v in c.values())
+    assert c["matryoshka"]["decay_start"] == int(512 * 0.8)
+    assert cfg.data.max_norm_ratio == 3.0
     assert c["matryoshka"]["group_fractions"] and "prefix_mode" not in c["matryoshka"]
     assert c["matryoshka_every"]["prefix_mode"] == "every" and "group_fractions" not in c["matryoshka_every"]
     assert c["log_sparsity"]["target_l0"] == 40 and "warmup_steps" not in c["log_sparsity"]  # its defaults
@@ -609,6 +613,97 @@ def test_every_architecture_trains_after_an_lr_sweep_on_the_cache(tmp_path):
     # Rerunning trains nothing and keeps the sweep's choice.
     again = run_benchmark(cfg, models=NoModels(), skip_evals=True, log=lambda s: None)
     assert again.trained_groups == []
+
+
+def _synthetic_cache(folder, shards, d=8):
+    """A cache folder as build_cache writes it, from given [tokens, d] tensors per split."""
+    folder.mkdir(parents=True)
+    manifest = {"format": 1, "d_model": d, "ctx_len": 16, "io": "out", "remove_bos": True,
+                "forward_dtype": "float32", "stored_dtype": "float32", "splits": {}}
+    for split, parts in shards.items():
+        (folder / split).mkdir()
+        entries = []
+        for i, x in enumerate(parts):
+            torch.save(x, folder / split / f"shard_{i:05d}.pt")
+            entries.append({"file": f"{split}/shard_{i:05d}.pt", "tokens": x.shape[0]})
+        manifest["splits"][split] = entries
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    return folder
+
+
+def test_massive_tokens_are_left_out_of_training_and_the_heldout_metrics(tmp_path):
+    """data.max_norm_ratio: the readers drop every token above ratio x the held-out median norm,
+    checked against a brute-force filter of the whole split; positions count kept tokens, so a
+    resumed reader continues with the next kept batch, and a position saved with another filter is
+    refused."""
+    from benchmarks.causal_lm_comparison.activations import CachedActivations, load_split, norm_threshold
+
+    g = torch.Generator().manual_seed(0)
+
+    def split(n_shards, size):
+        parts = []
+        for _ in range(n_shards):
+            x = torch.randn(size, 8, generator=g)
+            rows = torch.randperm(size, generator=g)[:5]
+            x[rows] *= 40.0  # attention-sink-like tokens, ~40x the median norm
+            parts.append(x)
+        return parts
+
+    train, heldout = split(4, 300), split(1, 400)
+    folder = _synthetic_cache(tmp_path / "cache", {"train": train, "heldout": heldout})
+    median = float(torch.cat(heldout).norm(dim=1).median())
+    assert norm_threshold(folder, 3.0) == pytest.approx(3 * median, rel=1e-6)
+    assert norm_threshold(folder, None) is None
+    with pytest.raises(ConfigError, match="max_norm_ratio must be > 1"):
+        norm_threshold(folder, 0.5)
+    limit = norm_threshold(folder, 3.0)
+    every = torch.cat(train)
+    kept = every[every.norm(dim=1) <= limit]
+    assert kept.shape[0] == every.shape[0] - 20  # exactly the planted rows go
+    assert torch.equal(load_split(folder, "train", max_norm=limit), kept)
+    assert torch.equal(load_split(folder, "train", 500, max_norm=limit), kept[:500])
+    with pytest.raises(ConfigError, match=r"of norm <= .*1,200 asked for"):
+        load_split(folder, "train", 1200, max_norm=limit)
+
+    src = CachedActivations(folder, 64, max_norm=limit)
+    assert len(src) == kept.shape[0] // 64 and src.config["max_norm"] == limit
+    batches = list(src)
+    assert torch.equal(torch.cat(batches), kept[: len(src) * 64])
+    part = CachedActivations(folder, 64, max_norm=limit)
+    it = iter(part)
+    [next(it) for _ in range(7)]  # into the third shard
+    later = CachedActivations(folder, 64, max_norm=limit)
+    later.load_state_dict(part.state_dict())
+    assert all(torch.equal(a, b) for a, b in zip(list(later), batches[7:]))
+    with pytest.raises(ValueError, match="max_norm"):
+        CachedActivations(folder, 64).load_state_dict(part.state_dict())
+    with pytest.raises(ConfigError, match="tokens of norm <="):
+        CachedActivations(folder, 64, max_norm=limit, n_batches=len(src) + 1)
+    assert len(CachedActivations(folder, 64)) == every.shape[0] // 64  # no filter: every token
+
+
+def test_lr_sweep_file_is_refused_for_other_sweep_lengths_or_filters(tmp_path):
+    from benchmarks.causal_lm_comparison.plan import build_plan
+
+    base = {"run_dir": str(tmp_path), "training.tokens": 256 * 40, "training.warmup_steps": 4,
+            "training.threshold_start_step": 10, "training.sparsity_warmup_steps": 10,
+            "training.lr_sweep": [1e-3, 3e-3], "training.lr_sweep_l0": 16, "training.lr_sweep_tokens": 256 * 20,
+            "data.max_norm_ratio": 3.0}
+    cfg = load_config(TINY, base)
+    assert cfg.training.sweep_steps == 20 and cfg.training.steps == 40
+    sweep = {"lrs": [1e-3, 3e-3], "l0": 16, "steps": 20, "max_norm_ratio": 3.0,
+             "architectures": {a: {"chosen_lr": 3e-3} for a in cfg.training.architectures}}
+    (tmp_path / "lr_sweep.json").write_text(json.dumps(sweep))
+    assert {s.lr for s in build_plan(cfg).saes if s.stage == "main"} == {3e-3}
+    for key, value in (("training.lr_sweep_tokens", 256 * 16), ("data.max_norm_ratio", 5.0)):
+        with pytest.raises(ConfigError, match="was made with"):
+            build_plan(load_config(TINY, {**base, key: value}))
+    with pytest.raises(ConfigError, match="lr_sweep_tokens must be a positive integer"):
+        load_config(TINY, {**base, "training.lr_sweep_tokens": 256 * 80})
+    with pytest.raises(ConfigError, match="threshold_start_step=10 must be in"):
+        load_config(TINY, {**base, "training.lr_sweep_tokens": 256 * 8})  # the sweep's runs are too short
+    with pytest.raises(ConfigError, match="max_norm_ratio must be a number > 1"):
+        load_config(TINY, {**base, "data.max_norm_ratio": 1.0})
 
 
 def test_one_process_builds_a_cache_at_a_time(tmp_path):

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import matryoshka_plugin.saebench as sb
-from matryoshka_plugin.saebench.patches import absorption_vocabulary, conventional_explained_variance
+from matryoshka_plugin.saebench.patches import NormGatedSAE, absorption_vocabulary, core_metrics
 
 HOOK = "blocks.0.hook_resid_post"
 
@@ -81,7 +81,7 @@ def test_core_explained_variance_is_the_variance_about_the_mean(scale):
 
     before = _core_variance(mean_predictor, table, list(batches), {0})["explained_variance"]
     assert before > 0.1  # SAEBench's own value for an SAE that explains no variance
-    with conventional_explained_variance():
+    with core_metrics():
         got = _core_variance(mean_predictor, table, list(batches), {0})
         got_random = _core_variance(random_sae, table, list(batches), {0})
     assert got["explained_variance"] == pytest.approx(0.0, abs=1e-6)
@@ -93,6 +93,89 @@ def test_core_explained_variance_is_the_variance_about_the_mean(scale):
 
     assert core.get_sparsity_and_variance_metrics.__name__ == "get_sparsity_and_variance_metrics"
     assert not hasattr(core.get_sparsity_and_variance_metrics, "__wrapped__")  # restored
+
+
+class _SplicedModel:
+    """What core's ``get_recons_loss`` calls: "logits" are the hooked activations themselves and the
+    per-token loss their squared distance from the clean ones, so a test reads what the splice did."""
+
+    def __init__(self, table: torch.Tensor):
+        self.table = table
+
+    def __call__(self, tokens, return_type="both", loss_per_token=True, **kwargs):
+        x = self.table[tokens]
+        return x, torch.zeros(tokens.shape)
+
+    def run_with_hooks(self, tokens, return_type="both", fwd_hooks=(), loss_per_token=True, **kwargs):
+        x = self.table[tokens]
+        (name, hook), = fwd_hooks
+        y = hook(x.clone(), hook=None)
+        return y, (y - x).pow(2).sum(-1)
+
+
+@torch.no_grad()
+def test_core_max_activation_norm_passes_massive_tokens_through_and_leaves_them_out_of_the_variance():
+    """Tokens whose SAE input norm exceeds max_activation_norm (attention sinks the SAE was not
+    trained on) keep their activation when core splices the SAE in (SAEBench's own get_recons_loss
+    runs; the stand-in model returns the spliced activations) and are not counted in the explained
+    variance, which equals a brute-force value over the other evaluated tokens."""
+    import sae_bench.evals.core.main as core
+
+    originals = core.get_recons_loss, core.get_sparsity_and_variance_metrics
+    torch.manual_seed(0)
+    d, vocab = 16, 40
+    table = torch.randn(vocab, d) + 4 * torch.randn(d)
+    massive = [5, 17]
+    table[massive] *= 60.0  # norms far above the rest
+    threshold = 10 * float(table.norm(dim=1).median())
+    assert all(float(table[i].norm()) > threshold for i in massive)
+    batches = [torch.randint(0, vocab, (3, 10)) for _ in range(3)]
+    for b in batches:
+        b[:, 0] = 0
+        b[:, 1] = massive[0]
+    sae = _sae(d, 32, seed=2)
+    tokens = torch.cat([b.flatten() for b in batches])
+    kept = tokens[(tokens != 0) & ~torch.isin(tokens, torch.tensor(massive))]
+    x = table[kept]
+    expected = float(1 - (x - sae.decode(sae.encode(x))).pow(2).sum() / (x - x.mean(0)).pow(2).sum())
+
+    with core_metrics(max_norm=threshold):
+        got = _core_variance(sae, table, list(batches), {0})["explained_variance"]
+        spliced = core.get_recons_loss(sae, _SplicedModel(table), batches[0], None, compute_kl=False,
+                                       compute_ce_loss=True)["ce_loss_with_sae"]
+    assert got == pytest.approx(expected, abs=1e-5)
+    with core_metrics():  # without the limit the massive tokens count and the SAE replaces them
+        assert _core_variance(sae, table, list(batches), {0})["explained_variance"] != pytest.approx(expected, abs=1e-3)
+        plain = core.get_recons_loss(sae, _SplicedModel(table), batches[0], None, compute_kl=False,
+                                     compute_ce_loss=True)["ce_loss_with_sae"]
+    over = torch.isin(batches[0], torch.tensor(massive))
+    assert torch.all(spliced[over] == 0) and torch.all(plain[over] > 1.0)
+    assert torch.equal(spliced[~over], plain[~over])  # every other token: the SAE's reconstruction
+    assert (core.get_recons_loss, core.get_sparsity_and_variance_metrics) == originals  # restored
+
+
+@torch.no_grad()
+def test_norm_gated_sae_encodes_massive_rows_to_nothing_and_decodes_them_to_their_input():
+    sae = _sae(8, 16, seed=3)
+    x = torch.randn(2, 5, 8)
+    x[0, 1] *= 1000
+    gated = NormGatedSAE(sae, max_norm=100.0)
+    z = gated.encode(x)
+    assert torch.all(z[0, 1] == 0) and torch.equal(z[1], sae.encode(x[1]))
+    out = gated.decode(z)
+    assert torch.equal(out[0, 1], x[0, 1]) and torch.allclose(out[1], sae.decode(sae.encode(x[1])))
+    with pytest.raises(RuntimeError, match="encode of the same batch"):
+        gated.decode(z)  # a decode without its encode
+    assert gated.cfg is sae.cfg
+
+
+def test_max_activation_norm_is_a_core_setting_of_the_adapter():
+    make = sb.make_eval_config
+    cfg = make("core", "m", llm_batch_size=4, llm_dtype="float32", overrides={"max_activation_norm": 520.0})
+    assert cfg.max_activation_norm == 520.0 and "max_activation_norm" not in cfg.saebench_dict()
+    assert make("core", "m", llm_batch_size=4, llm_dtype="float32").max_activation_norm is None
+    with pytest.raises(sb.SAEBenchError, match="max_activation_norm"):
+        make("core", "m", llm_batch_size=4, llm_dtype="float32", overrides={"max_activation_norm": -1})
 
 
 def test_absorption_vocabulary_draws_the_same_words_whatever_the_vocabulary_order():

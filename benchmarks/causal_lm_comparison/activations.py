@@ -23,6 +23,11 @@ cache whose manifest differs from the configuration is refused, naming the key.
 :class:`CachedActivations` serves the training split in batches, in the same order for every SAE,
 with the ``state_dict``/``load_state_dict`` position :func:`matryoshka_plugin.train` saves in its
 checkpoints; :func:`load_split` reads a whole split (the held-out set).
+
+Massive-activation tokens are filtered when the cache is read, not when it is built: with
+``data.max_norm_ratio`` set, :func:`norm_threshold` is that multiple of the held-out split's median
+activation norm, and both readers drop every token above it (the cache itself keeps all tokens,
+so the rule can change without running the model again).
 """
 
 from __future__ import annotations
@@ -40,7 +45,7 @@ import torch
 from .config import SAE_PROBES_TEXT, BenchmarkConfig, ConfigError
 
 __all__ = ["CACHE_ENV", "SPLITS", "CachedActivations", "build_cache", "cache_dir", "expected_manifest",
-           "load_split", "read_manifest", "split_tokens", "split_texts", "weights_fingerprint"]
+           "load_split", "norm_threshold", "read_manifest", "split_tokens", "split_texts", "weights_fingerprint"]
 
 CACHE_ENV = "CAUSAL_LM_CACHE_DIR"
 SPLITS = ("train", "heldout")
@@ -342,45 +347,78 @@ def _load_shard(folder: Path, entry: dict[str, Any]) -> torch.Tensor:
     return torch.load(folder / entry["file"], weights_only=True, mmap=True)
 
 
-def load_split(folder: str | Path, split: str, n_tokens: int | None = None,
-               dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """The first ``n_tokens`` (None: all) activations of a split, as ``dtype``."""
-    folder = Path(folder)
+def _kept(x: torch.Tensor, max_norm: float | None) -> torch.Tensor:
+    """``x`` without the rows whose norm exceeds ``max_norm`` (None: all rows)."""
+    if max_norm is None:
+        return x
+    return x[x.float().norm(dim=1) <= max_norm]
+
+
+def _open(folder: Path) -> dict[str, Any]:
     manifest = read_manifest(folder)
     if manifest is None:
         raise ConfigError(f"no activation cache in {folder} (no {MANIFEST})")
-    have = split_tokens(manifest, split)
-    if n_tokens is not None and have < n_tokens:
-        raise ConfigError(f"the activation cache {folder} holds {have:,} {split} tokens, {n_tokens:,} asked for")
+    return manifest
+
+
+def norm_threshold(folder: str | Path, ratio: float | None) -> float | None:
+    """``ratio`` times the median activation norm of the cache's held-out split (None: no filter).
+
+    Some tokens of a language model's residual stream are attention sinks with norms far beyond
+    the rest (SmolLM2's layer 15: a few first tokens of a text at up to ~150 times the median);
+    a handful of them dominate the variance, the trainers' norm factor and every FVU, so they are
+    left out of training and of the metrics alike."""
+    if ratio is None:
+        return None
+    if not ratio > 1:
+        raise ConfigError(f"data.max_norm_ratio must be > 1 (a multiple of the median norm), got {ratio!r}")
+    x = load_split(folder, "heldout")
+    if x.shape[0] == 0:
+        raise ConfigError(f"the activation cache {folder} has no held-out tokens to take the median norm of")
+    return float(ratio) * float(x.norm(dim=1).median())
+
+
+def load_split(folder: str | Path, split: str, n_tokens: int | None = None,
+               dtype: torch.dtype = torch.float32, max_norm: float | None = None) -> torch.Tensor:
+    """The first ``n_tokens`` (None: all) activations of a split whose norm is at most ``max_norm``
+    (None: every token), as ``dtype``."""
+    folder = Path(folder)
+    manifest = _open(folder)
     parts, got = [], 0
     for entry in manifest["splits"].get(split, []):
         if n_tokens is not None and got >= n_tokens:
             break
-        x = _load_shard(folder, entry)
-        parts.append(x.to(dtype))
+        x = _kept(_load_shard(folder, entry).to(dtype), max_norm)
+        parts.append(x)
         got += x.shape[0]
+    if n_tokens is not None and got < n_tokens:
+        kept = "" if max_norm is None else f" of norm <= {max_norm:.1f}"
+        raise ConfigError(f"the activation cache {folder} holds {got:,} {split} tokens{kept}, {n_tokens:,} asked for")
     out = torch.cat(parts) if parts else torch.empty(0, manifest["d_model"], dtype=dtype)
     return out if n_tokens is None else out[:n_tokens]
 
 
 class CachedActivations:
     """Batches of ``batch_size`` activations of a cached split, in the cache's order (the same for
-    every SAE), as float32 on ``device``. Iterating starts at the loaded position (0 by default),
-    so the norm factor and then the training each read from the start, as with a re-iterable
-    buffer; ``state_dict()`` is the position of the current iteration."""
+    every SAE), as float32 on ``device``, without the tokens whose norm exceeds ``max_norm`` (None:
+    every token). Iterating starts at the loaded position (0 by default), so the norm factor and
+    then the training each read from the start, as with a re-iterable buffer; ``state_dict()`` is
+    the position of the current iteration."""
 
     def __init__(self, folder: str | Path, batch_size: int, split: str = "train", device: str = "cpu",
-                 n_batches: int | None = None):
+                 n_batches: int | None = None, max_norm: float | None = None):
         self.folder, self.split, self.batch_size, self.device = Path(folder), split, int(batch_size), device
-        manifest = read_manifest(self.folder)
-        if manifest is None:
-            raise ConfigError(f"no activation cache in {self.folder} (no {MANIFEST})")
-        self.manifest = manifest
-        self.shards = list(manifest["splits"].get(split, []))
-        available = split_tokens(manifest, split) // self.batch_size
+        self.max_norm = None if max_norm is None else float(max_norm)
+        self.manifest = _open(self.folder)
+        self.shards = list(self.manifest["splits"].get(split, []))
+        # Tokens per shard after the filter: what positions and the batch count are measured in.
+        self.kept = [entry["tokens"] if self.max_norm is None else _kept(_load_shard(self.folder, entry), self.max_norm).shape[0]
+                     for entry in self.shards]
+        available = sum(self.kept) // self.batch_size
         if n_batches is not None and n_batches > available:
+            kept = "" if self.max_norm is None else f" (tokens of norm <= {self.max_norm:.1f})"
             raise ConfigError(f"the activation cache {self.folder} holds {available} {split} batches of "
-                              f"{self.batch_size}, {n_batches} asked for; build it further first")
+                              f"{self.batch_size}{kept}, {n_batches} asked for; build it further first")
         self.n_batches = available if n_batches is None else int(n_batches)
         self._start = 0
         self._position = 0
@@ -391,16 +429,18 @@ class CachedActivations:
         m = self.manifest
         return {"source": "benchmarks.causal_lm_comparison.activations.CachedActivations", "split": self.split,
                 "ctx_len": m["ctx_len"], "io": m["io"], "d_submodule": m["d_model"], "remove_bos": m["remove_bos"],
-                "out_batch_size": self.batch_size, "forward_dtype": m["forward_dtype"],
+                "max_norm": self.max_norm, "out_batch_size": self.batch_size, "forward_dtype": m["forward_dtype"],
                 "stored_dtype": m["stored_dtype"], "device": str(self.device)}
 
     def state_dict(self) -> dict[str, Any]:
-        return {"batch": self._position, "batch_size": self.batch_size, "split": self.split}
+        return {"batch": self._position, "batch_size": self.batch_size, "split": self.split, "max_norm": self.max_norm}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if state.get("batch_size") != self.batch_size or state.get("split") != self.split:
-            raise ValueError(f"the saved position is for {state.get('split')!r} batches of {state.get('batch_size')}, "
-                             f"not {self.split!r} batches of {self.batch_size}")
+        if (state.get("batch_size") != self.batch_size or state.get("split") != self.split
+                or state.get("max_norm") != self.max_norm):
+            raise ValueError(f"the saved position is for {state.get('split')!r} batches of {state.get('batch_size')} "
+                             f"(max_norm {state.get('max_norm')}), not {self.split!r} batches of {self.batch_size} "
+                             f"(max_norm {self.max_norm})")
         self._start = self._position = int(state["batch"])
 
     def __len__(self) -> int:
@@ -412,17 +452,17 @@ class CachedActivations:
 
     def _batches(self, first: int) -> Iterator[torch.Tensor]:
         b = self.batch_size
-        skip = first * b  # tokens before the first batch
+        skip = first * b  # kept tokens before the first batch
         pending: list[torch.Tensor] = []
         have = 0
         batch = first
-        for entry in self.shards:
+        for entry, kept in zip(self.shards, self.kept):
             if batch >= self.n_batches:
                 return
-            if skip >= entry["tokens"]:
-                skip -= entry["tokens"]
+            if skip >= kept:
+                skip -= kept
                 continue
-            x = _load_shard(self.folder, entry)[skip:]
+            x = _kept(_load_shard(self.folder, entry), self.max_norm)[skip:]
             skip = 0
             pending.append(x)
             have += x.shape[0]

@@ -105,6 +105,10 @@ class DataConfig:
     cache_dtype: str = "bfloat16"  # stored activations
     cache_shard_texts: int = 2048  # texts per shard (the unit a build resumes from)
     heldout_tokens: int = 1_048_576  # held-out activations for the metrics (held-out texts)
+    # Tokens with a norm above this multiple of the held-out median are dropped from training, the
+    # held-out metrics and core's reconstruction (passed through there): massive-activation attention
+    # sinks. None: every token.
+    max_norm_ratio: float | None = None
 
 
 @dataclass
@@ -134,6 +138,7 @@ class TrainingConfig:
     # Empty: every SAE trains at lrs.get(architecture, lr).
     lr_sweep: list[float] = field(default_factory=list)
     lr_sweep_l0: int | None = None
+    lr_sweep_tokens: int | None = None  # training tokens of each sweep SAE (None: training.tokens)
     lrs: dict[str, float] = field(default_factory=dict)  # per-architecture lr without a sweep
     baselines: str = "train"  # "train" or "published" (SAEBench's suites through SAELens)
     checkpoint_every: int = 2000  # full-state checkpoints (steps): an interrupted group resumes from the newest
@@ -142,6 +147,11 @@ class TrainingConfig:
     @property
     def steps(self) -> int:
         return self.tokens // self.batch_size
+
+    @property
+    def sweep_steps(self) -> int:
+        """Steps of each lr-sweep SAE."""
+        return (self.lr_sweep_tokens or self.tokens) // self.batch_size
 
 
 @dataclass
@@ -286,7 +296,11 @@ class BenchmarkConfig:
             errors.append(f"training.lr_sweep_l0 must be one of training.l0s {t.l0s}, got {t.lr_sweep_l0!r}")
         if t.group_by not in GROUPINGS:
             errors.append(f"training.group_by must be one of {GROUPINGS}, got {t.group_by!r}")
-        steps = t.steps
+        if t.lr_sweep_tokens is not None and (isinstance(t.lr_sweep_tokens, bool) or not isinstance(t.lr_sweep_tokens, int)
+                                              or not 0 < t.lr_sweep_tokens <= t.tokens):
+            errors.append(f"training.lr_sweep_tokens must be a positive integer <= training.tokens, got {t.lr_sweep_tokens!r}")
+        # The sweep's shorter runs must fit the schedule too.
+        steps = min(t.steps, t.sweep_steps) if t.lr_sweep else t.steps
         if steps < 1:
             errors.append(f"training.tokens={t.tokens} is less than one batch of {t.batch_size}")
         for key in ("warmup_steps", "threshold_start_step"):
@@ -320,6 +334,10 @@ class BenchmarkConfig:
                     sizes = [int(f * w) for f in fr[:-1]]
                     if min(sizes + [w - sum(sizes)]) < 1:
                         errors.append(f"training.group_fractions {fr} leave an empty group at width {w}")
+        if d.max_norm_ratio is not None and (isinstance(d.max_norm_ratio, bool)
+                                             or not isinstance(d.max_norm_ratio, (int, float)) or not d.max_norm_ratio > 1):
+            errors.append(f"data.max_norm_ratio must be a number > 1 (a multiple of the median norm) or absent, "
+                          f"got {d.max_norm_ratio!r}")
         if d.cache_dtype not in _DTYPES:
             errors.append(f"data.cache_dtype must be one of {_DTYPES}, got {d.cache_dtype!r}")
         for key in ("cache_shard_texts", "heldout_tokens"):

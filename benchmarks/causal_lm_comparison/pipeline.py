@@ -176,7 +176,20 @@ def _resolved_eval_settings(cfg: BenchmarkConfig) -> dict[str, Any]:
                              llm_dtype=e.llm_dtype or dtype, random_seed=e.random_seed, overrides=e.overrides.get(ev))
         batch_sizes = ("llm_batch_size", "sae_batch_size", "eval_batch_size_prompts")
         out[ev] = {k: v for k, v in c.to_dict().items() if k not in batch_sizes}
+        if ev == "core" and cfg.data.max_norm_ratio is not None:
+            out[ev]["max_activation_norm"] = f"{cfg.data.max_norm_ratio:g} x the held-out median norm"
     return json.loads(json.dumps(out, default=str))
+
+
+def eval_overrides(cfg: BenchmarkConfig) -> dict[str, dict[str, Any]]:
+    """``evals.overrides`` with core's ``max_activation_norm`` set from ``data.max_norm_ratio``: core
+    passes through the tokens that training left out (the cache's threshold)."""
+    from .activations import cache_dir, norm_threshold
+
+    out = {k: dict(v) for k, v in cfg.evals.overrides.items()}
+    if cfg.data.max_norm_ratio is not None and "core" in cfg.evals.evals:
+        out.setdefault("core", {})["max_activation_norm"] = norm_threshold(cache_dir(cfg), cfg.data.max_norm_ratio)
+    return out
 
 
 def _check_eval_settings(plan: Plan, force_evals: bool) -> None:
@@ -306,7 +319,7 @@ def train_group(plan: Plan, group: str, cache: Path | None, log: Callable[[str],
     over the ranks and rank 0 reads the cache (``cache`` is None elsewhere)."""
     from matryoshka_plugin import reuse_host_memory, train
 
-    from .activations import CachedActivations
+    from .activations import CachedActivations, norm_threshold
 
     cfg = plan.cfg
     specs = plan.groups[group]
@@ -322,13 +335,15 @@ def train_group(plan: Plan, group: str, cache: Path | None, log: Callable[[str],
             shutil.rmtree(final)  # incomplete (no group.json or a missing ae.pt)
         partial.mkdir(parents=True, exist_ok=True)
     t = cfg.training
+    configs = [trainer_config(cfg, s) for s in specs]
+    steps = configs[0]["steps"]  # the sweep's groups may be shorter
     source = None
     if cache is not None:
-        source = CachedActivations(cache, t.batch_size, device=cfg.device, n_batches=t.steps)
-    configs = [trainer_config(cfg, s) for s in specs]
+        source = CachedActivations(cache, t.batch_size, device=cfg.device, n_batches=steps,
+                                   max_norm=norm_threshold(cache, cfg.data.max_norm_ratio))
     if torch.device(cfg.device).type == "cpu":
         reuse_host_memory()  # faster CPU steps for the whole process (docs/speed.md, "Host memory")
-    train(source, configs, t.steps, save_dir=str(partial), normalize_activations=t.normalize_activations,
+    train(source, configs, steps, save_dir=str(partial), normalize_activations=t.normalize_activations,
           device=cfg.device, autocast_dtype=_TORCH_DTYPES[t.autocast_dtype], checkpoint_every=t.checkpoint_every,
           resume=True, distributed="trainers" if t.nproc > 1 else None)
     if not main:
@@ -371,12 +386,14 @@ def heldout_metrics(folder: str | Path, acts: torch.Tensor, batch_size: int = 40
 def write_sweep_result(plan: Plan, cache: Path, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Evaluate the lr sweep's SAEs on the held-out activations and write ``lr_sweep.json``: per
     architecture each lr's FVU, L0 and dead fraction, and the lr of the lowest FVU (chosen)."""
-    from .activations import load_split
+    from .activations import load_split, norm_threshold
 
     t = plan.cfg.training
-    acts = load_split(cache, "heldout", plan.cfg.data.heldout_tokens)
+    max_norm = norm_threshold(cache, plan.cfg.data.max_norm_ratio)
+    acts = load_split(cache, "heldout", plan.cfg.data.heldout_tokens, max_norm=max_norm)
     out: dict[str, Any] = {"lrs": [float(x) for x in t.lr_sweep], "l0": t.lr_sweep_l0,
-                           "heldout_tokens": int(acts.shape[0]), "architectures": {}}
+                           "heldout_tokens": int(acts.shape[0]), "max_norm_ratio": plan.cfg.data.max_norm_ratio, "max_norm": max_norm,
+                           "steps": t.sweep_steps, "architectures": {}}
     for group in plan.sweep_groups:
         specs = plan.groups[group]
         results = {s.name: {"lr": s.lr, **heldout_metrics(s.location, acts)} for s in specs}
@@ -474,7 +491,7 @@ def run_benchmark(
         run = run_saebench(
             {s.name: s.location for s in available}, plan.eval_dir, e.evals,
             model_name=cfg.tl_model_name, hook_name=cfg.hook_name, device=cfg.device, llm_dtype=e.llm_dtype,
-            llm_batch_size=e.llm_batch_size, random_seed=e.random_seed, seeds=e.seeds, eval_overrides=e.overrides,
+            llm_batch_size=e.llm_batch_size, random_seed=e.random_seed, seeds=e.seeds, eval_overrides=eval_overrides(cfg),
             model=models.hooked_transformer(cfg), load_dataset=load_dataset, force=force_evals,
         )
         result.eval_records = run.records

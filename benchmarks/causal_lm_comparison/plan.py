@@ -126,6 +126,10 @@ def _chosen_lrs(cfg: BenchmarkConfig) -> dict[str, float]:
     if saved.get("lrs") != [float(x) for x in cfg.training.lr_sweep] or saved.get("l0") != cfg.training.lr_sweep_l0:
         raise ConfigError(f"{path} was made for lrs {saved.get('lrs')} at L0 {saved.get('l0')}, the configuration "
                           f"sweeps {cfg.training.lr_sweep} at L0 {cfg.training.lr_sweep_l0}; use another run_dir")
+    made = {"steps": saved.get("steps", cfg.training.steps), "max_norm_ratio": saved.get("max_norm_ratio")}
+    asked = {"steps": cfg.training.sweep_steps, "max_norm_ratio": cfg.data.max_norm_ratio}
+    if made != asked:
+        raise ConfigError(f"{path} was made with {made}, the configuration asks for {asked}; use another run_dir")
     return {arch: float(r["chosen_lr"]) for arch, r in saved["architectures"].items()}
 
 
@@ -193,10 +197,11 @@ def trainer_config(cfg: BenchmarkConfig, spec: SAESpec) -> dict[str, Any]:
     t, m = cfg.training, cfg.model
     if spec.lr is None:
         raise ConfigError(f"{spec.name}: its lr is chosen by the lr sweep, which has not finished")
+    steps = t.sweep_steps if spec.stage == "sweep" else t.steps
     base = dict(
-        steps=t.steps, activation_dim=m.d_model, dict_size=spec.width, layer=m.layer, lm_name=m.name,
+        steps=steps, activation_dim=m.d_model, dict_size=spec.width, layer=m.layer, lm_name=m.name,
         submodule_name=m.submodule, lr=spec.lr, warmup_steps=t.warmup_steps,
-        decay_start=int(t.steps * t.decay_start_fraction) if t.decay_start_fraction else None,
+        decay_start=int(steps * t.decay_start_fraction) if t.decay_start_fraction else None,
         seed=t.seed if spec.seed is None else spec.seed, device=cfg.device, wandb_name=spec.name,
     )
     arch = spec.architecture
@@ -250,7 +255,7 @@ def group_spec(cfg: BenchmarkConfig, group: list[SAESpec]) -> dict[str, Any]:
         c.pop("device")
         trainers.append({"name": s.name, "trainer": f"{cls.__module__}.{cls.__qualname__}", **c})
     d, m = cfg.data, cfg.model
-    data = {k: getattr(d, k) for k in ("dataset", "split", "text_column", "ctx_len", "remove_bos")}
+    data = {k: getattr(d, k) for k in ("dataset", "split", "text_column", "ctx_len", "remove_bos", "max_norm_ratio")}
     if d.dataset == SAE_PROBES_TEXT:  # which texts are trained on
         data.update(heldout_every=d.heldout_every,
                     excluded=sorted(cfg.probing_datasets) if d.exclude_probing_texts else [])
@@ -350,10 +355,11 @@ def estimate(plan: Plan, pending_evals: dict[str, int] | None = None) -> Estimat
     group_hours: dict[str, float] = {}
     layers_run = (m.layer + 1) / m.n_layers
     lm_flops_per_token = 2 * (m.n_params - m.n_embedding_params) * layers_run
-    tokens = t.tokens + (100 * t.batch_size if t.normalize_activations else 0)
+    norm_tokens = 100 * t.batch_size if t.normalize_activations else 0
     from matryoshka_plugin.distributed import assign_trainers
 
     for g, specs in plan.groups.items():
+        tokens = (t.sweep_steps * t.batch_size if g in plan.sweep_groups else t.tokens) + norm_tokens
         # With nproc GPUs the SAEs are spread as train(distributed="trainers") spreads them; the
         # most loaded GPU sets the memory and, after rank 0's LM forward, the time.
         shares = [r for r in assign_trainers([m.d_model * s.width for s in specs], t.nproc) if r]

@@ -66,7 +66,11 @@ _ABSORPTION_CACHE_FIELDS = ("prompt_template", "prompt_token_pos", "llm_dtype", 
 # absorption's probe_vocab_size: how many of the tokenizer's alphabetic tokens the first-letter probe
 # and the absorption prompts draw on (SAEBench takes all of them, each in a prompt through the whole
 # model, too many for a CPU: docs/causal_lm_comparison.md); see patches.absorption_vocabulary.
-ADAPTER_FIELDS: dict[str, dict[str, Any]] = {"absorption": {"probe_vocab_size": None}}
+# core's max_activation_norm: tokens whose SAE input norm exceeds it (massive-activation attention
+# sinks an SAE was not trained on) pass through the SAE unchanged and are left out of the variance;
+# see patches.core_metrics.
+ADAPTER_FIELDS: dict[str, dict[str, Any]] = {"absorption": {"probe_vocab_size": None},
+                                             "core": {"max_activation_norm": None}}
 # Fields that change nothing SAEBench caches for the probing evals (batch sizes, post-processing).
 _UNCACHED_FIELDS = ("llm_batch_size", "sae_batch_size", "eval_batch_size_prompts", "n_values", "lower_vram_usage")
 
@@ -176,17 +180,17 @@ def make_eval_config(
     """
     overrides = dict(overrides or {})
     check_eval_names([eval_name])
-    if eval_name == "core":
-        allowed = _core_parameters()
-        unknown = sorted(set(overrides) - allowed)
-        if unknown:
-            raise SAEBenchError(f"unknown core settings {unknown}; allowed: {sorted(allowed)}")
-        return EvalConfig(eval_name, llm_dtype,
-                          {**CORE_DEFAULTS, "eval_batch_size_prompts": llm_batch_size, **overrides})
     adapter = dict(ADAPTER_FIELDS.get(eval_name, {}))
     for key in adapter.keys() & overrides.keys():
         adapter[key] = overrides.pop(key)
     _check_adapter_fields(eval_name, adapter)
+    if eval_name == "core":
+        allowed = _core_parameters()
+        unknown = sorted(set(overrides) - allowed)
+        if unknown:
+            raise SAEBenchError(f"unknown core settings {unknown}; allowed: {sorted(allowed | set(adapter))}")
+        return EvalConfig(eval_name, llm_dtype,
+                          {**CORE_DEFAULTS, "eval_batch_size_prompts": llm_batch_size, **overrides}, adapter)
     module, class_name = _CONFIG_CLASSES[eval_name]
     cls = getattr(importlib.import_module(module), class_name)
     names = {f.name for f in dataclasses.fields(cls)}
@@ -220,6 +224,9 @@ def make_eval_config(
 
 
 def _check_adapter_fields(eval_name: str, adapter: Mapping[str, Any]) -> None:
+    norm = adapter.get("max_activation_norm")
+    if norm is not None and (isinstance(norm, bool) or not isinstance(norm, (int, float)) or not norm > 0):
+        raise SAEBenchError(f"{eval_name}: max_activation_norm must be None (no limit) or a positive number, got {norm!r}")
     size = adapter.get("probe_vocab_size")
     from .patches import MIN_WORDS_PER_LETTER
 

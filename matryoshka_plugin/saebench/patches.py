@@ -192,13 +192,17 @@ class _VarianceSums:
         self.sum_resid = 0.0
         self.mask: torch.Tensor | None = None  # the current batch's evaluated positions
         self.x: torch.Tensor | None = None  # the current batch's SAE input
+        self.max_norm: float | None = None  # inputs above it are not evaluated
 
     def add(self, x_hat: torch.Tensor) -> None:
         if self.x is None or self.mask is None:
             raise RuntimeError("core's SAE decoded before it encoded a batch")
         d = self.x.shape[-1]
         keep = self.mask.reshape(-1).to(self.x.device)
-        x = self.x.reshape(-1, d)[keep].double()
+        x_all = self.x.reshape(-1, d)
+        if self.max_norm is not None:
+            keep = keep & (x_all.float().norm(dim=1) <= self.max_norm)
+        x = x_all[keep].double()
         r = x - x_hat.reshape(-1, d)[keep].to(x.device).double()
         self.n += len(x)
         self.sum_x = x.sum(0) if self.sum_x is None else self.sum_x + x.sum(0)
@@ -250,8 +254,36 @@ class _RecordingSAE:
         return getattr(self._sae, name)
 
 
+class NormGatedSAE:
+    """The SAE for every token whose input norm is at most ``max_norm``; the others (massive
+    activations the SAE was not trained on) encode to no latents and decode to their input, so
+    splicing the SAE into the model leaves them as they were. ``decode`` must follow the
+    ``encode`` of the same batch, as core's loops do."""
+
+    def __init__(self, sae: Any, max_norm: float):
+        self._sae, self._max_norm = sae, float(max_norm)
+        self._x: torch.Tensor | None = None
+        self._over: torch.Tensor | None = None
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        self._x = x
+        self._over = x.float().norm(dim=-1) > self._max_norm
+        return self._sae.encode(x).masked_fill(self._over.unsqueeze(-1), 0)
+
+    def decode(self, feature_acts: torch.Tensor) -> torch.Tensor:
+        out = self._sae.decode(feature_acts)
+        if self._x is None or self._over is None or self._x.shape[:-1] != feature_acts.shape[:-1]:
+            raise RuntimeError("NormGatedSAE.decode needs the encode of the same batch first")
+        out = torch.where(self._over.unsqueeze(-1), self._x.to(out.dtype), out)
+        self._x = self._over = None
+        return out
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._sae, name)
+
+
 @contextlib.contextmanager
-def conventional_explained_variance() -> Iterator[None]:
+def core_metrics(max_norm: float | None = None) -> Iterator[None]:
     """Core's ``explained_variance`` is ``1 - E||x - x_hat||^2 / (E||x||^2 - ||E x||^2)`` over the
     tokens it evaluates: the variance about the mean, as its name and SAEBench's comment ("the new
     (correct) formula") intend and as SAELens computes it since fixing the same code (SAELens
@@ -259,29 +291,45 @@ def conventional_explained_variance() -> Iterator[None]:
     ``||E x||^2``: a number between the variance about zero and about the mean that is not even
     invariant to rescaling the activations. The wrapped function is SAEBench's own; only the
     ``explained_variance`` it returns is replaced, computed from the inputs and reconstructions it
-    passes through the SAE (``explained_variance_legacy`` stays as SAEBench computes it)."""
+    passes through the SAE (``explained_variance_legacy`` stays as SAEBench computes it).
+
+    With ``max_norm``, both of core's loops (variance and sparsity; CE loss and KL with the SAE
+    spliced in) see the SAE through :class:`NormGatedSAE`, and the explained variance leaves
+    those tokens out."""
     import sae_bench.evals.core.main as core
 
-    original = core.get_sparsity_and_variance_metrics
-    signature = inspect.signature(original)
+    variance, recons = core.get_sparsity_and_variance_metrics, core.get_recons_loss
+    v_signature, r_signature = inspect.signature(variance), inspect.signature(recons)
 
-    @functools.wraps(original)
-    def wrapped(*args: Any, **kwargs: Any) -> Any:
-        bound = signature.bind(*args, **kwargs)
+    def gated(sae: Any) -> Any:
+        return sae if max_norm is None else NormGatedSAE(sae, max_norm)
+
+    @functools.wraps(variance)
+    def wrapped_variance(*args: Any, **kwargs: Any) -> Any:
+        bound = v_signature.bind(*args, **kwargs)
         sae = bound.arguments["sae"]
         per_head = sae.cfg.hook_head_index is not None or any(
             h in sae.cfg.hook_name for h in ("hook_q", "hook_k", "hook_v", "hook_z"))
         if per_head or not bound.arguments.get("compute_variance_metrics", True):
-            return original(*args, **kwargs)
+            bound.arguments["sae"] = gated(sae)
+            return variance(*bound.args, **bound.kwargs)
         sums = _VarianceSums()
-        bound.arguments["sae"] = _RecordingSAE(sae, sums)
+        sums.max_norm = max_norm
+        bound.arguments["sae"] = _RecordingSAE(gated(sae), sums)
         bound.arguments["model"] = _RecordingModel(bound.arguments["model"], bound.arguments.get("ignore_tokens"), sums)
-        metrics, feature_metrics = original(*bound.args, **bound.kwargs)
+        metrics, feature_metrics = variance(*bound.args, **bound.kwargs)
         if "explained_variance" in metrics:
             metrics["explained_variance"] = sums.explained_variance()
         return metrics, feature_metrics
 
-    with _replaced(core, "get_sparsity_and_variance_metrics", wrapped):
+    @functools.wraps(recons)
+    def wrapped_recons(*args: Any, **kwargs: Any) -> Any:
+        bound = r_signature.bind(*args, **kwargs)
+        bound.arguments["sae"] = gated(bound.arguments["sae"])
+        return recons(*bound.args, **bound.kwargs)
+
+    with _replaced(core, "get_sparsity_and_variance_metrics", wrapped_variance), \
+            _replaced(core, "get_recons_loss", wrapped_recons):
         yield
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Callable, NamedTuple
 
 from .configs import EvalConfig
-from .patches import absorption_in, absorption_vocabulary, conventional_explained_variance, core_errors_logged
+from .patches import absorption_in, absorption_vocabulary, core_errors_logged, core_metrics
 from ..io import read_json
 from .results import RESULT_SUFFIX, EvalRecord, publish_result, result_path, write_not_evaluated
 
@@ -49,7 +49,7 @@ def _published(eval_name: str, name: str, dirs: EvalDirs, staged: Path) -> EvalR
 def run_core(cfg: EvalConfig, name: str, sae: Any, device: str, dirs: EvalDirs) -> EvalRecord:
     import sae_bench.evals.core.main as core
 
-    with core_errors_logged() as errors, conventional_explained_variance():
+    with core_errors_logged() as errors, core_metrics(cfg.max_activation_norm):
         core.multiple_evals([(name, sae)], output_folder=str(dirs.staging / "core"), dtype=cfg.llm_dtype,
                             device=device, force_rerun=True, **cfg.saebench_dict())
     staged = dirs.staging / "core" / f"{name}{RESULT_SUFFIX}"
