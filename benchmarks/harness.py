@@ -246,6 +246,10 @@ def _parse_text(text: str) -> Any:
     try:
         return ast.literal_eval(text)
     except (ValueError, SyntaxError):
+        pass
+    try:
+        return json.loads(text)  # JSON's true/false/null inside a list or table
+    except ValueError:
         return text
 
 
@@ -275,7 +279,7 @@ def coerce(value: Any, tp: Any, name: str) -> Any:
                 raise TypeError(f"one of {list(args)}")
             return value
         if origin in (list, tuple, Sequence) or tp in (list, tuple):
-            if isinstance(value, (str, bytes)) or not isinstance(value, Iterable):
+            if not isinstance(value, (list, tuple)):
                 value = [value]
             item = args[0] if args else Any
             items = [coerce(v, item, f"{name}[{i}]") for i, v in enumerate(value)]
@@ -398,8 +402,8 @@ def _flag_name(name: str) -> str:
 def build_parser(cls: type, prog: str | None = None, description: str | None = None,
                  parser: argparse.ArgumentParser | None = None, config_file: bool = True) -> argparse.ArgumentParser:
     """An ArgumentParser with one flag per field of ``cls`` (bool: ``--x/--no-x``; list: one or
-    more values; ``X | None``: the X flag; nested dataclasses and dicts only through
-    ``--set``), plus ``--set KEY=VALUE`` and, with ``config_file``, ``--config FILE``. Flags not
+    more values, or one token that is a list literal; dict: ``--x KEY=VALUE``, repeated;
+    ``X | None``: the X flag; nested dataclasses only through ``--set``), plus ``--set KEY=VALUE`` and, with ``config_file``, ``--config FILE``. Flags not
     given stay absent from the namespace, so :func:`parse_config` can layer them."""
     p = parser or argparse.ArgumentParser(prog=prog, description=description,
                                           formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -410,7 +414,7 @@ def build_parser(cls: type, prog: str | None = None, description: str | None = N
             continue
         tp, _ = _optional(hints[f.name])
         origin, args = typing.get_origin(tp), typing.get_args(tp)
-        if dataclasses.is_dataclass(tp) or origin is dict or tp is dict:
+        if dataclasses.is_dataclass(tp):
             continue
         default = f.default if f.default is not dataclasses.MISSING else (
             f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
@@ -421,6 +425,9 @@ def build_parser(cls: type, prog: str | None = None, description: str | None = N
         kw: dict[str, Any] = dict(dest=f.name, default=argparse.SUPPRESS, help=help_text.replace("%", "%%"))
         if tp is bool:
             kw["action"] = argparse.BooleanOptionalAction
+        elif origin is dict or tp is dict:
+            kw.update(action=_KeyValues, metavar="KEY=VALUE")
+            kw["help"] += "; repeat the flag for more keys"
         else:
             item = args[0] if origin in (list, tuple) and args else tp
             if origin in (list, tuple):
@@ -428,8 +435,10 @@ def build_parser(cls: type, prog: str | None = None, description: str | None = N
             if typing.get_origin(item) is typing.Literal:
                 kw["choices"] = list(typing.get_args(item))
             else:
-                kw["type"] = (lambda t, n: lambda s: _flag_value(s, t, n))(item, f.name)
+                kw["type"] = (lambda t, n, many: lambda s: _flag_value(s, t, n, many))(item, f.name, "nargs" in kw)
                 kw["metavar"] = getattr(item, "__name__", "VALUE").upper()
+                if "nargs" in kw:
+                    kw["action"] = _Items
         kw.update(meta.get("argparse", {}))
         p.add_argument(_flag_name(f.name), **kw)
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="set_",
@@ -441,11 +450,33 @@ def build_parser(cls: type, prog: str | None = None, description: str | None = N
     return p
 
 
-def _flag_value(text: str, tp: Any, name: str) -> Any:
+def _flag_value(text: str, tp: Any, name: str, many: bool = False) -> Any:
+    """One flag token as ``tp``; for a list flag, a token that is itself a list gives its items."""
     try:
-        return coerce(text, tp, name)
+        if many and tp is not str and isinstance(_parse_text(text), list):
+            return coerce(_parse_text(text), list[tp], name)
+        return [coerce(text, tp, name)] if many else coerce(text, tp, name)
     except ValueError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
+
+
+class _Items(argparse.Action):
+    """A list flag's tokens, each already a list of items (:func:`_flag_value`), joined."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: str | None = None) -> None:
+        setattr(namespace, self.dest, [v for items in values for v in items])
+
+
+class _KeyValues(argparse.Action):
+    """A dict flag: each ``--flag KEY=VALUE`` adds one key (values typed later, by the field)."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: str | None = None) -> None:
+        key, sep, value = str(values).partition("=")
+        if not sep or not key:
+            parser.error(f"{option_string} expects KEY=VALUE, got {values!r}")
+        setattr(namespace, self.dest, {**(getattr(namespace, self.dest, None) or {}), key.strip(): value})
 
 
 def config_from_args(cls: type[T], args: argparse.Namespace, parser: argparse.ArgumentParser,

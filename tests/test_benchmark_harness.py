@@ -111,6 +111,7 @@ class Study:
     ratios: tuple[float, ...] = option((0.5, 0.5), "group ratios")
     inner: Inner = field(default_factory=Inner)
     extra: dict[str, Any] = field(default_factory=dict)
+    rows: list[dict[str, Any]] = option(default_factory=list, help="tables")
     hidden: int = option(3, "not a flag", flag=False)
 
 
@@ -120,6 +121,10 @@ def test_cli_parses_each_field_type():
     assert cfg == Study(steps=5, lr=3e-4, name="x", quick=True, seeds=[3, 4, 5], mode="none", k=8,
                         ratios=(0.25, 0.75))
     assert parse_config(Study, []) == Study()
+    cfg = parse_config(Study, ["--extra", "lr=3e-3", "--extra", "name=x", "--seeds", "[1, 2]", "--ratios", "0.1"])
+    assert cfg.extra == {"lr": 3e-3, "name": "x"} and cfg.seeds == [1, 2] and cfg.ratios == (0.1,)
+    assert parse_config(Study, ["--rows", '[{"lr": 1e-3, "on": true}]', "{'lr': 2}"]).rows == [{"lr": 1e-3, "on": True},
+                                                                                               {"lr": 2}]
     assert parse_config(Study, ["--no-quick"]).quick is False
     assert isinstance(parse_config(Study, ["--lr", "1"]).lr, float)
 
@@ -151,6 +156,8 @@ def test_config_file_then_flags_then_set(tmp_path, suffix):
     (["--set", "steps"], ["KEY=VALUE"]),
     (["--steps", "1.5"], ["steps"]),
     (["--mode", "other"], ["invalid choice"]),
+    (["--extra", "novalue"], ["--extra", "KEY=VALUE"]),
+    (["--seeds", "1", "x"], ["seeds", "'x'"]),
 ])
 def test_bad_settings_are_errors_naming_the_key(argv, words, capsys):
     with pytest.raises(SystemExit) as e:

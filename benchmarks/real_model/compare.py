@@ -15,6 +15,7 @@ from typing import Any, Iterator
 
 import torch
 
+from .. import harness
 from .activations import DEFAULT_CACHE, cached_activations
 
 __all__ = ["trainer_configs", "evaluate", "run", "add_meta_structure"]
@@ -130,16 +131,17 @@ def add_meta_structure(out_dir: str | Path, seeds: list[int], device: str = "cpu
     seed; adds ``meta_structure`` (mean, std, per seed) to each entry and rewrites the file."""
     from matryoshka_plugin import load_dictionary
     from matryoshka_plugin.io import atomic_write_json
-    from matryoshka_plugin.saebench.meta_structure import decoder_meta_structure
 
     out_dir = Path(out_dir)
     results = json.loads((out_dir / "results.json").read_text())
-    for i, (v, r) in enumerate(results.items()):
-        ae, _ = load_dictionary(out_dir / f"trainer_{i}")
-        r["meta_structure"] = {**decoder_meta_structure(ae, seeds=seeds, device=device, **config), "seeds": seeds,
-                               "config": config}
-        print(f"{v}: meta-SAE variance explained {r['meta_structure']['variance_explained']:.4f} "
-              f"(seeds {seeds}, {r['meta_structure']['seconds']:.0f} s)", flush=True)
+
+    def put(v: str, got: dict[str, Any]) -> None:
+        results[v]["meta_structure"] = {**got, "seeds": seeds, "config": config}
+        print(f"{v}: meta-SAE variance explained {got['variance_explained']:.4f} "
+              f"(seeds {seeds}, {got['seconds']:.0f} s)", flush=True)
+
+    runs = ((v, lambda i=i: load_dictionary(out_dir / f"trainer_{i}")[0], seeds) for i, v in enumerate(results))
+    harness.add_meta_structure(runs, have=lambda v: False, put=put, device=device, **config)
     atomic_write_json(results, out_dir / "results.json", indent=2, default=str)
     print(format_table(results))
     return results
@@ -147,13 +149,11 @@ def add_meta_structure(out_dir: str | Path, seeds: list[int], device: str = "cpu
 
 def format_table(results: dict[str, dict[str, Any]]) -> str:
     meta = any("meta_structure" in r for r in results.values())
-    lines = ["| trainer | held-out L0 | dead latents | FVU |" + (" meta-SAE var. expl. |" if meta else ""),
-             "|---|---|---|---|" + ("---|" if meta else "")]
+    rows = []
     for v, r in results.items():
-        line = f"| {v} | {r['l0']:.1f} | {100 * r['dead_fraction']:.1f}% | {r['fvu']:.3f} |"
+        m = r.get("meta_structure")
+        row = [v, f"{r['l0']:.1f}", f"{100 * r['dead_fraction']:.1f}%", f"{r['fvu']:.3f}"]
         if meta:
-            m = r.get("meta_structure")
-            std = m and m["variance_explained_std"]
-            line += " – |" if not m else f" {m['variance_explained']:.3f}" + (f" ± {std:.3f} |" if std else " |")
-        lines.append(line)
-    return "\n".join(lines)
+            row.append(harness.fmt_mean_std(m and m["variance_explained"], m and (m["variance_explained_std"] or None)))
+        rows.append(row)
+    return harness.markdown_table(["trainer", "held-out L0", "dead latents", "FVU"] + ["meta-SAE var. expl."] * meta, rows)
