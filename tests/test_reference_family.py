@@ -58,3 +58,32 @@ def test_pipeline_trains_measures_reports_and_resumes(tmp_path):
     # Another plan is not mixed into this run's folder.
     with pytest.raises(ValueError, match="another plan"):
         run(out, replace(plan, k=2), train, held_out)
+
+
+def test_cli_builds_the_plan_and_folders(tmp_path, monkeypatch, capsys):
+    """The command line's plan, run folder and report folder (training and MiniLM stubbed out)."""
+    import benchmarks.real_model.activations as acts
+    import benchmarks.reference_family.__main__ as cli
+    import benchmarks.reference_family.sample as sample
+    from benchmarks.reference_family.pipeline import FULL, QUICK
+
+    calls = []
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(acts, "cached_activations", lambda n, held_out, cache_dir: torch.zeros(n, 2))
+    monkeypatch.setattr(sample, "aligned_sample", lambda n, path: (n, path))
+    monkeypatch.setattr(cli, "run", lambda out, plan, *a, report_dir, **kw: calls.append((out, plan, report_dir)))
+    cli.main(["--seed", "1", "--reference-sizes", "8", "16", "--variants", "vanilla", "mat_groups", "--threads", "1"])
+    cli.main(["--quick", "--train-tokens", "4096", "--large-size", "128"])
+    cli.main(["--out", "o", "--report", "r"])
+    from pathlib import Path
+
+    assert calls == [
+        (Path("runs/reference_family_seed1"), replace(FULL, seed=1, reference_sizes=(8, 16), variants=("vanilla", "mat_groups")),
+         Path("docs/results/reference_family/seed1")),
+        (Path("runs/reference_family_quick"), replace(QUICK, train_tokens=4096, large_size=128),
+         Path("runs/reference_family_quick")),
+        (Path("o"), FULL, Path("r")),
+    ]
+    with pytest.raises(SystemExit):
+        cli.main(["--variants", "nope"])
+    assert "invalid choice" in capsys.readouterr().err

@@ -13,7 +13,7 @@ from typing import Any, Literal
 import torch
 
 from ..harness import option, parse_config
-from .compare import DEFAULT_VARIANTS, add_meta_structure, run
+from .compare import DEFAULT_VARIANTS, VARIANTS, add_meta_structure, run
 
 
 @dataclass
@@ -26,7 +26,7 @@ class RealModelStudy:
     batch_size: int = option(1024, "tokens per step")
     dict_size: int = option(4096, "latents")
     k: int = option(32, "BatchTopK k and the log-sparsity target_l0")
-    variants: list[Literal["btk_groups", "btk_none", "log_sparsity", "dl_batchtopk"]] = option(
+    variants: list[Literal[VARIANTS]] = option(
         default_factory=lambda: list(DEFAULT_VARIANTS), help="trainers to compare")
     log: dict[str, Any] = option(default_factory=dict, help="extra MatryoshkaLogSparsityTrainer keyword, e.g. --log lr=3e-3")
     extra_log: list[dict[str, Any]] = option(

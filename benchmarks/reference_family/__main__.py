@@ -1,48 +1,47 @@
-"""``python -m benchmarks.reference_family [--quick] [--out runs/reference_family] [--report docs/reference_family]``"""
+"""``python -m benchmarks.reference_family [--quick] [--out runs/reference_family] [--report docs/results/reference_family]``"""
 
 from __future__ import annotations
 
-import argparse
 import os
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Literal
 
 import torch
 
+from ..harness import option, parse_config, results_dir
 from .pipeline import FULL, LARGE_VARIANTS, QUICK, run
 
 
+@dataclass
+class ReferenceFamilyStudy:
+    """The command line of ``python -m benchmarks.reference_family``."""
+
+    quick: bool = option(False, "small SAEs and few tokens (a few minutes on a CPU)")
+    out: str | None = option(None, "SAE folders and cached measurements (default runs/reference_family[_quick])")
+    report: str | None = option(None, "results.md/.csv, figure, tree.html (default docs/results/reference_family "
+                                      "for the full run, the --out folder for --quick)")
+    cache: str | None = option(None, "MiniLM activation cache (default $MINILM_ACTS or /tmp/minilm_acts)")
+    train_tokens: int | None = option(None, "training tokens (default: the plan's)")
+    large_size: int | None = option(None, "latents of the large SAEs")
+    reference_sizes: list[int] | None = option(None, "latents of the reference SAEs")
+    variants: list[Literal[LARGE_VARIANTS]] | None = option(
+        None, "large SAEs to train and compare (default: all)")
+    seed: int = option(0, "training seed (every SAE); other seeds go to their own folders")
+    threads: int = option(1, "torch CPU threads (1: on a shared machine more threads contend and run slower)")
+
+
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.reference_family", description=__doc__)
-    p.add_argument("--quick", action="store_true", help="small SAEs and few tokens (a few minutes on a CPU)")
-    p.add_argument("--out", default=None, help="SAE folders and cached measurements (default runs/reference_family[_quick])")
-    p.add_argument("--report", default=None, help="results.md/.csv, figure, tree.html "
-                   "(default docs/reference_family for the full run, the --out folder for --quick)")
-    p.add_argument("--cache", default=None, help="MiniLM activation cache (default $MINILM_ACTS or /tmp/minilm_acts)")
-    p.add_argument("--train-tokens", type=int, default=None)
-    p.add_argument("--large-size", type=int, default=None, help="latents of the large SAEs")
-    p.add_argument("--reference-sizes", type=int, nargs="+", default=None, help="latents of the reference SAEs")
-    p.add_argument("--variants", nargs="+", default=None, choices=LARGE_VARIANTS,
-                   help="large SAEs to train and compare (default: all)")
-    p.add_argument("--seed", type=int, default=0, help="training seed (every SAE); other seeds go to their own folders")
-    p.add_argument("--threads", type=int, default=1,
-                   help="torch CPU threads (1: on a shared machine more threads contend and run slower)")
-    a = p.parse_args(argv)
+    a = parse_config(ReferenceFamilyStudy, argv, prog="python -m benchmarks.reference_family", description=__doc__)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     torch.set_num_threads(a.threads)
     plan = QUICK if a.quick else FULL
-    if a.train_tokens:
-        plan = replace(plan, train_tokens=a.train_tokens)
-    if a.large_size:
-        plan = replace(plan, large_size=a.large_size)
-    if a.reference_sizes:
-        plan = replace(plan, reference_sizes=tuple(a.reference_sizes))
-    if a.variants:
-        plan = replace(plan, variants=tuple(a.variants))
-    plan = replace(plan, seed=a.seed)
+    changes = {"train_tokens": a.train_tokens, "large_size": a.large_size, "variants": a.variants and tuple(a.variants),
+               "reference_sizes": a.reference_sizes and tuple(a.reference_sizes)}
+    plan = replace(plan, seed=a.seed, **{k: v for k, v in changes.items() if v})
     suffix = f"_seed{a.seed}" if a.seed else ""
     out = Path(a.out or ("runs/reference_family_quick" if a.quick else "runs/reference_family") + suffix)
-    report = Path(a.report or (out if a.quick else "docs/reference_family" + (f"/seed{a.seed}" if a.seed else "")))
+    report = Path(a.report or (out if a.quick else results_dir("reference_family") / (f"seed{a.seed}" if a.seed else "")))
 
     from benchmarks.real_model.activations import DEFAULT_CACHE, cached_activations
 

@@ -8,8 +8,6 @@ when finished; a later run skips finished SAEs and cached measurements (``metric
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import shutil
 import time
@@ -19,6 +17,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from benchmarks.harness import csv_text, markdown_table
 from benchmarks.real_model.compare import PAPER_FRACTIONS, batches, evaluate
 
 __all__ = ["Plan", "FULL", "QUICK", "LARGE_VARIANTS", "sae_configs", "run"]
@@ -229,17 +228,18 @@ def run(
     return results
 
 
+def _size(plan: Plan, name: str) -> int:
+    return int(name.split("_")[1]) if name.startswith("ref_") else plan.large_size
+
+
 def results_csv(plan: Plan, metrics: dict[str, dict[str, Any]], corr: dict[str, dict[str, Any]]) -> str:
-    buf = io.StringIO()
-    w = csv.writer(buf, lineterminator="\n")
     refs = [f"ref_{s}" for s in plan.reference_sizes]
-    w.writerow(["sae", "latents", "l0", "fvu", "dead_fraction", "train_wall_s"]
-               + [f"mmc_{r}" for r in refs])
-    for name, m in metrics.items():
-        size = int(name.split("_")[1]) if name.startswith("ref_") else plan.large_size
-        w.writerow([name, size, f"{m['l0']:.3f}", f"{m['fvu']:.5f}", f"{m['dead_fraction']:.5f}", f"{m['wall_s']:.0f}"]
-                   + [f"{corr[name][r]['mean']:.5f}" if name in corr else "" for r in refs])
-    return buf.getvalue()
+    rows = [{"sae": name, "latents": _size(plan, name), "l0": f"{m['l0']:.3f}", "fvu": f"{m['fvu']:.5f}",
+             "dead_fraction": f"{m['dead_fraction']:.5f}", "train_wall_s": f"{m['wall_s']:.0f}",
+             **{f"mmc_{r}": f"{corr[name][r]['mean']:.5f}" if name in corr else "" for r in refs}}
+            for name, m in metrics.items()]
+    fields = ["sae", "latents", "l0", "fvu", "dead_fraction", "train_wall_s"] + [f"mmc_{r}" for r in refs]
+    return csv_text(rows, fields, lineterminator="\n")
 
 
 def results_markdown(plan: Plan, metrics: dict[str, dict[str, Any]], corr: dict[str, dict[str, Any]]) -> str:
@@ -252,24 +252,19 @@ def results_markdown(plan: Plan, metrics: dict[str, dict[str, Any]], corr: dict[
         "Mean max correlation (held-out tokens; each reference latent's best Pearson correlation with any "
         "latent of the large SAE, averaged):",
         "",
-        "| large SAE | " + " | ".join(refs) + " |",
-        "|---|" + "---|" * len(refs),
+        markdown_table(["large SAE"] + refs,
+                       ([LABELS.get(v, v)] + [f"{row[r]['mean']:.3f}" for r in refs] for v, row in corr.items())),
+        "", "Every SAE on held-out tokens:", "",
+        markdown_table(["SAE", "latents", "L0", "FVU", "dead latents", "train wall s"],
+                       ([LABELS.get(n, n), _size(plan, n), f"{m['l0']:.1f}", f"{m['fvu']:.3f}",
+                         f"{100 * m['dead_fraction']:.1f}%", f"{m['wall_s']:.0f}"] for n, m in metrics.items())),
     ]
-    for v, row in corr.items():
-        lines.append(f"| {LABELS.get(v, v)} | " + " | ".join(f"{row[r]['mean']:.3f}" for r in refs) + " |")
-    lines += ["", "Every SAE on held-out tokens:", "",
-              "| SAE | latents | L0 | FVU | dead latents | train wall s |", "|---|---|---|---|---|---|"]
-    for name, m in metrics.items():
-        size = name.split("_")[1] if name.startswith("ref_") else plan.large_size
-        lines.append(f"| {LABELS.get(name, name)} | {size} | {m['l0']:.1f} | {m['fvu']:.3f} | "
-                     f"{100 * m['dead_fraction']:.1f}% | {m['wall_s']:.0f} |")
     curves = {n: m["prefix_fvu"] for n, m in metrics.items() if "prefix_fvu" in m}
     if curves:
         widths = list(next(iter(curves.values())))
         lines += ["", "Nested-prefix FVU (decoding only the first m latents):", "",
-                  "| SAE | " + " | ".join(f"m = {w}" for w in widths) + " |", "|---|" + "---|" * len(widths)]
-        for n, c in curves.items():
-            lines.append(f"| {LABELS.get(n, n)} | " + " | ".join(f"{c[w]:.3f}" for w in widths) + " |")
+                  markdown_table(["SAE"] + [f"m = {w}" for w in widths],
+                                 ([LABELS.get(n, n)] + [f"{c[w]:.3f}" for w in widths] for n, c in curves.items()))]
     return "\n".join(lines) + "\n"
 
 
