@@ -1,0 +1,301 @@
+"""What each run's latents learned, and the family's results as distributions.
+
+:func:`pair_report` splits absorption by (parent, child) pair and names what fires instead of
+the parent's latent; :func:`tree_summaries` averages a configuration's seeds per tree;
+:func:`config_summaries` turns those into distributions over trees (median, worst tree, share
+cured); :func:`failures` explains each tree a configuration does not cure.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from matryoshka_plugin.toy import HierarchySpec, ToyMetrics, ToyModel
+
+from .study import CURED_ABSORPTION, CURED_RECOVERY, cured
+
+__all__ = ["pair_report", "tree_summaries", "config_summaries", "summary_markdown", "summary_csv", "failures",
+           "failures_markdown", "runs_csv", "plot_distributions", "ABSORBED_COS"]
+
+# A child's latent whose decoder leans this far toward its parent's direction carries the parent.
+ABSORBED_COS = 0.1
+# A true feature whose matched latent is below this cosine counts as not learned.
+UNLEARNED_COS = 0.9
+
+
+def _r(v: float) -> float:
+    return round(float(v), 4)
+
+
+@torch.no_grad()
+def pair_report(sae: torch.nn.Module, toy: ToyModel, m: ToyMetrics, spec: HierarchySpec | None = None,
+                n_samples: int = 100_000, seed: int = 1234) -> list[dict[str, Any]]:
+    """For every (parent, child) pair, on the evaluation samples where both fire (the same
+    samples :func:`~matryoshka_plugin.toy.evaluate_sae` draws with ``seed``): how often the
+    parent's matched latent is silent (``miss``), the decoder cosines of the parent's and the
+    child's latents with the parent and child directions, and the latent that fires most often
+    instead when the parent's latent is silent (``absorber``)."""
+    feats, x = toy.sample(n_samples, torch.Generator().manual_seed(seed))
+    fires = sae.encode(x).float() > 0
+    cos, match = m.decoder_cosine, m.matching
+    owner = {lat: f for f, lat in enumerate(match) if lat >= 0}
+    names = [f.name for f in toy.features]
+    out = []
+    for parent, children in toy.parent_child_groups():
+        lp = match[parent]
+        for c in children:
+            both = (feats[:, parent] > 0) & (feats[:, c] > 0)
+            n = int(both.sum())
+            if n == 0:
+                continue
+            silent = both & ~fires[:, lp]
+            lc = match[c]
+            row: dict[str, Any] = {
+                "parent": names[parent], "child": names[c], "n": n,
+                "miss": _r(silent.sum() / n),
+                "parent_latent": lp, "parent_latent_cos_parent": _r(cos[lp, parent]),
+                "parent_latent_cos_child": _r(cos[lp, c]),
+                "child_latent": lc, "child_latent_cos_child": _r(cos[lc, c]),
+                "child_latent_cos_parent": _r(cos[lc, parent]),
+                "child_latent_fires": _r(fires[both, lc].float().mean()),
+                "absorber": None,
+            }
+            if int(silent.sum()):
+                rates = fires[silent].float().mean(0)
+                rates[lp] = -1.0
+                a = int(rates.argmax())
+                row["absorber"] = {"latent": a, "fires": _r(rates[a]), "matched_to": names[owner[a]] if a in owner else None,
+                                   "cos_parent": _r(cos[a, parent]), "cos_child": _r(cos[a, c])}
+            out.append(row)
+    return out
+
+
+# -- distributions over trees ---------------------------------------------------------------------
+
+_METRICS = ("absorption", "recovery", "fvu", "l0", "dead_latents", "mixing_parent_child_signed",
+            "mixing_sibling_signed", "mean_max_cosine")
+
+
+def _mean(values: list) -> float:
+    v = [x for x in values if x is not None and not (isinstance(x, float) and math.isnan(x))]
+    return float(np.mean(v)) if v else float("nan")
+
+
+def tree_summaries(records: list[dict]) -> dict[tuple[str, str], dict[str, Any]]:
+    """``(config, tree) -> {metric: mean over seeds, "seeds": n, "cured": bool, "runs_cured": n}``.
+    A tree with no parent samples counts as absorption 0."""
+    groups: dict[tuple[str, str], list[dict]] = defaultdict(list)
+    for r in records:
+        groups[(r["config"], r["tree"])].append(r)
+    out = {}
+    for key, rs in groups.items():
+        s = {m: _mean([0.0 if (m == "absorption" and r[m] is None) else r.get(m) for r in rs]) for m in _METRICS}
+        s.update(seeds=len(rs), runs_cured=sum(bool(r["cured"]) for r in rs), k=rs[0]["tree_info"]["k"],
+                 true_l0=rs[0]["tree_info"]["true_l0"], k_regime=rs[0]["tree_info"]["k_regime"])
+        s["cured"] = cured(s["absorption"], s["recovery"])
+        out[key] = s
+    return out
+
+
+def config_summaries(records: list[dict], order: list[str] | None = None) -> list[dict[str, Any]]:
+    """Per configuration: trees, runs, share of trees cured (seed means meet the bar), share of
+    runs cured, median and worst tree of absorption and recovery, medians of the rest."""
+    per_tree = tree_summaries(records)
+    configs = order or sorted({c for c, _ in per_tree})
+    rows = []
+    for c in configs:
+        trees = {t: s for (cc, t), s in per_tree.items() if cc == c}
+        if not trees:
+            continue
+        ab = {t: s["absorption"] for t, s in trees.items()}
+        rec = {t: s["recovery"] for t, s in trees.items()}
+        worst_a = max(ab, key=lambda t: ab[t])
+        worst_r = min(rec, key=lambda t: rec[t])
+        n_runs = sum(s["seeds"] for s in trees.values())
+        rows.append({
+            "config": c, "trees": len(trees), "runs": n_runs,
+            "trees_cured": sum(s["cured"] for s in trees.values()) / len(trees),
+            "runs_cured": sum(s["runs_cured"] for s in trees.values()) / n_runs,
+            "absorption_median": float(np.median(list(ab.values()))),
+            "absorption_worst": ab[worst_a], "absorption_worst_tree": worst_a,
+            "recovery_median": float(np.median(list(rec.values()))),
+            "recovery_worst": rec[worst_r], "recovery_worst_tree": worst_r,
+            **{f"{m}_median": float(np.nanmedian([s[m] for s in trees.values()]))
+               for m in ("fvu", "l0", "dead_latents", "mixing_parent_child_signed", "mixing_sibling_signed")},
+            "l0_over_k_median": float(np.median([s["l0"] / s["k"] for s in trees.values()])),
+        })
+    return rows
+
+
+def summary_markdown(rows: list[dict], notes: dict[str, str] | None = None) -> str:
+    head = ("| configuration | trees (runs) | trees cured | runs cured | absorption median | worst tree "
+            "| recovery median | worst tree | FVU median | L0/k median | dead median | mixing p-c | mixing sib |")
+    lines = [head, "|" + "---|" * 13]
+    for r in rows:
+        name = r["config"] + (f" ({notes[r['config']]})" if notes and r["config"] in notes else "")
+        lines.append(
+            f"| {name} | {r['trees']} ({r['runs']}) | {r['trees_cured']:.0%} | {r['runs_cured']:.0%} "
+            f"| {r['absorption_median']:.3f} | {r['absorption_worst']:.3f} ({r['absorption_worst_tree']}) "
+            f"| {r['recovery_median']:.3f} | {r['recovery_worst']:.3f} ({r['recovery_worst_tree']}) "
+            f"| {r['fvu_median']:.3f} | {r['l0_over_k_median']:.2f} | {r['dead_latents_median']:.0f} "
+            f"| {r['mixing_parent_child_signed_median']:+.3f} | {r['mixing_sibling_signed_median']:+.3f} |")
+    return "\n".join(lines) + "\n"
+
+
+def _csv(rows: list[dict]) -> str:
+    buf = io.StringIO()
+    if rows:
+        w = csv.DictWriter(buf, fieldnames=list(rows[0]), lineterminator="\n")
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items()})
+    return buf.getvalue()
+
+
+def summary_csv(rows: list[dict]) -> str:
+    return _csv(rows)
+
+
+def runs_csv(records: list[dict]) -> str:
+    """One row per run: the metrics behind every table and figure."""
+    keys = ("tree", "fingerprint", "config", "seed", "absorption", "recovery", "fvu", "l0", "dead_latents",
+            "mixing_parent_child_signed", "mixing_sibling_signed", "mean_max_cosine", "cured", "train_seconds")
+    rows = [{k: r.get(k) for k in keys} | {"k": r["tree_info"]["k"], "true_l0": round(r["tree_info"]["true_l0"], 4)}
+            for r in sorted(records, key=lambda r: (r["config"], r["tree"], r["seed"]))]
+    return _csv(rows)
+
+
+# -- why a tree is not cured -------------------------------------------------------------------------
+
+
+def failures(records: list[dict]) -> dict[str, list[dict[str, Any]]]:
+    """Per configuration, every tree whose seed means miss the bar, with the measured reason:
+    the worst (parent, child) pair of the worst seed and what its latents learned, and the true
+    features without a latent above cosine 0.9."""
+    by: dict[tuple[str, str], list[dict]] = defaultdict(list)
+    for r in records:
+        by[(r["config"], r["tree"])].append(r)
+    per_tree = tree_summaries(records)
+    out: dict[str, list[dict]] = defaultdict(list)
+    for (c, t), s in sorted(per_tree.items()):
+        if s["cured"]:
+            continue
+        rs = by[(c, t)]
+        worst = max(rs, key=lambda r: (r["absorption"] or 0.0, -r["recovery"]))
+        pair = max(worst["pairs"], key=lambda p: p["miss"] * math.log1p(p["n"]), default=None)
+        names = _feature_names(worst)
+        unlearned = [(names[f], cosv) for f, cosv in enumerate(worst["matched_cosine"])
+                     if cosv is not None and cosv < UNLEARNED_COS]
+        absorbing = [p for p in worst["pairs"] if p["miss"] > CURED_ABSORPTION]
+        out[c].append({
+            "tree": t, "absorption": s["absorption"], "recovery": s["recovery"], "seed": worst["seed"],
+            "k": s["k"], "true_l0": s["true_l0"], "l0": s["l0"],
+            "pair": pair, "n_absorbing_pairs": len(absorbing), "n_pairs": len(worst["pairs"]),
+            "n_child_carries_parent": sum(p["child_latent_cos_parent"] >= ABSORBED_COS for p in absorbing),
+            "unlearned": sorted(unlearned, key=lambda u: u[1]),
+            "why": _why(s, worst, absorbing, unlearned),
+        })
+    return dict(out)
+
+
+def _feature_names(record: dict) -> list[str]:
+    """Feature names in ToyModel order, rebuilt from the family (records store the tree's name)."""
+    from .study import family
+
+    info = record["tree_info"]
+    spec = family(24, 0).get(record["tree"])
+    if spec is None or spec.fingerprint != record["fingerprint"]:
+        return [f"f{i}" for i in range(info["n_features"])]
+    return [f.name for f in spec.build().features]
+
+
+def _why(s: dict, worst: dict, absorbing: list[dict], unlearned: list) -> str:
+    parts = []
+    if s["absorption"] > CURED_ABSORPTION:
+        carried = [p for p in absorbing if p["child_latent_cos_parent"] >= ABSORBED_COS]
+        if carried:
+            parts.append(f"absorption: in {len(carried)} of {len(absorbing)} pairs that miss, the child's latent "
+                         f"carries the parent (decoder cos with parent >= {ABSORBED_COS})")
+        elif absorbing:
+            parts.append(f"parent latent silent without the child's latent carrying the parent "
+                         f"({len(absorbing)} pairs; L0 {s['l0']:.2f} vs k {s['k']}, true L0 {s['true_l0']:.2f})")
+    if s["recovery"] < CURED_RECOVERY:
+        parts.append(f"{len(unlearned)} features without a latent above cos {UNLEARNED_COS}")
+    return "; ".join(parts)
+
+
+def failures_markdown(fails: dict[str, list[dict]], order: list[str]) -> str:
+    lines = ["# Trees each configuration does not cure (generated)", "",
+             f"A tree is cured when its seed means have absorption <= {CURED_ABSORPTION} and recovery >= "
+             f"{CURED_RECOVERY}. For each tree that is not: the seed with the worst absorption, its worst "
+             "(parent, child) pair (`miss`: share of the n evaluation samples with both firing where the "
+             "parent's latent is silent), the decoder cosines of the parent's latent (P) and the child's "
+             "latent (C) with the parent (p) and child (c) directions, the latent firing most often "
+             "instead, and the features whose best-matched latent is below cosine "
+             f"{UNLEARNED_COS}.", ""]
+    for c in order:
+        rows = fails.get(c, [])
+        lines += [f"## {c}: {len(rows)} tree(s) not cured", ""]
+        for f in rows:
+            p = f["pair"]
+            line = (f"- **{f['tree']}** absorption {f['absorption']:.3f}, recovery {f['recovery']:.3f} "
+                    f"(k {f['k']}, true L0 {f['true_l0']:.2f}, SAE L0 {f['l0']:.2f}); seed {f['seed']}: "
+                    f"{f['n_absorbing_pairs']}/{f['n_pairs']} pairs miss > {CURED_ABSORPTION}")
+            if p and p["miss"] > 0:
+                line += (f"; worst {p['parent']} -> {p['child']}: miss {p['miss']:.2f} of n={p['n']}, "
+                         f"P.p {p['parent_latent_cos_parent']:.2f} P.c {p['parent_latent_cos_child']:.2f}, "
+                         f"C.c {p['child_latent_cos_child']:.2f} C.p {p['child_latent_cos_parent']:.2f}")
+                a = p.get("absorber")
+                if a:
+                    line += (f", instead latent {a['latent']} (matched to {a['matched_to']}) fires {a['fires']:.2f} "
+                             f"(cos p {a['cos_parent']:.2f}, c {a['cos_child']:.2f})")
+            if f["unlearned"]:
+                shown = ", ".join(f"{n} {v:.2f}" for n, v in f["unlearned"][:6])
+                more = len(f["unlearned"]) - 6
+                line += f"; unlearned: {shown}" + (f" (+{more})" if more > 0 else "")
+            line += f". Why: {f['why']}."
+            lines.append(line)
+        lines.append("")
+    return "\n".join(lines)
+
+
+def plot_distributions(records: list[dict], order: list[str], path: Path, dpi: int = 110) -> Path:
+    """Absorption and recovery per tree (seed means) for each configuration: one dot per tree,
+    the median as a bar, the cure thresholds as dashed lines."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    per_tree = tree_summaries(records)
+    order = [c for c in order if any(cc == c for cc, _ in per_tree)]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 0.32 * len(order) + 1.6), sharey=True)
+    rng = np.random.default_rng(0)
+    for ax, metric, thr in ((axes[0], "absorption", CURED_ABSORPTION), (axes[1], "recovery", CURED_RECOVERY)):
+        for i, c in enumerate(order):
+            vals = np.array([s[metric] for (cc, _), s in per_tree.items() if cc == c])
+            ok = np.array([s["cured"] for (cc, _), s in per_tree.items() if cc == c])
+            y = i + rng.uniform(-0.22, 0.22, len(vals))
+            ax.scatter(vals[ok], y[ok], s=9, color="tab:green", alpha=0.8, lw=0)
+            ax.scatter(vals[~ok], y[~ok], s=9, color="tab:red", alpha=0.8, lw=0)
+            ax.plot([np.median(vals)] * 2, [i - 0.35, i + 0.35], color="black", lw=1.5)
+        ax.axvline(thr, ls="--", color="grey", lw=0.8)
+        ax.set_xlabel(f"{metric} per tree (mean over seeds)")
+        ax.grid(axis="x", alpha=0.3)
+    axes[0].set_yticks(range(len(order)), order, fontsize=8)
+    axes[0].invert_yaxis()
+    axes[0].set_title("absorption (green: tree cured, black: median)", fontsize=9)
+    axes[1].set_title(f"recovery (cured: absorption <= {CURED_ABSORPTION}, recovery >= {CURED_RECOVERY})", fontsize=9)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
+    return path

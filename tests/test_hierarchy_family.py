@@ -1,0 +1,160 @@
+"""The hierarchy-family study's plumbing (issue 26, deliverables 2-3).
+
+Absorption as the study records it is checked against a brute-force count on a hand-built
+tree and SAE whose parent latent is silenced by one child; the per-pair report must name that
+child and the latent that fires instead; a rerun must skip finished runs and redo runs whose
+settings changed; the summaries must give the hand-computed median, worst tree and share cured.
+"""
+
+import json
+
+import pytest
+import torch
+
+from benchmarks.hierarchy_family.analysis import config_summaries, failures, pair_report, tree_summaries
+from benchmarks.hierarchy_family.configs import CONFIGS, _fractions, config_by_name, level_sizes
+from benchmarks.hierarchy_family.study import StudySettings, family, measure_run, record_path, run_family
+from matryoshka_plugin.prefixes import group_sizes_from_fractions
+from matryoshka_plugin.toy import Feature, HierarchyParams, HierarchySpec, evaluate_sae
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+def _hand_tree() -> HierarchySpec:
+    """A parent (p 0.5) with two mutually exclusive children (0.4 each) and a singleton, orthonormal in d = 4."""
+    parent = Feature(0.5, [Feature(0.4, name="a"), Feature(0.4, name="b")], exclusive=True, name="P")
+    roots = [parent, Feature(0.3, name="s")]
+    params = HierarchyParams(n_trees=1, depth=1, n_singletons=1, firing_noise=0.0)
+    return HierarchySpec("hand", params, 0, roots, torch.eye(4, dtype=torch.float64), k=2)
+
+
+class _AbsorbingSAE(torch.nn.Module):
+    """Decoder rows are the true directions; the parent's latent (0) is silenced whenever child
+    ``a`` (latent 1) fires, and latent 1 then carries the parent: child ``a`` absorbs its parent."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.W_dec = torch.nn.Parameter(torch.eye(4))
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        z = torch.relu(x @ self.W_dec.T)
+        z[:, 0] = torch.relu(x[:, 0] - 2 * x[:, 1])
+        return z
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        return z @ self.W_dec
+
+
+def test_absorption_matches_a_brute_force_count_and_names_the_absorbing_child():
+    spec = _hand_tree()
+    toy, sae, n = spec.build(), _AbsorbingSAE(), 4000
+    rec = measure_run(sae, spec, toy, eval_samples=n)
+    # brute force on the same evaluation samples (evaluate_sae's generator seed, 1234)
+    feats, x = toy.sample(n, torch.Generator().manual_seed(1234))
+    code = sae.encode(x)
+    both = missed = both_a = missed_a = 0
+    for f, z in zip(feats.tolist(), code.tolist()):
+        if f[0] > 0 and (f[1] > 0 or f[2] > 0):
+            both += 1
+            missed += z[0] == 0
+        if f[0] > 0 and f[1] > 0:
+            both_a += 1
+            missed_a += z[0] == 0
+    assert both > 500
+    assert rec["absorption"] == pytest.approx(missed / both, abs=1e-6)  # one sample is 1e-3
+    assert 0.4 < rec["absorption"] < 0.6  # child a takes half of the parent's child firings
+    assert rec["recovery"] == pytest.approx(1.0)
+    assert rec["cured"] is False
+    pairs = {(p["parent"], p["child"]): p for p in rec["pairs"]}
+    assert pairs[("P", "a")]["n"] == both_a
+    assert pairs[("P", "a")]["miss"] == pytest.approx(round(missed_a / both_a, 4))
+    assert pairs[("P", "a")]["miss"] == 1.0 and pairs[("P", "b")]["miss"] == 0.0
+    assert pairs[("P", "a")]["absorber"]["latent"] == 1 and pairs[("P", "a")]["absorber"]["matched_to"] == "a"
+    assert pairs[("P", "b")]["absorber"] is None
+
+
+def test_pair_report_agrees_with_evaluate_sae_per_parent():
+    """With exclusive children the pairs partition the parent's samples: their weighted misses
+    give evaluate_sae's per-parent absorption."""
+    spec = _hand_tree()
+    toy, sae = spec.build(), _AbsorbingSAE()
+    m = evaluate_sae(sae, toy, n_samples=3000)
+    pairs = pair_report(sae, toy, m, spec, n_samples=3000)
+    weighted = sum(p["miss"] * p["n"] for p in pairs) / sum(p["n"] for p in pairs)
+    assert weighted == pytest.approx(m.absorption_per_parent[0], abs=1e-3)
+
+
+def test_level_groups_are_exact_for_every_family_tree_under_both_rounding_rules():
+    for spec in family(24, 0).values():
+        sizes = level_sizes(spec)
+        assert sum(sizes) == spec.n_features
+        fr = _fractions(sizes)
+        assert group_sizes_from_fractions(spec.n_features, fr) == sizes  # int(f * n), both trainers
+        assert [round(f * spec.n_features) for f in fr] == sizes  # benchmarks.toy's check
+
+
+@pytest.mark.slow
+def test_rerun_skips_finished_runs_and_redoes_changed_ones(tmp_path):
+    configs = [config_by_name("btk_every"), config_by_name("up_mbtk")]
+    st = StudySettings(steps=20, eval_samples=2000)
+    trained, skipped = run_family(tmp_path, configs, [0], st, jobs=1, trees=["h02", "h20"], log=lambda *_: None)
+    assert (trained, skipped) == (4, 0)
+    spec = family()["h02"]
+    path = record_path(tmp_path, spec, "btk_every", 0)
+    rec = json.loads(path.read_text())
+    assert rec["fingerprint"] == spec.fingerprint and rec["trainer"]["steps"] == 20
+    assert rec["trainer"]["k"] == spec.k and rec["trainer"]["dict_size"] == spec.n_features
+    up = json.loads(record_path(tmp_path, spec, "up_mbtk", 0).read_text())
+    assert up["trainer"]["group_fractions"] == pytest.approx(_fractions(level_sizes(spec)))
+    stamp = path.stat().st_mtime_ns
+    assert run_family(tmp_path, configs, [0], st, jobs=1, trees=["h02", "h20"], log=lambda *_: None) == (0, 4)
+    assert path.stat().st_mtime_ns == stamp
+    # another step count is another run
+    st2 = StudySettings(steps=21, eval_samples=2000)
+    assert run_family(tmp_path, configs[:1], [0], st2, jobs=1, trees=["h02"], log=lambda *_: None) == (1, 0)
+    assert json.loads(path.read_text())["trainer"]["steps"] == 21
+
+
+def _rec(config, tree, seed, absorption, recovery):
+    from benchmarks.hierarchy_family.study import cured
+
+    return {"config": config, "tree": tree, "seed": seed, "fingerprint": "x", "absorption": absorption,
+            "recovery": recovery, "fvu": 0.1, "l0": 2.0, "dead_latents": 0, "mixing_parent_child_signed": 0.0,
+            "mixing_sibling_signed": 0.0, "mean_max_cosine": 1.0, "cured": cured(absorption, recovery),
+            "tree_info": {"k": 2, "true_l0": 1.5, "k_regime": "around", "n_features": 3},
+            "matched_cosine": [1.0, 0.5, 1.0], "pairs": []}
+
+
+def test_summaries_give_median_worst_tree_and_share_cured():
+    recs = [
+        _rec("A", "t1", 0, 0.00, 0.99), _rec("A", "t1", 1, 0.08, 0.99),  # mean 0.04: cured, one run not
+        _rec("A", "t2", 0, 0.30, 0.90), _rec("A", "t2", 1, 0.50, 0.80),  # worst tree
+        _rec("A", "t3", 0, 0.02, 0.97), _rec("A", "t3", 1, None, 0.97),  # no parent samples: 0
+    ]
+    per_tree = tree_summaries(recs)
+    assert per_tree[("A", "t1")]["absorption"] == pytest.approx(0.04)
+    assert per_tree[("A", "t3")]["absorption"] == pytest.approx(0.01)
+    (row,) = config_summaries(recs)
+    assert row["trees_cured"] == pytest.approx(2 / 3)
+    assert row["runs_cured"] == pytest.approx(3 / 6)
+    assert row["absorption_median"] == pytest.approx(0.04)
+    assert (row["absorption_worst_tree"], row["absorption_worst"]) == ("t2", pytest.approx(0.4))
+    assert (row["recovery_worst_tree"], row["recovery_worst"]) == ("t2", pytest.approx(0.85))
+    assert row["recovery_median"] == pytest.approx(0.97)
+    fails = failures(recs)
+    assert [f["tree"] for f in fails["A"]] == ["t2"]
+    assert fails["A"][0]["seed"] == 1  # the worse seed is the one explained
+
+
+def test_every_configuration_builds_its_trainer_on_a_superposed_deep_tree():
+    from benchmarks.hierarchy_family.configs import trainer_kwargs
+    from benchmarks.toy.config import VariantSpec
+    from benchmarks.toy.train import make_trainer
+
+    spec = family()["h05"]  # 4 levels, superposed
+    for cfg in CONFIGS:
+        kw = trainer_kwargs(cfg, spec, 0, 200)
+        tr = make_trainer(VariantSpec(cfg.name, cfg.family), kw)
+        if cfg.groups == "levels":
+            got = getattr(tr, "group_sizes", None) or tr.config["group_sizes"]
+            assert list(got) == level_sizes(spec), cfg.name
