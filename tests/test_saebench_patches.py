@@ -226,3 +226,32 @@ def test_probe_vocab_size_is_an_absorption_setting_of_the_adapter():
             make("absorption", "m", llm_batch_size=4, llm_dtype="float32", overrides={"probe_vocab_size": bad})
     with pytest.raises(sb.SAEBenchError, match="unknown core settings"):
         make("core", "m", llm_batch_size=4, llm_dtype="float32", overrides={"probe_vocab_size": 2000})
+
+
+@torch.no_grad()
+def test_absorption_forward_stops_after_the_hooked_block():
+    """Inside forward_to_hook_layer a run_with_cache that reads only block hooks runs the blocks up
+    to the last one it reads (the later blocks' hooks never fire) and caches the same activations;
+    other calls run the whole model as before."""
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+    from matryoshka_plugin.saebench.patches import forward_to_hook_layer
+
+    cfg = HookedTransformerConfig(n_layers=3, d_model=16, d_head=4, n_heads=4, d_mlp=32, d_vocab=50, n_ctx=12,
+                                  act_fn="gelu", normalization_type="LN", seed=0)
+    model = HookedTransformer(cfg).eval()
+    tokens = torch.randint(0, 50, (2, 12), generator=torch.Generator().manual_seed(1))
+    hook = "blocks.1.hook_resid_post"
+    logits, full = model.run_with_cache(tokens, names_filter=[hook])
+    ran = []
+    model.blocks[2].hook_resid_pre.add_hook(lambda x, hook: ran.append(hook.name))
+    with forward_to_hook_layer():
+        out, cache = model.run_with_cache(tokens, names_filter=[hook])
+        assert ran == [] and torch.equal(cache[hook], full[hook]) and out.shape == (2, 12, 16)
+        out, _ = model.run_with_cache(tokens, names_filter=hook)  # a single name
+        assert ran == [] and out.shape == (2, 12, 16)
+        out, _ = model.run_with_cache(tokens, names_filter=[hook, "ln_final.hook_normalized"])
+        assert ran == ["blocks.2.hook_resid_pre"] and torch.equal(out, logits)  # not only block hooks: all of it
+    model.reset_hooks()
+    assert HookedTransformer.run_with_cache.__name__ == "run_with_cache" and not hasattr(
+        HookedTransformer.run_with_cache, "__wrapped__")

@@ -16,6 +16,7 @@ import inspect
 import logging
 import os
 import random
+import re
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -178,6 +179,34 @@ def absorption_vocabulary(size: int | None, seed: int) -> Iterator[None]:
     with contextlib.ExitStack() as stack:
         for mod_name in _ABSORPTION_VOCAB_MODULES:
             stack.enter_context(_replaced(importlib.import_module(mod_name), "get_alpha_tokens", sampled))
+        yield
+
+
+_BLOCK_HOOK = re.compile(r"^blocks\.(\d+)\.hook_")
+
+
+@contextlib.contextmanager
+def forward_to_hook_layer() -> Iterator[None]:
+    """``HookedTransformer.run_with_cache`` stops after the last block its ``names_filter`` reads
+    (``stop_at_layer``) when the caller names only ``blocks.<n>.hook_*`` points and no stop of its
+    own. Absorption reads just the SAE's hook from the probe prompts, yet SAEBench runs the whole
+    model and its unembedding for every one; the cached activations are the same, and the output
+    (the logits, which absorption never reads) becomes the residual stream at the stop."""
+    from transformer_lens import HookedTransformer
+
+    original = HookedTransformer.run_with_cache
+
+    @functools.wraps(original)
+    def run_with_cache(self: Any, *args: Any, **kwargs: Any) -> Any:
+        names = kwargs.get("names_filter")
+        names = [names] if isinstance(names, str) else names
+        if kwargs.get("stop_at_layer") is None and isinstance(names, (list, tuple)) and names:
+            layers = [_BLOCK_HOOK.match(n) for n in names]
+            if all(layers):
+                kwargs["stop_at_layer"] = max(int(m.group(1)) for m in layers) + 1
+        return original(self, *args, **kwargs)
+
+    with _replaced(HookedTransformer, "run_with_cache", run_with_cache):
         yield
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Callable, NamedTuple
 
 from .configs import EvalConfig
-from .patches import absorption_in, absorption_vocabulary, core_errors_logged, core_metrics
+from .patches import absorption_in, absorption_vocabulary, core_errors_logged, core_metrics, forward_to_hook_layer
 from ..io import read_json
 from .results import RESULT_SUFFIX, EvalRecord, publish_result, result_path, write_not_evaluated
 
@@ -64,7 +64,8 @@ def run_absorption(cfg: EvalConfig, name: str, sae: Any, device: str, dirs: Eval
 
     out = dirs.staging / "absorption"
     out.mkdir(parents=True, exist_ok=True)  # absorption's run_eval does not create it
-    with absorption_in(dirs.artifacts) as cwd, absorption_vocabulary(cfg.probe_vocab_size, cfg.random_seed):
+    with absorption_in(dirs.artifacts) as cwd, absorption_vocabulary(cfg.probe_vocab_size, cfg.random_seed), \
+            forward_to_hook_layer():
         absorption_main.run_eval(cfg.saebench, [(name, sae)], device, str(out), force_rerun=True)
     staged = out / f"{name}{RESULT_SUFFIX}"
     if staged.is_file():
