@@ -18,6 +18,7 @@ import dataclasses
 import io
 import json
 import math
+import statistics
 import types
 import typing
 from pathlib import Path
@@ -115,12 +116,16 @@ def _number(value: Any) -> float | None:
     return None if math.isnan(value) else float(value)
 
 
-def mean_std(values: Iterable[Any]) -> tuple[float, float, int]:
+def mean_std(values: Iterable[Any], exact: bool = False) -> tuple[float, float, int]:
     """Mean, sample standard deviation (ddof 1; 0 for one value) and count of the numbers in
-    ``values``; None, NaN and non-numbers are left out; ``(nan, nan, 0)`` when none is left."""
+    ``values``; None, NaN and non-numbers are left out; ``(nan, nan, 0)`` when none is left.
+    numpy's float sums by default; ``exact=True``: the statistics module's correctly rounded ones
+    (the two can differ in the last bit, which a rounded table shows at a tie)."""
     vals = [v for v in map(_number, values) if v is not None]
     if not vals:
         return math.nan, math.nan, 0
+    if exact:
+        return statistics.mean(vals), statistics.stdev(vals) if len(vals) > 1 else 0.0, len(vals)
     return float(np.mean(vals)), float(np.std(vals, ddof=1)) if len(vals) > 1 else 0.0, len(vals)
 
 

@@ -7,6 +7,7 @@ import csv
 import io
 import json
 import math
+import statistics
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -28,6 +29,8 @@ def test_mean_std_matches_numpy_and_skips_missing_values():
     assert mean == pytest.approx(np.mean(vals), abs=1e-12)
     assert std == pytest.approx(np.std(vals, ddof=1), abs=1e-12)
     assert mean_std([2.5]) == (2.5, 0.0, 1)
+    # exact=True: the statistics module's correctly rounded sums (SynthSAEBench's tables)
+    assert mean_std(vals, exact=True) == (statistics.mean(vals), statistics.stdev(vals), 7)
     m, s, n = mean_std([None])
     assert math.isnan(m) and math.isnan(s) and n == 0
 

@@ -590,3 +590,23 @@ def test_a_variants_lr_reaches_either_trainer(tmp_path, monkeypatch):
     cfg = _train_saelens(TINY, VARIANTS["saelens-matryoshka+unit-init+lr3e-3"], 3, 0, pool)
     assert (cfg.lr, cfg.lr_end) == (3e-3, 3e-3)
     assert _train_saelens(TINY, VARIANTS["saelens-matryoshka"], 3, 0, pool).lr == 3e-4
+
+
+def test_cli_settings_and_errors(capsys, monkeypatch):
+    """The command line's typed settings; bad values stop it before any model is built."""
+    import benchmarks.synth_sae_bench.__main__ as cli
+    from benchmarks.harness import parse_config
+
+    a = parse_config(cli.SynthStudy, ["--protocol", "full", "--variants", "matryoshka", "saelens-matryoshka",
+                                      "--seeds", "0", "1", "--l0", "12", "--checkpoint-every", "0"])
+    assert (a.protocol, a.variants, a.seeds, a.l0, a.checkpoint_every) == (
+        "full", ["matryoshka", "saelens-matryoshka"], [0, 1], [12], 0)
+    assert a.docs == "docs/results/synth_sae_bench" and a.samples is None
+    monkeypatch.setattr(cli, "load_or_build", lambda *a, **kw: pytest.fail("should not build the model"))
+    with pytest.raises(SystemExit, match="--checkpoint-every must be 0"):
+        cli.main(["--checkpoint-every", "-1"])
+    with pytest.raises(SystemExit, match="--samples must be at least one batch"):
+        cli.main(["--samples", "1"])
+    with pytest.raises(SystemExit):
+        cli.main(["--variants", "nope"])
+    assert "invalid choice" in capsys.readouterr().err

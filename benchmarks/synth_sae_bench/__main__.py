@@ -3,20 +3,22 @@
 SynthSAEBench (SAELens' synthetic model with 16,384 known features, or the same generator at a
 quarter of the size for a CPU): trains this package's MatryoshkaBatchTopKTrainer variants and
 SAELens' BatchTopK and MatryoshkaBatchTopK training SAEs on the same samples, scores them with
-``sae_lens.synthetic.eval_sae_on_synthetic_data`` and writes docs/synth_sae_bench/results.csv and
-results.md (one row per SAE; rerunning skips the rows already there).
+``sae_lens.synthetic.eval_sae_on_synthetic_data`` and writes docs/results/synth_sae_bench/results.csv
+and results.md (one row per SAE; rerunning skips the rows already there).
 """
 
 from __future__ import annotations
 
-import argparse
 import csv
 import dataclasses
 import os
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import torch
 
+from ..harness import option, parse_config, results_dir
 from .config import PROTOCOLS, VARIANTS
 from .figure import plot_f1
 from .hedging import hedging_markdown, write_hedging
@@ -26,28 +28,35 @@ from .run import Pool, run_benchmark, write_markdown
 QUICK_VARIANTS = ["saelens-matryoshka", "matryoshka", "matryoshka+all"]
 
 
+@dataclass
+class SynthStudy:
+    """The command line of ``python -m benchmarks.synth_sae_bench``."""
+
+    protocol: Literal[tuple(sorted(PROTOCOLS))] = option("cpu", "the protocol (config.PROTOCOLS)")
+    quick: bool = option(False, "a few minutes: 64k samples, 3 variants, one seed")
+    samples: int | None = option(None, "distinct training samples (cpu: cached once and shared; default: the protocol's)")
+    epochs: int | None = option(None, "passes over the samples (default: the protocol's)")
+    eval_samples: int | None = option(None, "held-out samples (default: the protocol's)")
+    variants: list[Literal[tuple(sorted(VARIANTS))]] | None = option(None, "variants (default: all)")
+    seeds: list[int] | None = option(None, "seeds (default: the protocol's)")
+    l0: list[int] | None = option(None, "target L0s (default: the protocol's)")
+    cache: str = option(os.environ.get("SYNTH_SAE_BENCH_CACHE", "outputs/synth_sae_bench"),
+                        "synthetic model, sample pools and trained SAEs")
+    docs: str = option(str(results_dir("synth_sae_bench")), "where results.csv, results.md and the figure go")
+    dead_window: int | None = option(
+        None, "steps without firing before a latent counts as dead, for every SAE (default: the protocol's)")
+    checkpoint_every: int | None = option(
+        None, "steps between full-state checkpoints of the SAE in training, from which a rerun continues it "
+              "(default: a tenth of its steps; 0: none)")
+    device: str | None = option(None, "torch device (default: the protocol's)")
+    threads: int | None = option(None, "torch threads")
+
+
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.synth_sae_bench", description=__doc__.split("\n\n")[1])
-    p.add_argument("--protocol", choices=sorted(PROTOCOLS), default="cpu")
-    p.add_argument("--quick", action="store_true", help="a few minutes: 64k samples, 3 variants, one seed")
-    p.add_argument("--samples", type=int, default=None,
-                   help="distinct training samples (cpu: cached once and shared; default: the protocol's)")
-    p.add_argument("--epochs", type=int, default=None, help="passes over the samples (default: the protocol's)")
-    p.add_argument("--eval-samples", type=int, default=None)
-    p.add_argument("--variants", nargs="+", choices=sorted(VARIANTS), default=None)
-    p.add_argument("--seeds", type=int, nargs="+", default=None)
-    p.add_argument("--l0", type=int, nargs="+", default=None)
-    p.add_argument("--cache", default=os.environ.get("SYNTH_SAE_BENCH_CACHE", "outputs/synth_sae_bench"),
-                   help="synthetic model, sample pools and trained SAEs (default: %(default)s)")
-    p.add_argument("--docs", default="docs/synth_sae_bench", help="where results.csv and results.md go")
-    p.add_argument("--dead-window", type=int, default=None,
-                   help="steps without firing before a latent counts as dead, for every SAE (default: the protocol's)")
-    p.add_argument("--checkpoint-every", type=int, default=None,
-                   help="steps between full-state checkpoints of the SAE in training, from which a rerun "
-                        "continues it (default: a tenth of its steps; 0: none)")
-    p.add_argument("--device", default=None)
-    p.add_argument("--threads", type=int, default=None)
-    a = p.parse_args(argv)
+    a = parse_config(SynthStudy, argv, prog="python -m benchmarks.synth_sae_bench", description=__doc__.split("\n\n")[1])
+
+    def error(message: str) -> None:
+        raise SystemExit(f"python -m benchmarks.synth_sae_bench: error: {message}")
 
     proto = PROTOCOLS[a.protocol]
     if a.dead_window:
@@ -62,9 +71,9 @@ def main(argv: list[str] | None = None) -> int:
     l0s = tuple(a.l0 or proto.l0s)
     epochs = a.epochs or (1 if a.quick else proto.epochs)
     if a.checkpoint_every is not None and a.checkpoint_every < 0:
-        p.error("--checkpoint-every must be 0 (no checkpoints) or a number of steps")
+        error("--checkpoint-every must be 0 (no checkpoints) or a number of steps")
     if samples < proto.batch_size:
-        p.error(f"--samples must be at least one batch ({proto.batch_size})")
+        error(f"--samples must be at least one batch ({proto.batch_size})")
 
     cache = Path(a.cache)
     model = load_or_build(proto, cache, device=device)
@@ -82,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     run_benchmark(proto, label, variants, model, data, eval_features, cache / "saes" / label.replace(":", "_"),
                   docs / "results.csv", seeds, l0s, checkpoint_every=every)
     header = (f"# SynthSAEBench results\n\nWritten by `python -m benchmarks.synth_sae_bench`; see "
-              f"[../synth_sae_bench.md](../synth_sae_bench.md) for the protocols. Mean ± standard deviation over seeds; "
+              f"[../../synth_sae_bench.md](../../synth_sae_bench.md) for the protocols. Mean ± standard deviation over seeds; "
               f"`protocol` = name:model-width@model fingerprint:training samples (distinct x passes):"
               f"dead-latent window (steps).\n\n![F1 of every SAE](f1.png)")
     # hedging and absorption per parent of the hierarchy, for every SAE of this protocol trained so far

@@ -9,10 +9,14 @@ parent and one of its children active on which that latent does not fire.
 from __future__ import annotations
 
 import csv
+import statistics
+from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from ..harness import markdown_table, write_csv
 
 __all__ = ["parents_and_children", "hedging_per_parent", "hedging_markdown", "write_hedging"]
 
@@ -73,30 +77,20 @@ def write_hedging(saes_dir: Path, model: Any, hidden: torch.Tensor, features: to
         if out_csv.exists():
             with out_csv.open() as f:
                 kept = [r for r in csv.DictReader(f) if (r["sae"], int(r["l0"]), int(r["seed"])) not in scored]
-        from matryoshka_plugin.io import atomic_open
-
-        with atomic_open(out_csv, "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=list(rows[0]))
-            w.writeheader()
-            w.writerows(kept + rows)
+        write_csv(out_csv, kept + rows, list(rows[0]))
     return rows
 
 
 def hedging_markdown(label: str, rows: list[dict]) -> str:
     """Mean over seeds of hedging and absorption per variant, as a Markdown section."""
-    import statistics
-    from collections import defaultdict
-
-    by = defaultdict(list)
+    by: dict[tuple[str, Any], list[dict]] = defaultdict(list)
     for r in rows:
         by[(r["sae"], r["l0"])].append(r)
-    out = [f"\n### Hedging and absorption per parent, {label}\n",
-           "For each of the hierarchy's parents, its best latent (decoder cosine): mean cosine with the children's "
-           "directions (hedging) and the share of samples with the parent and a child active where it does not fire "
-           "(absorption); means over parents, then over seeds.\n",
-           "| SAE | L0 | seeds | hedging | absorption |", "|---|---|---|---|---|"]
-    for (name, l0), rs in sorted(by.items(), key=lambda kv: statistics.mean(r["absorption"] for r in kv[1])):
-        seeds = ",".join(str(r["seed"]) for r in rs)
-        out.append(f"| {name} | {l0} | {seeds} | {statistics.mean(r['hedging'] for r in rs):.4f} | "
-                   f"{statistics.mean(r['absorption'] for r in rs):.4f} |")
-    return "\n".join(out) + "\n"
+    ranked = sorted(by.items(), key=lambda kv: statistics.mean(r["absorption"] for r in kv[1]))
+    table = markdown_table(["SAE", "L0", "seeds", "hedging", "absorption"], (
+        [name, l0, ",".join(str(r["seed"]) for r in rs), f"{statistics.mean(r['hedging'] for r in rs):.4f}",
+         f"{statistics.mean(r['absorption'] for r in rs):.4f}"] for (name, l0), rs in ranked))
+    return (f"\n### Hedging and absorption per parent, {label}\n\n"
+            "For each of the hierarchy's parents, its best latent (decoder cosine): mean cosine with the children's "
+            "directions (hedging) and the share of samples with the parent and a child active where it does not fire "
+            "(absorption); means over parents, then over seeds.\n\n" + table + "\n")

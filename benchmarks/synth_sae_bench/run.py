@@ -26,6 +26,7 @@ import torch
 from matryoshka_plugin.io import UnsafeCheckpointError, atomic_open, load_torch_file
 from matryoshka_plugin.resume import RunCheckpoints
 
+from ..harness import fmt_mean_std, markdown_table, mean_std, write_csv
 from .config import PUBLISHED, Protocol, Variant
 from .model import Replayable
 
@@ -365,12 +366,7 @@ def _done(csv_path: Path) -> set[tuple[str, str, int, int]]:
 def _append(csv_path: Path, row: dict) -> None:
     """Add ``row`` by writing the whole CSV anew and renaming it into place: a reader (or the next
     run after a crash) sees the old rows or the old rows and this one, never half a row."""
-    rows = read_rows(csv_path)
-    with atomic_open(csv_path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=COLUMNS)
-        w.writeheader()
-        w.writerows(rows)
-        w.writerow({k: row[k] for k in COLUMNS})
+    write_csv(csv_path, read_rows(csv_path) + [row], COLUMNS)
 
 
 def run_benchmark(p: Protocol, label: str, variants: list[Variant], model: Any, pool: Replayable,
@@ -409,10 +405,9 @@ def run_benchmark(p: Protocol, label: str, variants: list[Variant], model: Any, 
     return rows
 
 
-def _mean_spread(values: list[float]) -> str:
-    if len(values) == 1:
-        return f"{values[0]:.3f}"
-    return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
+def _mean_spread(values: list[float], decimals: int = 3) -> str:
+    mean, std, n = mean_std(values, exact=True)
+    return fmt_mean_std(mean, std if n > 1 else None, decimals)
 
 
 def write_markdown(csv_path: Path, md_path: Path, descriptions: dict[str, str], header: str,
@@ -426,24 +421,21 @@ def write_markdown(csv_path: Path, md_path: Path, descriptions: dict[str, str], 
         groups[(r["protocol"], int(r["l0"]))][r["sae"]].append(r)
     out = [header, ""]
     for (protocol, l0), saes in groups.items():
-        out += [f"### {protocol}, L0 = {l0}", "",
-                "| SAE | source | seeds | F1 | MCC | uniqueness | var. explained | dead | what |",
-                "|---|---|---|---|---|---|---|---|---|"]
+        table = []
         ranked = sorted(saes.items(), key=lambda kv: -statistics.mean(float(r["f1"]) for r in kv[1]))
         for name, rs in ranked:
             rs = sorted(rs, key=lambda r: int(r["seed"]))
             cols = [_mean_spread([float(r[c]) for r in rs]) for c in ("f1", "mcc", "uniqueness", "explained_variance")]
-            deads = [float(r["dead"]) for r in rs]
-            dead = f"{statistics.mean(deads):.0f}" + (f" ± {statistics.stdev(deads):.0f}" if len(deads) > 1 else "")
-            seeds = ",".join(r["seed"] for r in rs)
-            out.append(f"| {name} | {rs[0]['source']} | {seeds} | " + " | ".join(cols)
-                       + f" | {dead} | {descriptions.get(name, '')} |")
+            table.append([name, rs[0]["source"], ",".join(r["seed"] for r in rs), *cols,
+                          _mean_spread([float(r["dead"]) for r in rs], 0), descriptions.get(name, "")])
         if protocol.startswith("full"):
             for arch in ("Matryoshka", "BatchTopK"):
                 pub = PUBLISHED.get((l0, arch))
                 if pub:
-                    out.append(f"| published {arch} | paper | 3 | {pub['f1']:.3f} | {pub['mcc']:.3f} | "
-                               f"{pub['uniqueness']:.3f} | {pub['explained_variance']:.3f} | | SAELens docs |")
-        out.append("")
+                    table.append([f"published {arch}", "paper", 3] + [f"{pub[c]:.3f}" for c in
+                                 ("f1", "mcc", "uniqueness", "explained_variance")] + ["", "SAELens docs"])
+        out += [f"### {protocol}, L0 = {l0}", "",
+                markdown_table(["SAE", "source", "seeds", "F1", "MCC", "uniqueness", "var. explained", "dead", "what"],
+                               table), ""]
     with atomic_open(md_path, "w", encoding="utf-8") as f:
         f.write("\n".join(out) + footer)
