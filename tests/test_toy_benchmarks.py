@@ -84,6 +84,13 @@ def test_runner_writes_tables_figures_and_resumes(tmp_path, capsys):
         assert (tmp_path / "figures" / fig).read_bytes()[:4] == b"\x89PNG"
     assert run_main(args + ["--no-figures"]) == 0
     assert "2 cached, 0 to train" in capsys.readouterr().out
+    # --report: the same tables and the figures in one published folder, nothing retrained
+    report = tmp_path / "docs" / "results" / "toy"
+    assert run_main(args + ["--report", str(report)]) == 0
+    assert "2 cached, 0 to train" in capsys.readouterr().out
+    for name in ("results.csv", "summary.csv", "results.md"):
+        assert (report / name).read_bytes() == (tmp_path / name).read_bytes(), name
+    assert (report / "hedging_tradeoff.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_runs_are_trainsae_folders_that_load_and_remeasure_identically(tmp_path, capsys):

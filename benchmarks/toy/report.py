@@ -7,6 +7,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+from matryoshka_plugin.io import atomic_open
 from matryoshka_plugin.toy import evaluate_sae
 from matryoshka_plugin.toy.plots import plot_activations, plot_decoder_cosine, plot_seed_metrics, plot_tradeoff
 
@@ -84,8 +85,14 @@ def markdown(rows: list[dict[str, Any]], setups: dict[str, SetupConfig], true_l0
 
 
 def write_reports(out: Path, setups: dict[str, SetupConfig], seeds: list[int], figures: bool = True,
-                  figures_dir: Path | None = None, dpi: int = 110) -> list[Path]:
+                  figures_dir: Path | None = None, dpi: int = 110, report_dir: Path | None = None) -> list[Path]:
+    """The tables (and figures) of the runs cached under ``out`` into ``report_dir`` (default
+    ``out``; figures default to ``out/figures``, or ``report_dir`` itself when one is given)."""
     from .train import build_toy
+
+    report = Path(report_dir) if report_dir is not None else out
+    if report_dir is not None and figures_dir is None:
+        figures_dir = report
 
     records = load_records(out, setups, seeds)
     flat_keys = ["setup", "variant", "k", "seed", "absorption", "absorption_best", "recovery", "mean_max_cosine", "l0", "fvu",
@@ -95,12 +102,13 @@ def write_reports(out: Path, setups: dict[str, SetupConfig], seeds: list[int], f
     extra = sorted({k for r in records for k in r if k.startswith("saelens_")})
     flat = [{**{k: r.get(k) for k in flat_keys + extra}, "absorption_per_parent": json.dumps(r["absorption_per_parent"])}
             for r in records]
-    written = [write_csv(out / "results.csv", flat, flat_keys + ["absorption_per_parent"] + extra)]
+    written = [write_csv(report / "results.csv", flat, flat_keys + ["absorption_per_parent"] + extra)]
     rows = summarise(records)
-    written.append(write_csv(out / "summary.csv", rows, SUMMARY_FIELDS if rows else []))
+    written.append(write_csv(report / "summary.csv", rows, SUMMARY_FIELDS if rows else []))
     true_l0 = {name: build_toy(s).true_l0 for name, s in setups.items()}
-    (out / "results.md").write_text(markdown(rows, setups, true_l0) + "\n")
-    written.append(out / "results.md")
+    with atomic_open(report / "results.md") as f:
+        f.write(markdown(rows, setups, true_l0) + "\n")
+    written.append(report / "results.md")
     if figures and records:
         written += make_figures(out, setups, seeds, records, rows, figures_dir or out / "figures", dpi)
     return written

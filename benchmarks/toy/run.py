@@ -4,8 +4,9 @@ Every (set-up, variant, k, seed) run is cached in its folder ``DIR/runs/<setup>/
 ``trainer_0/`` holds the trained SAE as ``trainSAE`` saves it (``ae.pt`` + ``config.json``; load
 it with ``matryoshka_plugin.load_dictionary``) and ``record.json`` its metrics and the exact
 settings. A rerun skips runs whose cached settings match and retrains the others, so an
-interrupted benchmark resumes where it stopped. At the end ``results.csv`` (one row per run), ``summary.csv`` and ``results.md``
-(mean ± std over seeds) and the figures under ``DIR/figures`` are (re)written.
+interrupted benchmark resumes where it stopped. At the end ``results.csv`` (one row per run),
+``summary.csv`` and ``results.md`` (mean ± std over seeds) and the figures under ``DIR/figures``
+are (re)written; ``--report docs/results/toy`` writes tables and figures there instead.
 
 Settings: defaults in ``config.py``; ``--config file.json`` (or .toml) sets any option below and
 ``overrides`` per set-up, e.g.
@@ -47,7 +48,9 @@ class ToyStudy:
     retrain: bool = option(False, "ignore cached runs")
     remeasure: bool = option(False, "recompute the metrics of cached runs from their saved SAEs (after a metric change)")
     meta_structure: bool = option(False, "add SAEBench's meta-SAE variance explained on each run's decoder (a column)")
-    figures_dir: str | None = option(None, "write the figures here instead of OUT/figures")
+    report: str | None = option(None, "write the tables and figures here instead of OUT (the published study: "
+                                      "docs/results/toy)")
+    figures_dir: str | None = option(None, "write the figures here instead of OUT/figures (or REPORT)")
     dpi: int = option(110, "figure resolution")
     overrides: dict[str, dict[str, Any]] = option(default_factory=dict, help="per set-up settings (config file or --set)")
 
@@ -223,7 +226,8 @@ def main(argv: list[str] | None = None) -> int:
     if study.meta_structure:
         add_meta_structure(out, jobs)
     written = write_reports(out, setups, seeds, figures=study.figures,
-                            figures_dir=Path(study.figures_dir) if study.figures_dir else None, dpi=study.dpi)
+                            figures_dir=Path(study.figures_dir) if study.figures_dir else None, dpi=study.dpi,
+                            report_dir=Path(study.report) if study.report else None)
     print(f"done in {time.perf_counter() - t0:.0f} s; wrote {', '.join(str(w) for w in written)}")
     return 0
 
