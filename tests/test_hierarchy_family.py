@@ -102,7 +102,7 @@ def test_rerun_skips_finished_runs_and_redoes_changed_ones(tmp_path):
     spec = family()["h02"]
     path = record_path(tmp_path, spec, "btk_every", 0)
     rec = json.loads(path.read_text())
-    assert rec["fingerprint"] == spec.fingerprint and rec["trainer"]["steps"] == 20
+    assert rec["tree_fingerprint"] == spec.fingerprint and rec["trainer"]["steps"] == 20
     assert rec["trainer"]["k"] == spec.k and rec["trainer"]["dict_size"] == spec.n_features
     up = json.loads(record_path(tmp_path, spec, "up_mbtk", 0).read_text())
     assert up["trainer"]["group_fractions"] == pytest.approx(_fractions(level_sizes(spec)))
@@ -118,7 +118,7 @@ def test_rerun_skips_finished_runs_and_redoes_changed_ones(tmp_path):
 def _rec(config, tree, seed, absorption, recovery):
     from benchmarks.hierarchy_family.study import cured
 
-    return {"config": config, "tree": tree, "seed": seed, "fingerprint": "x", "absorption": absorption,
+    return {"config": config, "tree": tree, "seed": seed, "tree_fingerprint": "x", "absorption": absorption,
             "recovery": recovery, "fvu": 0.1, "l0": 2.0, "dead_latents": 0, "mixing_parent_child_signed": 0.0,
             "mixing_sibling_signed": 0.0, "mean_max_cosine": 1.0, "cured": cured(absorption, recovery),
             "tree_info": {"k": 2, "true_l0": 1.5, "k_regime": "around", "n_features": 3},

@@ -8,8 +8,6 @@ cured); :func:`failures` explains each tree a configuration does not cure.
 
 from __future__ import annotations
 
-import csv
-import io
 import math
 from collections import defaultdict
 from pathlib import Path
@@ -20,10 +18,11 @@ import torch
 
 from matryoshka_plugin.toy import HierarchySpec, ToyMetrics, ToyModel
 
+from ..harness import csv_text, markdown_table, summarise
 from .study import CURED_ABSORPTION, CURED_RECOVERY, cured
 
 __all__ = ["pair_report", "tree_summaries", "config_summaries", "summary_markdown", "summary_csv", "failures",
-           "failures_markdown", "runs_csv", "plot_distributions", "ABSORBED_COS"]
+           "failures_markdown", "runs_csv", "trees_csv", "plot_distributions", "ABSORBED_COS"]
 
 # A child's latent whose decoder leans this far toward its parent's direction carries the parent.
 ABSORBED_COS = 0.1
@@ -84,24 +83,19 @@ _METRICS = ("absorption", "recovery", "fvu", "l0", "dead_latents", "mixing_paren
             "mixing_sibling_signed", "mean_max_cosine")
 
 
-def _mean(values: list) -> float:
-    v = [x for x in values if x is not None and not (isinstance(x, float) and math.isnan(x))]
-    return float(np.mean(v)) if v else float("nan")
-
-
 def tree_summaries(records: list[dict]) -> dict[tuple[str, str], dict[str, Any]]:
-    """``(config, tree) -> {metric: mean over seeds, "seeds": n, "cured": bool, "runs_cured": n}``.
-    A tree with no parent samples counts as absorption 0."""
-    groups: dict[tuple[str, str], list[dict]] = defaultdict(list)
-    for r in records:
-        groups[(r["config"], r["tree"])].append(r)
+    """``(config, tree) -> {metric: mean over seeds, metric_std, "seeds": n, "cured": bool,
+    "runs_cured": n}`` (``benchmarks.harness.summarise``). A tree without parent samples counts
+    as absorption 0."""
+    recs = [{**r, "absorption": 0.0 if r.get("absorption") is None else r["absorption"],
+             "runs_cured": int(bool(r["cured"])), **{f"tree_{k}": r["tree_info"][k] for k in ("k", "true_l0")}}
+            for r in records]
     out = {}
-    for key, rs in groups.items():
-        s = {m: _mean([0.0 if (m == "absorption" and r[m] is None) else r.get(m) for r in rs]) for m in _METRICS}
-        s.update(seeds=len(rs), runs_cured=sum(bool(r["cured"]) for r in rs), k=rs[0]["tree_info"]["k"],
-                 true_l0=rs[0]["tree_info"]["true_l0"], k_regime=rs[0]["tree_info"]["k_regime"])
-        s["cured"] = cured(s["absorption"], s["recovery"])
-        out[key] = s
+    for row in summarise(recs, ["config", "tree"], list(_METRICS) + ["runs_cured", "tree_k", "tree_true_l0"]):
+        row["runs_cured"] = round(row["runs_cured"] * row["seeds"])
+        row["k"], row["true_l0"] = row.pop("tree_k"), row.pop("tree_true_l0")
+        row["cured"] = cured(row["absorption"], row["recovery"])
+        out[(row["config"], row["tree"])] = row
     return out
 
 
@@ -136,41 +130,41 @@ def config_summaries(records: list[dict], order: list[str] | None = None) -> lis
 
 
 def summary_markdown(rows: list[dict], notes: dict[str, str] | None = None) -> str:
-    head = ("| configuration | trees (runs) | trees cured | runs cured | absorption median | worst tree "
-            "| recovery median | worst tree | FVU median | L0/k median | dead median | mixing p-c | mixing sib |")
-    lines = [head, "|" + "---|" * 13]
+    header = ["configuration", "trees (runs)", "trees cured", "runs cured", "absorption median", "worst tree",
+              "recovery median", "worst tree", "FVU median", "L0/k median", "dead median", "mixing p-c", "mixing sib"]
+    body = []
     for r in rows:
         name = r["config"] + (f" ({notes[r['config']]})" if notes and r["config"] in notes else "")
-        lines.append(
-            f"| {name} | {r['trees']} ({r['runs']}) | {r['trees_cured']:.0%} | {r['runs_cured']:.0%} "
-            f"| {r['absorption_median']:.3f} | {r['absorption_worst']:.3f} ({r['absorption_worst_tree']}) "
-            f"| {r['recovery_median']:.3f} | {r['recovery_worst']:.3f} ({r['recovery_worst_tree']}) "
-            f"| {r['fvu_median']:.3f} | {r['l0_over_k_median']:.2f} | {r['dead_latents_median']:.0f} "
-            f"| {r['mixing_parent_child_signed_median']:+.3f} | {r['mixing_sibling_signed_median']:+.3f} |")
-    return "\n".join(lines) + "\n"
+        body.append([
+            name, f"{r['trees']} ({r['runs']})", f"{r['trees_cured']:.0%}", f"{r['runs_cured']:.0%}",
+            f"{r['absorption_median']:.3f}", f"{r['absorption_worst']:.3f} ({r['absorption_worst_tree']})",
+            f"{r['recovery_median']:.3f}", f"{r['recovery_worst']:.3f} ({r['recovery_worst_tree']})",
+            f"{r['fvu_median']:.3f}", f"{r['l0_over_k_median']:.2f}", f"{r['dead_latents_median']:.0f}",
+            f"{r['mixing_parent_child_signed_median']:+.3f}", f"{r['mixing_sibling_signed_median']:+.3f}"])
+    return markdown_table(header, body) + "\n"
 
 
-def _csv(rows: list[dict]) -> str:
-    buf = io.StringIO()
-    if rows:
-        w = csv.DictWriter(buf, fieldnames=list(rows[0]), lineterminator="\n")
-        w.writeheader()
-        for r in rows:
-            w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items()})
-    return buf.getvalue()
+def _round(rows: list[dict]) -> list[dict]:
+    return [{k: (round(v, 6) if isinstance(v, float) else v) for k, v in r.items()} for r in rows]
 
 
 def summary_csv(rows: list[dict]) -> str:
-    return _csv(rows)
+    return csv_text(_round(rows))
+
+
+def trees_csv(records: list[dict]) -> str:
+    """One row per (configuration, tree): seed means and standard deviations, cured or not."""
+    rows = sorted(tree_summaries(records).values(), key=lambda r: (r["config"], r["tree"]))
+    return csv_text(_round(rows))
 
 
 def runs_csv(records: list[dict]) -> str:
     """One row per run: the metrics behind every table and figure."""
-    keys = ("tree", "fingerprint", "config", "seed", "absorption", "recovery", "fvu", "l0", "dead_latents",
+    keys = ("tree", "tree_fingerprint", "config", "seed", "absorption", "recovery", "fvu", "l0", "dead_latents",
             "mixing_parent_child_signed", "mixing_sibling_signed", "mean_max_cosine", "cured", "train_seconds")
     rows = [{k: r.get(k) for k in keys} | {"k": r["tree_info"]["k"], "true_l0": round(r["tree_info"]["true_l0"], 4)}
             for r in sorted(records, key=lambda r: (r["config"], r["tree"], r["seed"]))]
-    return _csv(rows)
+    return csv_text(_round(rows))
 
 
 # -- why a tree is not cured -------------------------------------------------------------------------
@@ -212,7 +206,7 @@ def _feature_names(record: dict) -> list[str]:
 
     info = record["tree_info"]
     spec = family(24, 0).get(record["tree"])
-    if spec is None or spec.fingerprint != record["fingerprint"]:
+    if spec is None or spec.fingerprint != record["tree_fingerprint"]:
         return [f"f{i}" for i in range(info["n_features"])]
     return [f.name for f in spec.build().features]
 

@@ -9,14 +9,13 @@ fixed nested groups that match the tree: one group per depth (roots and singleto
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from typing import Any
 
 from benchmarks.toy.config import BTK_DEFAULTS, LOG_DEFAULTS
 from matryoshka_plugin.toy import HierarchySpec
 
-__all__ = ["StudyConfig", "CONFIGS", "config_by_name", "level_sizes", "trainer_kwargs", "settings_key"]
+__all__ = ["StudyConfig", "CONFIGS", "config_by_name", "level_sizes", "trainer_kwargs"]
 
 
 @dataclass(frozen=True)
@@ -113,9 +112,3 @@ def trainer_kwargs(cfg: StudyConfig, spec: HierarchySpec, seed: int, steps: int)
             value = steps // 4
         kw[key] = value
     return kw
-
-
-def settings_key(kw: dict[str, Any], eval_samples: int, batch_size: int) -> str:
-    """The canonical JSON of what determines a run's result (a stored result with another key reruns)."""
-    return json.dumps({"trainer": {k: v for k, v in kw.items() if k != "device"}, "eval_samples": eval_samples,
-                       "batch_size": batch_size}, sort_keys=True, default=str)

@@ -4,8 +4,10 @@ A run trains with a plain ``trainer.update(step, x)`` loop (what ``trainSAE`` do
 logging; the trainers are built by ``benchmarks.toy.train.make_trainer``), measures the SAE with
 ``benchmarks.toy.train.measure`` (absorption, recovery, mixing, FVU, L0, dead latents) plus
 :func:`.analysis.pair_report` (absorption per parent and child and what the latents learned),
-and writes one JSON record ``<out>/runs/<tree>_<fingerprint>/<config>/seed<s>.json``. A record
-whose stored settings match is not rerun, so an interrupted run resumes where it stopped.
+and saves one JSON record in a :class:`benchmarks.harness.RunStore` under
+``<out>/runs/<tree>_<tree fingerprint>/<config>/seed<s>/record.json``, with the settings that
+determine it as its fingerprint: a finished run is not rerun, a changed setting reruns it, and
+an interrupted run resumes where it stopped.
 """
 
 from __future__ import annotations
@@ -24,10 +26,11 @@ import torch
 
 from matryoshka_plugin.toy import HierarchySpec, evaluate_sae, hierarchy_family, mixing_metrics
 
-from .configs import CONFIGS, StudyConfig, config_by_name, settings_key, trainer_kwargs
+from ..harness import RunStore
+from .configs import CONFIGS, StudyConfig, config_by_name, trainer_kwargs
 
-__all__ = ["StudySettings", "run_one", "record_path", "is_done", "pending_jobs", "run_family", "load_records",
-           "measure_run", "cured"]
+__all__ = ["StudySettings", "run_one", "store", "run_key", "run_fingerprint", "record_path", "pending_jobs",
+           "run_family", "load_records", "measure_run", "cured"]
 
 CURED_ABSORPTION, CURED_RECOVERY = 0.05, 0.95
 
@@ -58,16 +61,24 @@ def family(n_trees: int = 24, seed: int = 0) -> dict[str, HierarchySpec]:
     return _FAMILIES[(n_trees, seed)]
 
 
-def record_path(out: Path, spec: HierarchySpec, config: str, seed: int) -> Path:
-    return Path(out) / "runs" / f"{spec.name}_{spec.fingerprint}" / config / f"seed{seed}.json"
+def store(out: str | Path) -> RunStore:
+    """The study's finished runs: ``<out>/runs/<key>/record.json``."""
+    return RunStore(Path(out) / "runs")
 
 
-def is_done(path: Path, key: str) -> bool:
-    """A record exists and was made with the same settings."""
-    try:
-        return json.loads(path.read_text()).get("settings_key") == key
-    except (OSError, json.JSONDecodeError):
-        return False
+def run_key(spec: HierarchySpec, config: str, seed: int) -> str:
+    return f"{spec.name}_{spec.fingerprint}/{config}/seed{seed}"
+
+
+def record_path(out: str | Path, spec: HierarchySpec, config: str, seed: int) -> Path:
+    return store(out).path(run_key(spec, config, seed))
+
+
+def run_fingerprint(cfg: StudyConfig, spec: HierarchySpec, seed: int, settings: "StudySettings") -> dict[str, Any]:
+    """What determines a run's result: the trainer keywords, the tree, the batch and evaluation sizes."""
+    kw = trainer_kwargs(cfg, spec, seed, settings.steps)
+    return {"trainer": {k: v for k, v in kw.items() if k != "device"}, "tree": spec.fingerprint,
+            "batch_size": settings.batch_size, "eval_samples": settings.eval_samples}
 
 
 def measure_run(sae: torch.nn.Module, spec: HierarchySpec, toy, eval_samples: int) -> dict[str, Any]:
@@ -123,10 +134,9 @@ def run_one(spec: HierarchySpec, cfg: StudyConfig, seed: int, settings: StudySet
     sae = trainer.ae.eval()
     record = {
         "tree": spec.name,
-        "fingerprint": spec.fingerprint,
+        "tree_fingerprint": spec.fingerprint,
         "config": cfg.name,
         "seed": seed,
-        "settings_key": settings_key(kw, settings.eval_samples, settings.batch_size),
         "trainer": {k: v for k, v in kw.items() if k != "device"},
         "tree_info": spec.describe(),
         "train_seconds": round(train_s, 2),
@@ -155,14 +165,12 @@ def pending_jobs(out: Path, configs: Iterable[StudyConfig], seeds: Iterable[int]
     unknown = [t for t in names if t not in fam]
     if unknown:
         raise ValueError(f"unknown tree(s) {unknown}; the family has {', '.join(fam)}")
-    todo, done = [], 0
+    todo, done, runs = [], 0, store(out)
     for seed in seeds:
         for t in names:
             for cfg in configs:
                 spec = fam[t]
-                key = settings_key(trainer_kwargs(cfg, spec, seed, settings.steps), settings.eval_samples,
-                                   settings.batch_size)
-                if is_done(record_path(out, spec, cfg.name, seed), key):
+                if runs.is_done(run_key(spec, cfg.name, seed), run_fingerprint(cfg, spec, seed, settings)):
                     done += 1
                 else:
                     todo.append((str(out), t, cfg.name, seed, vars(settings).copy()))
@@ -176,14 +184,12 @@ def _worker_init(niceness: int) -> None:
 
 
 def _run_job(job: tuple) -> tuple[str, float]:
-    from matryoshka_plugin.io import atomic_write_json
-
     out, tree, config, seed, st = job
     settings = StudySettings(**st)
     spec = family(settings.n_trees, settings.family_seed)[tree]
-    record = run_one(spec, config_by_name(config), seed, settings)
-    path = record_path(Path(out), spec, config, seed)
-    atomic_write_json(record, path, indent=1)
+    cfg = config_by_name(config)
+    record = run_one(spec, cfg, seed, settings)
+    path = store(out).save(run_key(spec, config, seed), record, run_fingerprint(cfg, spec, seed, settings))
     return str(path), record["train_seconds"]
 
 
@@ -201,7 +207,7 @@ def run_family(out: Path, configs: list[StudyConfig] | None = None, seeds: Itera
             with mp.get_context("spawn").Pool(jobs, initializer=_worker_init, initargs=(niceness,)) as pool:
                 for i, (path, _) in enumerate(pool.imap_unordered(_run_job, todo), 1):
                     if i % 20 == 0 or i == len(todo):
-                        log(f"  {i}/{len(todo)} in {time.perf_counter() - t0:.0f} s ({Path(path).parent.parent.name})")
+                        log(f"  {i}/{len(todo)} in {time.perf_counter() - t0:.0f} s ({Path(path).parent.parent.parent.name})")
         else:
             _worker_init(0)
             for i, job in enumerate(todo, 1):
@@ -214,4 +220,4 @@ def run_family(out: Path, configs: list[StudyConfig] | None = None, seeds: Itera
 
 def load_records(out: Path) -> list[dict[str, Any]]:
     """Every stored record under ``out/runs``."""
-    return [json.loads(p.read_text()) for p in sorted((Path(out) / "runs").glob("*/*/seed*.json"))]
+    return store(out).records()
