@@ -11,15 +11,35 @@ Prints ms per step and the ratios. On a GPU machine pass ``--device cuda`` (NCCL
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from benchmarks.harness import (
+    config_from_dict, last_json_line, markdown_table, option, parse_config, run_worker, worker_settings,
+)
+
+
+@dataclass
+class DistributedBench:
+    """The command line of ``python -m benchmarks.distributed`` (and one worker's settings)."""
+
+    d: int = option(384, "activation dimension")
+    dict_size: int = option(4096, "latents")
+    k: int = option(32, "BatchTopK k")
+    batch: int = option(1024, "tokens per step")
+    steps: int = option(40, "timed steps")
+    device: str = option("cpu", "torch device (cuda: NCCL)")
+    worker: bool = option(False, argparse.SUPPRESS)
+    mode: str = option("one", "a worker's mode: one, data or trainers", flag=False)
+    saes: int = option(1, "a worker's number of SAEs", flag=False)
 
 
 def _batches(n: int, batch: int, d: int) -> list[torch.Tensor]:
@@ -29,7 +49,7 @@ def _batches(n: int, batch: int, d: int) -> list[torch.Tensor]:
             for _ in range(n)]
 
 
-def _configs(a: argparse.Namespace, n: int) -> list[dict]:
+def _configs(a: DistributedBench, n: int) -> list[dict]:
     from matryoshka_plugin import MatryoshkaBatchTopKTrainer
 
     return [dict(trainer=MatryoshkaBatchTopKTrainer, steps=a.steps, activation_dim=a.d, dict_size=a.dict_size, k=a.k,
@@ -37,7 +57,7 @@ def _configs(a: argparse.Namespace, n: int) -> list[dict]:
                  lm_name="synthetic", warmup_steps=5, threshold_start_step=5) for i in range(n)]
 
 
-def worker(a: argparse.Namespace) -> None:
+def worker(a: DistributedBench) -> None:
     """One measurement (run as its own process, or by torchrun)."""
     from matryoshka_plugin import train
 
@@ -55,7 +75,7 @@ def worker(a: argparse.Namespace) -> None:
         print(json.dumps({"ms_per_step": 1000 * dt / a.steps}))
 
 
-def checkpoint_cost(a: argparse.Namespace) -> dict:
+def checkpoint_cost(a: DistributedBench) -> dict:
     from matryoshka_plugin import MatryoshkaBatchTopKTrainer
     from matryoshka_plugin.io import atomic_torch_save
     from matryoshka_plugin.resume import load_trainer_state, trainer_state_dict
@@ -77,49 +97,27 @@ def checkpoint_cost(a: argparse.Namespace) -> dict:
     return {"checkpoint_MB": size / 2**20, "write_s": write, "read_s": read}
 
 
-def _measure(a: argparse.Namespace, mode: str, saes: int, nproc: int) -> float:
-    # Settings travel in the environment: torchrun would parse options after the script as its own.
-    spec = json.dumps(dict(mode=mode, saes=saes, d=a.d, dict_size=a.dict_size, k=a.k, batch=a.batch,
-                           steps=a.steps, device=a.device))
-    args = [str(Path(__file__).resolve()), "--worker"]
-    if nproc > 1:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *args]
-    else:
-        cmd = [sys.executable, *args]
-    root = Path(__file__).resolve().parents[1]
-    env = dict(os.environ, PYTHONPATH=str(root) + os.pathsep + os.environ.get("PYTHONPATH", ""),
-               OMP_NUM_THREADS="1", NUMBA_NUM_THREADS="1", DISTRIBUTED_BENCH=spec)
-    out = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=root)
-    if out.returncode:
-        raise RuntimeError(out.stderr[-3000:])
-    lines = [ln for ln in out.stdout.splitlines() if ln.startswith("{")]
-    return json.loads(lines[-1])["ms_per_step"]
+def _measure(a: DistributedBench, mode: str, saes: int, nproc: int) -> float:
+    spec = dataclasses.replace(a, mode=mode, saes=saes, worker=False)
+    out = run_worker(__file__, dataclasses.asdict(spec), nproc=nproc, env={"OMP_NUM_THREADS": "1", "NUMBA_NUM_THREADS": "1"})
+    return last_json_line(out)["ms_per_step"]
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.distributed", description=__doc__.split("\n\n")[0])
-    p.add_argument("--d", type=int, default=384)
-    p.add_argument("--dict-size", type=int, default=4096)
-    p.add_argument("--k", type=int, default=32)
-    p.add_argument("--batch", type=int, default=1024)
-    p.add_argument("--steps", type=int, default=40)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    a = p.parse_args(argv)
+    a = parse_config(DistributedBench, argv, prog="python -m benchmarks.distributed", description=__doc__.split("\n\n")[0])
     if a.worker:
-        worker(argparse.Namespace(**json.loads(os.environ["DISTRIBUTED_BENCH"])))
+        worker(config_from_dict(DistributedBench, worker_settings()))
         return 0
     print(f"d={a.d} F={a.dict_size} k={a.k} batch={a.batch}, {a.steps} steps, one thread per process, {a.device}")
     one = _measure(a, "one", 1, 1)
     data = _measure(a, "data", 1, 2)
     two_serial = _measure(a, "one", 2, 1)
     spread = _measure(a, "trainers", 2, 2)
-    print("| set-up | ms per step | ratio |")
-    print("|---|---|---|")
-    print(f"| 1 SAE, 1 process | {one:.1f} | 1.00 |")
-    print(f"| 1 SAE, 2 processes data-parallel | {data:.1f} | {data / one:.2f} of one process |")
-    print(f"| 2 SAEs, 1 process | {two_serial:.1f} | 1.00 |")
-    print(f"| 2 SAEs, 2 processes (trainers spread) | {spread:.1f} | {spread / two_serial:.2f} of one process |")
+    print(markdown_table(["set-up", "ms per step", "ratio"], [
+        ["1 SAE, 1 process", f"{one:.1f}", "1.00"],
+        ["1 SAE, 2 processes data-parallel", f"{data:.1f}", f"{data / one:.2f} of one process"],
+        ["2 SAEs, 1 process", f"{two_serial:.1f}", "1.00"],
+        ["2 SAEs, 2 processes (trainers spread)", f"{spread:.1f}", f"{spread / two_serial:.2f} of one process"]]))
     c = checkpoint_cost(a)
     print(f"full-state checkpoint of one trainer: {c['checkpoint_MB']:.1f} MB, write {c['write_s']:.2f} s, "
           f"read + load {c['read_s']:.2f} s")

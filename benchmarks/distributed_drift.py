@@ -16,16 +16,36 @@ controller's step, dead-latent resampling, the reordering), not a wrongly reduce
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
-import subprocess
 import sys
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from benchmarks.harness import config_from_dict, markdown_table, option, parse_config, run_worker, worker_settings
+
 BATCH, N_TRUE = 256, 96
+
+
+@dataclass
+class DriftBench:
+    """The command line of ``python -m benchmarks.distributed_drift`` (and one worker's settings)."""
+
+    steps: int = option(300, "training steps")
+    seeds: list[int] = option(default_factory=lambda: [0, 1, 2], help="seeds")
+    d: int = option(32, "activation dimension")
+    dict_size: int = option(128, "latents")
+    target_l0: float = option(8.0, "the log-sparsity controller's target L0")
+    lr: float = option(3e-3, "learning rate")
+    worker: bool = option(False, argparse.SUPPRESS)
+    seed: int = option(0, "a worker's seed", flag=False)
+    data_parallel: bool = option(False, "a worker: two processes data-parallel", flag=False)
+    scale: float = option(1.0, "a worker's input scale", flag=False)
+    out: str = option("", "a worker's result file", flag=False)
 
 
 def batches(d: int, steps: int, scale: float = 1.0) -> list[torch.Tensor]:
@@ -42,14 +62,14 @@ def batches(d: int, steps: int, scale: float = 1.0) -> list[torch.Tensor]:
     return out
 
 
-def config(a: argparse.Namespace, seed: int) -> dict:
+def config(a: DriftBench, seed: int) -> dict:
     from matryoshka_plugin import MatryoshkaLogSparsityTrainer
 
     return dict(trainer=MatryoshkaLogSparsityTrainer, steps=a.steps, activation_dim=a.d, dict_size=a.dict_size,
                 target_l0=a.target_l0, seed=seed, device="cpu", layer=0, lm_name="synthetic", lr=a.lr)
 
 
-def worker(a: argparse.Namespace) -> dict:
+def worker(a: DriftBench) -> dict:
     """Train one SAE (one process, or this rank of a torchrun); the per-step L0 and the SAE."""
     from matryoshka_plugin import MatryoshkaLogSparsityTrainer, train
 
@@ -76,19 +96,13 @@ def worker(a: argparse.Namespace) -> dict:
             "l0_trace": trace, "state": {k: v.tolist() for k, v in ae.state_dict().items()}}
 
 
-def _run(a: argparse.Namespace, seed: int, data_parallel: bool, scale: float) -> dict:
+def _run(a: DriftBench, seed: int, data_parallel: bool, scale: float) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
-        spec = dict(vars(a), seed=seed, data_parallel=data_parallel, scale=scale, out=os.path.join(tmp, "r.json"))
-        args = [str(Path(__file__).resolve()), "--worker"]
-        cmd = ([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *args]
-               if data_parallel else [sys.executable, *args])
-        root = Path(__file__).resolve().parents[1]
-        env = dict(os.environ, PYTHONPATH=str(root) + os.pathsep + os.environ.get("PYTHONPATH", ""),
-                   OMP_NUM_THREADS="1", NUMBA_NUM_THREADS="1", DRIFT_BENCH=json.dumps(spec))
-        out = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=root)
-        if out.returncode:
-            raise RuntimeError(out.stderr[-3000:])
-        return json.loads(Path(spec["out"]).read_text())
+        spec = dataclasses.replace(a, seed=seed, data_parallel=data_parallel, scale=scale, worker=False,
+                                   out=os.path.join(tmp, "r.json"))
+        run_worker(__file__, dataclasses.asdict(spec), nproc=2 if data_parallel else 1,
+                   env={"OMP_NUM_THREADS": "1", "NUMBA_NUM_THREADS": "1"})
+        return json.loads(Path(spec.out).read_text())
 
 
 def _max_diff(a: dict, b: dict) -> float:
@@ -100,25 +114,16 @@ def _first_difference(a: list[float], b: list[float]) -> int | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.distributed_drift", description=__doc__.split("\n\n")[0])
-    p.add_argument("--steps", type=int, default=300)
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--d", type=int, default=32)
-    p.add_argument("--dict-size", type=int, default=128)
-    p.add_argument("--target-l0", type=float, default=8)
-    p.add_argument("--lr", type=float, default=3e-3)
-    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    a = p.parse_args(argv)
+    a = parse_config(DriftBench, argv, prog="python -m benchmarks.distributed_drift", description=__doc__.split("\n\n")[0])
     if a.worker:
-        spec = argparse.Namespace(**json.loads(os.environ["DRIFT_BENCH"]))
+        spec = config_from_dict(DriftBench, worker_settings())
         result = worker(spec)
         if int(os.environ.get("RANK", "0")) == 0:
             Path(spec.out).write_text(json.dumps(result))
         return 0
-    print(f"MatryoshkaLogSparsityTrainer d={a.d} n={a.dict_size} target_l0={a.target_l0} lr={a.lr}, "
+    print(f"MatryoshkaLogSparsityTrainer d={a.d} n={a.dict_size} target_l0={a.target_l0:g} lr={a.lr}, "
           f"batch {BATCH}, {a.steps} steps; held-out 8192 tokens")
-    print("| seed | run | FVU | L0 | dead | max weight diff from one process | first step whose L0 differs |")
-    print("|---|---|---|---|---|---|---|")
+    rows = []
     for seed in a.seeds:
         one = _run(a, seed, False, 1.0)
         runs = {"one process": one, "2 processes data-parallel": _run(a, seed, True, 1.0),
@@ -126,8 +131,10 @@ def main(argv: list[str] | None = None) -> int:
         for name, r in runs.items():
             diff = _max_diff(r["state"], one["state"]) if r is not one else 0.0
             first = _first_difference(r["l0_trace"], one["l0_trace"]) if r is not one else None
-            print(f"| {seed} | {name} | {r['fvu']:.4f} | {r['l0']:.2f} | {r['dead']} | {diff:.2g} | "
-                  f"{'-' if first is None else first} |")
+            rows.append([seed, name, f"{r['fvu']:.4f}", f"{r['l0']:.2f}", r["dead"], f"{diff:.2g}",
+                         "-" if first is None else first])
+    print(markdown_table(["seed", "run", "FVU", "L0", "dead", "max weight diff from one process",
+                          "first step whose L0 differs"], rows))
     return 0
 
 

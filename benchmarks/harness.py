@@ -30,8 +30,8 @@ from matryoshka_plugin.io import atomic_open, atomic_write_json
 
 __all__ = [
     "RESULTS_ROOT", "RunStore", "add_meta_structure", "apply_overrides", "build_parser", "config_from_dict",
-    "csv_text", "fmt_mean_std", "load_config_file", "markdown_table", "mean_std", "option", "parse_config",
-    "results_dir", "summarise", "width_label", "write_csv",
+    "csv_text", "fmt_mean_std", "last_json_line", "load_config_file", "markdown_table", "mean_std", "option",
+    "parse_config", "results_dir", "run_worker", "summarise", "width_label", "worker_settings", "write_csv",
 ]
 
 T = TypeVar("T")
@@ -213,6 +213,48 @@ def add_meta_structure(runs: Iterable[tuple[str, Callable[[], Any], list[int]]],
     for name, load_sae, seeds in runs:
         if not have(name):
             put(name, decoder_meta_structure(load_sae(), seeds=list(seeds), **config))
+
+
+# ----------------------------------------------------------------------------------------------
+# Measurements in fresh processes
+# ----------------------------------------------------------------------------------------------
+
+WORKER_ENV = "BENCHMARK_WORKER"
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_worker(script: str | Path, settings: Mapping[str, Any], flag: str = "--worker", nproc: int = 1,
+               env: Mapping[str, str] | None = None) -> str:
+    """Run ``python script <flag>`` in a fresh process (``nproc > 1``: that many under torchrun,
+    standalone) from the repository root, with the repository on PYTHONPATH, ``env`` added and
+    ``settings`` as JSON in ``$BENCHMARK_WORKER`` (torchrun would read options after the script
+    as its own); read them back with :func:`worker_settings`. Returns the worker's stdout;
+    RuntimeError with the end of its stderr when it fails."""
+    import os
+    import subprocess
+    import sys
+
+    args = [str(Path(script).resolve()), flag]
+    cmd = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *args]
+           if nproc > 1 else [sys.executable, *args])
+    full_env = dict(os.environ, **(env or {}), **{WORKER_ENV: json.dumps(dict(settings), default=str)})
+    full_env["PYTHONPATH"] = str(REPO_ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")
+    out = subprocess.run(cmd, capture_output=True, text=True, env=full_env, cwd=REPO_ROOT, check=False)
+    if out.returncode:
+        raise RuntimeError(f"{Path(script).name} {flag} {dict(settings)} failed:\n{out.stderr[-3000:]}")
+    return out.stdout
+
+
+def worker_settings() -> dict[str, Any]:
+    """The settings :func:`run_worker` handed this process."""
+    import os
+
+    return json.loads(os.environ[WORKER_ENV])
+
+
+def last_json_line(text: str) -> Any:
+    """The last line of ``text`` that is a JSON object (a worker's result after its other output)."""
+    return json.loads([line for line in text.splitlines() if line.startswith("{")][-1])
 
 
 # ----------------------------------------------------------------------------------------------

@@ -19,9 +19,15 @@ import json
 import os
 import resource
 import statistics
-import subprocess
 import sys
 import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+if __package__ in (None, ""):  # ``python benchmarks/speed.py``: the repository's packages
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.harness import last_json_line, markdown_table, option, parse_config, run_worker, worker_settings
 
 CANDIDATES = {
     "matmul": "one dense encoder matmul (floor)",
@@ -186,12 +192,10 @@ def worker(spec: dict) -> dict:
 
 
 def run_candidate(spec: dict) -> dict:
-    out = subprocess.run(
-        [sys.executable, __file__, "--worker", json.dumps(spec)], capture_output=True, text=True, check=False
-    )
-    if out.returncode != 0:
-        raise RuntimeError(f"{spec['name']} failed:\n{out.stderr[-3000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    try:
+        return last_json_line(run_worker(__file__, spec))
+    except RuntimeError as e:
+        raise RuntimeError(f"{spec['name']} failed:\n{e}") from None
 
 
 def machine() -> str:
@@ -267,7 +271,7 @@ def profile_step(step, i: int, top: int = 8) -> list[list]:
     return [[e.key, round(e.self_cpu_time_total / 1000, 1), e.count] for e in rows]
 
 
-def run_grid(args) -> dict:
+def run_grid(args: "SpeedBench") -> dict:
     """Every cell of the grid not yet in the cache (``--grid-cache``), each in a fresh process;
     the cache is rewritten after each cell, so an interrupted grid resumes where it stopped."""
     from matryoshka_plugin.io import atomic_write_json
@@ -283,11 +287,10 @@ def run_grid(args) -> dict:
             continue
         spec = dict(d=d, F=F, k=k, B=B, device=args.device, steps=args.steps, warmup=args.warmup,
                     profile=args.profile, threads=args.threads)
-        out = subprocess.run([sys.executable, __file__, "--grid-worker", json.dumps(spec)], capture_output=True,
-                             text=True, check=False)
-        if out.returncode != 0:
-            raise RuntimeError(f"grid cell {key} failed:\n{out.stderr[-3000:]}")
-        cache[key] = json.loads(out.stdout.strip().splitlines()[-1])
+        try:
+            cache[key] = last_json_line(run_worker(__file__, spec, flag="--grid-worker"))
+        except RuntimeError as e:
+            raise RuntimeError(f"grid cell {key} failed:\n{e}") from None
         print(f"{key}: {cache[key]['seconds']}", flush=True)
         atomic_write_json(cache, cache_path)
     print(format_grid({k: v for k, v in cache.items() if k.startswith(args.device + " ")}))
@@ -295,59 +298,57 @@ def run_grid(args) -> dict:
 
 
 def format_grid(cache: dict) -> str:
-    lines = ["| d | F | k | B | groups s/step | matmul s | every / groups | pareto / groups | groups / matmul |",
-             "|---|---|---|---|---|---|---|---|---|"]
-
     def mark(v: float, target: float) -> str:
         return f"**{v:.2f}** ✗" if v > target else f"{v:.2f}"
 
     def order(key: str):
         return tuple(int(p.split("=")[1]) for p in key.split()[1:])
 
-    for key in sorted(cache, key=order):
-        c = cache[key]
-        d, F, k, B = order(key)
-        lines.append(f"| {d} | {F} | {k} | {B} | {c['seconds']['groups']:.3f} | {c['seconds']['matmul']:.3f} | "
-                     f"{mark(c['every_over_groups'], MODE_TARGET)} | {mark(c['pareto_over_groups'], MODE_TARGET)} | "
-                     f"{mark(c['groups_over_matmul'], MATMUL_TARGET)} |")
-    lines.append(f"\n✗: target missed (modes within {MODE_TARGET}x of groups, groups within {MATMUL_TARGET}x of one "
-                 "encoder matmul); minimum over the timed steps, the four stepped in turn in one process.")
-    return "\n".join(lines)
+    rows = [[*order(key), f"{c['seconds']['groups']:.3f}", f"{c['seconds']['matmul']:.3f}",
+             mark(c["every_over_groups"], MODE_TARGET), mark(c["pareto_over_groups"], MODE_TARGET),
+             mark(c["groups_over_matmul"], MATMUL_TARGET)] for key, c in sorted(cache.items(), key=lambda kv: order(kv[0]))]
+    table = markdown_table(["d", "F", "k", "B", "groups s/step", "matmul s", "every / groups", "pareto / groups",
+                            "groups / matmul"], rows)
+    return table + (f"\n\n✗: target missed (modes within {MODE_TARGET}x of groups, groups within {MATMUL_TARGET}x "
+                    "of one encoder matmul); minimum over the timed steps, the four stepped in turn in one process.")
+
+
+@dataclass
+class SpeedBench:
+    """The command line of ``python benchmarks/speed.py``."""
+
+    device: str = option("cpu", "torch device")
+    d: int = option(2304, "activation dimension")
+    dict_size: int | None = option(None, "latents (default: 16384 on CPU, 65536 on GPU)")
+    k: int = option(80, "BatchTopK k")
+    batch: int = option(2048, "tokens per step")
+    dtype: str = option("float32", "activation dtype")
+    steps: int = option(5, "timed steps")
+    warmup: int = option(2, "warm-up steps")
+    threads: int = option(0, "torch threads (0: torch's default)")
+    rounds: int = option(1, "run the candidates this many times, interleaved, keeping each one's best "
+                            "(robust to background load)")
+    only: list[Literal[tuple(CANDIDATES)]] | None = option(None, "candidates to run (default: all)")
+    scaling: bool = option(False, "also time our step against F and k")
+    json: str | None = option(None, "also write the results to this file")
+    grid: bool = option(False, "time the prefix modes against groups and groups against the matmul over the shape grid")
+    grid_cache: str = option("outputs/speed_grid.json", "per-cell results (resumable)")
+    grid_d: list[int] | None = option(None, "only these d (default: the whole grid)")
+    grid_F: list[int] | None = option(None, "only these F")
+    grid_k: list[int] | None = option(None, "only these k")
+    grid_B: list[int] | None = option(None, "only these B")
+    profile: bool = option(False, "with --grid: profile cells that miss a target")
+    worker: bool = option(False, argparse.SUPPRESS)
+    grid_worker: bool = option(False, argparse.SUPPRESS)
 
 
 def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--d", type=int, default=2304)
-    p.add_argument("--dict-size", type=int, default=None, help="16384 on CPU, 65536 on GPU")
-    p.add_argument("--k", type=int, default=80)
-    p.add_argument("--batch", type=int, default=2048)
-    p.add_argument("--dtype", default="float32")
-    p.add_argument("--steps", type=int, default=5)
-    p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    p.add_argument("--rounds", type=int, default=1,
-                   help="run the candidates this many times, interleaved, keeping each one's best "
-                        "(robust to background load)")
-    p.add_argument("--only", nargs="+", choices=list(CANDIDATES), default=None)
-    p.add_argument("--scaling", action="store_true", help="also time our step against F and k")
-    p.add_argument("--json", default=None, help="also write the results to this file")
-    p.add_argument("--grid", action="store_true",
-                   help="time the prefix modes against groups and groups against the matmul over the shape grid")
-    p.add_argument("--grid-cache", default="outputs/speed_grid.json", help="per-cell results (resumable)")
-    p.add_argument("--grid-d", type=int, nargs="+", default=None, help="only these d (default: the whole grid)")
-    p.add_argument("--grid-F", type=int, nargs="+", default=None)
-    p.add_argument("--grid-k", type=int, nargs="+", default=None)
-    p.add_argument("--grid-B", type=int, nargs="+", default=None)
-    p.add_argument("--profile", action="store_true", help="with --grid: profile cells that miss a target")
-    p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
-    p.add_argument("--grid-worker", default=None, help=argparse.SUPPRESS)
-    args = p.parse_args(argv)
+    args = parse_config(SpeedBench, argv, prog="python benchmarks/speed.py", description=__doc__)
     if args.worker:
-        print(json.dumps(worker(json.loads(args.worker))))
+        print(json.dumps(worker(worker_settings())))
         return {}
     if args.grid_worker:
-        spec = json.loads(args.grid_worker)
+        spec = worker_settings()
         threads = spec.pop("threads")
         if threads:
             import torch
@@ -376,12 +377,10 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"\nMachine: {machine()}")
     print(f"Shape: d={args.d}, F={F}, k={args.k}, B={args.batch}, {args.dtype}, {args.device}; "
           f"{args.steps} timed steps after {args.warmup} warm-up steps, best of {args.rounds} round(s)\n")
-    print("| candidate | min s/step | median s/step | x floor | peak memory MB |")
-    print("|---|---|---|---|---|")
     floor = results.get("matmul", {}).get("min_s")
-    for name, r in results.items():
-        rel = f"{r['min_s'] / floor:.2f}" if floor else "-"
-        print(f"| {CANDIDATES[name]} | {r['min_s']:.3f} | {r['median_s']:.3f} | {rel} | {r['peak_mb']:.0f} |")
+    print(markdown_table(["candidate", "min s/step", "median s/step", "x floor", "peak memory MB"], (
+        [CANDIDATES[name], f"{r['min_s']:.3f}", f"{r['median_s']:.3f}", f"{r['min_s'] / floor:.2f}" if floor else "-",
+         f"{r['peak_mb']:.0f}"] for name, r in results.items())))
 
     def ratio(a, b):
         if a in results and b in results:
@@ -411,10 +410,9 @@ def main(argv: list[str] | None = None) -> dict:
             ours = run_candidate({**spec, "name": "ours_groups"})["min_s"]
             floor_s = run_candidate({**spec, "name": "matmul"})["min_s"]
             scaling[axis][value] = {"ours_s": round(ours, 4), "matmul_s": round(floor_s, 4), "ratio": round(ours / floor_s, 2)}
-        print("\n| axis | value | ours s/step | matmul s | ours / matmul |\n|---|---|---|---|---|")
-        for axis, rows in scaling.items():
-            for value, r in rows.items():
-                print(f"| {axis} | {value} | {r['ours_s']:.3f} | {r['matmul_s']:.3f} | {r['ratio']:.2f} |")
+        print("\n" + markdown_table(["axis", "value", "ours s/step", "matmul s", "ours / matmul"], (
+            [axis, value, f"{r['ours_s']:.3f}", f"{r['matmul_s']:.3f}", f"{r['ratio']:.2f}"]
+            for axis, rows in scaling.items() for value, r in rows.items())))
         summary["scaling"] = scaling
     print("\n" + json.dumps(summary))
     if args.json:

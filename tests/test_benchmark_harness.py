@@ -182,3 +182,17 @@ def test_config_from_dict_and_overrides_check_types():
 
 def test_width_label():
     assert [harness.width_label(w) for w in (512, 4096, 65536)] == ["512", "4k", "65k"]
+
+
+def test_run_worker_hands_settings_and_reports_failures(tmp_path):
+    script = tmp_path / "w.py"
+    script.write_text("import json, os, sys\n"
+                      "s = json.loads(os.environ['BENCHMARK_WORKER'])\n"
+                      "if s.get('fail'): sys.exit('broken on purpose')\n"
+                      "print('noise'); print(json.dumps({**s, 'argv': sys.argv[1:], 'cwd': os.getcwd(),\n"
+                      "                                   'threads': os.environ.get('OMP_NUM_THREADS')}))\n")
+    out = harness.run_worker(script, {"a": 1, "b": [2, 3]}, flag="--grid-worker", env={"OMP_NUM_THREADS": "1"})
+    got = harness.last_json_line(out)
+    assert got == {"a": 1, "b": [2, 3], "argv": ["--grid-worker"], "cwd": str(harness.REPO_ROOT), "threads": "1"}
+    with pytest.raises(RuntimeError, match="broken on purpose"):
+        harness.run_worker(script, {"fail": True})
