@@ -30,7 +30,7 @@ from matryoshka_plugin.io import atomic_open, atomic_write_json
 
 __all__ = [
     "RESULTS_ROOT", "RunStore", "add_meta_structure", "apply_overrides", "build_parser", "config_from_dict",
-    "csv_text", "fmt_mean_std", "last_json_line", "load_config_file", "markdown_table", "mean_std", "option",
+    "coerce", "csv_text", "fmt_mean_std", "last_json_line", "load_config_file", "markdown_table", "mean_std", "option",
     "parse_config", "results_dir", "run_worker", "summarise", "width_label", "worker_settings", "write_csv",
 ]
 
@@ -368,22 +368,9 @@ def _unknown(name: str, known: Iterable[str]) -> ValueError:
 
 
 def config_from_dict(cls: type[T], data: Mapping[str, Any], prefix: str = "") -> T:
-    """A ``cls`` from ``data`` (a parsed TOML/JSON table), nested dataclasses included; every
-    value is type-checked and an unknown key raises ValueError naming it."""
-    return apply_overrides(cls(), dict(data), prefix) if _all_defaulted(cls) else _strict(cls, data, prefix)
-
-
-def _all_defaulted(cls: type) -> bool:
-    return all(f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING
-               for f in dataclasses.fields(cls) if f.init)
-
-
-def _strict(cls: type[T], data: Mapping[str, Any], prefix: str) -> T:
-    hints, names = _hints(cls), {f.name for f in dataclasses.fields(cls) if f.init}
-    for key in data:
-        if key not in names:
-            raise _unknown(prefix + key, names)
-    return cls(**{k: coerce(v, hints[k], prefix + k) for k, v in data.items()})
+    """A ``cls`` (every field defaulted) from ``data``, a parsed TOML/JSON table: see
+    :func:`apply_overrides`."""
+    return apply_overrides(cls(), data, prefix)
 
 
 def apply_overrides(cfg: T, overrides: Mapping[str, Any], prefix: str = "") -> T:
