@@ -5,7 +5,8 @@ Records go to ``--out`` (default ``outputs/hierarchy_family/runs/...``, one JSON
 ``benchmarks.harness.RunStore``; finished runs are skipped), the report to ``--results``
 (default ``docs/results/hierarchy_family``): ``summary.md``/``summary.csv`` (per configuration:
 share of trees cured, median and worst tree), ``trees.csv`` (per configuration and tree, mean and
-std over seeds), ``runs.csv`` (one row per run), ``failures.md`` (why each tree is not cured) and
+std over seeds), ``runs.csv`` (one row per run), ``failures.md`` (why each tree is not cured), ``breakdown.md``
+(by k regime, superposition and exclusivity, and failures by mechanism) and
 ``distribution.png``. Settings also come from ``--config FILE`` (TOML/JSON) or ``--set key=value``.
 """
 
@@ -36,8 +37,8 @@ class HierarchyFamilyStudy:
 
 
 def write_report(out: Path, results: Path, order: list[str], dpi: int = 110) -> list[Path]:
-    from .analysis import (config_summaries, failures, failures_markdown, plot_distributions, runs_csv,
-                           summary_markdown, trees_csv)
+    from .analysis import (breakdown_markdown, config_summaries, failures, failures_markdown, plot_distributions,
+                           runs_csv, summary_markdown, trees_csv)
     from .analysis import _round
 
     records = [r for r in load_records(out) if r["config"] in order]
@@ -49,7 +50,8 @@ def write_report(out: Path, results: Path, order: list[str], dpi: int = 110) -> 
     written = [write_csv(results / "summary.csv", _round(rows))]
     for name, text in (("summary.md", summary_markdown(rows, notes)), ("trees.csv", trees_csv(records)),
                        ("runs.csv", runs_csv(records)),
-                       ("failures.md", failures_markdown(failures(records), order))):
+                       ("failures.md", failures_markdown(failures(records), order)),
+                       ("breakdown.md", breakdown_markdown(records, order))):
         (results / name).write_text(text)
         written.append(results / name)
     written.append(plot_distributions(records, order, results / "distribution.png", dpi=dpi))

@@ -22,7 +22,7 @@ from ..harness import csv_text, markdown_table, summarise
 from .study import CURED_ABSORPTION, CURED_RECOVERY, cured
 
 __all__ = ["pair_report", "tree_summaries", "config_summaries", "summary_markdown", "summary_csv", "failures",
-           "failures_markdown", "runs_csv", "trees_csv", "plot_distributions", "ABSORBED_COS"]
+           "failures_markdown", "runs_csv", "trees_csv", "breakdown_markdown", "learned_by_frequency", "plot_distributions", "ABSORBED_COS"]
 
 # A child's latent whose decoder leans this far toward its parent's direction carries the parent.
 ABSORBED_COS = 0.1
@@ -259,6 +259,101 @@ def failures_markdown(fails: dict[str, list[dict]], order: list[str]) -> str:
             lines.append(line)
         lines.append("")
     return "\n".join(lines)
+
+
+def _regimes(record: dict) -> dict[str, str]:
+    info = record["tree_info"]
+    excl = info["n_exclusive_parents"] / max(info["n_parents"], 1)
+    return {"k regime": info["k_regime"], "directions": "superposed" if info["n_features"] > info["d"] else "orthogonal",
+            "exclusive children": "all" if excl == 1 else "none" if excl == 0 else "some"}
+
+
+def breakdown_markdown(records: list[dict], order: list[str]) -> str:
+    """Share of trees cured and median absorption / recovery per configuration within each
+    regime of the family (k vs true L0, superposition, exclusive children), and how the
+    failures split by measured mechanism."""
+    per_tree = tree_summaries(records)
+    regimes = {r["tree"]: _regimes(r) for r in records}
+    order = [c for c in order if any(cc == c for cc, _ in per_tree)]
+    out = []
+    for axis in ("k regime", "directions", "exclusive children"):
+        values = sorted({g[axis] for g in regimes.values()})
+        header = ["configuration"] + [f"{v} (n)" for v in values]
+        rows = []
+        for c in order:
+            cells = [c]
+            for v in values:
+                ts = [s for (cc, t), s in per_tree.items() if cc == c and regimes[t][axis] == v]
+                if not ts:
+                    cells.append("–")
+                    continue
+                cells.append(f"{sum(s['cured'] for s in ts)}/{len(ts)} cured, abs {np.median([s['absorption'] for s in ts]):.2f}, "
+                             f"rec {np.median([s['recovery'] for s in ts]):.2f}")
+            rows.append(cells)
+        out += [f"### By {axis}", "", "Trees cured / trees, median absorption, median recovery (seed means).", "",
+                markdown_table(header, rows), ""]
+    fails = failures(records)
+    header = ["configuration", "trees not cured", "absorption > 0.05", "... child latent carries the parent",
+              "... parent latent silent, child latent clean", "recovery < 0.95", "median features unlearned (cos < 0.9)",
+              "median dead latents (failing trees)"]
+    rows = []
+    for c in order:
+        fs = fails.get(c, [])
+        ab = [f for f in fs if f["absorption"] > CURED_ABSORPTION]
+        carried = [f for f in ab if f["n_child_carries_parent"] > 0]
+        dead = [per_tree[(c, f["tree"])]["dead_latents"] for f in fs]
+        rows.append([c, len(fs), len(ab), len(carried), len(ab) - len(carried),
+                     sum(f["recovery"] < CURED_RECOVERY for f in fs),
+                     f"{np.median([len(f['unlearned']) for f in fs]):.0f}" if fs else "–",
+                     f"{np.median(dead):.1f}" if dead else "–"])
+    out += ["### Failures by mechanism", "",
+            "Per configuration, trees not cured, split by what the worst seed's latents did: a failing pair "
+            f"(parent latent silent on > {CURED_ABSORPTION} of the samples with parent and child) where the child's "
+            f"latent has decoder cosine >= {ABSORBED_COS} with the parent's direction (absorption proper), or "
+            "where it does not (the parent latent is silent without the child carrying it); and trees whose "
+            f"recovery misses {CURED_RECOVERY}, with the number of true features whose matched latent is below "
+            f"cosine {UNLEARNED_COS}.", "", markdown_table(header, rows), "", learned_by_frequency(records, order)]
+    return "\n".join(out)
+
+
+# expected firings of a feature during training: bin edges
+FIRING_BINS = (0, 300, 1000, 3000, 10_000, 30_000, math.inf)
+
+
+def _marginal_probs(tree: str, tree_fingerprint: str) -> list[float] | None:
+    from matryoshka_plugin.toy.hierarchies import _marginals
+
+    from .study import family
+
+    spec = family(24, 0).get(tree)
+    if spec is None or spec.fingerprint != tree_fingerprint:
+        return None
+    return [p for _, p, _ in _marginals(spec.roots)]
+
+
+def learned_by_frequency(records: list[dict], order: list[str], batch_size: int = 200) -> str:
+    """Share of true features whose matched latent reaches cosine 0.9, binned by how often the
+    feature fired during training (marginal probability x steps x batch), over every run."""
+    probs = {}
+    counts: dict[str, list[list[int]]] = {}
+    for r in records:
+        key = (r["tree"], r["tree_fingerprint"])
+        if key not in probs:
+            probs[key] = _marginal_probs(*key)
+        if probs[key] is None:
+            continue
+        n_train = r["trainer"]["steps"] * batch_size
+        bins = counts.setdefault(r["config"], [[0, 0] for _ in FIRING_BINS[:-1]])
+        for p, c in zip(probs[key], r["matched_cosine"]):
+            i = int(np.searchsorted(FIRING_BINS, p * n_train, side="right")) - 1
+            bins[i][0] += c is not None and c >= UNLEARNED_COS
+            bins[i][1] += 1
+    labels = [f"{lo:g}-{hi:g}" if hi != math.inf else f">= {lo:g}" for lo, hi in zip(FIRING_BINS[:-1], FIRING_BINS[1:])]
+    rows = [[c] + [f"{a / n:.0%} ({n})" if n else "–" for a, n in counts[c]] for c in order if c in counts]
+    return ("### Features learned, by how often they fired in training\n\n"
+            f"Share of true features (all trees and seeds; count in brackets) whose matched latent has decoder "
+            f"cosine >= {UNLEARNED_COS}, binned by the feature's expected firings during training (its marginal "
+            "probability x steps x batch).\n\n" + markdown_table(["configuration"] + labels, rows) + "\n")
 
 
 def plot_distributions(records: list[dict], order: list[str], path: Path, dpi: int = 110) -> Path:

@@ -55,6 +55,9 @@ CONFIGS: list[StudyConfig] = [
     StudyConfig("log_post", "log", "pareto", note="log sparsity, the post's toy settings (Pareto prefixes)"),
     StudyConfig("log_post_every", "log", "every", note="log sparsity, post settings, every prefix"),
     StudyConfig("log_post_groups", "log", "groups", groups="levels", note="log sparsity, post settings, fixed groups"),
+    _btk("btk_pareto_expected", "pareto_expected", "the exact expectation of the Pareto prefixes"),
+    StudyConfig("log_post_expected", "log", "pareto_expected",
+                note="log sparsity, post settings, the exact expectation of the Pareto prefixes"),
     StudyConfig("up_btk", "up_btk", note="dictionary_learning BatchTopK"),
     StudyConfig("up_mbtk", "up_mbtk", groups="levels", note="dictionary_learning Matryoshka BatchTopK, level groups"),
 ]
