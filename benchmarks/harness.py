@@ -476,7 +476,7 @@ def build_parser(cls: type, prog: str | None = None, description: str | None = N
         kw.update(meta.get("argparse", {}))
         p.add_argument(_flag_name(f.name), **kw)
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="set_",
-                   help="override any setting, dotted for nested ones (e.g. --set toy.d=32); "
+                   help="override any setting, dotted for nested ones (--set table.key=value); "
                         "values are Python/JSON literals or plain text; applied last")
     if config_file:
         p.add_argument("--config", dest="config_file", metavar="FILE", default=None,

@@ -15,9 +15,12 @@ import glob
 import os
 import random
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from ..harness import option, parse_config
 
 __all__ = ["DEFAULT_CACHE", "load_texts", "load_minilm", "build_activations", "cached_activations"]
 
@@ -139,14 +142,18 @@ def cached_activations(
     return torch.cat([torch.load(p, weights_only=True) for p in paths])[:n_tokens]
 
 
-if __name__ == "__main__":
-    import argparse
+@dataclass
+class CacheSettings:
+    """The command line of ``python -m benchmarks.real_model.activations``."""
 
-    p = argparse.ArgumentParser(description="Build and cache MiniLM block-3 activations")
-    p.add_argument("--tokens", type=int, default=9 * PART["train"])
-    p.add_argument("--held-out-tokens", type=int, default=65_536)
-    p.add_argument("--cache", default=str(DEFAULT_CACHE))
-    a = p.parse_args()
+    tokens: int = option(9 * PART["train"], "training tokens to cache")
+    held_out_tokens: int = option(65_536, "held-out tokens to cache")
+    cache: str = option(str(DEFAULT_CACHE), "cache folder")
+
+
+if __name__ == "__main__":
+    a = parse_config(CacheSettings, prog="python -m benchmarks.real_model.activations",
+                     description="Build and cache MiniLM block-3 activations")
     torch.set_num_threads(2)
     cached_activations(a.held_out_tokens, True, a.cache)
     cached_activations(a.tokens, False, a.cache)

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import copy
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from ..harness import apply_overrides
@@ -116,6 +116,21 @@ HEDGING_LOG = dict(sparsity="l1", sparsity_coeff=1.2)
 
 
 def default_setups() -> dict[str, SetupConfig]:
+    hedging = SetupConfig(
+        name="hedging",
+        title="2. Feature hedging (1 parent, 2 exclusive children; d = 20)",
+        builder="hedging_tree",
+        toy=dict(HEDGING_TREE),
+        variants=["vanilla_1", "btk_1", "vanilla", "mat_groups", "mat_groups_b0.75", "mat_groups_b0.5",
+                  "mat_groups_b0.25", "mat_groups_b0.1", "mat_groups_b0.05", "mat_pareto", "mat_expected",
+                  "mat_every", "btk", "btk_groups", "btk_every", "btk_groups_b0.75", "btk_groups_b0.5",
+                  "btk_groups_b0.25", "up_btk", "up_mbtk"],
+        steps=5_000,
+        group_sizes=[1, 2],
+        log=dict(HEDGING_LOG),
+        ks=[1],
+        figure_variants=["vanilla_1", "mat_groups", "btk_groups/k1", "btk_groups_b0.25/k1"],
+    )
     return {
         "post_tree": SetupConfig(
             name="post_tree",
@@ -130,33 +145,17 @@ def default_setups() -> dict[str, SetupConfig]:
             group_sizes=[3, 17],
             figure_variants=["vanilla", "mat_pareto", "mat_every", "btk_groups/k2", "up_mbtk/k2"],
         ),
-        "hedging": SetupConfig(
-            name="hedging",
-            title="2. Feature hedging (1 parent, 2 exclusive children; d = 20)",
-            builder="hedging_tree",
-            toy=dict(HEDGING_TREE),
-            variants=["vanilla_1", "btk_1", "vanilla", "mat_groups", "mat_groups_b0.75", "mat_groups_b0.5",
-                      "mat_groups_b0.25", "mat_groups_b0.1", "mat_groups_b0.05", "mat_pareto", "mat_expected",
-                      "mat_every", "btk", "btk_groups", "btk_every", "btk_groups_b0.75", "btk_groups_b0.5",
-                      "btk_groups_b0.25", "up_btk", "up_mbtk"],
-            steps=5_000,
-            group_sizes=[1, 2],
-            log=dict(HEDGING_LOG),
-            ks=[1],
-            figure_variants=["vanilla_1", "mat_groups", "btk_groups/k1", "btk_groups_b0.25/k1"],
-        ),
-        "hedging_x2": SetupConfig(
+        "hedging": hedging,
+        # the same tree twice, with groups and variants to match
+        "hedging_x2": replace(
+            copy.deepcopy(hedging),
             name="hedging_x2",
             title="2b. Feature hedging, two independent copies (true L0 1.08, so BatchTopK k = 1 fits)",
-            builder="hedging_tree",
             toy=dict(HEDGING_TREE, n_copies=2),
             variants=["vanilla", "mat_groups", "mat_groups_b0.75", "mat_groups_b0.5", "mat_groups_b0.25",
                       "mat_groups_b0.1", "btk", "btk_groups", "btk_every", "btk_groups_b0.75", "btk_groups_b0.5",
                       "btk_groups_b0.25", "btk_groups_b0.1", "up_btk", "up_mbtk"],
-            steps=5_000,
             group_sizes=[2, 4],
-            log=dict(HEDGING_LOG),
-            ks=[1],
             figure_variants=["btk/k1", "btk_groups/k1", "btk_groups_b0.25/k1", "mat_groups"],
         ),
         "magnitude": SetupConfig(
