@@ -317,6 +317,41 @@ def test_configurations_by_name(tmp_path, capsys):
     assert "topk_4k_k40_lr0.0003, topk_4k_k40_lr0.001, topk_4k_k40_lr0.003" in out
 
 
+def test_quick_configuration_extends_smollm2(tmp_path):
+    """The README's main command: the quick form takes everything it does not set from
+    smollm2_135m (tables merged key by key, lists replaced) and is the command's default."""
+    from benchmarks.causal_lm_comparison.__main__ import main as cli_main
+
+    quick = load_config("quick", {"run_dir": str(tmp_path)})
+    full = load_config(SMOLLM2, {"run_dir": str(tmp_path)})
+    assert quick.model == full.model and quick.data.max_norm_ratio == full.data.max_norm_ratio == 3.0
+    assert quick.training.architectures == ["matryoshka", "batchtopk"] and quick.training.l0s == [40]
+    assert quick.training.widths == full.training.widths and quick.training.group_fractions == full.training.group_fractions
+    assert quick.training.tokens < full.training.tokens and not quick.training.lr_sweep
+    assert quick.evals.evals == ["core", "absorption", "sparse_probing_sae_probes"]
+    assert quick.evals.overrides["core"]["dataset"] == "sae-probes-heldout"  # merged from the base
+    assert quick.evals.overrides["sparse_probing_sae_probes"]["dataset_names"] == ["5_hist_fig_ismale"]
+    assert cli_main(["--dry-run", "--run-dir", str(tmp_path / "q")]) == 0
+    assert "98,304 tokens from sae-probes" in capsys_text(cli_main, ["--dry-run", "--run-dir", str(tmp_path / "q")])
+    loop = tmp_path / "loop.toml"
+    loop.write_text('extends = "loop.toml"\n')
+    with pytest.raises(ConfigError, match="comes back to itself"):
+        load_config(loop)
+    child = tmp_path / "child.toml"
+    child.write_text('extends = "tiny"\n[training]\nl0s = [8]\n')
+    assert load_config(child).training.l0s == [8] and load_config(child).model.d_model == 64
+
+
+def capsys_text(fn, argv):
+    import contextlib
+    import io
+
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        fn(argv)
+    return buf.getvalue()
+
+
 def test_smollm2_configuration(tmp_path):
     from benchmarks.causal_lm_comparison.pipeline import _layers_needed
 

@@ -4,7 +4,8 @@ The built-in defaults are the paper's settings (Bussmann et al., ICML 2025, trai
 Gemma-2-2B suites): ``google/gemma-2-2b`` layer 12 residual stream, 500M Pile tokens, batch 2048,
 Adam lr 3e-4, widths 16k and 65k, L0 in {20, 40, 80, 160, 320}, Matryoshka groups
 [1/32, 1/16, 1/8, 1/4, 17/32]. ``gemma2_2b_l12.toml`` next to this file spells them out;
-``smollm2_135m.toml`` and ``tiny.toml`` are the other named configurations (:data:`CONFIGS`).
+``smollm2_135m.toml``, ``quick.toml`` (which extends it) and ``tiny.toml`` are the other named
+configurations (:data:`CONFIGS`).
 """
 
 from __future__ import annotations
@@ -57,7 +58,8 @@ HOOKED_TRANSFORMER_SOURCES = ("official", "convert")
 # data.dataset value for the texts of sae-probes' shipped datasets (benchmarks/.../text.py)
 SAE_PROBES_TEXT = "sae-probes"
 # The named configurations, next to this file.
-CONFIGS = {name: Path(__file__).with_name(f"{name}.toml") for name in ("gemma2_2b_l12", "smollm2_135m", "tiny")}
+CONFIGS = {name: Path(__file__).with_name(f"{name}.toml")
+           for name in ("quick", "smollm2_135m", "gemma2_2b_l12", "tiny")}
 
 
 class ConfigError(ValueError):
@@ -296,7 +298,7 @@ class BenchmarkConfig:
             errors.append(f"training.lr_sweep_l0 must be one of training.l0s {t.l0s}, got {t.lr_sweep_l0!r}")
         if t.group_by not in GROUPINGS:
             errors.append(f"training.group_by must be one of {GROUPINGS}, got {t.group_by!r}")
-        if t.lr_sweep_tokens is not None and (isinstance(t.lr_sweep_tokens, bool) or not isinstance(t.lr_sweep_tokens, int)
+        if t.lr_sweep and t.lr_sweep_tokens is not None and (isinstance(t.lr_sweep_tokens, bool) or not isinstance(t.lr_sweep_tokens, int)
                                               or not 0 < t.lr_sweep_tokens <= t.tokens):
             errors.append(f"training.lr_sweep_tokens must be a positive integer <= training.tokens, got {t.lr_sweep_tokens!r}")
         # The sweep's shorter runs must fit the schedule too.
@@ -437,6 +439,33 @@ def config_path(name_or_path: str | Path) -> Path:
     return Path(name_or_path)
 
 
+def _merged(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in over.items():
+        out[key] = _merged(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def _read_toml(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """A config file's values; ``extends = "NAME"`` (a named configuration or a path relative to the
+    file) starts from that configuration's values, table by table, and the file changes some."""
+    if not path.is_file():
+        raise ConfigError(f"no such config file: {path}")
+    try:
+        data = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path} is not valid TOML: {e}") from None
+    base = data.pop("extends", None)
+    if base is None:
+        return data
+    if not isinstance(base, str):
+        raise ConfigError(f"{path}: extends must name a configuration or a file, got {base!r}")
+    base_path = CONFIGS.get(base) or (path.parent / base)
+    if base_path.resolve() in seen or base_path.resolve() == path.resolve():
+        raise ConfigError(f"{path}: extends {base!r} comes back to itself")
+    return _merged(_read_toml(base_path, (*seen, path.resolve())), data)
+
+
 def load_config(path: str | Path | None = None, overrides: Mapping[str, Any] | None = None,
                 validate: bool = True) -> BenchmarkConfig:
     """Read a TOML config (a file, or a name of :data:`CONFIGS`; ``None``: the built-in paper
@@ -444,12 +473,7 @@ def load_config(path: str | Path | None = None, overrides: Mapping[str, Any] | N
     data: dict[str, Any] = {}
     if path is not None:
         path = config_path(path)
-        if not path.is_file():
-            raise ConfigError(f"no such config file: {path}")
-        try:
-            data = tomllib.loads(path.read_text())
-        except tomllib.TOMLDecodeError as e:
-            raise ConfigError(f"{path} is not valid TOML: {e}") from None
+        data = _read_toml(path)
     for key, value in (overrides or {}).items():
         _set_dotted(data, key, value)
     cfg = _build(BenchmarkConfig, data, "top level")
