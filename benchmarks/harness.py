@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import copy
 import csv
 import dataclasses
 import io
@@ -29,7 +30,7 @@ import numpy as np
 from matryoshka_plugin.io import atomic_open, atomic_write_json
 
 __all__ = [
-    "RESULTS_ROOT", "RunStore", "add_meta_structure", "apply_overrides", "build_parser", "config_from_dict",
+    "RESULTS_ROOT", "RunStore", "SettingError", "add_meta_structure", "apply_overrides", "build_parser", "config_from_dict",
     "coerce", "csv_text", "fmt_mean_std", "last_json_line", "load_config_file", "markdown_table", "mean_std", "option",
     "parse_config", "results_dir", "run_worker", "summarise", "width_label", "worker_settings", "write_csv",
 ]
@@ -300,27 +301,31 @@ def _parse_text(text: str) -> Any:
         return text
 
 
+class SettingError(ValueError):
+    """A setting that is unknown, missing or of the wrong type; the message names it."""
+
+
 def coerce(value: Any, tp: Any, name: str) -> Any:
     """``value`` checked and converted to the type hint ``tp``; ValueError naming ``name``."""
     tp, optional = _optional(tp)
     if value is None:
         if optional or tp is Any:
             return None
-        raise ValueError(f"{name}: None is not allowed (expected {tp})")
+        raise SettingError(f"{name}: None is not allowed (expected {tp})")
     origin, args = typing.get_origin(tp), typing.get_args(tp)
     if isinstance(value, str) and tp is not str and origin is not typing.Literal:
         value = _parse_text(value)
         if value is None and optional:
             return None
+    if dataclasses.is_dataclass(tp) and isinstance(value, Mapping):
+        return config_from_dict(tp, value, prefix=f"{name}.")  # its errors name the key already
     try:
         if tp is Any:
             return value
         if dataclasses.is_dataclass(tp):
             if dataclasses.is_dataclass(value):
                 return value
-            if not isinstance(value, Mapping):
-                raise TypeError(f"a table of {tp.__name__} settings")
-            return config_from_dict(tp, value, prefix=f"{name}.")
+            raise TypeError(f"a table of {tp.__name__} settings")
         if origin is typing.Literal:
             if value not in args:
                 raise TypeError(f"one of {list(args)}")
@@ -358,19 +363,36 @@ def coerce(value: Any, tp: Any, name: str) -> Any:
             return Path(value)
         return tp(value)
     except (TypeError, ValueError) as e:
-        if isinstance(e, ValueError) and str(e).startswith(name):
+        if isinstance(e, SettingError):
             raise
-        raise ValueError(f"{name}: expected {e if isinstance(e, TypeError) else tp}, got {value!r}") from None
+        raise SettingError(f"{name}: expected {e if isinstance(e, TypeError) else tp}, got {value!r}") from None
 
 
-def _unknown(name: str, known: Iterable[str]) -> ValueError:
-    return ValueError(f"unknown setting {name!r}; known: {', '.join(sorted(known))}")
+def _check_known(keys: Iterable[str], known: Iterable[str], prefix: str) -> None:
+    """ValueError naming every key of a table (its part before a dot) that is not a setting."""
+    known = set(known)
+    bad = sorted({k.partition(".")[0] for k in keys} - known)
+    if bad:
+        where = f"in [{prefix[:-1]}]" if prefix else "at the top level"
+        raise SettingError(f"unknown key(s) {bad} {where}; known: {', '.join(sorted(known))}")
 
 
 def config_from_dict(cls: type[T], data: Mapping[str, Any], prefix: str = "") -> T:
-    """A ``cls`` (every field defaulted) from ``data``, a parsed TOML/JSON table: see
-    :func:`apply_overrides`."""
-    return apply_overrides(cls(), data, prefix)
+    """A ``cls`` from ``data``, a parsed TOML/JSON table: ``cls()`` with :func:`apply_overrides`;
+    fields without a default must be in ``data`` (a list of tables then reads as a list of such
+    dataclasses, e.g. ``[[published]]``)."""
+    required = [f.name for f in dataclasses.fields(cls) if f.init and f.default is dataclasses.MISSING
+                and f.default_factory is dataclasses.MISSING]
+    if not required:
+        return apply_overrides(cls(), data, prefix)
+    where = f" in [{prefix[:-1]}]" if prefix else ""
+    _check_known(data, (f.name for f in dataclasses.fields(cls) if f.init), prefix)
+    missing = [n for n in required if n not in data]
+    if missing:
+        raise SettingError(f"missing setting(s) {missing}{where}")
+    hints = _hints(cls)
+    cfg = cls(**{n: coerce(data[n], hints[n], prefix + n) for n in required})
+    return apply_overrides(cfg, {k: v for k, v in data.items() if k not in required}, prefix)
 
 
 def apply_overrides(cfg: T, overrides: Mapping[str, Any], prefix: str = "") -> T:
@@ -378,12 +400,10 @@ def apply_overrides(cfg: T, overrides: Mapping[str, Any], prefix: str = "") -> T
     (``"toy.d"``) into nested dataclasses and dict fields; a table merges into a nested
     dataclass or dict field; values are type-checked; an unknown key raises ValueError naming it."""
     hints = _hints(type(cfg))
-    names = {f.name for f in dataclasses.fields(cfg) if f.init}
+    _check_known(overrides, (f.name for f in dataclasses.fields(cfg) if f.init), prefix)
     changes: dict[str, Any] = {}
     for key, value in overrides.items():
         head, _, rest = key.partition(".")
-        if head not in names:
-            raise _unknown(prefix + head, names)
         current = changes.get(head, getattr(cfg, head))
         tp, _ = _optional(hints[head])
         if rest or (isinstance(value, Mapping) and (dataclasses.is_dataclass(current) or isinstance(current, dict))):
@@ -392,28 +412,47 @@ def apply_overrides(cfg: T, overrides: Mapping[str, Any], prefix: str = "") -> T
                 changes[head] = apply_overrides(current, sub, f"{prefix}{head}.")
             elif isinstance(current, dict) or current is None and typing.get_origin(tp) is dict:
                 vt = typing.get_args(tp)[1] if len(typing.get_args(tp)) == 2 else Any
-                merged = dict(current or {})
+                merged = copy.deepcopy(current or {})  # dotted keys write into nested tables: not cfg's
                 for k, v in sub.items():
-                    _set_dotted(merged, k, coerce(v, vt, f"{prefix}{head}.{k}") if "." not in k else v)
+                    _set_dotted(merged, k, coerce(v, vt, f"{prefix}{head}.{k}") if "." not in k else v,
+                                f"{prefix}{head}.")
                 changes[head] = merged
             else:
-                raise ValueError(f"setting {prefix}{head!s} is not a table; cannot set {prefix}{key!r}")
+                raise SettingError(f"setting {prefix}{head!s} is not a table; cannot set {prefix}{key!r}")
         else:
             changes[head] = coerce(value, hints[head], prefix + head)
     return dataclasses.replace(cfg, **changes)
 
 
-def _set_dotted(d: dict[str, Any], key: str, value: Any) -> None:
+def _set_dotted(d: dict[str, Any], key: str, value: Any, prefix: str = "") -> None:
     head, _, rest = key.partition(".")
     if rest:
-        _set_dotted(d.setdefault(head, {}), rest, value)
+        sub = d.setdefault(head, {})
+        if not isinstance(sub, dict):
+            raise SettingError(f"setting {prefix}{head} is not a table; cannot set {prefix}{key!r}")
+        _set_dotted(sub, rest, value, f"{prefix}{head}.")
     else:
         d[head] = value
 
 
-def load_config_file(path: str | Path) -> dict[str, Any]:
-    """A TOML (``.toml``) or JSON file as a dict; ValueError naming the file when it is broken."""
+def _merged(base: Mapping[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
+    """``base`` with ``over`` laid on it, table by table at every depth (other values replaced)."""
+    out = dict(base)
+    for key, value in over.items():
+        old = out.get(key)
+        out[key] = _merged(old, value) if isinstance(value, Mapping) and isinstance(old, Mapping) else value
+    return out
+
+
+def load_config_file(path: str | Path, named: Mapping[str, Path] | None = None,
+                     _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """A TOML (``.toml``) or JSON file as a dict; ValueError naming the file when it is missing
+    or broken. A top-level ``extends = "NAME"`` (a key of ``named``, or a file relative to this
+    one) starts from that file's values and lays this file's on them, tables merged key by key
+    at every depth, other values (lists included) replaced."""
     path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"no such config file: {path}")
     text = path.read_text()
     try:
         if path.suffix == ".toml":
@@ -423,10 +462,18 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
         else:
             data = json.loads(text)
     except ValueError as e:
-        raise ValueError(f"{path}: {e}") from None
+        raise ValueError(f"{path} is not valid {'TOML' if path.suffix == '.toml' else 'JSON'}: {e}") from None
     if not isinstance(data, dict):
         raise ValueError(f"{path}: expected a table of settings at the top level")
-    return data
+    base = data.pop("extends", None)
+    if base is None:
+        return data
+    if not isinstance(base, str):
+        raise ValueError(f"{path}: extends must name a configuration or a file, got {base!r}")
+    base_path = Path((named or {}).get(base) or path.parent / base)
+    if base_path.resolve() in (*_seen, path.resolve()):
+        raise ValueError(f"{path}: extends {base!r} comes back to itself")
+    return _merged(load_config_file(base_path, named, (*_seen, path.resolve())), data)
 
 
 def _flag_name(name: str) -> str:

@@ -154,7 +154,7 @@ def test_config_file_then_flags_then_set(tmp_path, suffix):
 
 @pytest.mark.parametrize("argv, words", [
     (["--set", "stpes=3"], ["stpes", "steps"]),
-    (["--set", "inner.dd=3"], ["inner.dd"]),
+    (["--set", "inner.dd=3"], ["'dd'", "[inner]"]),
     (["--set", "steps=many"], ["steps", "many"]),
     (["--set", "steps"], ["KEY=VALUE"]),
     (["--steps", "1.5"], ["steps"]),
@@ -173,11 +173,57 @@ def test_bad_settings_are_errors_naming_the_key(argv, words, capsys):
 
 def test_config_from_dict_and_overrides_check_types():
     assert config_from_dict(Inner, {"d": 8}) == Inner(d=8)
-    with pytest.raises(ValueError, match="unknown setting 'x'"):
-        config_from_dict(Inner, {"x": 1})
+    with pytest.raises(ValueError, match=r"unknown key\(s\) \['x', 'y'\] at the top level"):
+        config_from_dict(Inner, {"x": 1, "y.z": 2})
     with pytest.raises(ValueError, match="noise"):
         apply_overrides(Inner(), {"noise": "loud"})
     assert apply_overrides(Study(), {"inner": {"d": 4}}).inner == Inner(d=4, noise=0.05)
+
+
+@dataclass
+class Suite:
+    label: str
+    release: str = "r"
+
+
+@dataclass
+class Section:
+    suites: list[Suite] = field(default_factory=list)
+    tables: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+
+def test_required_fields_lists_of_tables_and_nested_dicts():
+    cfg = config_from_dict(Section, {"suites": [{"label": "a"}, {"label": "b", "release": "s"}]})
+    assert cfg.suites == [Suite("a"), Suite("b", "s")]
+    with pytest.raises(ValueError, match=r"missing setting\(s\) \['label'\] in \[suites\[1\]\]"):
+        config_from_dict(Section, {"suites": [{"label": "a"}, {"release": "s"}]})
+    with pytest.raises(ValueError, match=r"unknown key\(s\) \['x'\] in \[suites\[0\]\]"):
+        config_from_dict(Section, {"suites": [{"label": "a", "x": 1}]})
+    base = Section(tables={"core": {"n": 1, "m": 2}})
+    deeper = apply_overrides(base, {"tables.core.n": 5, "tables.tpp.k": 3})
+    assert deeper.tables == {"core": {"n": 5, "m": 2}, "tpp": {"k": 3}}
+    assert base.tables == {"core": {"n": 1, "m": 2}}  # the original is left as it was
+    assert apply_overrides(base, {"tables.core": {}}).tables == {"core": {}}  # a key's table replaces it
+    with pytest.raises(ValueError, match="tables.core.n is not a table"):
+        apply_overrides(base, {"tables.core.n.x": 1})
+
+
+def test_config_file_extends_another(tmp_path):
+    (tmp_path / "base.toml").write_text('steps = 5\nseeds = [1, 2]\n[extra.log]\na = 1\nb = 2\n')
+    (tmp_path / "child.toml").write_text('extends = "base.toml"\nseeds = [3]\n[extra.log]\nb = 3\n')
+    (tmp_path / "grand.toml").write_text('extends = "kid"\nname = "g"\n')
+    data = harness.load_config_file(tmp_path / "child.toml")
+    assert data == {"steps": 5, "seeds": [3], "extra": {"log": {"a": 1, "b": 3}}}  # lists replaced, tables merged
+    assert harness.load_config_file(tmp_path / "grand.toml", named={"kid": tmp_path / "child.toml"})["name"] == "g"
+    (tmp_path / "loop.toml").write_text('extends = "loop2.toml"\n')
+    (tmp_path / "loop2.toml").write_text('extends = "loop.toml"\n')
+    with pytest.raises(ValueError, match="comes back to itself"):
+        harness.load_config_file(tmp_path / "loop.toml")
+    with pytest.raises(ValueError, match="no such config file"):
+        harness.load_config_file(tmp_path / "grand.toml")
+    (tmp_path / "broken.toml").write_text("steps = \n")
+    with pytest.raises(ValueError, match="broken.toml is not valid TOML"):
+        harness.load_config_file(tmp_path / "broken.toml")
 
 
 def test_width_label():

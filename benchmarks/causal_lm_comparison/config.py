@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
+from ..harness import apply_overrides, config_from_dict, load_config_file
+
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover - Python 3.10
@@ -379,39 +381,6 @@ class BenchmarkConfig:
         return self
 
 
-def _build(cls: type, data: Mapping[str, Any], where: str) -> Any:
-    if not isinstance(data, Mapping):
-        raise ConfigError(f"[{where}] must be a table, got {type(data).__name__}")
-    names = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - set(names) - {"source"})
-    if unknown:
-        raise ConfigError(f"unknown key(s) {unknown} in [{where}]; known: {sorted(n for n in names if n != 'source')}")
-    kwargs = {}
-    for key, value in data.items():
-        f = names[key]
-        sub = {"model": ModelConfig, "data": DataConfig, "training": TrainingConfig, "evals": EvalConfig,
-               "hardware": HardwareConfig}.get(key) if cls is BenchmarkConfig else None
-        if sub is not None:
-            value = _build(sub, value, key)
-        elif cls is BenchmarkConfig and key == "published":
-            value = [_build(PublishedSuite, v, f"published[{i}]") for i, v in enumerate(value)]
-        kwargs[key] = value
-    try:
-        return cls(**kwargs)
-    except TypeError as e:
-        raise ConfigError(f"[{where}]: {e}") from None
-
-
-def _set_dotted(data: dict, dotted: str, value: Any) -> None:
-    keys = dotted.split(".")
-    node = data
-    for k in keys[:-1]:
-        node = node.setdefault(k, {})
-        if not isinstance(node, dict):
-            raise ConfigError(f"--set {dotted}: {k} is not a table")
-    node[keys[-1]] = value
-
-
 def parse_override(item: str) -> tuple[str, Any]:
     """``"training.tokens=1000000"`` -> ``("training.tokens", 1000000)`` (TOML values; bare words are strings)."""
     key, sep, raw = item.partition("=")
@@ -439,43 +408,17 @@ def config_path(name_or_path: str | Path) -> Path:
     return Path(name_or_path)
 
 
-def _merged(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for key, value in over.items():
-        out[key] = _merged(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
-    return out
-
-
-def _read_toml(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
-    """A config file's values; ``extends = "NAME"`` (a named configuration or a path relative to the
-    file) starts from that configuration's values, table by table, and the file changes some."""
-    if not path.is_file():
-        raise ConfigError(f"no such config file: {path}")
-    try:
-        data = tomllib.loads(path.read_text())
-    except tomllib.TOMLDecodeError as e:
-        raise ConfigError(f"{path} is not valid TOML: {e}") from None
-    base = data.pop("extends", None)
-    if base is None:
-        return data
-    if not isinstance(base, str):
-        raise ConfigError(f"{path}: extends must name a configuration or a file, got {base!r}")
-    base_path = CONFIGS.get(base) or (path.parent / base)
-    if base_path.resolve() in seen or base_path.resolve() == path.resolve():
-        raise ConfigError(f"{path}: extends {base!r} comes back to itself")
-    return _merged(_read_toml(base_path, (*seen, path.resolve())), data)
-
-
 def load_config(path: str | Path | None = None, overrides: Mapping[str, Any] | None = None,
                 validate: bool = True) -> BenchmarkConfig:
     """Read a TOML config (a file, or a name of :data:`CONFIGS`; ``None``: the built-in paper
-    settings), apply dotted ``overrides`` (``{"training.tokens": 10**6}``) and validate."""
-    data: dict[str, Any] = {}
-    if path is not None:
-        path = config_path(path)
-        data = _read_toml(path)
-    for key, value in (overrides or {}).items():
-        _set_dotted(data, key, value)
-    cfg = _build(BenchmarkConfig, data, "top level")
-    cfg.source = str(path) if path is not None else None
+    settings), apply dotted ``overrides`` (``{"training.tokens": 10**6}``) and validate. A file may
+    start from another with ``extends = "NAME"`` (a named configuration or a path relative to it)."""
+    try:
+        data = load_config_file(config_path(path), named=CONFIGS) if path is not None else {}
+        cfg = apply_overrides(config_from_dict(BenchmarkConfig, data), overrides or {})
+    except ConfigError:
+        raise
+    except ValueError as e:  # the harness names the file or the setting
+        raise ConfigError(str(e)) from None
+    cfg.source = str(config_path(path)) if path is not None else None
     return cfg.validate() if validate else cfg

@@ -10,17 +10,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..harness import width_label
 from .config import SAE_PROBES_TEXT, BenchmarkConfig, ConfigError
 
 __all__ = ["SAESpec", "Plan", "Estimate", "build_plan", "estimate", "format_plan", "trainer_config", "group_spec"]
 
 _DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 GB = 1e9
-
-
-def width_label(width: int) -> str:
-    """SAEBench's labels: 16384 -> "16k", 65536 -> "65k"."""
-    return f"{width // 1000}k" if width >= 1000 else str(width)
 
 
 @dataclass
