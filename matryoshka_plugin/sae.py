@@ -22,6 +22,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .distributed import LOCAL, LocalCollective, ProcessGroupCollective
 from .errors import CheckpointError, check_activations
 from .import_hooks import import_leaf
 from .io import check_keys, read_state_dict
@@ -159,7 +160,7 @@ class MatryoshkaBatchTopKSAE(_SAEBase):
 
     def encode_training(
         self, x: torch.Tensor, backend: str = "auto", matmul_dtype: torch.dtype | None = None,
-        collective: Any = None,
+        collective: LocalCollective | ProcessGroupCollective = LOCAL,
     ) -> TopKEncoding:
         """BatchTopK latents of ``[tokens, d]`` input for training and the dense pre-activations
         (``sparse_encoder.batch_topk_encode`` with this SAE's weights and ``k``)."""
@@ -171,7 +172,7 @@ class MatryoshkaBatchTopKSAE(_SAEBase):
         weights: PrefixWeights,
         backend: str = "auto",
         matmul_dtype: torch.dtype | None = None,
-        collective: Any = None,
+        collective: LocalCollective | ProcessGroupCollective = LOCAL,
         consume_grads: bool = False,
         detach_level_ends: Sequence[int] | None = None,
     ) -> BatchTopKForward:

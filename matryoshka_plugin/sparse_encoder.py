@@ -10,10 +10,11 @@ encoder of a BatchTopK SAE (dense pre-activations, exact selection, sparse backw
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import torch
 
+from .distributed import LOCAL, LocalCollective, ProcessGroupCollective
 from .kernels import BACKENDS, fused_op
 from .kernels.reference import gradient_rows, torch_above
 from .sparse_latents import SparseLatents, sparse_from_flat
@@ -164,15 +165,16 @@ def batch_topk_encode(
     k: int,
     backend: str = "auto",
     matmul_dtype: torch.dtype | None = None,
-    collective: Any = None,
+    collective: LocalCollective | ProcessGroupCollective = LOCAL,
 ) -> TopKEncoding:
     """BatchTopK encoding of ``[B, d]`` input for training: the ``k * B`` largest pre-activations
     over the batch, differentiable through a sparse backward.
 
     The dense pre-activations are computed without autograd, the matmul in ``matmul_dtype`` if
-    given (:func:`dense_pre_activations`; default: :func:`encoder_matmul_dtype` of ``x``). With a
-    ``collective`` (data-parallel training, ``distributed.ProcessGroupCollective``) ``x`` is this
-    rank's shard and the selection is the top ``k`` times the *global* batch over all ranks.
+    given (:func:`dense_pre_activations`; default: :func:`encoder_matmul_dtype` of ``x``). The
+    selection is the ``collective``'s: the top ``k`` times the *global* batch over its ranks (one
+    process: ``distributed.LOCAL``, this batch; data-parallel training:
+    ``distributed.ProcessGroupCollective``, ``x`` being this rank's shard).
     """
     rows, n = x.shape[0], W_enc.shape[1]
     if matmul_dtype is None:
@@ -180,10 +182,7 @@ def batch_topk_encode(
     x = x.to(W_enc.dtype)
     with torch.no_grad():
         pre = dense_pre_activations(x - b_dec, W_enc, b_enc, matmul_dtype)
-        if collective is None:
-            flat = batch_topk_select(pre, min(k * rows, pre.numel()), backend)
-        else:
-            flat = collective.batch_topk_select(pre, k * rows * collective.world_size, backend)
+        flat = collective.batch_topk_select(pre, k * rows * collective.world_size, backend)
         vals = pre.reshape(-1)[flat]
     lat = sparse_from_flat(flat, vals, rows, n, presorted=True)
     values = encoder_entries(x, W_enc, b_enc, b_dec, lat.rows(), lat.indices, vals, backend)

@@ -36,6 +36,30 @@ def test_no_trainer_branches_on_a_missing_collective():
     assert _none_tests("if collective is None:\n    pass\nif self.collective is not None:\n    pass\n") == [1, 3]
 
 
+def test_nothing_in_the_package_branches_on_a_missing_collective():
+    """The encoder's selection too: one process selects through ``distributed.LOCAL``."""
+    package = pathlib.Path(trainers_package.__file__).parents[1]
+    found = {str(p.relative_to(package)): _none_tests(p.read_text()) for p in sorted(package.rglob("*.py"))}
+    assert not any(found.values()), f"'collective is None' twins left: {found}"
+
+
+def test_batch_topk_encode_selects_through_its_collective():
+    from matryoshka_plugin.sparse_encoder import batch_topk_encode, batch_topk_select, dense_pre_activations
+
+    g = torch.Generator().manual_seed(0)
+    x, W, b_enc, b_dec = (torch.randn(*s, generator=g) for s in ((32, D), (D, N), (N,), (D,)))
+    rec = Recording()
+    default = batch_topk_encode(x, W, b_enc, b_dec, 4)
+    recorded = batch_topk_encode(x, W, b_enc, b_dec, 4, collective=rec)
+    assert rec.calls == ["batch_topk_select"]
+    pre = dense_pre_activations(x - b_dec, W, b_enc, torch.float32)
+    flat = batch_topk_select(pre, 4 * 32)  # the single-process selection, taken directly
+    for enc in (default, recorded):
+        assert torch.equal(enc.pre_activations, pre)
+        assert torch.equal(enc.latents.rows() * N + enc.latents.indices, flat)
+        assert torch.equal(enc.latents.values.detach(), pre.reshape(-1)[flat])
+
+
 class Recording(LocalCollective):
     """The identity collective, noting every reduction a trainer asks for."""
 
