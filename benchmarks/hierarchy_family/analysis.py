@@ -22,7 +22,7 @@ from ..harness import csv_text, markdown_table, summarise
 from .study import CURED_ABSORPTION, CURED_RECOVERY, cured
 
 __all__ = ["pair_report", "tree_summaries", "config_summaries", "summary_markdown", "summary_csv", "failures",
-           "failures_markdown", "runs_csv", "trees_csv", "breakdown_markdown", "learned_by_frequency", "plot_distributions", "ABSORBED_COS"]
+           "failures_markdown", "runs_csv", "trees_csv", "breakdown_markdown", "learned_by_frequency", "cosine_by_role", "plot_distributions", "ABSORBED_COS"]
 
 # A child's latent whose decoder leans this far toward its parent's direction carries the parent.
 ABSORBED_COS = 0.1
@@ -312,7 +312,8 @@ def breakdown_markdown(records: list[dict], order: list[str]) -> str:
             f"latent has decoder cosine >= {ABSORBED_COS} with the parent's direction (absorption proper), or "
             "where it does not (the parent latent is silent without the child carrying it); and trees whose "
             f"recovery misses {CURED_RECOVERY}, with the number of true features whose matched latent is below "
-            f"cosine {UNLEARNED_COS}.", "", markdown_table(header, rows), "", learned_by_frequency(records, order)]
+            f"cosine {UNLEARNED_COS}.", "", markdown_table(header, rows), "", learned_by_frequency(records, order),
+            cosine_by_role(records, order)]
     return "\n".join(out)
 
 
@@ -354,6 +355,42 @@ def learned_by_frequency(records: list[dict], order: list[str], batch_size: int 
             f"Share of true features (all trees and seeds; count in brackets) whose matched latent has decoder "
             f"cosine >= {UNLEARNED_COS}, binned by the feature's expected firings during training (its marginal "
             "probability x steps x batch).\n\n" + markdown_table(["configuration"] + labels, rows) + "\n")
+
+
+def _roles(tree: str, tree_fingerprint: str) -> list[str] | None:
+    """Each feature's role in ToyModel order: "parent" (has children), "child" (a leaf below a
+    parent) or "singleton" (a root without children)."""
+    from matryoshka_plugin.toy.hierarchies import _marginals
+
+    from .study import family
+
+    spec = family(24, 0).get(tree)
+    if spec is None or spec.fingerprint != tree_fingerprint:
+        return None
+    return ["parent" if f.children else "child" if depth > 0 else "singleton" for f, _, depth in _marginals(spec.roots)]
+
+
+def cosine_by_role(records: list[dict], order: list[str]) -> str:
+    """Median matched decoder cosine and the share of features at >= 0.9, for parents, children
+    and singletons, over every run: which features hold recovery down."""
+    roles_of: dict[tuple, list[str] | None] = {}
+    vals: dict[str, dict[str, list[float]]] = {}
+    for r in records:
+        key = (r["tree"], r["tree_fingerprint"])
+        if key not in roles_of:
+            roles_of[key] = _roles(*key)
+        if roles_of[key] is None:
+            continue
+        per = vals.setdefault(r["config"], {"parent": [], "child": [], "singleton": []})
+        for role, c in zip(roles_of[key], r["matched_cosine"]):
+            per[role].append(0.0 if c is None else c)
+    header = ["configuration"] + [f"{role}: median cos, share >= {UNLEARNED_COS}" for role in ("parent", "child", "singleton")]
+    rows = [[c] + [f"{np.median(v):.2f}, {np.mean(np.array(v) >= UNLEARNED_COS):.0%} ({len(v)})" if v else "–"
+                   for v in (vals[c][role] for role in ("parent", "child", "singleton"))]
+            for c in order if c in vals]
+    return ("### Matched decoder cosine by the feature's role\n\nOver every run (feature count in brackets): "
+            "parents (features with children), children (leaves below a parent), singletons.\n\n"
+            + markdown_table(header, rows) + "\n")
 
 
 def plot_distributions(records: list[dict], order: list[str], path: Path, dpi: int = 110) -> Path:

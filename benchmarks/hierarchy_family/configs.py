@@ -55,6 +55,8 @@ CONFIGS: list[StudyConfig] = [
     StudyConfig("log_post", "log", "pareto", note="log sparsity, the post's toy settings (Pareto prefixes)"),
     StudyConfig("log_post_every", "log", "every", note="log sparsity, post settings, every prefix"),
     StudyConfig("log_post_groups", "log", "groups", groups="levels", note="log sparsity, post settings, fixed groups"),
+    # not a user's choice (the tree's k is); measures what the k / true L0 mismatch costs
+    _btk("btk_every_k_true_l0", "every", "every prefix, k = round(true L0) instead of the tree's k", k="true_l0"),
     _btk("btk_pareto_expected", "pareto_expected", "the exact expectation of the Pareto prefixes"),
     StudyConfig("log_post_expected", "log", "pareto_expected",
                 note="log sparsity, post settings, the exact expectation of the Pareto prefixes"),
@@ -113,5 +115,7 @@ def trainer_kwargs(cfg: StudyConfig, spec: HierarchySpec, seed: int, steps: int)
     for key, value in cfg.options.items():
         if key == "k_anneal_steps" and value == "quarter":
             value = steps // 4
+        if key == "k" and value == "true_l0":
+            value = max(1, round(spec.true_l0))
         kw[key] = value
     return kw
