@@ -118,6 +118,8 @@ def config_summaries(records: list[dict], order: list[str] | None = None) -> lis
             "config": c, "trees": len(trees), "runs": n_runs,
             "trees_cured": sum(s["cured"] for s in trees.values()) / len(trees),
             "runs_cured": sum(s["runs_cured"] for s in trees.values()) / n_runs,
+            "trees_absorption_ok": sum(s["absorption"] <= CURED_ABSORPTION for s in trees.values()) / len(trees),
+            "trees_recovery_ok": sum(s["recovery"] >= CURED_RECOVERY for s in trees.values()) / len(trees),
             "absorption_median": float(np.median(list(ab.values()))),
             "absorption_worst": ab[worst_a], "absorption_worst_tree": worst_a,
             "recovery_median": float(np.median(list(rec.values()))),
@@ -130,13 +132,15 @@ def config_summaries(records: list[dict], order: list[str] | None = None) -> lis
 
 
 def summary_markdown(rows: list[dict], notes: dict[str, str] | None = None) -> str:
-    header = ["configuration", "trees (runs)", "trees cured", "runs cured", "absorption median", "worst tree",
+    header = ["configuration", "trees (runs)", "trees cured", "runs cured", f"trees abs <= {CURED_ABSORPTION}",
+              f"trees rec >= {CURED_RECOVERY}", "absorption median", "worst tree",
               "recovery median", "worst tree", "FVU median", "L0/k median", "dead median", "mixing p-c", "mixing sib"]
     body = []
     for r in rows:
         name = r["config"] + (f" ({notes[r['config']]})" if notes and r["config"] in notes else "")
         body.append([
             name, f"{r['trees']} ({r['runs']})", f"{r['trees_cured']:.0%}", f"{r['runs_cured']:.0%}",
+            f"{r['trees_absorption_ok']:.0%}", f"{r['trees_recovery_ok']:.0%}",
             f"{r['absorption_median']:.3f}", f"{r['absorption_worst']:.3f} ({r['absorption_worst_tree']})",
             f"{r['recovery_median']:.3f}", f"{r['recovery_worst']:.3f} ({r['recovery_worst_tree']})",
             f"{r['fvu_median']:.3f}", f"{r['l0_over_k_median']:.2f}", f"{r['dead_latents_median']:.0f}",
