@@ -255,3 +255,27 @@ def test_absorption_forward_stops_after_the_hooked_block():
     model.reset_hooks()
     assert HookedTransformer.run_with_cache.__name__ == "run_with_cache" and not hasattr(
         HookedTransformer.run_with_cache, "__wrapped__")
+
+
+def test_sae_probes_reads_bfloat16_model_activations_as_float32(tmp_path):
+    """A model run in bfloat16 leaves bfloat16 activations in sae-probes' model cache; its probes
+    (scikit-learn) cannot read them. Inside float32_probe_inputs sae-probes' own reader returns them
+    as float32, equal to the stored values, and a scikit-learn fit on them works."""
+    import sae_probes.utils_data as data
+    from sklearn.linear_model import LogisticRegression
+
+    from matryoshka_plugin.saebench.patches import float32_probe_inputs
+
+    folder = tmp_path / "model_activations_m"
+    folder.mkdir()
+    x = torch.randn(40, 6).to(torch.bfloat16)
+    torch.save(x, folder / "5_hist_fig_ismale_blocks.1.hook_resid_post.pt")
+    y = (torch.arange(40) % 2).numpy()
+    raw = data.get_xvals("5_hist_fig_ismale", "blocks.1.hook_resid_post", "m", tmp_path)
+    with pytest.raises(TypeError, match="BFloat16"):
+        LogisticRegression().fit(raw, y)
+    with float32_probe_inputs():
+        got = data.get_xvals("5_hist_fig_ismale", "blocks.1.hook_resid_post", "m", tmp_path)
+    assert got.dtype == torch.float32 and torch.equal(got, x.float())
+    LogisticRegression().fit(got, y)
+    assert data.get_xvals("5_hist_fig_ismale", "blocks.1.hook_resid_post", "m", tmp_path).dtype == torch.bfloat16

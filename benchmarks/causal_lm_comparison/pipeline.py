@@ -51,7 +51,7 @@ from .plan import (
     plan_summary,
     trainer_config,
 )
-from .report import write_report
+from .report import console_table, write_report
 
 __all__ = ["ConfiguredModels", "BenchmarkResult", "default_load_dataset", "run_benchmark", "prepare",
            "prepare_activations", "text_stream"]
@@ -499,5 +499,7 @@ def run_benchmark(
             if r.status == "not_evaluated":
                 log(f"note: {r.name} {r.eval}: {r.reason}")
     result.rows, result.report_files = write_report(plan, available)
+    if result.rows:
+        log("\n" + console_table(result.rows, cfg.evals.evals))
     log(f"report: {', '.join(str(p) for p in result.report_files[:2])} and {len(result.report_files) - 2} plots")
     return result

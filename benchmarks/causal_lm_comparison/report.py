@@ -8,7 +8,7 @@ from typing import Any, Sequence
 
 from ..harness import markdown_table, width_label, write_csv
 
-__all__ = ["METRIC_LABELS", "PAPER_REFERENCE", "comparison_rows", "write_report"]
+__all__ = ["METRIC_LABELS", "PAPER_REFERENCE", "comparison_rows", "console_table", "write_report"]
 
 # column -> (label, higher is better)
 METRIC_LABELS = {
@@ -123,6 +123,30 @@ def _markdown(rows: list[dict[str, Any]], metrics: list[str], plan: Any) -> str:
         f"{ref['meta_variance_explained']['batchtopk']:.2f}.",
     ]
     return "\n".join(lines) + "\n"
+
+
+# The columns the command prints when it ends (the headline of the comparison), short labels.
+_CONSOLE = {"l0": "L0", "explained_variance": "var. explained", "ce_loss_score": "CE loss recovered",
+            "absorption": "absorption", "full_absorption": "full absorption", "sae_probes_top1": "probing top-1",
+            "sparse_probing_top1": "sparse probing top-1", "meta_variance_explained": "meta-SAE var. expl."}
+
+
+def console_table(rows: list[dict[str, Any]], evals: Sequence[str]) -> str:
+    """The headline columns of ``rows`` that the evals ``evals`` produce, as a markdown table."""
+    from matryoshka_plugin.saebench import HEADLINE_METRICS
+
+    made = {col for col, ev, _ in HEADLINE_METRICS if ev in set(evals)}
+    cols = [c for c in _CONSOLE if c in made]
+    body = []
+    for r in rows:
+        cells = [r["name"]]
+        for m in cols:
+            if m in ("absorption", "full_absorption") and r["absorption_status"] == "not_evaluated":
+                cells.append("n/e")
+            else:
+                cells.append(_cell(r, m))
+        body.append(cells)
+    return markdown_table(["SAE"] + [_CONSOLE[c] for c in cols], body)
 
 
 def _plot(rows: list[dict[str, Any]], metric: str, path: Path, title: str) -> None:

@@ -182,6 +182,25 @@ def absorption_vocabulary(size: int | None, seed: int) -> Iterator[None]:
         yield
 
 
+@contextlib.contextmanager
+def float32_probe_inputs() -> Iterator[None]:
+    """sae-probes stores the model's activations in the model's dtype and hands them to
+    scikit-learn's probes as they are, which cannot read bfloat16 (``TypeError: Got unsupported
+    ScalarType BFloat16``); its SAE activations it already reads as float32. The model's
+    activations are read as float32 too (``utils_data.get_xvals``)."""
+    import sae_probes.utils_data as data
+
+    original = data.get_xvals
+
+    @functools.wraps(original)
+    def get_xvals(*args: Any, **kwargs: Any) -> Any:
+        x = original(*args, **kwargs)
+        return x.float() if isinstance(x, torch.Tensor) and x.is_floating_point() else x
+
+    with _replaced(data, "get_xvals", get_xvals):
+        yield
+
+
 _BLOCK_HOOK = re.compile(r"^blocks\.(\d+)\.hook_")
 
 

@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import Any, Callable, NamedTuple
 
 from .configs import EvalConfig
-from .patches import absorption_in, absorption_vocabulary, core_errors_logged, core_metrics, forward_to_hook_layer
+from .patches import (absorption_in, absorption_vocabulary, core_errors_logged, core_metrics, float32_probe_inputs,
+                      forward_to_hook_layer)
 from ..io import read_json
 from .results import RESULT_SUFFIX, EvalRecord, publish_result, result_path, write_not_evaluated
 
@@ -124,7 +125,8 @@ def run_sae_probes(cfg: EvalConfig, name: str, sae: Any, device: str, dirs: Eval
     # SAE under the same name would otherwise be scored by its predecessor's probes).
     shutil.rmtree(dirs.artifacts / f"{name}_custom_sae", ignore_errors=True)
     out = dirs.staging / "sparse_probing_sae_probes"
-    module.run_eval(config, [(name, sae)], device, str(out), force_rerun=True)
+    with float32_probe_inputs():
+        module.run_eval(config, [(name, sae)], device, str(out), force_rerun=True)
     staged = out / f"{name}{RESULT_SUFFIX}"
     if not staged.is_file():
         raise RuntimeError(f"SAEBench's sparse_probing_sae_probes eval finished without writing {staged}")
