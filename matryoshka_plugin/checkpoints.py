@@ -18,6 +18,7 @@ from typing import Any, Callable
 
 import torch
 
+from . import sae as _sae  # noqa: F401  # the package's SAE classes hand the registry their loaders
 from .errors import CheckpointError
 from .io import UnsafeCheckpointError, read_json, read_state_dict
 from .registry import Architecture, architecture_for, architectures, register_architecture

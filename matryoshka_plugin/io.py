@@ -3,7 +3,7 @@
 Readers raise :class:`~matryoshka_plugin.errors.CheckpointError` naming the file and what is wrong
 with it. Writers never leave a half-written file or folder behind: :func:`atomic_open` (and
 :func:`atomic_torch_save`, :func:`atomic_write_json`) replace one file in a single rename;
-:func:`write_folder_atomically` builds a whole folder in a temporary sibling and renames it into
+:func:`atomic_folder` builds a whole folder in a temporary sibling and renames it into
 place, replacing an existing folder only if it holds what an earlier run of the same writer put
 there. New files and folders get the modes the umask gives them.
 
@@ -45,7 +45,7 @@ __all__ = [
     "FolderKind",
     "check_out_dir",
     "publish_folder",
-    "write_folder_atomically",
+    "atomic_folder",
 ]
 
 
@@ -176,7 +176,7 @@ def atomic_write_json(obj: Any, path: str | Path, *, indent: int = 2, default: C
 
 def write_safetensors(path: str | Path, tensors: dict[str, torch.Tensor]) -> None:
     """Write ``tensors`` with safetensors and flush the file to disk. Not atomic by itself: it
-    writes into the temporary folder of :func:`write_folder_atomically`."""
+    writes into the temporary folder of :func:`atomic_folder`."""
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(path))
     with open(path, "rb+") as f:
         os.fsync(f.fileno())
@@ -226,7 +226,7 @@ def fsync_dir(path: str | Path) -> None:
 
 @dataclass(frozen=True)
 class FolderKind:
-    """What a folder written by :func:`write_folder_atomically` holds. Only a folder of this kind
+    """What a folder written by :func:`atomic_folder` holds. Only a folder of this kind
     written earlier is replaced on ``overwrite``."""
 
     writer: str
@@ -334,12 +334,15 @@ def publish_folder(tmp: Path, out_dir: Path, overwrite: bool, kind: FolderKind |
         shutil.rmtree(old, ignore_errors=True)
 
 
-def write_folder_atomically(out_dir: str | Path, overwrite: bool, write: Callable[[Path], None], kind: FolderKind) -> Path:
-    """Create ``out_dir`` with the files ``write(tmp)`` puts into a temporary sibling folder, then
-    rename it into place (:func:`publish_folder`); returns ``out_dir``.
+@contextmanager
+def atomic_folder(out_dir: str | Path, overwrite: bool, kind: FolderKind) -> Iterator[Path]:
+    """Create ``out_dir`` atomically: ``with atomic_folder(out_dir, overwrite, kind) as tmp:``
+    hands out a temporary sibling folder for the caller to fill, and on leaving the block without
+    an error renames it into place (:func:`publish_folder`). The caller keeps control while it
+    writes; nothing here calls back into it.
 
     ``out_dir`` must be absent or empty, or with ``overwrite`` a folder of this ``kind``
-    (:func:`check_out_dir`, checked before ``write`` and again before the rename). On any error or
+    (:func:`check_out_dir`, checked on entry and again before the rename). On any error or
     interrupt the temporary folder is removed and ``out_dir`` keeps what it held. Of two writers
     racing to create the same folder one fails with :class:`FileExistsError`.
     """
@@ -348,7 +351,7 @@ def write_folder_atomically(out_dir: str | Path, overwrite: bool, write: Callabl
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     try:
-        write(tmp)
+        yield tmp
         extra = sorted(p.name for p in tmp.iterdir() if p.name not in kind.files)
         if extra:  # a folder holding these could not be overwritten later
             raise RuntimeError(f"internal error: the {kind.what} wrote unexpected files {extra}")
@@ -358,4 +361,3 @@ def write_folder_atomically(out_dir: str | Path, overwrite: bool, write: Callabl
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return out_dir

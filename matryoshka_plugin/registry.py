@@ -10,13 +10,15 @@ entries are keyed by name *and* origin: a folder written by this package's train
 ``"package": "matryoshka_plugin"`` in its trainer config; any other folder naming an
 upstream class is dictionary_learning's.
 
-This module is a leaf: it imports no SAE code, SAELens or dictionary_learning. Built-in
-entries point at their loaders and converters by import path, resolved on first call.
+This module is a leaf: it imports no SAE code, SAELens or dictionary_learning, and never calls
+up into it. Built-in entries hold their names and labels; the modules that define their code
+hand it over when they are imported (:func:`provide`: ``sae.py`` its loaders, which
+``checkpoints`` imports, ``saelens/convert.py`` its converters).
 """
 
 from __future__ import annotations
 
-import importlib
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping
@@ -31,6 +33,7 @@ __all__ = [
     "architecture_for",
     "architecture_of",
     "architectures",
+    "provide",
     "decoder_rows",
     "unit_decoder_rows",
 ]
@@ -141,39 +144,31 @@ def architecture_of(module: torch.nn.Module) -> Architecture | None:
     return _REGISTRY.get((upstream, cls.__name__))
 
 
-def _lazy(path: str) -> Callable[..., Any]:
-    """``"module:function"`` called on first use: keeps this module free of heavy imports."""
-    module, name = path.split(":")
-
-    def call(*args: Any, **kwargs: Any) -> Any:
-        return getattr(importlib.import_module(module), name)(*args, **kwargs)
-
-    call.__qualname__ = call.__name__ = name
-    call.__module__ = module
-    return call
-
-
-def _builtin(dict_class: str, label: str, upstream: bool, load: str | None, convert: str | None) -> None:
-    register_architecture(
-        Architecture(
-            dict_class,
-            label,
-            upstream,
-            _lazy(load) if load else None,
-            _lazy(convert) if convert else None,
-        )
-    )
+def provide(dict_class: str, *, upstream: bool = False, load: Loader | None = None,
+            to_saelens: Converter | None = None) -> Architecture:
+    """Give the registered entry of ``dict_class`` the code its module defines (only the parts
+    passed change); returns the entry. This package's modules call it as they are imported, as
+    SAELens' classes call ``register_sae_class``, so the registry holds their functions instead
+    of calling up into them by import path."""
+    arch = _REGISTRY.get((upstream, dict_class))
+    if arch is None:
+        raise ValueError(f"dictionary class {dict_class!r} (upstream={upstream}) is not registered")
+    given = {"load": load, "to_saelens": to_saelens}
+    arch = dataclasses.replace(arch, **{k: v for k, v in given.items() if v is not None})
+    _REGISTRY[arch.key] = arch
+    return arch
 
 
-_CONVERT = "matryoshka_plugin.saelens.convert"
-_builtin("MatryoshkaBatchTopKSAE", "matryoshka_batchtopk", False,
-         "matryoshka_plugin.sae:load_matryoshka_batch_topk", f"{_CONVERT}:matryoshka_batch_topk")
-_builtin("MatryoshkaLogSparsitySAE", "matryoshka_log_sparsity", False,
-         "matryoshka_plugin.sae:load_matryoshka_log_sparsity", f"{_CONVERT}:matryoshka_log_sparsity")
-_builtin("MatryoshkaBatchTopKSAE", "matryoshka_batchtopk", True, None, f"{_CONVERT}:matryoshka_batch_topk")
-_builtin("BatchTopKSAE", "batchtopk", True, None, f"{_CONVERT}:batch_topk")
-_builtin("AutoEncoderTopK", "topk", True, None, f"{_CONVERT}:top_k")
-_builtin("AutoEncoder", "standard", True, None, f"{_CONVERT}:standard")
-_builtin("AutoEncoderNew", "AutoEncoderNew", True, None, None)
-_builtin("GatedAutoEncoder", "GatedAutoEncoder", True, None, None)
-_builtin("JumpReluAutoEncoder", "JumpReluAutoEncoder", True, None, None)
+# The built-in entries; their loaders and converters arrive through provide().
+for _name, _label, _upstream in (
+    ("MatryoshkaBatchTopKSAE", "matryoshka_batchtopk", False),
+    ("MatryoshkaLogSparsitySAE", "matryoshka_log_sparsity", False),
+    ("MatryoshkaBatchTopKSAE", "matryoshka_batchtopk", True),
+    ("BatchTopKSAE", "batchtopk", True),
+    ("AutoEncoderTopK", "topk", True),
+    ("AutoEncoder", "standard", True),
+    ("AutoEncoderNew", "AutoEncoderNew", True),
+    ("GatedAutoEncoder", "GatedAutoEncoder", True),
+    ("JumpReluAutoEncoder", "JumpReluAutoEncoder", True),
+):
+    register_architecture(Architecture(_name, _label, _upstream))

@@ -28,6 +28,7 @@ from .import_hooks import import_leaf
 from .io import check_keys, read_state_dict
 from .prefix_loss import PrefixLoss, detached_level_mse, level_residuals, prefix_mse
 from .prefixes import PrefixWeights
+from .registry import provide
 from .sparse_encoder import TopKEncoding, batch_topk_encode, batch_topk_select, top_dead_entries
 from .sparse_latents import SparseLatents, sparse_decode, sparse_from_dense, sparse_from_flat
 
@@ -376,3 +377,8 @@ def load_matryoshka_log_sparsity(
 ) -> MatryoshkaLogSparsitySAE:
     """The registry's loader for ``MatryoshkaLogSparsitySAE`` folders."""
     return MatryoshkaLogSparsitySAE.from_pretrained(weights_path, device=device)
+
+
+# This module's classes hand the registry their loaders (registry.provide).
+provide("MatryoshkaBatchTopKSAE", load=load_matryoshka_batch_topk)
+provide("MatryoshkaLogSparsitySAE", load=load_matryoshka_log_sparsity)

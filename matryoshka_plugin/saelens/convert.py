@@ -23,7 +23,7 @@ from typing import Any, Callable, Mapping
 import torch
 
 from ..errors import CheckpointError
-from ..registry import architecture_for, architecture_of, architectures
+from ..registry import architecture_for, architecture_of, architectures, provide
 
 __all__ = [
     "SAELensWeights",
@@ -137,3 +137,15 @@ def matryoshka_log_sparsity(ae: torch.nn.Module, trainer_cfg: Mapping[str, Any])
     groups = trainer_cfg.get("group_sizes")
     widths = [int(x) for x in torch.cumsum(torch.tensor(groups), 0).tolist()] if groups else [int(ae.dict_size)]
     return SAELensWeights("standard", "matryoshka_log_sparsity", w, False, {}, None, widths)
+
+
+# Each converter is handed to its class's registry entry (registry.provide).
+for _name, _upstream, _convert in (
+    ("MatryoshkaBatchTopKSAE", False, matryoshka_batch_topk),
+    ("MatryoshkaLogSparsitySAE", False, matryoshka_log_sparsity),
+    ("MatryoshkaBatchTopKSAE", True, matryoshka_batch_topk),
+    ("BatchTopKSAE", True, batch_topk),
+    ("AutoEncoderTopK", True, top_k),
+    ("AutoEncoder", True, standard),
+):
+    provide(_name, upstream=_upstream, to_saelens=_convert)

@@ -4,7 +4,7 @@
 it with its registered converter (:mod:`.convert`), :func:`sparsity` (optional firing
 frequencies), :func:`build_metadata`, :func:`build_cfg`, then :func:`write_export` into a temporary
 folder, :func:`verify_export` there, and rename it into place
-(:func:`~matryoshka_plugin.io.write_folder_atomically`).
+(:func:`~matryoshka_plugin.io.atomic_folder`).
 """
 
 from __future__ import annotations
@@ -18,10 +18,11 @@ import torch
 from sae_lens import SAE
 from sae_lens.constants import SAE_CFG_FILENAME, SAE_WEIGHTS_FILENAME, SPARSITY_FILENAME
 
+from .._version import __version__
 from ..checkpoints import load_dictionary
 from ..errors import CheckpointError
 from ..hook_names import default_prepend_bos, tl_hook_name, tl_model_name
-from ..io import FolderKind, atomic_write_json, check_out_dir, read_json_object, write_folder_atomically, write_safetensors
+from ..io import FolderKind, atomic_folder, atomic_write_json, check_out_dir, read_json_object, write_safetensors
 from ..registry import PACKAGE_MARK
 from .architecture import MATRYOSHKA_ARCHITECTURE
 from .convert import SAELensWeights, converter_for
@@ -147,12 +148,11 @@ def export_to_saelens(
     probe = _probe_inputs(weights, activations)
     weights = {k: v.to(DTYPES[dtype]) for k, v in weights.items()}
 
-    def write(tmp: Path) -> None:
+    with atomic_folder(out_dir, overwrite, EXPORT) as tmp:
         write_export(tmp, weights, log_freq, cfg)
         if verify:
             verify_export(tmp, ae, probe, dtype)
-
-    return write_folder_atomically(out_dir, overwrite, write, EXPORT)
+    return out_dir
 
 
 # ----------------------------------------------------------------------------------------------
@@ -243,7 +243,7 @@ def build_metadata(
         "k": conv.k,
         "dictionary_learning_buffer": dict(buffer_cfg),
         **dict(extra_metadata or {}),
-        "exported_by": f"{PACKAGE_MARK} {_version()}",  # the mark that lets overwrite=True replace it
+        "exported_by": f"{PACKAGE_MARK} {__version__}",  # the mark that lets overwrite=True replace it
     }
 
 
@@ -272,12 +272,6 @@ def build_cfg(
     except TypeError as e:
         raise ValueError(f"metadata must be JSON-serialisable: {e}") from None
     return cfg
-
-
-def _version() -> str:
-    from .. import __version__
-
-    return __version__
 
 
 # ----------------------------------------------------------------------------------------------

@@ -15,7 +15,7 @@ from sae_lens.saes.sae import SAEMetadata
 
 from ..checkpoints import other_folder_kind
 from ..errors import CheckpointError
-from ..io import FolderKind, atomic_torch_save, atomic_write_json, read_json_object, write_folder_atomically
+from ..io import FolderKind, atomic_folder, atomic_torch_save, atomic_write_json, read_json_object
 from ..registry import PACKAGE_MARK
 from ..sae import MatryoshkaBatchTopKSAE, MatryoshkaLogSparsitySAE
 from .architecture import MATRYOSHKA_ARCHITECTURE, MatryoshkaJumpReLUSAE, MatryoshkaJumpReLUSAEConfig, check_widths
@@ -225,8 +225,6 @@ def _write_trainer_folder(ae: torch.nn.Module, out_dir: Path, overwrite: bool, m
     config = {"trainer": trainer, "buffer": {"ctx_len": meta.get("context_size") if meta is not None else None}}
     state = {k: v.detach().cpu() for k, v in ae.state_dict().items()}
 
-    def write(tmp: Path) -> None:
+    with atomic_folder(out_dir, overwrite, IMPORT) as tmp:
         atomic_torch_save(state, tmp / "ae.pt")
         atomic_write_json(config, tmp / "config.json")
-
-    write_folder_atomically(out_dir, overwrite, write, IMPORT)
