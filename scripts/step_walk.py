@@ -1,5 +1,7 @@
 """Print the walk of one training step through the package's modules (docs/development.md,
-"One training step"): which module runs, in order, while a trainer's ``update`` runs once.
+"One training step"): which module runs, in order, while a trainer's ``update`` runs once; with
+``--saelens``, the walk of one SAE from ``load_dictionary`` to a SAELens folder ("One SAE, from
+``load_dictionary`` to SAELens").
 
 A *stay* is a run of consecutive package code in one module (calls and returns both move the
 walk); leaf modules (data types, kernels, checks) are called like a library. A *climb back up*
@@ -8,13 +10,15 @@ below it and leaves downward again, into a module the walk has already visited: 
 hands data down, takes it back and hands it down to the same place once more, instead of
 asking once for what it needs.
 
-    .venv/bin/python scripts/step_walk.py
+    .venv/bin/python scripts/step_walk.py [--saelens]
 """
 
 from __future__ import annotations
 
 import sys
+import tempfile
 from pathlib import Path
+from typing import Any, Callable
 
 import torch
 
@@ -93,7 +97,79 @@ def report(name: str, stays: list[tuple[str, list[str]]]) -> str:
     return "\n".join(lines)
 
 
+# The load/export walk's modules, highest first: a call from a module into one listed before it
+# climbs back up. Modules not listed (registry, io, hook_names, errors, kernels, ...) are leaves.
+SAELENS_ORDER = ("__init__", "saelens", "saelens.export", "saelens.load", "checkpoints", "saelens.convert", "sae")
+
+
+def _rank(module: str) -> int:
+    return SAELENS_ORDER.index(module) if module in SAELENS_ORDER else len(SAELENS_ORDER)
+
+
+def trace(call: Callable[[], Any]) -> tuple[list[tuple[str, list[str]]], list[str]]:
+    """The stays of ``call()`` (as :func:`walk`) and its calls back up (``"io -> saelens.export:write"``:
+    a package function called from a package module ranked below it in :data:`SAELENS_ORDER`)."""
+    seen: list[tuple[str, list[str]]] = []
+    up: list[str] = []
+
+    def note(module: str | None, function: str | None) -> None:
+        if module is None:
+            return
+        if not seen or seen[-1][0] != module:
+            seen.append((module, []))
+        if function is not None and function not in seen[-1][1]:
+            seen[-1][1].append(function)
+
+    def profile(frame, event, arg):
+        if event == "call":
+            caller = _module(frame.f_back.f_code.co_filename) if frame.f_back is not None else None
+            module = _module(frame.f_code.co_filename)
+            note(module, frame.f_code.co_name if caller != module else None)
+            if caller is not None and module is not None and _rank(module) < _rank(caller):
+                up.append(f"{caller} -> {module}:{frame.f_code.co_name}")
+        elif event == "return" and frame.f_back is not None:
+            note(_module(frame.f_back.f_code.co_filename), None)
+
+    sys.setprofile(profile)
+    try:
+        call()
+    finally:
+        sys.setprofile(None)
+    return seen, up
+
+
+def saelens_walk() -> None:
+    """``load_dictionary`` and ``export_to_saelens`` of a 16-latent MatryoshkaBatchTopKSAE folder."""
+    import json
+
+    from matryoshka_plugin import MatryoshkaBatchTopKSAE, export_to_saelens, load_dictionary
+
+    torch.manual_seed(0)
+    ae = MatryoshkaBatchTopKSAE(8, 16, 2, [4, 12])
+    with torch.no_grad():
+        ae.threshold.fill_(0.1)
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp) / "trainer_0"
+        folder.mkdir()
+        torch.save(ae.state_dict(), folder / "ae.pt")
+        (folder / "config.json").write_text(json.dumps({"trainer": {
+            "dict_class": "MatryoshkaBatchTopKSAE", "package": "matryoshka_plugin", "k": 2, "activation_dim": 8,
+            "dict_size": 16, "group_sizes": [4, 12], "layer": 0, "lm_name": "toy",
+            "submodule_name": "model.layers.0"}}))
+        load_dictionary(folder)
+        export_to_saelens(folder, Path(tmp) / "warm")  # first use: imports, SAELens' own set-up
+        for name, call in (("load_dictionary", lambda: load_dictionary(folder)),
+                           ("export_to_saelens", lambda: export_to_saelens(folder, Path(tmp) / "out"))):
+            stays, up = trace(call)
+            modules = [m for m, _ in stays]
+            print(f"{name}: {len(stays)} stays in {len(set(modules))} modules, {len(up)} calls back up"
+                  + (f" ({'; '.join(up)})" if up else "") + f": {' -> '.join(modules)}")
+
+
 def main() -> None:
+    if "--saelens" in sys.argv[1:]:
+        saelens_walk()
+        return
     from matryoshka_plugin.trainers import MatryoshkaBatchTopKTrainer, MatryoshkaLogSparsityTrainer
 
     torch.manual_seed(0)
