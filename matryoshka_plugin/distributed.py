@@ -340,19 +340,19 @@ class ProcessGroupCollective:
             offset += g.numel()
 
     @torch.no_grad()
-    def batch_topk_select(self, scores: torch.Tensor, count: int, backend: str = "auto") -> torch.Tensor:
+    def keep_global_top(self, scores: torch.Tensor, local_top: torch.Tensor, count: int) -> torch.Tensor:
         """Flat indices (ascending) of this rank's entries among the ``count`` largest of all
-        ranks' ``scores`` together (``count`` is the global number, e.g. ``k * global batch``).
+        ranks' ``scores`` together (``count`` is the global number, e.g. ``k * global batch``),
+        given ``local_top``, the flat indices of this rank's ``min(count, scores.numel())``
+        largest (``sparse_encoder.batch_topk_select``; the caller selects, this only reduces).
 
         The global cut-off is the ``count``-th largest of the union of each rank's ``count``
         largest values; entries above it are kept, and entries equal to it are handed out in rank
         order so that exactly ``count`` are selected overall.
         """
-        from .sparse_encoder import batch_topk_select
-
         flat = scores.reshape(-1)
-        m = min(count, flat.numel())
-        local = flat[batch_topk_select(scores, m, backend)]  # this rank's m largest (sampled cut-off, exact)
+        m = local_top.numel()
+        local = flat[local_top]  # this rank's m largest
         if m < count:
             local = torch.cat([local, local.new_full((count - m,), float("-inf"))])
         everything = self.gather_rows(local)
@@ -408,12 +408,9 @@ class LocalCollective:
     def average_gradients_(self, params: Sequence[torch.nn.Parameter]) -> None:
         return None
 
-    @torch.no_grad()
-    def batch_topk_select(self, scores: torch.Tensor, count: int, backend: str = "auto") -> torch.Tensor:
-        """Flat indices (ascending) of the ``count`` largest of ``scores``."""
-        from .sparse_encoder import batch_topk_select
-
-        return batch_topk_select(scores, min(count, scores.numel()), backend)
+    def keep_global_top(self, scores: torch.Tensor, local_top: torch.Tensor, count: int) -> torch.Tensor:
+        """``local_top``: one process's largest entries are the global ones."""
+        return local_top
 
 
 LOCAL = LocalCollective()

@@ -172,8 +172,9 @@ def batch_topk_encode(
 
     The dense pre-activations are computed without autograd, the matmul in ``matmul_dtype`` if
     given (:func:`dense_pre_activations`; default: :func:`encoder_matmul_dtype` of ``x``). The
-    selection is the ``collective``'s: the top ``k`` times the *global* batch over its ranks (one
-    process: ``distributed.LOCAL``, this batch; data-parallel training:
+    selection is the top ``k`` times the *global* batch over the ``collective``'s ranks: this
+    rank's largest entries, reduced by ``collective.keep_global_top`` (one process:
+    ``distributed.LOCAL``, which keeps them; data-parallel training:
     ``distributed.ProcessGroupCollective``, ``x`` being this rank's shard).
     """
     rows, n = x.shape[0], W_enc.shape[1]
@@ -182,7 +183,8 @@ def batch_topk_encode(
     x = x.to(W_enc.dtype)
     with torch.no_grad():
         pre = dense_pre_activations(x - b_dec, W_enc, b_enc, matmul_dtype)
-        flat = collective.batch_topk_select(pre, k * rows * collective.world_size, backend)
+        count = k * rows * collective.world_size  # the global batch's
+        flat = collective.keep_global_top(pre, batch_topk_select(pre, min(count, pre.numel()), backend), count)
         vals = pre.reshape(-1)[flat]
     lat = sparse_from_flat(flat, vals, rows, n, presorted=True)
     values = encoder_entries(x, W_enc, b_enc, b_dec, lat.rows(), lat.indices, vals, backend)

@@ -51,7 +51,7 @@ def test_batch_topk_encode_selects_through_its_collective():
     rec = Recording()
     default = batch_topk_encode(x, W, b_enc, b_dec, 4)
     recorded = batch_topk_encode(x, W, b_enc, b_dec, 4, collective=rec)
-    assert rec.calls == ["batch_topk_select"]
+    assert rec.calls == ["keep_global_top"]
     pre = dense_pre_activations(x - b_dec, W, b_enc, torch.float32)
     flat = batch_topk_select(pre, 4 * 32)  # the single-process selection, taken directly
     for enc in (default, recorded):
@@ -93,9 +93,9 @@ class Recording(LocalCollective):
     def average_gradients_(self, params):
         self.calls.append("average_gradients_")
 
-    def batch_topk_select(self, scores, count, backend="auto"):
-        self.calls.append("batch_topk_select")
-        return super().batch_topk_select(scores, count, backend)
+    def keep_global_top(self, scores, local_top, count):
+        self.calls.append("keep_global_top")
+        return super().keep_global_top(scores, local_top, count)
 
 
 def _batches(n, B=32):
@@ -120,7 +120,7 @@ def test_batch_top_k_statistics_go_through_the_collective():
         assert plain.update(step, x) == recorded.update(step, x)  # bit for bit: the identity changes nothing
     assert recorded.dead_features > 0  # the AuxK variance was computed
     assert {"sum_", "max_", "min_", "gather_rows", "batch_variance", "average_gradients_",
-            "batch_topk_select"} <= set(rec.calls), sorted(set(rec.calls))
+            "keep_global_top"} <= set(rec.calls), sorted(set(rec.calls))
     for name in ("W_enc", "W_dec", "b_dec", "threshold"):
         assert torch.equal(getattr(plain.ae, name), getattr(recorded.ae, name)), name
     assert torch.equal(plain.num_tokens_since_fired, recorded.num_tokens_since_fired)

@@ -88,3 +88,11 @@ def test_loading_needs_no_converter_and_the_registry_stays_light(tmp_path):
             " 'convert': 'matryoshka_plugin.saelens.convert' in sys.modules}))\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=300)
     assert json.loads(out.stdout.splitlines()[-1]) == {"light": [], "load": "matryoshka_plugin.sae", "convert": False}
+
+
+def test_the_collectives_reduce_and_call_no_selection_back():
+    """sparse_encoder selects this rank's top entries and hands them down to the collective, which
+    only reduces: distributed.py imports nothing of the encoder."""
+    tree = ast.parse((PACKAGE / "distributed.py").read_text())
+    imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.level > 0}
+    assert "sparse_encoder" not in imported, imported
