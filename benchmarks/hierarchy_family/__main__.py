@@ -36,12 +36,13 @@ class HierarchyFamilyStudy:
     report: bool = option(True, "write the report")
 
 
-def write_report(out: Path, results: Path, order: list[str], dpi: int = 110) -> list[Path]:
+def write_report(out: Path, results: Path, order: list[str], dpi: int = 110,
+                 trees: list[str] | None = None) -> list[Path]:
     from .analysis import (breakdown_markdown, config_summaries, failures, failures_markdown, plot_distributions,
                            runs_csv, summary_markdown, trees_csv)
     from .analysis import _round
 
-    records = [r for r in load_records(out) if r["config"] in order]
+    records = [r for r in load_records(out) if r["config"] in order and (not trees or r["tree"] in trees)]
     if not records:
         raise SystemExit(f"no records under {out}/runs")
     results.mkdir(parents=True, exist_ok=True)
@@ -69,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
         run_family(out, configs, study.seeds, StudySettings(steps=study.steps), jobs=study.jobs, trees=study.trees,
                    niceness=study.nice)
     if study.report:
-        for w in write_report(out, results, [c.name for c in configs]):
+        for w in write_report(out, results, [c.name for c in configs], trees=study.trees):
             print(f"wrote {w}")
     return 0
 

@@ -22,7 +22,7 @@ from ..harness import csv_text, markdown_table, summarise
 from .study import CURED_ABSORPTION, CURED_RECOVERY, cured
 
 __all__ = ["pair_report", "tree_summaries", "config_summaries", "summary_markdown", "summary_csv", "failures",
-           "failures_markdown", "runs_csv", "trees_csv", "breakdown_markdown", "learned_by_frequency", "cosine_by_role", "plot_distributions", "ABSORBED_COS"]
+           "failures_markdown", "runs_csv", "trees_csv", "breakdown_markdown", "learned_by_frequency", "cosine_by_role", "paired_markdown", "plot_distributions", "ABSORBED_COS"]
 
 # A child's latent whose decoder leans this far toward its parent's direction carries the parent.
 ABSORBED_COS = 0.1
@@ -265,6 +265,33 @@ def failures_markdown(fails: dict[str, list[dict]], order: list[str]) -> str:
     return "\n".join(lines)
 
 
+def paired_markdown(records: list[dict], order: list[str]) -> str:
+    """Each configuration against the one it changes (``configs.PAIRED_WITH``), on the trees
+    both have: median per-tree change of absorption and recovery, and on how many trees the
+    absorption is lower / higher by more than 0.02."""
+    from .configs import PAIRED_WITH
+
+    per_tree = tree_summaries(records)
+    rows = []
+    for c in order:
+        base = PAIRED_WITH.get(c)
+        if base is None:
+            continue
+        common = sorted(t for (cc, t) in per_tree if cc == c and (base, t) in per_tree)
+        if not common:
+            continue
+        da = [per_tree[(c, t)]["absorption"] - per_tree[(base, t)]["absorption"] for t in common]
+        dr = [per_tree[(c, t)]["recovery"] - per_tree[(base, t)]["recovery"] for t in common]
+        rows.append([c, base, len(common), f"{np.median(da):+.3f}", f"{np.median(dr):+.3f}",
+                     sum(d < -0.02 for d in da), sum(d > 0.02 for d in da),
+                     sum(per_tree[(c, t)]["absorption"] <= CURED_ABSORPTION for t in common),
+                     sum(per_tree[(base, t)]["absorption"] <= CURED_ABSORPTION for t in common)])
+    header = ["configuration", "against", "trees", "median change in absorption", "median change in recovery",
+              "trees abs lower", "trees abs higher", f"trees abs <= {CURED_ABSORPTION}", "... for the other"]
+    return ("### Each option against the configuration it changes, paired by tree\n\n"
+            "Seed means per tree; lower / higher: by more than 0.02.\n\n" + markdown_table(header, rows) + "\n")
+
+
 def _regimes(record: dict) -> dict[str, str]:
     info = record["tree_info"]
     excl = info["n_exclusive_parents"] / max(info["n_parents"], 1)
@@ -279,7 +306,7 @@ def breakdown_markdown(records: list[dict], order: list[str]) -> str:
     per_tree = tree_summaries(records)
     regimes = {r["tree"]: _regimes(r) for r in records}
     order = [c for c in order if any(cc == c for cc, _ in per_tree)]
-    out = []
+    out = [paired_markdown(records, order)]
     for axis in ("k regime", "directions", "exclusive children"):
         values = sorted({g[axis] for g in regimes.values()})
         header = ["configuration"] + [f"{v} (n)" for v in values]

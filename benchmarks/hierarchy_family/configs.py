@@ -15,7 +15,7 @@ from typing import Any
 from benchmarks.toy.config import BTK_DEFAULTS, LOG_DEFAULTS
 from matryoshka_plugin.toy import HierarchySpec
 
-__all__ = ["StudyConfig", "CONFIGS", "config_by_name", "level_sizes", "trainer_kwargs"]
+__all__ = ["StudyConfig", "CONFIGS", "PAIRED_WITH", "config_by_name", "level_sizes", "trainer_kwargs"]
 
 
 @dataclass(frozen=True)
@@ -63,6 +63,18 @@ CONFIGS: list[StudyConfig] = [
     StudyConfig("up_btk", "up_btk", note="dictionary_learning BatchTopK"),
     StudyConfig("up_mbtk", "up_mbtk", groups="levels", note="dictionary_learning Matryoshka BatchTopK, level groups"),
 ]
+
+
+# Each option against the configuration it changes (paired by tree in breakdown.md).
+PAIRED_WITH = {
+    "btk_groups": "btk_none", "btk_every": "btk_none", "btk_pareto": "btk_none",
+    "btk_groups_auxk": "btk_groups", "btk_groups_detach": "btk_groups", "btk_groups_b0.5": "btk_groups",
+    "btk_every_reorder": "btk_every", "btk_every_kanneal": "btk_every", "btk_every_bdec_mean": "btk_every",
+    "btk_every_lr1e-3": "btk_every", "btk_every_lr1e-2": "btk_every", "btk_every_k_true_l0": "btk_every",
+    "btk_pareto_lr1e-2": "btk_pareto", "btk_pareto_expected": "btk_pareto",
+    "log_default": "log_post", "log_post_every": "log_post", "log_post_groups": "log_post",
+    "log_post_expected": "log_post", "up_mbtk": "btk_groups", "up_btk": "btk_none",
+}
 
 
 def config_by_name(name: str) -> StudyConfig:
