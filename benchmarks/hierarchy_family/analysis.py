@@ -22,7 +22,7 @@ from ..harness import csv_text, markdown_table, summarise
 from .study import CURED_ABSORPTION, CURED_RECOVERY, cured
 
 __all__ = ["pair_report", "tree_summaries", "config_summaries", "summary_markdown", "summary_csv", "failures",
-           "failures_markdown", "runs_csv", "trees_csv", "breakdown_markdown", "learned_by_frequency", "cosine_by_role", "paired_markdown", "plot_distributions", "ABSORBED_COS"]
+           "failures_markdown", "runs_csv", "trees_csv", "breakdown_markdown", "learned_by_frequency", "cosine_by_role", "paired_markdown", "pairs_markdown", "plot_distributions", "ABSORBED_COS"]
 
 # A child's latent whose decoder leans this far toward its parent's direction carries the parent.
 ABSORBED_COS = 0.1
@@ -245,7 +245,7 @@ def failures_markdown(fails: dict[str, list[dict]], order: list[str]) -> str:
         for f in rows:
             p = f["pair"]
             line = (f"- **{f['tree']}** absorption {f['absorption']:.3f}, recovery {f['recovery']:.3f} "
-                    f"(k {f['k']}, true L0 {f['true_l0']:.2f}, SAE L0 {f['l0']:.2f}); seed {f['seed']}: "
+                    f"(k {f['k']:g}, true L0 {f['true_l0']:.2f}, SAE L0 {f['l0']:.2f}); seed {f['seed']}: "
                     f"{f['n_absorbing_pairs']}/{f['n_pairs']} pairs miss > {CURED_ABSORPTION}")
             if p and p["miss"] > 0:
                 line += (f"; worst {p['parent']} -> {p['child']}: miss {p['miss']:.2f} of n={p['n']}, "
@@ -292,6 +292,37 @@ def paired_markdown(records: list[dict], order: list[str]) -> str:
             "Seed means per tree; lower / higher: by more than 0.02.\n\n" + markdown_table(header, rows) + "\n")
 
 
+def pairs_markdown(records: list[dict], order: list[str]) -> str:
+    """Over every (parent, child) pair of every run: the share whose parent latent misses on
+    > 0.05 of the co-firing samples, and for those and for the others the median decoder cosines
+    of the parent's latent with the parent (P.p), of the child's latent with the parent (C.p) and
+    with the child (C.c)."""
+    rows = []
+    for c in order:
+        allp = [p for r in records if r["config"] == c for p in r["pairs"]]
+        if not allp:
+            continue
+        bad = [p for p in allp if p["miss"] > CURED_ABSORPTION]
+        ok = [p for p in allp if p["miss"] <= CURED_ABSORPTION]
+
+        def med(ps: list[dict], key: str) -> str:
+            return f"{np.median([p[key] for p in ps]):.2f}" if ps else "–"
+
+        rows.append([c, len(allp), f"{len(bad) / len(allp):.0%}",
+                     f"{np.mean([p['parent_latent_cos_parent'] < 0.5 for p in bad]):.0%}" if bad else "–",
+                     f"{np.mean([p['child_latent_cos_parent'] >= 0.3 for p in bad]):.0%}" if bad else "–",
+                     med(bad, "parent_latent_cos_parent"), med(bad, "child_latent_cos_parent"),
+                     med(bad, "child_latent_cos_child"), med(ok, "parent_latent_cos_parent"),
+                     med(ok, "child_latent_cos_parent"), med(ok, "child_latent_cos_child")])
+    header = ["configuration", "pairs", f"miss > {CURED_ABSORPTION}", "... parent latent P.p < 0.5",
+              "... child latent C.p >= 0.3", "... P.p", "... C.p", "... C.c", "other pairs: P.p", "C.p", "C.c"]
+    return ("### Parent-child pairs: what the latents learned\n\n"
+            "Every (parent, child) pair of every run; `miss`: share of the samples with both firing where the "
+            "parent's matched latent is silent. P.p: decoder cosine of the parent's latent with the parent's "
+            "direction; C.p, C.c: of the child's latent with the parent's and the child's direction (medians).\n\n"
+            + markdown_table(header, rows) + "\n")
+
+
 def _regimes(record: dict) -> dict[str, str]:
     info = record["tree_info"]
     excl = info["n_exclusive_parents"] / max(info["n_parents"], 1)
@@ -306,7 +337,7 @@ def breakdown_markdown(records: list[dict], order: list[str]) -> str:
     per_tree = tree_summaries(records)
     regimes = {r["tree"]: _regimes(r) for r in records}
     order = [c for c in order if any(cc == c for cc, _ in per_tree)]
-    out = [paired_markdown(records, order)]
+    out = [paired_markdown(records, order), pairs_markdown(records, order)]
     for axis in ("k regime", "directions", "exclusive children"):
         values = sorted({g[axis] for g in regimes.values()})
         header = ["configuration"] + [f"{v} (n)" for v in values]
