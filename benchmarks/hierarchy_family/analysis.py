@@ -292,6 +292,30 @@ def paired_markdown(records: list[dict], order: list[str]) -> str:
             "Seed means per tree; lower / higher: by more than 0.02.\n\n" + markdown_table(header, rows) + "\n")
 
 
+def prefix_effect_by_exclusivity(records: list[dict], order: list[str], base: str = "btk_none") -> str:
+    """Every configuration against plain BatchTopK (``base``) per tree, split by whether the
+    trees' children are mutually exclusive: median change of absorption, trees lower / higher."""
+    per_tree = tree_summaries(records)
+    excl = {r["tree"]: _regimes(r)["exclusive children"] for r in records}
+    values = ("all", "some", "none")
+    rows = []
+    for c in order:
+        if c == base:
+            continue
+        cells = [c]
+        for v in values:
+            ts = [t for t in sorted(excl) if excl[t] == v and (c, t) in per_tree and (base, t) in per_tree]
+            d = [per_tree[(c, t)]["absorption"] - per_tree[(base, t)]["absorption"] for t in ts]
+            cells.append(f"{np.median(d):+.3f} ({sum(x < -0.02 for x in d)} lower, {sum(x > 0.02 for x in d)} higher "
+                         f"of {len(d)})" if d else "–")
+        rows.append(cells)
+    header = ["configuration"] + [f"children exclusive: {v}" for v in values]
+    return (f"### Absorption against {base}, by whether the children are mutually exclusive\n\n"
+            f"Median per-tree change of absorption against `{base}` (seed means; lower / higher: by more than "
+            "0.02), on trees whose parents all / some / none have mutually exclusive children.\n\n"
+            + markdown_table(header, rows) + "\n")
+
+
 def pairs_markdown(records: list[dict], order: list[str]) -> str:
     """Over every (parent, child) pair of every run: the share whose parent latent misses on
     > 0.05 of the co-firing samples, and for those and for the others the median decoder cosines
@@ -337,7 +361,7 @@ def breakdown_markdown(records: list[dict], order: list[str]) -> str:
     per_tree = tree_summaries(records)
     regimes = {r["tree"]: _regimes(r) for r in records}
     order = [c for c in order if any(cc == c for cc, _ in per_tree)]
-    out = [paired_markdown(records, order), pairs_markdown(records, order)]
+    out = [paired_markdown(records, order), prefix_effect_by_exclusivity(records, order), pairs_markdown(records, order)]
     for axis in ("k regime", "directions", "exclusive children"):
         values = sorted({g[axis] for g in regimes.values()})
         header = ["configuration"] + [f"{v} (n)" for v in values]
