@@ -158,3 +158,23 @@ def test_every_configuration_builds_its_trainer_on_a_superposed_deep_tree():
         if cfg.groups == "levels":
             got = getattr(tr, "group_sizes", None) or tr.config["group_sizes"]
             assert list(got) == level_sizes(spec), cfg.name
+
+
+def test_paired_tables_give_per_tree_median_changes():
+    from benchmarks.hierarchy_family.analysis import breakdown_markdown, paired_markdown, prefix_effect_by_exclusivity
+
+    def rec(config, tree, a, excl):
+        r = _rec(config, tree, 0, a, 0.9)
+        r["tree_info"].update(n_exclusive_parents=excl, n_parents=2, d=3)
+        return r
+
+    recs = [rec("btk_none", "t1", 0.5, 2), rec("btk_none", "t2", 0.4, 2), rec("btk_none", "t3", 0.1, 0),
+            rec("btk_every", "t1", 0.1, 2), rec("btk_every", "t2", 0.3, 2), rec("btk_every", "t3", 0.4, 0)]
+    row = next(line for line in paired_markdown(recs, ["btk_none", "btk_every"]).splitlines()
+               if line.startswith("| btk_every |"))
+    # changes -0.4, -0.1, +0.3: median -0.1, two trees lower, one higher
+    assert row.split(" | ")[1:8] == ["btk_none", "3", "-0.100", "+0.000", "2", "1", "0"]
+    split = next(line for line in prefix_effect_by_exclusivity(recs, ["btk_none", "btk_every"]).splitlines()
+                 if line.startswith("| btk_every |"))
+    assert "-0.250 (2 lower, 0 higher of 2)" in split and "+0.300 (0 lower, 1 higher of 1)" in split
+    assert "### Failures by mechanism" in breakdown_markdown(recs, ["btk_none", "btk_every"])
