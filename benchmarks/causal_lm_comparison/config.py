@@ -210,6 +210,8 @@ class BenchmarkConfig:
     evals: EvalConfig = field(default_factory=EvalConfig)
     published: list[PublishedSuite] = field(default_factory=_default_published)
     hardware: HardwareConfig = field(default_factory=HardwareConfig)
+    # A second copy of the report and results.csv, for publishing (docs/results/causal_lm_comparison/<name>).
+    publish_dir: str | None = None
     source: str | None = None  # the file it was read from
 
     @property

@@ -43,6 +43,7 @@ from .config import SAE_PROBES_TEXT, BenchmarkConfig, ConfigError
 from .plan import (
     Estimate,
     Plan,
+    SAESpec,
     build_plan,
     check_group_folder,
     estimate,
@@ -51,7 +52,8 @@ from .plan import (
     plan_summary,
     trainer_config,
 )
-from .report import console_table, write_report
+from ..harness import write_csv
+from .report import RESULTS_COLUMNS, console_table, results_rows, write_report
 
 __all__ = ["ConfiguredModels", "BenchmarkResult", "default_load_dataset", "run_benchmark", "prepare",
            "prepare_activations", "text_stream"]
@@ -383,6 +385,31 @@ def heldout_metrics(folder: str | Path, acts: torch.Tensor, batch_size: int = 40
     return {"fvu": err / total, "l0": l0 / acts.shape[0], "dead": 1.0 - float(fired.float().mean())}
 
 
+def heldout_results(plan: Plan, specs: list[SAESpec], log: Callable[[str], None] = print) -> dict[str, dict[str, float]]:
+    """:func:`heldout_metrics` of each SAE on the cache's held-out split (tokens above the norm
+    limit left out), kept in ``<run_dir>/heldout/<name>.json`` and recomputed when the SAE's
+    weights are newer."""
+    from .activations import cache_dir, load_split, norm_threshold
+
+    out: dict[str, dict[str, float]] = {}
+    acts = None
+    folder = plan.run_dir / "heldout"
+    for s in specs:
+        path = folder / f"{s.name}.json"
+        weights = Path(s.location) / "ae.pt"
+        if path.is_file() and weights.is_file() and path.stat().st_mtime >= weights.stat().st_mtime:
+            out[s.name] = json.loads(path.read_text())
+            continue
+        if acts is None:
+            cache = cache_dir(plan.cfg)
+            acts = load_split(cache, "heldout", plan.cfg.data.heldout_tokens,
+                              max_norm=norm_threshold(cache, plan.cfg.data.max_norm_ratio))
+            log(f"held-out metrics on {acts.shape[0]:,} tokens")
+        out[s.name] = heldout_metrics(s.location, acts)
+        _json_dump_atomic(path, out[s.name])
+    return out
+
+
 def write_sweep_result(plan: Plan, cache: Path, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Evaluate the lr sweep's SAEs on the held-out activations and write ``lr_sweep.json``: per
     architecture each lr's FVU, L0 and dead fraction, and the lr of the lowest FVU (chosen)."""
@@ -499,7 +526,14 @@ def run_benchmark(
             if r.status == "not_evaluated":
                 log(f"note: {r.name} {r.eval}: {r.reason}")
     result.rows, result.report_files = write_report(plan, available)
+    heldout = heldout_results(plan, [s for s in available if s.source == "train"], log)
+    results = results_rows(result.rows, available, heldout)
+    result.report_files.insert(2, write_csv(plan.report_dir / "results.csv", results, RESULTS_COLUMNS))
+    if cfg.publish_dir:
+        write_report(plan, available, out=cfg.publish_dir)
+        write_csv(Path(cfg.publish_dir) / "results.csv", results, RESULTS_COLUMNS)
+        log(f"published the report to {cfg.publish_dir}")
     if result.rows:
         log("\n" + console_table(result.rows, cfg.evals.evals))
-    log(f"report: {', '.join(str(p) for p in result.report_files[:2])} and {len(result.report_files) - 2} plots")
+    log(f"report: {', '.join(str(p) for p in result.report_files[:3])} and {len(result.report_files) - 3} plots")
     return result

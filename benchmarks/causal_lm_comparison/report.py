@@ -8,7 +8,8 @@ from typing import Any, Sequence
 
 from ..harness import markdown_table, width_label, write_csv
 
-__all__ = ["METRIC_LABELS", "PAPER_REFERENCE", "comparison_rows", "console_table", "write_report"]
+__all__ = ["METRIC_LABELS", "PAPER_REFERENCE", "RESULTS_COLUMNS", "comparison_rows", "console_table", "results_rows",
+           "write_report"]
 
 # column -> (label, higher is better)
 METRIC_LABELS = {
@@ -147,6 +148,26 @@ def console_table(rows: list[dict[str, Any]], evals: Sequence[str]) -> str:
                 cells.append(_cell(r, m))
         body.append(cells)
     return markdown_table(["SAE"] + [_CONSOLE[c] for c in cols], body)
+
+
+# results.csv: one row per SAE and seed, metrics as SAEBench names them (empty where not run);
+# dead and heldout_fvu come from the held-out activations (pipeline.heldout_metrics).
+RESULTS_COLUMNS = ["sae", "architecture", "width", "target_l0", "seed", "lr", "l0", "explained_variance", "ce_loss_score",
+                   "absorption", "full_absorption", "sae_probes_top1", "meta_variance_explained", "dead", "heldout_fvu"]
+
+
+def results_rows(rows: list[dict[str, Any]], specs: Sequence[Any], heldout: dict[str, dict[str, float]]) -> list[dict[str, Any]]:
+    """``rows`` (:func:`comparison_rows`) as results.csv rows: the SAE's seed and lr from its spec,
+    ``dead`` and ``heldout_fvu`` from ``heldout`` (name -> :func:`pipeline.heldout_metrics`)."""
+    by_name = {s.name: s for s in specs}
+    out = []
+    for r in rows:
+        s = by_name[r["name"]]
+        h = heldout.get(r["name"], {})
+        out.append({"sae": r["name"], "architecture": r["architecture"], "width": r["width"],
+                    "target_l0": r["target_l0"] if r["target_l0"] is not None else "", "seed": s.seed, "lr": s.lr,
+                    **{m: r.get(m) for m in RESULTS_COLUMNS[6:-2]}, "dead": h.get("dead"), "heldout_fvu": h.get("fvu")})
+    return out
 
 
 def _plot(rows: list[dict[str, Any]], metric: str, path: Path, title: str) -> None:
