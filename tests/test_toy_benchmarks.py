@@ -138,7 +138,7 @@ def test_config_file_overrides_and_selects(tmp_path, capsys):
         build_config(_study("--config", str(cfg)))
     with pytest.raises(SystemExit, match="unknown set-up 'nope'"):
         run_main(["--config", str(cfg)])
-    with pytest.raises(ValueError, match="unknown setting 'hedging.stepz'"):
+    with pytest.raises(ValueError, match=r"unknown key\(s\) \['stepz'\] in \[hedging\]"):
         build_config(_study("--set", "overrides.hedging.stepz=3"))
     with pytest.raises(ValueError, match="unknown variant 'mat_grops'"):
         build_config(_study("--variants", "mat_grops"))
