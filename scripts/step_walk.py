@@ -49,30 +49,7 @@ def _layer(module: str) -> int:
 def walk(trainer, step: int, x: torch.Tensor) -> list[tuple[str, list[str]]]:
     """The stays of one ``update``: each module whose code runs, in order (consecutive repeats
     collapsed), with the functions control entered there from another module."""
-    seen: list[tuple[str, list[str]]] = []
-
-    def note(module: str | None, function: str | None) -> None:
-        if module is None:
-            return
-        if not seen or seen[-1][0] != module:
-            seen.append((module, []))
-        if function is not None and function not in seen[-1][1]:
-            seen[-1][1].append(function)
-
-    def profile(frame, event, arg):
-        if event == "call":
-            caller = _module(frame.f_back.f_code.co_filename) if frame.f_back is not None else None
-            module = _module(frame.f_code.co_filename)
-            note(module, frame.f_code.co_name if caller != module else None)
-        elif event == "return" and frame.f_back is not None:
-            note(_module(frame.f_back.f_code.co_filename), None)
-
-    sys.setprofile(profile)
-    try:
-        trainer.update(step, x)
-    finally:
-        sys.setprofile(None)
-    return seen
+    return trace(lambda: trainer.update(step, x))[0]
 
 
 def climbs(stays: list[str]) -> int:
