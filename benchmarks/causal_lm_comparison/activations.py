@@ -32,6 +32,7 @@ so the rule can change without running the model again).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import itertools
 import json
@@ -372,10 +373,18 @@ def norm_threshold(folder: str | Path, ratio: float | None) -> float | None:
         return None
     if not ratio > 1:
         raise ConfigError(f"data.max_norm_ratio must be > 1 (a multiple of the median norm), got {ratio!r}")
+    shards = _open(Path(folder))["splits"].get("heldout", [])
+    return float(ratio) * _median_norm(str(folder), tuple((e["file"], e["tokens"]) for e in shards))
+
+
+@functools.lru_cache(maxsize=8)
+def _median_norm(folder: str, shards: tuple[tuple[str, int], ...]) -> float:
+    """The median activation norm of the held-out split, once per process and shard list (every
+    training group, the sweep's and the report's metrics and core ask for the same threshold)."""
     x = load_split(folder, "heldout")
     if x.shape[0] == 0:
         raise ConfigError(f"the activation cache {folder} has no held-out tokens to take the median norm of")
-    return float(ratio) * float(x.norm(dim=1).median())
+    return float(x.norm(dim=1).median())
 
 
 def load_split(folder: str | Path, split: str, n_tokens: int | None = None,

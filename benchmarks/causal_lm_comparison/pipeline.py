@@ -385,11 +385,19 @@ def heldout_metrics(folder: str | Path, acts: torch.Tensor, batch_size: int = 40
     return {"fvu": err / total, "l0": l0 / acts.shape[0], "dead": 1.0 - float(fired.float().mean())}
 
 
+def heldout_activations(cfg: BenchmarkConfig, cache: Path) -> torch.Tensor:
+    """The held-out activations the metrics read: ``data.heldout_tokens`` of the cache's held-out
+    split, without the tokens above the norm limit."""
+    from .activations import load_split, norm_threshold
+
+    return load_split(cache, "heldout", cfg.data.heldout_tokens, max_norm=norm_threshold(cache, cfg.data.max_norm_ratio))
+
+
 def heldout_results(plan: Plan, specs: list[SAESpec], log: Callable[[str], None] = print) -> dict[str, dict[str, float]]:
     """:func:`heldout_metrics` of each SAE on the cache's held-out split (tokens above the norm
     limit left out), kept in ``<run_dir>/heldout/<name>.json`` and recomputed when the SAE's
     weights are newer."""
-    from .activations import cache_dir, load_split, norm_threshold
+    from .activations import cache_dir
 
     out: dict[str, dict[str, float]] = {}
     acts = None
@@ -401,9 +409,7 @@ def heldout_results(plan: Plan, specs: list[SAESpec], log: Callable[[str], None]
             out[s.name] = json.loads(path.read_text())
             continue
         if acts is None:
-            cache = cache_dir(plan.cfg)
-            acts = load_split(cache, "heldout", plan.cfg.data.heldout_tokens,
-                              max_norm=norm_threshold(cache, plan.cfg.data.max_norm_ratio))
+            acts = heldout_activations(plan.cfg, cache_dir(plan.cfg))
             log(f"held-out metrics on {acts.shape[0]:,} tokens")
         out[s.name] = heldout_metrics(s.location, acts)
         _json_dump_atomic(path, out[s.name])
@@ -413,14 +419,14 @@ def heldout_results(plan: Plan, specs: list[SAESpec], log: Callable[[str], None]
 def write_sweep_result(plan: Plan, cache: Path, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Evaluate the lr sweep's SAEs on the held-out activations and write ``lr_sweep.json``: per
     architecture each lr's FVU, L0 and dead fraction, and the lr of the lowest FVU (chosen)."""
-    from .activations import load_split, norm_threshold
+    from .activations import norm_threshold
 
     t = plan.cfg.training
-    max_norm = norm_threshold(cache, plan.cfg.data.max_norm_ratio)
-    acts = load_split(cache, "heldout", plan.cfg.data.heldout_tokens, max_norm=max_norm)
+    acts = heldout_activations(plan.cfg, cache)
     out: dict[str, Any] = {"lrs": [float(x) for x in t.lr_sweep], "l0": t.lr_sweep_l0,
-                           "heldout_tokens": int(acts.shape[0]), "max_norm_ratio": plan.cfg.data.max_norm_ratio, "max_norm": max_norm,
-                           "steps": t.sweep_steps, "architectures": {}}
+                           "heldout_tokens": int(acts.shape[0]), "max_norm_ratio": plan.cfg.data.max_norm_ratio,
+                           "max_norm": norm_threshold(cache, plan.cfg.data.max_norm_ratio), "steps": t.sweep_steps,
+                           "architectures": {}}
     for group in plan.sweep_groups:
         specs = plan.groups[group]
         results = {s.name: {"lr": s.lr, **heldout_metrics(s.location, acts)} for s in specs}

@@ -60,8 +60,7 @@ class Plan:
 
     @property
     def sweep_file(self) -> Path:
-        """The lr sweep's result: per architecture, each lr's held-out FVU, L0 and dead latents, and the chosen lr."""
-        return self.run_dir / "lr_sweep.json"
+        return sweep_file(self.run_dir)
 
     def waits_for_sweep(self, group: str) -> bool:
         return any(s.lr is None for s in self.groups[group])
@@ -110,9 +109,14 @@ def _published_specs(cfg: BenchmarkConfig) -> list[SAESpec]:
     return specs
 
 
+def sweep_file(run_dir: str | Path) -> Path:
+    """The lr sweep's result: per architecture, each lr's held-out FVU, L0 and dead latents, and the chosen lr."""
+    return Path(run_dir) / "lr_sweep.json"
+
+
 def _chosen_lrs(cfg: BenchmarkConfig) -> dict[str, float]:
-    """The lr sweep's choices (``run_dir/lr_sweep.json``), if it has run with these settings."""
-    path = Path(cfg.run_dir) / "lr_sweep.json"
+    """The lr sweep's choices (:func:`sweep_file`), if it has run with these settings."""
+    path = sweep_file(cfg.run_dir)
     if not cfg.training.lr_sweep or not path.is_file():
         return {}
     try:

@@ -83,6 +83,10 @@ def _fmt(v: Any) -> str:
 
 
 def _cell(r: dict[str, Any], m: str) -> str:
+    """``m``'s value (± its std over seeds), or "n/e" for absorption's figures where SAEBench
+    scored no letters."""
+    if m in ("absorption", "full_absorption", "split_features") and r["absorption_status"] == "not_evaluated":
+        return "n/e"
     std = r.get(f"{m}_std")
     return _fmt(r[m]) + ("" if std is None else f" ± {_fmt(std)}")
 
@@ -103,13 +107,7 @@ def _markdown(rows: list[dict[str, Any]], metrics: list[str], plan: Any) -> str:
     table = []
     for r in rows:
         target = r["target_l0"] if r["target_l0"] is not None else (f"l1 {r['l1_penalty']:g}" if r["l1_penalty"] else "–")
-        cells = [r["name"], str(r["architecture"]), _fmt(r["width"]), str(target)]
-        for m in metrics:
-            if m in ("absorption", "full_absorption", "split_features") and r["absorption_status"] == "not_evaluated":
-                cells.append("n/e")
-            else:
-                cells.append(_cell(r, m))
-        table.append(cells)
+        table.append([r["name"], str(r["architecture"]), _fmt(r["width"]), str(target)] + [_cell(r, m) for m in metrics])
     lines.append(markdown_table(header, table))
     if any(r["absorption_status"] == "not_evaluated" for r in rows):
         lines += ["", "n/e: SAEBench computed no absorption score because too few first letters have a "
@@ -138,22 +136,15 @@ def console_table(rows: list[dict[str, Any]], evals: Sequence[str]) -> str:
 
     made = {col for col, ev, _ in HEADLINE_METRICS if ev in set(evals)}
     cols = [c for c in _CONSOLE if c in made]
-    body = []
-    for r in rows:
-        cells = [r["name"]]
-        for m in cols:
-            if m in ("absorption", "full_absorption") and r["absorption_status"] == "not_evaluated":
-                cells.append("n/e")
-            else:
-                cells.append(_cell(r, m))
-        body.append(cells)
+    body = [[r["name"]] + [_cell(r, m) for m in cols] for r in rows]
     return markdown_table(["SAE"] + [_CONSOLE[c] for c in cols], body)
 
 
 # results.csv: one row per SAE and seed, metrics as SAEBench names them (empty where not run);
 # dead and heldout_fvu come from the held-out activations (pipeline.heldout_metrics).
-RESULTS_COLUMNS = ["sae", "architecture", "width", "target_l0", "seed", "lr", "l0", "explained_variance", "ce_loss_score",
-                   "absorption", "full_absorption", "sae_probes_top1", "meta_variance_explained", "dead", "heldout_fvu"]
+_RESULT_METRICS = ["l0", "explained_variance", "ce_loss_score", "absorption", "full_absorption", "sae_probes_top1",
+                   "meta_variance_explained"]
+RESULTS_COLUMNS = ["sae", "architecture", "width", "target_l0", "seed", "lr", *_RESULT_METRICS, "dead", "heldout_fvu"]
 
 
 def results_rows(rows: list[dict[str, Any]], specs: Sequence[Any], heldout: dict[str, dict[str, float]]) -> list[dict[str, Any]]:
@@ -166,7 +157,7 @@ def results_rows(rows: list[dict[str, Any]], specs: Sequence[Any], heldout: dict
         h = heldout.get(r["name"], {})
         out.append({"sae": r["name"], "architecture": r["architecture"], "width": r["width"],
                     "target_l0": r["target_l0"] if r["target_l0"] is not None else "", "seed": s.seed, "lr": s.lr,
-                    **{m: r.get(m) for m in RESULTS_COLUMNS[6:-2]}, "dead": h.get("dead"), "heldout_fvu": h.get("fvu")})
+                    **{m: r.get(m) for m in _RESULT_METRICS}, "dead": h.get("dead"), "heldout_fvu": h.get("fvu")})
     return out
 
 

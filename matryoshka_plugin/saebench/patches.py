@@ -233,14 +233,14 @@ class _VarianceSums:
     """Running sums over the tokens core evaluates, in float64, for the conventional explained
     variance ``1 - E||x - x_hat||^2 / (E||x||^2 - ||E x||^2)``."""
 
-    def __init__(self) -> None:
+    def __init__(self, max_norm: float | None = None) -> None:
         self.n = 0
         self.sum_x: torch.Tensor | None = None
         self.sum_sq = 0.0
         self.sum_resid = 0.0
         self.mask: torch.Tensor | None = None  # the current batch's evaluated positions
         self.x: torch.Tensor | None = None  # the current batch's SAE input
-        self.max_norm: float | None = None  # inputs above it are not evaluated
+        self.max_norm = max_norm  # inputs above it are not evaluated
 
     def add(self, x_hat: torch.Tensor) -> None:
         if self.x is None or self.mask is None:
@@ -361,8 +361,7 @@ def core_metrics(max_norm: float | None = None) -> Iterator[None]:
         if per_head or not bound.arguments.get("compute_variance_metrics", True):
             bound.arguments["sae"] = gated(sae)
             return variance(*bound.args, **bound.kwargs)
-        sums = _VarianceSums()
-        sums.max_norm = max_norm
+        sums = _VarianceSums(max_norm)
         bound.arguments["sae"] = _RecordingSAE(gated(sae), sums)
         bound.arguments["model"] = _RecordingModel(bound.arguments["model"], bound.arguments.get("ignore_tokens"), sums)
         metrics, feature_metrics = variance(*bound.args, **bound.kwargs)
