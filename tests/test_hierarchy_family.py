@@ -178,3 +178,23 @@ def test_paired_tables_give_per_tree_median_changes():
                  if line.startswith("| btk_every |"))
     assert "-0.250 (2 lower, 0 higher of 2)" in split and "+0.300 (0 lower, 1 higher of 1)" in split
     assert "### Failures by mechanism" in breakdown_markdown(recs, ["btk_none", "btk_every"])
+
+
+def test_latent_order_table_splits_pairs_by_which_latent_comes_first():
+    """Counted by hand: 3 pairs with the parent's latent first (1 absorbed), 2 with the child's
+    first (both absorbed); of the 3 absorbed pairs with an absorber, 2 absorbers precede the parent."""
+    from benchmarks.hierarchy_family.analysis import latent_order_markdown
+
+    def pair(parent_latent, child_latent, miss, absorber=None):
+        return {"parent_latent": parent_latent, "child_latent": child_latent, "miss": miss,
+                "absorber": None if absorber is None else {"latent": absorber}, "parent_latent_cos_parent": 0.9,
+                "child_latent_cos_parent": 0.1, "child_latent_cos_child": 0.9, "child_latent_fires": 1.0}
+
+    r1, r2 = _rec("btk_every", "t1", 0, 0.3, 0.9), _rec("btk_every", "t2", 0, 0.3, 0.9)
+    r1["pairs"] = [pair(0, 3, 0.0), pair(1, 4, 0.5, absorber=5), pair(6, 2, 0.9, absorber=2)]
+    r2["pairs"] = [pair(2, 7, 0.01), pair(5, 1, 0.3, absorber=0)]
+    r1["tree_info"].update(n_exclusive_parents=1, n_parents=1, d=3)
+    r2["tree_info"].update(n_exclusive_parents=1, n_parents=1, d=3)
+    row = next(line for line in latent_order_markdown([r1, r2], ["btk_every", "btk_none"]).splitlines()
+               if line.startswith("| btk_every |"))
+    assert [c.strip() for c in row.strip("|").split("|")] == ["btk_every", "3", "0.33", "2", "1.00", "67% of 3"]

@@ -22,7 +22,7 @@ from ..harness import csv_text, markdown_table, summarise
 from .study import CURED_ABSORPTION, CURED_RECOVERY, cured
 
 __all__ = ["pair_report", "tree_summaries", "config_summaries", "summary_markdown", "summary_csv", "failures",
-           "failures_markdown", "runs_csv", "trees_csv", "breakdown_markdown", "learned_by_frequency", "cosine_by_role", "paired_markdown", "pairs_markdown", "plot_distributions", "ABSORBED_COS"]
+           "failures_markdown", "runs_csv", "trees_csv", "breakdown_markdown", "learned_by_frequency", "cosine_by_role", "paired_markdown", "pairs_markdown", "latent_order_markdown", "plot_distributions", "ABSORBED_COS"]
 
 # A child's latent whose decoder leans this far toward its parent's direction carries the parent.
 ABSORBED_COS = 0.1
@@ -347,6 +347,35 @@ def pairs_markdown(records: list[dict], order: list[str]) -> str:
             + markdown_table(header, rows) + "\n")
 
 
+def latent_order_markdown(records: list[dict], order: list[str]) -> str:
+    """Over every (parent, child) pair of every run, split by the latents' order (the parent's
+    matched latent before or after the child's): how many pairs and the share absorbed (parent
+    latent silent on > 0.05 of the co-firing samples); and of the absorbed pairs with a latent
+    firing in the parent's place, the share where that latent comes before the parent's. A prefix
+    loss rewards an early latent for carrying what later latents would add, so a child's latent
+    ahead of its parent's is free to absorb it."""
+    rows = []
+    for c in order:
+        allp = [p for r in records if r["config"] == c for p in r["pairs"]]
+        if not allp:
+            continue
+        cells = [c]
+        for first in (True, False):
+            ps = [p for p in allp if (p["parent_latent"] < p["child_latent"]) == first]
+            bad = sum(p["miss"] > CURED_ABSORPTION for p in ps)
+            cells += [len(ps), f"{bad / len(ps):.2f}" if ps else "–"]
+        ab = [p for p in allp if p["miss"] > CURED_ABSORPTION and p.get("absorber")]
+        cells.append(f"{np.mean([p['absorber']['latent'] < p['parent_latent'] for p in ab]):.0%} of {len(ab)}" if ab else "–")
+        rows.append(cells)
+    header = ["configuration", "pairs, parent's latent first", "... absorbed", "pairs, child's latent first",
+              "... absorbed", "absorbed pairs whose absorber precedes the parent's latent"]
+    return ("### Latent order and absorption\n\n"
+            "Every (parent, child) pair of every run, split by whether the parent's Hungarian-matched latent has a "
+            "lower index than the child's; absorbed: the parent's latent is silent on more than "
+            f"{CURED_ABSORPTION} of the samples where both fire. The absorber is the latent that fires in the "
+            "parent's place. Without prefixes the order carries no meaning.\n\n" + markdown_table(header, rows) + "\n")
+
+
 def _regimes(record: dict) -> dict[str, str]:
     info = record["tree_info"]
     excl = info["n_exclusive_parents"] / max(info["n_parents"], 1)
@@ -361,7 +390,8 @@ def breakdown_markdown(records: list[dict], order: list[str]) -> str:
     per_tree = tree_summaries(records)
     regimes = {r["tree"]: _regimes(r) for r in records}
     order = [c for c in order if any(cc == c for cc, _ in per_tree)]
-    out = [paired_markdown(records, order), prefix_effect_by_exclusivity(records, order), pairs_markdown(records, order)]
+    out = [paired_markdown(records, order), prefix_effect_by_exclusivity(records, order), pairs_markdown(records, order),
+           latent_order_markdown(records, order)]
     for axis in ("k regime", "directions", "exclusive children"):
         values = sorted({g[axis] for g in regimes.values()})
         header = ["configuration"] + [f"{v} (n)" for v in values]
