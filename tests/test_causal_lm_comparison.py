@@ -198,7 +198,7 @@ def test_end_to_end_on_a_tiny_model(tmp_path):
         rows = {r["name"]: r for r in csv.DictReader(f)}
     assert set(rows) == set(names)
     # The markdown table shows the measured values of the CSV (rounded for display).
-    lines = [line for line in md.splitlines() if line.startswith("| ")]
+    lines = [line for line in md.split("## Every SAE")[1].splitlines() if line.startswith("| ")]
     cells = [[c.strip() for c in line.strip().strip("|").split("|")] for line in lines]
     table = {row[0]: dict(zip(cells[0], row)) for row in cells[1:]}
     assert set(table) == set(names)
@@ -224,6 +224,10 @@ def test_end_to_end_on_a_tiny_model(tmp_path):
                    "sae_probes_top1", "meta_variance_explained"):
         png = run_dir / "report" / f"{metric}_vs_l0.png"
         assert png.stat().st_size > 5000 and png.read_bytes()[:4] == b"\x89PNG"
+    assert (run_dir / "report" / "absorption_and_variance_vs_l0.png").read_bytes()[:4] == b"\x89PNG"
+    # the table by SAE type and L0: one seed each here, so the values of the per-SAE table
+    paper = md.split("## By SAE type and L0")[1].split("## Every SAE")[0]
+    assert "| matryoshka | 256 | 16 | 1 |" in paper and "| batchtopk | 256 | 16 | 1 |" in paper, paper
     print("\n" + md)
     # results.csv: the issue's columns, one row per SAE and seed; dead latents and FVU on the held-out split.
     from benchmarks.causal_lm_comparison.activations import load_split
@@ -790,3 +794,42 @@ def test_one_process_builds_a_cache_at_a_time(tmp_path):
     with pytest.raises(AssertionError, match="the language model was loaded"):  # got past the lock
         prepare_activations(cfg, NoModels(), None, log=lambda s: None, progress=False)
     assert not (folder / ".build.lock").exists()
+
+
+def test_paper_table_is_the_seed_mean_and_std_of_results_csv(tmp_path):
+    """The table by SAE type and L0 groups results.csv's rows over training seeds (not over target
+    L0s or ReLU penalties) and shows mean ± sample std, computed here by hand; the paper's figure
+    and the per-metric plots are written from those means."""
+    import statistics
+
+    from benchmarks.causal_lm_comparison.report import PAPER_COLUMNS, _paper_markdown, _plots, paper_rows
+
+    def row(sae, arch, k, seed, absorption, l0, dead, l1=""):
+        return {"sae": sae, "architecture": arch, "width": 4608, "target_l0": k, "seed": seed, "lr": 3e-3, "l0": l0,
+                "explained_variance": 0.8 + seed / 100, "ce_loss_score": None, "absorption": absorption,
+                "full_absorption": absorption / 2, "sae_probes_top1": 0.7, "meta_variance_explained": None,
+                "dead": dead, "heldout_fvu": 0.2, "l1_penalty": l1}
+
+    results = [row("m_k20", "matryoshka", 20, 0, 0.80, 19.5, 0.10), row("m_k20_s1", "matryoshka", 20, 1, 0.90, 20.5, 0.20),
+               row("m_k40", "matryoshka", 40, 0, 0.70, 39.0, 0.05), row("b_k20", "batchtopk", 20, 0, 0.40, 20.0, 0.0),
+               row("r_a", "relu", "", 0, 0.30, 150.0, 0.3, 0.06), row("r_b", "relu", "", 0, 0.35, 90.0, 0.3, 0.04)]
+    paper = paper_rows(results)
+    assert [(r["architecture"], r["target_l0"], r["l1_penalty"], r["seeds"]) for r in paper] == [
+        ("matryoshka", 20, "", 2), ("matryoshka", 40, "", 1), ("batchtopk", 20, "", 1), ("relu", "", 0.06, 1),
+        ("relu", "", 0.04, 1)]
+    m20 = paper[0]
+    for col in PAPER_COLUMNS:
+        vals = [r[col] for r in results[:2] if r[col] is not None]
+        if vals:
+            assert m20[col] == pytest.approx(statistics.mean(vals))
+            assert m20[f"{col}_std"] == pytest.approx(statistics.stdev(vals))
+        else:
+            assert m20[f"{col}_n"] == 0
+    md = _paper_markdown(paper)
+    lines = [line for line in md.splitlines() if line.startswith("| matryoshka | 4k | 20 |")]
+    assert len(lines) == 1 and "0.850 ± 0.071" in lines[0] and "20.0 ± 0.7" in lines[0], md
+    assert "| relu | 4k | l1 0.06 | 1 |" in md and " ± " not in md.split("| batchtopk")[1].split("\n")[0]
+    files = _plots(paper_rows(results, PAPER_COLUMNS), ["absorption", "explained_variance", "dead"], tmp_path)
+    assert [f.name for f in files] == ["absorption_and_variance_vs_l0.png", "absorption_vs_l0.png",
+                                       "explained_variance_vs_l0.png", "dead_vs_l0.png"]
+    assert all(f.read_bytes()[:4] == b"\x89PNG" and f.stat().st_size > 5000 for f in files)

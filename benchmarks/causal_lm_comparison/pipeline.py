@@ -52,8 +52,7 @@ from .plan import (
     plan_summary,
     trainer_config,
 )
-from ..harness import write_csv
-from .report import RESULTS_COLUMNS, console_table, results_rows, write_report
+from .report import console_table, write_report
 
 __all__ = ["ConfiguredModels", "BenchmarkResult", "default_load_dataset", "run_benchmark", "prepare",
            "prepare_activations", "text_stream"]
@@ -531,13 +530,10 @@ def run_benchmark(
         for r in run.records:
             if r.status == "not_evaluated":
                 log(f"note: {r.name} {r.eval}: {r.reason}")
-    result.rows, result.report_files = write_report(plan, available)
     heldout = heldout_results(plan, [s for s in available if s.source == "train"], log)
-    results = results_rows(result.rows, available, heldout)
-    result.report_files.insert(2, write_csv(plan.report_dir / "results.csv", results, RESULTS_COLUMNS))
+    result.rows, result.report_files = write_report(plan, available, heldout)
     if cfg.publish_dir:
-        write_report(plan, available, out=cfg.publish_dir)
-        write_csv(Path(cfg.publish_dir) / "results.csv", results, RESULTS_COLUMNS)
+        write_report(plan, available, heldout, out=cfg.publish_dir)
         log(f"published the report to {cfg.publish_dir}")
     if result.rows:
         log("\n" + console_table(result.rows, cfg.evals.evals))

@@ -6,10 +6,10 @@ import math
 from pathlib import Path
 from typing import Any, Sequence
 
-from ..harness import markdown_table, width_label, write_csv
+from ..harness import fmt_mean_std, markdown_table, summarise, width_label, write_csv
 
-__all__ = ["METRIC_LABELS", "PAPER_REFERENCE", "RESULTS_COLUMNS", "comparison_rows", "console_table", "results_rows",
-           "write_report"]
+__all__ = ["METRIC_LABELS", "PAPER_COLUMNS", "PAPER_REFERENCE", "RESULTS_COLUMNS", "comparison_rows", "console_table",
+           "paper_rows", "results_rows", "write_report"]
 
 # column -> (label, higher is better)
 METRIC_LABELS = {
@@ -29,6 +29,7 @@ METRIC_LABELS = {
     "tpp_top20": ("TPP, top-20 latents", True),
     # shared structure between latents; the paper reads lower as more disentangled
     "meta_variance_explained": ("Meta-SAE variance explained", False),
+    "dead": ("Dead latents (held-out)", False),
 }
 
 # Bussmann et al. (ICML 2025), Gemma-2-2B layer 12, at L0 40: Matryoshka vs BatchTopK.
@@ -91,7 +92,7 @@ def _cell(r: dict[str, Any], m: str) -> str:
     return _fmt(r[m]) + ("" if std is None else f" ± {_fmt(std)}")
 
 
-def _markdown(rows: list[dict[str, Any]], metrics: list[str], plan: Any) -> str:
+def _markdown(rows: list[dict[str, Any]], metrics: list[str], plan: Any, paper: list[dict[str, Any]]) -> str:
     cfg = plan.cfg
     header = ["SAE", "architecture", "width", "target L0"] + [METRIC_LABELS[m][0] for m in metrics]
     lines = [
@@ -108,6 +109,18 @@ def _markdown(rows: list[dict[str, Any]], metrics: list[str], plan: Any) -> str:
     for r in rows:
         target = r["target_l0"] if r["target_l0"] is not None else (f"l1 {r['l1_penalty']:g}" if r["l1_penalty"] else "–")
         table.append([r["name"], str(r["architecture"]), _fmt(r["width"]), str(target)] + [_cell(r, m) for m in metrics])
+    lines += [
+        "## By SAE type and L0",
+        "",
+        "Mean ± sample std over training seeds (the `seeds` column; one value where one seed ran). "
+        "Dead latents: the fraction that never fires on the held-out activations. Figure: "
+        "`absorption_and_variance_vs_l0.png`.",
+        "",
+        _paper_markdown(paper),
+        "",
+        "## Every SAE",
+        "",
+    ]
     lines.append(markdown_table(header, table))
     if any(r["absorption_status"] == "not_evaluated" for r in rows):
         lines += ["", "n/e: SAEBench computed no absorption score because too few first letters have a "
@@ -144,7 +157,8 @@ def console_table(rows: list[dict[str, Any]], evals: Sequence[str]) -> str:
 # dead and heldout_fvu come from the held-out activations (pipeline.heldout_metrics).
 _RESULT_METRICS = ["l0", "explained_variance", "ce_loss_score", "absorption", "full_absorption", "sae_probes_top1",
                    "meta_variance_explained"]
-RESULTS_COLUMNS = ["sae", "architecture", "width", "target_l0", "seed", "lr", *_RESULT_METRICS, "dead", "heldout_fvu"]
+RESULTS_COLUMNS = ["sae", "architecture", "width", "target_l0", "seed", "lr", *_RESULT_METRICS, "dead", "heldout_fvu",
+                   "l1_penalty"]
 
 
 def results_rows(rows: list[dict[str, Any]], specs: Sequence[Any], heldout: dict[str, dict[str, float]]) -> list[dict[str, Any]]:
@@ -157,76 +171,133 @@ def results_rows(rows: list[dict[str, Any]], specs: Sequence[Any], heldout: dict
         h = heldout.get(r["name"], {})
         out.append({"sae": r["name"], "architecture": r["architecture"], "width": r["width"],
                     "target_l0": r["target_l0"] if r["target_l0"] is not None else "", "seed": s.seed, "lr": s.lr,
-                    **{m: r.get(m) for m in _RESULT_METRICS}, "dead": h.get("dead"), "heldout_fvu": h.get("fvu")})
+                    **{m: r.get(m) for m in _RESULT_METRICS}, "dead": h.get("dead"), "heldout_fvu": h.get("fvu"),
+                    "l1_penalty": s.l1_penalty if s.l1_penalty is not None else ""})
     return out
 
 
-def _plot(rows: list[dict[str, Any]], metric: str, path: Path, title: str) -> None:
-    import matplotlib
+# The paper's table (Bussmann et al., table 1): one row per SAE type and L0, mean ± std over training seeds.
+PAPER_COLUMNS = ["absorption", "full_absorption", "sae_probes_top1", "explained_variance", "ce_loss_score", "l0", "dead",
+                 "meta_variance_explained"]
 
-    matplotlib.use("Agg")
+
+def paper_rows(results: list[dict[str, Any]], metrics: Sequence[str] = PAPER_COLUMNS) -> list[dict[str, Any]]:
+    """``results`` (one row per SAE and seed, as :func:`results_rows`) grouped by SAE type
+    (architecture, width, target L0 or ReLU penalty): per metric the mean over the group's training
+    seeds as ``<metric>``, the sample std as ``<metric>_std`` and the values counted as
+    ``<metric>_n``; ``seeds`` is the group's number of SAEs."""
+    return summarise(results, ["architecture", "width", "target_l0", "l1_penalty"], metrics, counts=True)
+
+
+def _paper_markdown(paper: list[dict[str, Any]]) -> str:
+    header = ["architecture", "width", "target L0", "seeds"] + [METRIC_LABELS[m][0] for m in PAPER_COLUMNS]
+    body = []
+    for r in paper:
+        target = str(r["target_l0"]) if r["target_l0"] not in (None, "") else f"l1 {r['l1_penalty']:g}"
+        body.append([str(r["architecture"]), width_label(r["width"]) if isinstance(r["width"], int) else _fmt(r["width"]),
+                     target, str(r["seeds"])]
+                    + [fmt_mean_std(r[m], r[f"{m}_std"] if r[f"{m}_n"] > 1 else None,
+                                    decimals=1 if m == "l0" else 3) for m in PAPER_COLUMNS])
+    return markdown_table(header, body)
+
+
+def _draw(ax: Any, paper: list[dict[str, Any]], metric: str, title: str) -> None:
+    """``metric`` against measured L0 on ``ax``: one line per architecture and width through its
+    seed means, the seeds' std as error bars."""
+    series: dict[tuple[str, Any], list[tuple[float, float, float]]] = {}
+    for r in paper:
+        x, y = r["l0"], r[metric]
+        if x is None or y is None or not (math.isfinite(float(x)) and math.isfinite(float(y))):
+            continue
+        err = r[f"{metric}_std"] if r[f"{metric}_n"] > 1 else 0.0
+        series.setdefault((str(r["architecture"]), r["width"]), []).append((float(x), float(y), float(err)))
+    archs = sorted({a for a, _ in series})
+    widths = sorted({w for _, w in series}, key=lambda w: (w is None, w or 0))
+    colors = ["C0", "C1", "C2", "C3", "C4", "C5", "C6", "C7", "C8", "C9"]
+    markers = ["o", "s", "^", "D", "v", "P"]
+    for (arch, width), pts in sorted(series.items(), key=lambda kv: (kv[0][0], kv[0][1] or 0)):
+        pts.sort()
+        xs, ys, errs = zip(*pts)
+        label = f"{arch} {width_label(width)}" if isinstance(width, int) else arch
+        ax.errorbar(xs, ys, yerr=errs, marker=markers[widths.index(width) % len(markers)], capsize=3,
+                    color=colors[archs.index(arch) % len(colors)], linestyle="-" if widths.index(width) == 0 else "--",
+                    label=label.strip())
+    if series:
+        xs_all = [x for pts in series.values() for x, _, _ in pts]
+        if min(xs_all) > 0 and max(xs_all) / min(xs_all) > 3:
+            ax.set_xscale("log")
+        ax.legend(fontsize=7)
+    else:
+        ax.text(0.5, 0.5, "no results", ha="center", va="center", transform=ax.transAxes)
+    ax.set_xlabel("L0 (measured by the core eval)")
+    ax.set_ylabel(title)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+
+
+def _save(fig: Any, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     from matryoshka_plugin.io import atomic_open
 
-    series: dict[tuple[str, Any], list[tuple[float, float]]] = {}
-    for r in rows:
-        x = r["l0"] if r["l0"] is not None else r["target_l0"]
-        y = r[metric]
-        if x is None or y is None or not math.isfinite(float(y)):
-            continue
-        series.setdefault((str(r["architecture"]), r["width"]), []).append((float(x), float(y)))
-    fig, ax = plt.subplots(figsize=(6, 4.2))
-    archs = sorted({a for a, _ in series})
-    widths = sorted({w for _, w in series}, key=lambda w: (w is None, w or 0))
-    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    markers = ["o", "s", "^", "D", "v", "P"]
-    for (arch, width), pts in sorted(series.items(), key=lambda kv: (kv[0][0], kv[0][1] or 0)):
-        pts.sort()
-        xs, ys = zip(*pts)
-        label = f"{arch} {width_label(width)}" if isinstance(width, int) else arch
-        ax.plot(xs, ys, marker=markers[widths.index(width) % len(markers)], color=colors[archs.index(arch) % len(colors)],
-                linestyle="-" if widths.index(width) == 0 else "--", label=label.strip())
-    if series:
-        xs_all = [x for pts in series.values() for x, _ in pts]
-        if min(xs_all) > 0 and max(xs_all) / min(xs_all) > 3:
-            ax.set_xscale("log")
-        ax.legend(fontsize=8)
-    else:
-        ax.text(0.5, 0.5, "no results", ha="center", va="center", transform=ax.transAxes)
-    ax.set_xlabel("L0 (measured by the core eval; target L0 where missing)")
-    ax.set_ylabel(title)
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
     fig.tight_layout()
     with atomic_open(path, "wb") as f:
         fig.savefig(f, format="png", dpi=120)
     plt.close(fig)
 
 
-def write_report(plan: Any, specs: Sequence[Any], out: str | Path | None = None) -> tuple[list[dict[str, Any]], list[Path]]:
-    """Write ``comparison.md``, ``comparison.csv`` and one ``<metric>_vs_l0.png`` per metric into
-    ``out`` (default ``plan.report_dir``; a study's published copy belongs under
-    ``harness.results_dir("causal_lm_comparison")``, e.g. ``docs/results/causal_lm_comparison/smollm2_135m``)."""
+def _plots(paper: list[dict[str, Any]], metrics: list[str], out: Path) -> list[Path]:
+    """The paper's figure (absorption and variance explained against L0, side by side) and one plot
+    per other metric, from the seed means of ``paper``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    files = []
+    pair = [m for m in ("absorption", "explained_variance") if m in metrics]
+    if pair:
+        fig, axes = plt.subplots(1, len(pair), figsize=(5.5 * len(pair), 4.2), squeeze=False)
+        for ax, m in zip(axes[0], pair):
+            _draw(ax, paper, m, METRIC_LABELS[m][0])
+        files.append(out / "absorption_and_variance_vs_l0.png")
+        _save(fig, files[-1])
+    for m in metrics:
+        if m == "l0":
+            continue
+        fig, ax = plt.subplots(figsize=(6, 4.2))
+        _draw(ax, paper, m, METRIC_LABELS[m][0])
+        files.append(out / f"{m}_vs_l0.png")
+        _save(fig, files[-1])
+    return files
+
+
+def write_report(plan: Any, specs: Sequence[Any], heldout: dict[str, dict[str, float]] | None = None,
+                 out: str | Path | None = None) -> tuple[list[dict[str, Any]], list[Path]]:
+    """Write ``comparison.md`` (the table by SAE type and L0, then every SAE), ``comparison.csv``,
+    ``results.csv`` (:func:`results_rows`, with ``dead`` and ``heldout_fvu`` from ``heldout``, name ->
+    :func:`pipeline.heldout_metrics`), the paper's figure and one ``<metric>_vs_l0.png`` per metric
+    into ``out`` (default ``plan.report_dir``; a study's published copy belongs under
+    ``harness.results_dir("causal_lm_comparison")``, e.g. ``docs/results/causal_lm_comparison/smollm2_135m``).
+    Returns the per-SAE rows and the files, the two tables and results.csv first."""
     from matryoshka_plugin.io import atomic_open
     from matryoshka_plugin.saebench import HEADLINE_METRICS
 
     out = Path(plan.report_dir if out is None else out)
     out.mkdir(parents=True, exist_ok=True)
     rows = comparison_rows(plan, specs)
+    results = results_rows(rows, specs, heldout or {})
+    paper = paper_rows(results)
+    # the plots: every headline metric's seed means (results.csv keeps only the issue's columns)
+    plotted = paper_rows([{**r, **res} for r, res in zip(rows, results)],
+                         [col for col, _, _ in HEADLINE_METRICS] + ["dead"])
     evals = set(plan.cfg.evals.evals)
     metrics = [col for col, ev, _ in HEADLINE_METRICS if ev in evals]
     md = out / "comparison.md"
     with atomic_open(md) as f:
-        f.write(_markdown(rows, metrics, plan))
+        f.write(_markdown(rows, metrics, plan, paper))
     seeded = [col for col, _, _ in HEADLINE_METRICS if any(f"{col}_std" in r for r in rows)]
     stds = [f"{col}_{x}" for col in seeded for x in ("std", "n")]
     csv_path = write_csv(out / "comparison.csv", rows, _ID_COLUMNS + [col for col, _, _ in HEADLINE_METRICS] + stds)
-    files = [md, csv_path]
-    for m in metrics:
-        if m == "l0":
-            continue
-        p = out / f"{m}_vs_l0.png"
-        _plot(rows, m, p, METRIC_LABELS[m][0])
-        files.append(p)
-    return rows, files
+    results_path = write_csv(out / "results.csv", results, RESULTS_COLUMNS)
+    return rows, [md, csv_path, results_path, *_plots(plotted, metrics + ["dead"], out)]
