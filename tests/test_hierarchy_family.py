@@ -198,3 +198,23 @@ def test_latent_order_table_splits_pairs_by_which_latent_comes_first():
     row = next(line for line in latent_order_markdown([r1, r2], ["btk_every", "btk_none"]).splitlines()
                if line.startswith("| btk_every |"))
     assert [c.strip() for c in row.strip("|").split("|")] == ["btk_every", "3", "0.33", "2", "1.00", "67% of 3"]
+
+
+def test_growing_prototype_lets_only_the_first_latents_fire_and_keeps_the_biases():
+    """While m < n latents take part, the later ones never fire (their since-fired counters keep
+    counting) and their encoder biases come back unchanged after the step."""
+    from benchmarks.hierarchy_family.order_prototypes import GrowingTrainer
+
+    torch.manual_seed(0)
+    tr = GrowingTrainer(steps=40, activation_dim=6, dict_size=5, k=2, lr=1e-3, warmup_steps=1, device="cpu",
+                        prefix_mode="every", threshold_start_step=100)
+    assert [tr.active_latents(s) for s in (0, 5, 10, 15, 20, 30)] == [1, 2, 3, 4, 5, 5]
+    x = torch.randn(64, 6)
+    for step in range(5):  # m = 1: only latent 0
+        before = tr.ae.b_enc.detach().clone()
+        tr.update(step, x)
+        assert torch.equal(tr.ae.b_enc[1:], before[1:])
+    assert int(tr.num_tokens_since_fired[0]) == 0
+    assert (tr.num_tokens_since_fired[1:] == 5 * 64).all()
+    tr.update(5, x)  # m = 2: latent 1 may fire now (k = 2 per token on average)
+    assert int(tr.num_tokens_since_fired[1]) == 0 and (tr.num_tokens_since_fired[2:] == 6 * 64).all()
