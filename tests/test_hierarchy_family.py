@@ -198,6 +198,10 @@ def test_latent_order_table_splits_pairs_by_which_latent_comes_first():
     row = next(line for line in latent_order_markdown([r1, r2], ["btk_every", "btk_none"]).splitlines()
                if line.startswith("| btk_every |"))
     assert [c.strip() for c in row.strip("|").split("|")] == ["btk_every", "3", "0.33", "2", "1.00", "67% of 3"]
+    # by children's exclusivity: both trees have exclusive children for all parents
+    kind_row = [line for line in latent_order_markdown([r1, r2], ["btk_every"]).splitlines()
+                if line.startswith("| btk_every |")][1]
+    assert [c.strip() for c in kind_row.strip("|").split("|")] == ["btk_every", "0.33 (3)", "–", "–", "1.00 (2)", "–", "–"]
 
 
 def test_growing_prototype_lets_only_the_first_latents_fire_and_keeps_the_biases():

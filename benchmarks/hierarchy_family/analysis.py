@@ -369,11 +369,28 @@ def latent_order_markdown(records: list[dict], order: list[str]) -> str:
         rows.append(cells)
     header = ["configuration", "pairs, parent's latent first", "... absorbed", "pairs, child's latent first",
               "... absorbed", "absorbed pairs whose absorber precedes the parent's latent"]
+    # the same split within each regime of the tree's children (exclusive or not)
+    kinds = ("all", "some", "none")
+    by_kind = []
+    for c in order:
+        runs = [r for r in records if r["config"] == c and r["pairs"]]
+        if not runs:
+            continue
+        cells = [c]
+        for first in (True, False):
+            for kind in kinds:
+                ps = [p for r in runs if _regimes(r)["exclusive children"] == kind for p in r["pairs"]
+                      if (p["parent_latent"] < p["child_latent"]) == first]
+                cells.append(f"{np.mean([p['miss'] > CURED_ABSORPTION for p in ps]):.2f} ({len(ps)})" if ps else "–")
+        by_kind.append(cells)
+    kind_header = ["configuration"] + [f"{o} first, exclusive children: {k}" for o in ("parent", "child") for k in kinds]
     return ("### Latent order and absorption\n\n"
             "Every (parent, child) pair of every run, split by whether the parent's Hungarian-matched latent has a "
             "lower index than the child's; absorbed: the parent's latent is silent on more than "
             f"{CURED_ABSORPTION} of the samples where both fire. The absorber is the latent that fires in the "
-            "parent's place. Without prefixes the order carries no meaning.\n\n" + markdown_table(header, rows) + "\n")
+            "parent's place. Without prefixes the order carries no meaning.\n\n" + markdown_table(header, rows)
+            + "\n\nShare absorbed (pairs) by order and by whether the tree's children are mutually exclusive for "
+            "all, some or none of its parents:\n\n" + markdown_table(kind_header, by_kind) + "\n")
 
 
 def _regimes(record: dict) -> dict[str, str]:
