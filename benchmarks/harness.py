@@ -435,21 +435,35 @@ def _set_dotted(d: dict[str, Any], key: str, value: Any, prefix: str = "") -> No
         d[head] = value
 
 
-def _merged(base: Mapping[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
-    """``base`` with ``over`` laid on it, table by table at every depth (other values replaced)."""
+def _merged(base: Mapping[str, Any], over: Mapping[str, Any], cls: type | None = None) -> dict[str, Any]:
+    """``base`` with ``over`` laid on it, table by table at every depth (other values replaced).
+    With the dataclass ``cls``, a table merges into a section (a dataclass-typed field) or into a
+    table of tables (``dict[str, dict]``, e.g. per-eval overrides), and replaces the base's whole
+    for a table of values (e.g. ``seeds = {}`` or ``lrs = {relu = 3e-3}``: one setting)."""
+    hints = _hints(cls) if cls is not None else {}
     out = dict(base)
     for key, value in over.items():
         old = out.get(key)
-        out[key] = _merged(old, value) if isinstance(value, Mapping) and isinstance(old, Mapping) else value
+        merge = isinstance(value, Mapping) and isinstance(old, Mapping)
+        if merge and cls is not None and key in hints:
+            tp = _optional(hints[key])[0]
+            if dataclasses.is_dataclass(tp):
+                out[key] = _merged(old, value, tp)
+                continue
+            args = typing.get_args(tp)
+            values = _optional(args[1])[0] if typing.get_origin(tp) is dict and len(args) == 2 else Any
+            merge = typing.get_origin(values) is dict or values is dict
+        out[key] = _merged(old, value) if merge else value
     return out
 
 
 def load_config_file(path: str | Path, named: Mapping[str, Path] | None = None,
-                     _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+                     _seen: tuple[Path, ...] = (), cls: type | None = None) -> dict[str, Any]:
     """A TOML (``.toml``) or JSON file as a dict; ValueError naming the file when it is missing
     or broken. A top-level ``extends = "NAME"`` (a key of ``named``, or a file relative to this
     one) starts from that file's values and lays this file's on them, tables merged key by key
-    at every depth, other values (lists included) replaced."""
+    at every depth, other values (lists included) replaced; with the settings' dataclass ``cls``,
+    only its sections merge and a dict-valued setting is replaced whole (:func:`_merged`)."""
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"no such config file: {path}")
@@ -473,7 +487,7 @@ def load_config_file(path: str | Path, named: Mapping[str, Path] | None = None,
     base_path = Path((named or {}).get(base) or path.parent / base)
     if base_path.resolve() in (*_seen, path.resolve()):
         raise ValueError(f"{path}: extends {base!r} comes back to itself")
-    return _merged(load_config_file(base_path, named, (*_seen, path.resolve())), data)
+    return _merged(load_config_file(base_path, named, (*_seen, path.resolve()), cls), data, cls)
 
 
 def _flag_name(name: str) -> str:

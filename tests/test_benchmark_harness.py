@@ -242,3 +242,32 @@ def test_run_worker_hands_settings_and_reports_failures(tmp_path):
     assert got == {"a": 1, "b": [2, 3], "argv": ["--grid-worker"], "cwd": str(harness.REPO_ROOT), "threads": "1"}
     with pytest.raises(RuntimeError, match="broken on purpose"):
         harness.run_worker(script, {"fail": True})
+
+
+@dataclass
+class Train:
+    steps: int = 1
+    seeds: dict[str, list[int]] = field(default_factory=dict)
+
+
+@dataclass
+class Top:
+    train: Train = field(default_factory=Train)
+    overrides: dict[str, dict[str, int]] = field(default_factory=dict)
+    name: str = "x"
+
+
+def test_extends_replaces_a_table_of_values_and_merges_sections(tmp_path):
+    """With the settings' dataclass, ``seeds = {}`` in the extending file clears the base's seeds
+    (a table of values is one setting), while sections and tables of tables still merge."""
+    (tmp_path / "base.toml").write_text('[train]\nsteps = 5\nseeds = { a = [0, 1], b = [0, 1] }\n'
+                                        '[overrides.core]\nn = 1\nm = 2\n')
+    (tmp_path / "child.toml").write_text('extends = "base.toml"\n[train]\nseeds = { c = [2] }\n'
+                                         '[overrides.core]\nn = 3\n')
+    (tmp_path / "clear.toml").write_text('extends = "child.toml"\n[train]\nseeds = {}\n')
+    child = harness.load_config_file(tmp_path / "child.toml", cls=Top)
+    assert child == {"train": {"steps": 5, "seeds": {"c": [2]}}, "overrides": {"core": {"n": 3, "m": 2}}}
+    cleared = harness.config_from_dict(Top, harness.load_config_file(tmp_path / "clear.toml", cls=Top))
+    assert cleared.train == Train(steps=5, seeds={}) and cleared.overrides == {"core": {"n": 3, "m": 2}}
+    # without the dataclass every table merges, as before
+    assert harness.load_config_file(tmp_path / "child.toml")["train"]["seeds"] == {"a": [0, 1], "b": [0, 1], "c": [2]}

@@ -416,7 +416,7 @@ def load_config(path: str | Path | None = None, overrides: Mapping[str, Any] | N
     settings), apply dotted ``overrides`` (``{"training.tokens": 10**6}``) and validate. A file may
     start from another with ``extends = "NAME"`` (a named configuration or a path relative to it)."""
     try:
-        data = load_config_file(config_path(path), named=CONFIGS) if path is not None else {}
+        data = load_config_file(config_path(path), named=CONFIGS, cls=BenchmarkConfig) if path is not None else {}
         cfg = apply_overrides(config_from_dict(BenchmarkConfig, data), overrides or {})
     except ConfigError:
         raise
