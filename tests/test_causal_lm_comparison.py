@@ -647,12 +647,13 @@ def test_every_architecture_trains_after_an_lr_sweep_on_the_cache(tmp_path):
     from benchmarks.causal_lm_comparison.pipeline import heldout_metrics
 
     models, hub = tiny_models(), LocalHub()
-    cfg = load_config(TINY, {
+    cfg_overrides = {
         "run_dir": str(tmp_path / "run"), "training.architectures": ALL_ARCHITECTURES, "training.tokens": 256 * 40,
         "training.warmup_steps": 4, "training.threshold_start_step": 10, "training.sparsity_warmup_steps": 10,
         "training.relu_l1_penalties": [0.05], "training.seeds": {"matryoshka": [0, 1]},
         "training.lr_sweep": [1e-3, 3e-3], "training.lr_sweep_l0": 16, "training.group_by": "width_architecture",
-        "data.heldout_tokens": 2048})
+        "data.heldout_tokens": 2048}
+    cfg = load_config(TINY, cfg_overrides)
     lines = []
     result = run_benchmark(cfg, models=models, load_dataset=hub.load_dataset, skip_evals=True, log=lines.append)
     plan = result.plan
@@ -683,6 +684,21 @@ def test_every_architecture_trains_after_an_lr_sweep_on_the_cache(tmp_path):
     # Rerunning trains nothing and keeps the sweep's choice.
     again = run_benchmark(cfg, models=NoModels(), skip_evals=True, log=lambda s: None)
     assert again.trained_groups == []
+    # A sweep group retrained (the ReLU folders moved aside for a new penalty) by a run of some of the
+    # architectures: lr_sweep.json gets that architecture's new entry and keeps the others' as they were.
+    import shutil
+
+    for group in ("sweep_256_relu", "256_relu"):
+        shutil.move(tmp_path / "run" / "train" / group, tmp_path / f"old_{group}")
+    part = load_config(TINY, {**cfg_overrides, "training.architectures": ["matryoshka", "relu"],
+                              "training.relu_l1_penalties": [0.08]})
+    rerun = run_benchmark(part, models=NoModels(), skip_evals=True, sweep_only=True, log=lambda s: None)
+    assert rerun.trained_groups == ["sweep_256_relu"]
+    after = json.loads((tmp_path / "run" / "lr_sweep.json").read_text())
+    assert sorted(after["architectures"]) == sorted(ALL_ARCHITECTURES)
+    assert sorted(after["architectures"]["relu"]["results"]) == ["relu_256_l1-0.08_lr0.001", "relu_256_l1-0.08_lr0.003"]
+    assert {a: r for a, r in after["architectures"].items() if a != "relu"} == {
+        a: r for a, r in sweep["architectures"].items() if a != "relu"}
 
 
 def _synthetic_cache(folder, shards, d=8):
