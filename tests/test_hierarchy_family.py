@@ -7,6 +7,7 @@ settings changed; the summaries must give the hand-computed median, worst tree a
 """
 
 import json
+import os
 
 import pytest
 import torch
@@ -222,3 +223,16 @@ def test_growing_prototype_lets_only_the_first_latents_fire_and_keeps_the_biases
     assert (tr.num_tokens_since_fired[1:] == 5 * 64).all()
     tr.update(5, x)  # m = 2: latent 1 may fire now (k = 2 per token on average)
     assert int(tr.num_tokens_since_fired[1]) == 0 and (tr.num_tokens_since_fired[2:] == 6 * 64).all()
+
+
+def test_one_job_runs_at_the_asked_niceness(tmp_path):
+    """With --jobs 1 the runs happen in the calling process, which --nice lowers too."""
+    import subprocess
+    import sys
+
+    code = ("import os; from benchmarks.hierarchy_family.study import StudySettings, run_family; "
+            "from benchmarks.hierarchy_family.configs import config_by_name; "
+            f"run_family({str(tmp_path)!r}, [config_by_name('btk_none')], seeds=[0], jobs=1, trees=['h00'], niceness=7, "
+            "settings=StudySettings(steps=20, eval_samples=2000), log=lambda s: None); print('nice', os.nice(0))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=True)
+    assert out.stdout.split()[-1] == str(min(19, os.nice(0) + 7))

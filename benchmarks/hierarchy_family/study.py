@@ -208,8 +208,8 @@ def run_family(out: Path, configs: list[StudyConfig] | None = None, seeds: Itera
                 for i, (path, _) in enumerate(pool.imap_unordered(_run_job, todo), 1):
                     if i % 20 == 0 or i == len(todo):
                         log(f"  {i}/{len(todo)} in {time.perf_counter() - t0:.0f} s ({Path(path).parent.parent.parent.name})")
-        else:
-            _worker_init(0)
+        else:  # in this process: --nice applies to it (before: ignored with one job)
+            _worker_init(niceness)
             for i, job in enumerate(todo, 1):
                 _run_job(job)
                 if i % 20 == 0 or i == len(todo):
