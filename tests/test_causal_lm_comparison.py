@@ -845,6 +845,24 @@ def test_paper_table_is_the_seed_mean_and_std_of_results_csv(tmp_path):
     lines = [line for line in md.splitlines() if line.startswith("| matryoshka | 4k | 20 |")]
     assert len(lines) == 1 and "0.850 ± 0.071" in lines[0] and "20.0 ± 0.7" in lines[0], md
     assert "| relu | 4k | l1 0.06 | 1 |" in md and " ± " not in md.split("| batchtopk")[1].split("\n")[0]
+    # without core's L0 the points sit at the target L0 (ReLU, with none, is left out)
+    from benchmarks.causal_lm_comparison.report import _draw
+
+    class Axes:
+        def __init__(self):
+            self.series = []
+
+        def errorbar(self, xs, ys, yerr, **kw):
+            self.series.append((kw["label"], list(xs), list(ys), list(yerr)))
+
+        def __getattr__(self, name):
+            return lambda *a, **k: None
+
+    ax = Axes()
+    _draw(ax, paper_rows([{**r, "l0": None} for r in results]), "absorption", "absorption")
+    assert sorted(ax.series) == [("batchtopk 4k", [20.0], [0.4], [0.0]),
+                                 ("matryoshka 4k", [20.0, 40.0], pytest.approx([0.85, 0.7]),
+                                  pytest.approx([0.0707, 0.0], abs=1e-4))]
     files = _plots(paper_rows(results, PAPER_COLUMNS), ["absorption", "explained_variance", "dead"], tmp_path)
     assert [f.name for f in files] == ["absorption_and_variance_vs_l0.png", "absorption_vs_l0.png",
                                        "explained_variance_vs_l0.png", "dead_vs_l0.png"]

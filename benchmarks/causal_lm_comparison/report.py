@@ -207,6 +207,8 @@ def _draw(ax: Any, paper: list[dict[str, Any]], metric: str, title: str) -> None
     series: dict[tuple[str, Any], list[tuple[float, float, float]]] = {}
     for r in paper:
         x, y = r["l0"], r[metric]
+        if x is None or not math.isfinite(float(x)):  # no core eval: the target L0
+            x = r["target_l0"] if r["target_l0"] not in (None, "") else None
         if x is None or y is None or not (math.isfinite(float(x)) and math.isfinite(float(y))):
             continue
         err = r[f"{metric}_std"] if r[f"{metric}_n"] > 1 else 0.0
@@ -229,7 +231,7 @@ def _draw(ax: Any, paper: list[dict[str, Any]], metric: str, title: str) -> None
         ax.legend(fontsize=7)
     else:
         ax.text(0.5, 0.5, "no results", ha="center", va="center", transform=ax.transAxes)
-    ax.set_xlabel("L0 (measured by the core eval)")
+    ax.set_xlabel("L0 (measured by the core eval; target L0 where missing)")
     ax.set_ylabel(title)
     ax.set_title(title)
     ax.grid(alpha=0.3)
