@@ -236,3 +236,11 @@ def test_one_job_runs_at_the_asked_niceness(tmp_path):
             "settings=StudySettings(steps=20, eval_samples=2000), log=lambda s: None); print('nice', os.nice(0))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=True)
     assert out.stdout.split()[-1] == str(min(19, os.nice(0) + 7))
+
+
+def test_inspect_gives_each_latents_decoder_cosines_on_the_small_tree():
+    from benchmarks.hierarchy_family.order_prototypes import decoder_cosines
+
+    names, cos = decoder_cosines("btk_none", steps=30)
+    assert names == ["t0", "t0.0", "t0.1", "t0.2", "t1", "t1.0", "t1.1", "t1.2", "s0", "s1", "s2"]
+    assert cos.shape == (11, 11) and float(cos.abs().max()) <= 1 + 1e-5

@@ -12,6 +12,11 @@ the figures there can be rerun.
 
     python -m benchmarks.hierarchy_family.order_prototypes grow            # all 24 trees, seed 0
     python -m benchmarks.hierarchy_family.order_prototypes swap h00 h03 h09 h12
+    python -m benchmarks.hierarchy_family.order_prototypes inspect         # hedging on a small tree
+
+``inspect`` trains ``btk_every`` and ``btk_none`` on :data:`SMALL_TREE` (2 parents with 3
+independent children each, 3 singletons) and prints each latent's decoder cosine with every
+true feature.
 """
 
 from __future__ import annotations
@@ -109,6 +114,31 @@ class SwappingTrainer(MatryoshkaBatchTopKTrainer):
 
 PROTOTYPES = {"grow": GrowingTrainer, "swap": SwappingTrainer}
 
+# 2 parents (p 0.15) with 3 independent children each (p 0.3 given the parent), 3 singletons.
+SMALL_TREE = dict(n_trees=2, depth=1, branching=(3, 3), parent_prob=(0.15, 0.15), child_prob=(0.3, 0.3),
+                  exclusive_share=0.0, magnitude=(1, 1), firing_noise=0.05, n_singletons=3,
+                  singleton_prob=(0.05, 0.05), k_ratio=1.5)
+
+
+def decoder_cosines(config: str, seed: int = 101, steps: int = 2000) -> tuple[list[str], torch.Tensor]:
+    """Train ``config`` on :data:`SMALL_TREE` (tree seed ``seed``, training seed 0); the true
+    features' names and ``[latents, features]`` decoder cosines."""
+    from benchmarks.toy.config import VariantSpec
+    from benchmarks.toy.train import make_trainer
+    from matryoshka_plugin.toy import HierarchyParams
+    from matryoshka_plugin.toy.hierarchies import random_hierarchy
+
+    spec = random_hierarchy(HierarchyParams(**SMALL_TREE), seed=seed, name="small")
+    cfg = config_by_name(config)
+    toy = spec.build()
+    torch.manual_seed(0)
+    trainer = make_trainer(VariantSpec(cfg.name, cfg.family), trainer_kwargs(cfg, spec, 0, steps))
+    data = toy.batches(200, seed=10_000)
+    for step in range(steps):
+        trainer.update(step, next(data))
+    W = trainer.ae.W_dec.detach()
+    return [f.name for f in toy.features], (W / W.norm(dim=1, keepdim=True)) @ toy.unit_directions.T.float()
+
 
 def run_prototype(name: str, tree: str, config: str = "btk_every", seed: int = 0,
                   settings: StudySettings | None = None) -> dict[str, Any]:
@@ -129,12 +159,19 @@ def run_prototype(name: str, tree: str, config: str = "btk_every", seed: int = 0
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("prototype", choices=sorted(PROTOTYPES))
+    p.add_argument("prototype", choices=sorted(PROTOTYPES) + ["inspect"])
     p.add_argument("trees", nargs="*", help="tree names (default: all 24)")
     p.add_argument("--config", default="btk_every")
     p.add_argument("--out", default="outputs/hierarchy_family_prototypes")
     a = p.parse_args(argv)
     torch.set_num_threads(1)
+    if a.prototype == "inspect":
+        for config in ("btk_every", "btk_none"):
+            names, cos = decoder_cosines(config)
+            print(f"{config}: decoder cosine of each latent with " + " ".join(f"{n:>6}" for n in names))
+            for i, row in enumerate(cos.tolist()):
+                print(f"  latent {i:2d}{'':>{len(config) + 26}}" + " ".join(f"{v:+6.2f}" for v in row))
+        return
     trees = a.trees or list(family(StudySettings().n_trees))
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
