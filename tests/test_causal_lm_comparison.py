@@ -615,7 +615,9 @@ def test_smollm2_plan_has_every_architecture_seeds_and_the_lr_sweep(tmp_path):
     assert sorted(plan.sweep_groups) == sorted(f"sweep_4k_{a}" for a in ALL_ARCHITECTURES)
     assert {(s.architecture, s.lr) for s in sweep} == {(a, lr) for a in ALL_ARCHITECTURES for lr in (3e-4, 1e-3, 3e-3)}
     assert all(s.k == 40 for s in sweep if s.architecture != "relu")
-    assert {s.l1_penalty for s in sweep if s.architecture == "relu"} == {0.04}  # ReLU's penalty for L0 40
+    # ReLU's penalty for L0 40: the second of (0.12, 0.085, 0.06), searched for L0 20, 40, 80
+    assert cfg.training.l0s == [20, 40, 80] and cfg.training.relu_l1_penalties == [0.12, 0.085, 0.06]
+    assert {s.l1_penalty for s in sweep if s.architecture == "relu"} == {0.085}
     main = [s for s in plan.saes if s.stage == "main"]
     assert len(main) == 7 * 3 + 2 * 3  # 7 architectures x 3 L0s, a second seed for Matryoshka and BatchTopK
     assert {s.name for s in main if s.seed == 1} == {f"{a}_4k_k{k}_s1" for a in ("matryoshka", "batchtopk")
