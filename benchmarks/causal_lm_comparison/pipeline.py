@@ -35,7 +35,7 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
@@ -416,12 +416,11 @@ def heldout_results(plan: Plan, specs: list[SAESpec], log: Callable[[str], None]
 
 
 def write_sweep_result(plan: Plan, cache: Path, log: Callable[[str], None] = print,
-                       groups: list[str] | None = None) -> dict[str, Any]:
-    """Evaluate the lr sweep's SAEs of ``groups`` (default: every sweep group of ``plan``) on the
-    held-out activations and write ``lr_sweep.json``: per architecture each lr's FVU, L0 and dead
-    fraction, and the lr of the lowest FVU (chosen). Other architectures' entries of an existing
-    file made with the same sweep settings are kept (a run of some architectures, or a sweep
-    group retrained, updates only its own)."""
+                       retrained: Sequence[str] = ()) -> dict[str, Any]:
+    """Evaluate the lr sweep's SAEs on the held-out activations and write ``lr_sweep.json``: per
+    architecture each lr's FVU, L0 and dead fraction, and the lr of the lowest FVU (chosen). The
+    entries of an existing file made with the same sweep settings are kept, except for the groups
+    in ``retrained`` (a run of some architectures, or a sweep group retrained, updates only its own)."""
     from .activations import norm_threshold
 
     t = plan.cfg.training
@@ -433,7 +432,9 @@ def write_sweep_result(plan: Plan, cache: Path, log: Callable[[str], None] = pri
     old = json.loads(plan.sweep_file.read_text()) if plan.sweep_file.is_file() else None
     if old is not None and all(old.get(k) == out[k] for k in ("lrs", "l0", "max_norm_ratio", "steps")):
         out["architectures"] = dict(old.get("architectures", {}))
-    for group in plan.sweep_groups if groups is None else groups:
+    for group in plan.sweep_groups:
+        if group not in retrained and plan.groups[group][0].architecture in out["architectures"]:
+            continue
         specs = plan.groups[group]
         results = {s.name: {"lr": s.lr, **heldout_metrics(s.location, acts)} for s in specs}
         best = min(results.values(), key=lambda r: r["fvu"])
@@ -512,10 +513,7 @@ def run_benchmark(
         swept = [g for g in todo if g in plan.sweep_groups]
         train_groups(swept, "lr sweep")
         if plan.sweep_groups and (swept or not plan.sweep_file.is_file()):
-            # every sweep group if the file is new, else the ones trained now and any it lacks
-            known = json.loads(plan.sweep_file.read_text())["architectures"] if plan.sweep_file.is_file() else {}
-            write_sweep_result(plan, cache, log, [g for g in plan.sweep_groups
-                                                  if g in swept or plan.groups[g][0].architecture not in known])
+            write_sweep_result(plan, cache, log, swept)
             plan = result.plan = build_plan(cfg)
         if not sweep_only:
             train_groups([g for g in plan.pending_groups() if g not in plan.sweep_groups], "train")
