@@ -169,6 +169,6 @@ for _name, _label, _upstream in (
     ("AutoEncoder", "standard", True),
     ("AutoEncoderNew", "AutoEncoderNew", True),
     ("GatedAutoEncoder", "GatedAutoEncoder", True),
-    ("JumpReluAutoEncoder", "JumpReluAutoEncoder", True),
+    ("JumpReluAutoEncoder", "jumprelu", True),
 ):
     register_architecture(Architecture(_name, _label, _upstream))

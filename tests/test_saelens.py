@@ -1,7 +1,7 @@
 """SAELens export and import against stock SAELens (no mocks).
 
 Real ``trainSAE`` runs (this package's trainers and dictionary_learning's BatchTopK, Matryoshka,
-TopK and standard trainers) are exported, then loaded with ``SAE.load_from_disk`` in a fresh
+TopK, JumpReLU and standard trainers) are exported, then loaded with ``SAE.load_from_disk`` in a fresh
 Python process that never imports this package; its latents, reconstructions and L0 must match
 the original SAEs to 1e-5 relative error in fp32.
 """
@@ -22,6 +22,7 @@ from helpers import low_rank_stream
 from dictionary_learning.trainers.batch_top_k import BatchTopKTrainer
 from dictionary_learning.trainers.matryoshka_batch_top_k import MatryoshkaBatchTopKTrainer as UpstreamMatryoshkaTrainer
 from dictionary_learning.trainers.standard import StandardTrainer
+from dictionary_learning.trainers.jumprelu import JumpReluTrainer
 from dictionary_learning.trainers.top_k import TopKTrainer
 from dictionary_learning.training import trainSAE
 from safetensors.torch import load_file
@@ -79,6 +80,8 @@ ARCHS = {
     "upstream_matryoshka": (dict(trainer=UpstreamMatryoshkaTrainer, k=K, group_fractions=GROUPS,
                                  threshold_start_step=2, **PYTHIA), "jumprelu", "blocks.3.hook_resid_post"),
     "topk": (dict(trainer=TopKTrainer, k=K, **GEMMA), "topk", "blocks.12.hook_resid_post"),
+    "jumprelu": (dict(trainer=JumpReluTrainer, target_l0=float(K), sparsity_warmup_steps=2, **GPT2), "jumprelu",
+                 "blocks.1.hook_mlp_out"),
     "standard": (dict(trainer=StandardTrainer, sparsity_warmup_steps=2, lm_name="toy", layer=2), "standard",
                  "blocks.2.hook_resid_post"),
 }
@@ -231,7 +234,7 @@ def test_cfg_and_metadata(name, exported, fresh):
     arch, hook = ARCHS[name][1], ARCHS[name][2]
     assert cfg["architecture"] == arch and cfg["d_in"] == D and cfg["d_sae"] == N and cfg["dtype"] == "float32"
     assert cfg["normalize_activations"] == "none"
-    assert cfg["apply_b_dec_to_input"] is (name != "matryoshka_log_sparsity")
+    assert cfg["apply_b_dec_to_input"] is (name not in ("matryoshka_log_sparsity", "jumprelu"))
     assert meta["sae_lens_version"] == __import__("sae_lens").__version__
     assert meta["hook_name"] == hook
     assert meta["context_size"] == 16 and meta["dataset_path"] == "toy/low-rank"

@@ -10,6 +10,7 @@ dictionary class                                            SAELens       notes
 ``BatchTopKSAE`` (dictionary_learning)                      ``jumprelu``  broadcast per latent
 ``AutoEncoderTopK`` (dictionary_learning)                   ``topk``      per-token top-k
 ``AutoEncoder`` (dictionary_learning)                       ``standard``  unit decoder rows
+``JumpReluAutoEncoder`` (dictionary_learning)               ``jumprelu``  learned per latent
 ``MatryoshkaLogSparsitySAE`` (ours)                         ``standard``  scale, norms folded
 ==========================================================  ============  =====================
 """
@@ -33,6 +34,7 @@ __all__ = [
     "batch_topk",
     "top_k",
     "standard",
+    "jump_relu",
 ]
 
 
@@ -130,6 +132,14 @@ def standard(ae: torch.nn.Module, trainer_cfg: Mapping[str, Any]) -> SAELensWeig
     return SAELensWeights("standard", "standard", _linear_weights(ae, ae.bias), True, {})
 
 
+def jump_relu(ae: torch.nn.Module, trainer_cfg: Mapping[str, Any]) -> SAELensWeights:
+    """dictionary_learning's ``JumpReluAutoEncoder`` -> ``jumprelu``. Its ``relu(pre * (pre > t))``
+    and SAELens' ``relu(pre) * (pre > t)`` fire the same latents with the same values for any ``t``."""
+    w = {"W_enc": _f32(ae.W_enc), "b_enc": _f32(ae.b_enc), "W_dec": _f32(ae.W_dec), "b_dec": _f32(ae.b_dec),
+         "threshold": _f32(ae.threshold)}
+    return SAELensWeights("jumprelu", "jumprelu", w, bool(getattr(ae, "apply_b_dec_to_input", False)), {})
+
+
 def matryoshka_log_sparsity(ae: torch.nn.Module, trainer_cfg: Mapping[str, Any]) -> SAELensWeights:
     """``MatryoshkaLogSparsitySAE`` -> ``standard`` with input scale and decoder norms folded in."""
     with torch.no_grad():
@@ -147,5 +157,6 @@ for _name, _upstream, _convert in (
     ("BatchTopKSAE", True, batch_topk),
     ("AutoEncoderTopK", True, top_k),
     ("AutoEncoder", True, standard),
+    ("JumpReluAutoEncoder", True, jump_relu),
 ):
     provide(_name, upstream=_upstream, to_saelens=_convert)
