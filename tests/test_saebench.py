@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import sys
 
 import pytest
 import torch
@@ -250,6 +251,28 @@ def test_meta_structure_runs_without_a_model_and_sees_shared_structure(trained, 
     # 2 active meta-latents of 64 can rebuild a sum of 2 of 16 atoms, not a random direction
     assert ve["structured"] > 0.7 and ve["random"] < 0.45, ve
     assert not (tmp_path / "artifacts").exists() or not any((tmp_path / "artifacts").rglob("*.pt"))
+
+
+def test_runs_sharing_an_output_folder_keep_each_others_staging(trained, tmp_path, no_model_loading):
+    """Each run stages its results in a folder of its own process: another live run's staged files
+    survive this run's clean-up, a dead run's folder is removed, and this run leaves none behind."""
+    import subprocess
+
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    try:
+        for proc in (live, dead):
+            (tmp_path / f".staging-{proc.pid}" / "core").mkdir(parents=True)
+            (tmp_path / f".staging-{proc.pid}" / "core" / "x_eval_results.json").write_text("{}")
+        run = run_saebench({"ours": trained["ours"]}, tmp_path, ["meta_structure"], device="cpu", progress=False,
+                           eval_overrides={"meta_structure": META})
+        assert [r.status for r in run.records] == ["done"]
+        assert (tmp_path / f".staging-{live.pid}" / "core" / "x_eval_results.json").read_text() == "{}"
+        assert sorted(p.name for p in tmp_path.glob(".staging*")) == [f".staging-{live.pid}"]
+    finally:
+        live.kill()
+        live.wait()
 
 
 def test_seeds_repeat_the_sampled_evals_and_report_mean_and_std(trained, tmp_path, no_model_loading):

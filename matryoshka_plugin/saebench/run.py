@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import operator
+import os
 import shutil
 import time
 from pathlib import Path
@@ -79,6 +80,27 @@ def _check_seeds(seeds: Sequence[int] | None) -> list[int] | None:
     if len(set(out)) != len(out):
         raise SAEBenchError(f"seeds= repeats a seed: {out!r}")
     return out
+
+
+def _staging_dir(output_dir: Path) -> Path:
+    """This process' staging folder under ``output_dir``. One per process, so that runs sharing an
+    output folder (say, one per GPU) never delete each other's staged results; the folders of runs
+    that died (their process is gone) are removed."""
+    for old in output_dir.glob(".staging-*"):
+        pid = old.name.rpartition("-")[2]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(old, ignore_errors=True)
+    return output_dir / f".staging-{os.getpid()}"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's process
+    return True
 
 
 def run_saebench(
@@ -170,7 +192,7 @@ def run_saebench(
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     artifacts_dir = Path(artifacts_dir).resolve() if artifacts_dir is not None else output_dir / "artifacts"
-    staging = output_dir / ".staging"
+    staging = _staging_dir(output_dir)
     if model is not None:
         _check_model(model, model_name, refs, llm_dtype)
 
