@@ -403,6 +403,16 @@ def test_smollm2_configuration(tmp_path):
         load_config(SMOLLM2, {"run_dir": str(tmp_path), "evals.overrides.sparse_probing_sae_probes": {}})
     with pytest.raises(ConfigError, match="model.hooked_transformer must be one of"):
         load_config(SMOLLM2, {"run_dir": str(tmp_path), "model.hooked_transformer": "hub"})
+    # Running some of the evals keeps the others' settings (the probed datasets still leave the
+    # training text), checks them, and hands SAEBench only those of the evals that run.
+    from benchmarks.causal_lm_comparison.pipeline import eval_overrides
+
+    part = load_config(SMOLLM2, {"run_dir": str(tmp_path), "evals.evals": ["absorption", "meta_structure"]})
+    assert part.evals.overrides["sparse_probing_sae_probes"] == cfg.evals.overrides["sparse_probing_sae_probes"]
+    assert list(eval_overrides(part)) == ["absorption"]
+    with pytest.raises(ConfigError, match="core"):
+        load_config(SMOLLM2, {"run_dir": str(tmp_path), "evals.evals": ["absorption"],
+                              "evals.overrides.core.no_such_setting": 1})
 
 
 @pytest.mark.slow

@@ -362,10 +362,11 @@ class BenchmarkConfig:
             )
         try:
             evals = check_eval_names(e.evals)
-            for ev, ov in e.overrides.items():
-                if ev not in evals:
-                    raise SAEBenchError(f"evals.overrides has settings for {ev!r}, which is not in evals.evals {list(evals)}")
-            for ev in evals:
+            # Settings of an eval left out of evals.evals stay valid (a config that extends another may
+            # run some of its evals, and the sae-probes datasets also decide the training text), and
+            # are checked all the same.
+            others = check_eval_names(list(e.overrides)) if e.overrides else []
+            for ev in dict.fromkeys([*evals, *others]):
                 make_eval_config(ev, self.tl_model_name, llm_batch_size=e.llm_batch_size or 32,
                                  llm_dtype=e.llm_dtype or "float32", overrides=e.overrides.get(ev))
         except SAEBenchError as ex:

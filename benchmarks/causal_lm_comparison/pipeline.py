@@ -187,7 +187,7 @@ def eval_overrides(cfg: BenchmarkConfig) -> dict[str, dict[str, Any]]:
     passes through the tokens that training left out (the cache's threshold)."""
     from .activations import cache_dir, norm_threshold
 
-    out = {k: dict(v) for k, v in cfg.evals.overrides.items()}
+    out = {k: dict(v) for k, v in cfg.evals.overrides.items() if k in cfg.evals.evals}
     if cfg.data.max_norm_ratio is not None and "core" in cfg.evals.evals:
         out.setdefault("core", {})["max_activation_norm"] = norm_threshold(cache_dir(cfg), cfg.data.max_norm_ratio)
     return out
