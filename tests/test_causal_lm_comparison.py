@@ -410,6 +410,7 @@ def test_smollm2_configuration(tmp_path):
     part = load_config(SMOLLM2, {"run_dir": str(tmp_path), "evals.evals": ["absorption", "meta_structure"]})
     assert part.evals.overrides["sparse_probing_sae_probes"] == cfg.evals.overrides["sparse_probing_sae_probes"]
     assert list(eval_overrides(part)) == ["absorption"]
+    assert part.probing_datasets == cfg.probing_datasets and len(cfg.probing_datasets) == 8
     with pytest.raises(ConfigError, match="core"):
         load_config(SMOLLM2, {"run_dir": str(tmp_path), "evals.evals": ["absorption"],
                               "evals.overrides.core.no_such_setting": 1})

@@ -216,8 +216,10 @@ class BenchmarkConfig:
 
     @property
     def probing_datasets(self) -> list[str]:
-        """The sae-probes datasets the sparse_probing_sae_probes eval uses (theirs: every one)."""
-        if "sparse_probing_sae_probes" not in self.evals.evals:
+        """The sae-probes datasets the sparse_probing_sae_probes eval uses (theirs: every one), also
+        when a config that leaves the eval out keeps its settings (the training text stays the same)."""
+        e = self.evals
+        if "sparse_probing_sae_probes" not in e.evals and "sparse_probing_sae_probes" not in e.overrides:
             return []
         names = self.evals.overrides.get("sparse_probing_sae_probes", {}).get("dataset_names")
         if names is None:
