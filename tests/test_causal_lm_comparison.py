@@ -220,6 +220,7 @@ def test_end_to_end_on_a_tiny_model(tmp_path):
         for col in ("ce_loss_score", "absorption", "sparse_probing_top1", "tpp_top20", "sae_probes_top1",
                     "meta_variance_explained"):
             assert r[col] != "", col
+        assert 0 <= float(r["letter_latent_f1"]) <= 1  # the first-letter latents absorption is measured on
     for metric in ("explained_variance", "absorption", "sparse_probing_top1", "scr_top20", "tpp_top20", "ce_loss_score",
                    "sae_probes_top1", "meta_variance_explained"):
         png = run_dir / "report" / f"{metric}_vs_l0.png"
@@ -836,7 +837,8 @@ def test_paper_table_is_the_seed_mean_and_std_of_results_csv(tmp_path):
     def row(sae, arch, k, seed, absorption, l0, dead, l1=""):
         return {"sae": sae, "architecture": arch, "width": 4608, "target_l0": k, "seed": seed, "lr": 3e-3, "l0": l0,
                 "explained_variance": 0.8 + seed / 100, "ce_loss_score": None, "absorption": absorption,
-                "full_absorption": absorption / 2, "sae_probes_top1": 0.7, "meta_variance_explained": None,
+                "full_absorption": absorption / 2, "letter_latent_f1": 1 - absorption, "sae_probes_top1": 0.7,
+                "meta_variance_explained": None,
                 "dead": dead, "heldout_fvu": 0.2, "l1_penalty": l1}
 
     results = [row("m_k20", "matryoshka", 20, 0, 0.80, 19.5, 0.10), row("m_k20_s1", "matryoshka", 20, 1, 0.90, 20.5, 0.20),

@@ -176,6 +176,31 @@ def test_absorption_without_first_letter_knowledge_is_recorded(trained, tmp_path
     assert torch.is_grad_enabled()
 
 
+def test_letter_latents_recorded_in_an_absorption_result(tmp_path):
+    """The first-letter latents SAEBench's absorption picks (its k = 1 probes) land in the result's
+    unstructured part for the letters it scores, and read_result reports their mean F1."""
+    probes = [{"letter": c, "f1_sparse_sae_1": f1, "sparse_sae_k_1_feats": [i], "cos_probe_sae_dec_k_1": [cos]}
+              for c, f1, i, cos in [("a", 0.5, 7, 0.4), ("b", 0.0, 3, -0.1), ("c", 0.9, 1, 0.8)]]
+    summary = tmp_path / "m_custom_sae_k_sparse_probing.json"
+    summary.write_text(json.dumps(probes))
+    result = sb.result_path(tmp_path, "m", "absorption")
+    result.parent.mkdir(parents=True)
+    result.write_text(json.dumps({"eval_result_metrics": {"mean": {"mean_absorption_fraction_score": 0.7}},
+                                  "eval_result_details": [{"first_letter": "a"}, {"first_letter": "b"}],
+                                  "eval_result_unstructured": None}))
+    found = sb.add_letter_latents(result, summary)
+    assert found["per_letter"] == {"a": {"latent": 7, "f1": 0.5, "decoder_cos": 0.4},
+                                   "b": {"latent": 3, "f1": 0.0, "decoder_cos": -0.1}}  # c is not scored
+    assert found["mean_f1"] == pytest.approx(0.25) and found["mean_abs_decoder_cos"] == pytest.approx(0.25)
+    data = json.loads(result.read_text())
+    assert data["eval_result_unstructured"]["first_letter_latents"] == found
+    assert data["eval_result_metrics"]["mean"]["mean_absorption_fraction_score"] == 0.7
+    got = sb.read_result(tmp_path, "m", "absorption")
+    assert got["metrics"]["first_letter_latents.mean_f1"] == pytest.approx(0.25)
+    assert sb.headline_row({"absorption": got})["letter_latent_f1"] == pytest.approx(0.25)
+    assert sb.letter_latents(probes, ["z"])["mean_f1"] is None
+
+
 def test_eval_configs_fill_what_saebench_leaves_unset():
     for ev in EVAL_NAMES:
         cfg = sb.make_eval_config(ev, "gemma-2-2b", llm_batch_size=32, llm_dtype="bfloat16")

@@ -139,6 +139,16 @@ def test_absorption_with_smollm2s_tokenizer(setup):
     mean = data["eval_result_metrics"]["mean"]
     assert mean["mean_absorption_fraction_score"] == pytest.approx(
         sum(d["mean_absorption_fraction"] for d in letters) / len(letters))
+    # The first-letter latents the adapter records are SAEBench's own k = 1 probes (its parquet).
+    found = data["eval_result_unstructured"]["first_letter_latents"]
+    assert sorted(found["per_letter"]) == sorted(d["first_letter"] for d in letters)
+    (metrics_file,) = (setup["root"] / "evals" / "artifacts" / "absorption").glob("*/k_sparse_probing/m_custom_sae/*_metrics.parquet")
+    k1 = pd.read_parquet(metrics_file).set_index("letter")
+    for letter, v in found["per_letter"].items():
+        assert v["f1"] == pytest.approx(float(k1.loc[letter, "f1_sparse_sae_1"]))
+        assert v["latent"] == int(k1.loc[letter, "sparse_sae_k_1_feats"][0])
+    assert run.rows()[0]["letter_latent_f1"] == pytest.approx(sum(v["f1"] for v in found["per_letter"].values())
+                                                              / len(letters))
 
 
 def test_sae_probes_and_meta_structure(setup):

@@ -21,6 +21,8 @@ METRIC_LABELS = {
     "absorption": ("Absorption (mean fraction)", False),
     "full_absorption": ("Full absorption rate", False),
     "split_features": ("Split features per letter", False),
+    # SAEBench's k = 1 probe per first letter: is there a first-letter latent for absorption to act on?
+    "letter_latent_f1": ("First-letter latent F1 (k=1 probe)", True),
     "sparse_probing_top1": ("Sparse probing, top-1 latent accuracy", True),
     "sparse_probing_llm": ("Probing accuracy on the LM (reference)", True),
     "sae_probes_top1": ("sae-probes sparse probing, top-1 latent accuracy", True),
@@ -86,7 +88,7 @@ def _fmt(v: Any) -> str:
 def _cell(r: dict[str, Any], m: str) -> str:
     """``m``'s value (± its std over seeds), or "n/e" for absorption's figures where SAEBench
     scored no letters."""
-    if m in ("absorption", "full_absorption", "split_features") and r["absorption_status"] == "not_evaluated":
+    if m in ("absorption", "full_absorption", "split_features", "letter_latent_f1") and r["absorption_status"] == "not_evaluated":
         return "n/e"
     std = r.get(f"{m}_std")
     return _fmt(r[m]) + ("" if std is None else f" ± {_fmt(std)}")
@@ -113,8 +115,10 @@ def _markdown(rows: list[dict[str, Any]], metrics: list[str], plan: Any, paper: 
         "## By SAE type and L0",
         "",
         "Mean ± sample std over training seeds (the `seeds` column; one value where one seed ran). "
-        "Dead latents: the fraction that never fires on the held-out activations. Figure: "
-        "`absorption_and_variance_vs_l0.png`.",
+        "Dead latents: the fraction that never fires on the held-out activations. First-letter latent "
+        "F1: the mean over scored letters of SAEBench's k = 1 probe on the SAE's latents (the latent "
+        "absorption is measured against); near 0 the SAE has no first-letter latents and absorption is "
+        "near 1 whatever the SAE. Figure: `absorption_and_variance_vs_l0.png`.",
         "",
         _paper_markdown(paper),
         "",
@@ -156,7 +160,7 @@ def console_table(rows: list[dict[str, Any]], evals: Sequence[str]) -> str:
 # results.csv: one row per SAE and seed, metrics as SAEBench names them (empty where not run);
 # dead and heldout_fvu come from the held-out activations (pipeline.heldout_metrics).
 _RESULT_METRICS = ["l0", "explained_variance", "ce_loss_score", "absorption", "full_absorption", "sae_probes_top1",
-                   "meta_variance_explained"]
+                   "meta_variance_explained", "letter_latent_f1"]
 RESULTS_COLUMNS = ["sae", "architecture", "width", "target_l0", "seed", "lr", *_RESULT_METRICS, "dead", "heldout_fvu",
                    "l1_penalty"]
 
@@ -177,7 +181,7 @@ def results_rows(rows: list[dict[str, Any]], specs: Sequence[Any], heldout: dict
 
 
 # The paper's table (Bussmann et al., table 1): one row per SAE type and L0, mean ± std over training seeds.
-PAPER_COLUMNS = ["absorption", "full_absorption", "sae_probes_top1", "explained_variance", "ce_loss_score", "l0", "dead",
+PAPER_COLUMNS = ["absorption", "full_absorption", "letter_latent_f1", "sae_probes_top1", "explained_variance", "ce_loss_score", "l0", "dead",
                  "meta_variance_explained"]
 
 

@@ -55,6 +55,10 @@ through ``sae_bench.evals.core.main.multiple_evals``
   ``<output_dir>/absorption/<name>_custom_sae_absorption_not_evaluated.json`` with the reason and
   the probe F1 of every letter, and reports status ``"not_evaluated"`` with no absorption metrics.
   That file counts as finished for resuming;
+* adds to each absorption result whether the SAE has first-letter latents at all
+  (``eval_result_unstructured["first_letter_latents"]``, :func:`letter_latents`: SAEBench's own
+  k = 1 probe per letter, its F1 and decoder cosine; headline column ``letter_latent_f1``). The
+  absorption score presumes such a latent: with none (F1 near 0) it is near 1 whatever the SAE;
 * restores torch's grad mode after each eval (SAEBench's SCR/TPP turn gradients off globally)
   and the model tokenizer's truncation and padding sides (sae-probes changes them);
 * loads no language model when only ``meta_structure`` (trained on the decoder rows) is pending;
@@ -91,8 +95,10 @@ from .results import (
     HEADLINE_METRICS,
     EvalRecord,
     SAEBenchRun,
+    add_letter_latents,
     collect_results,
     headline_row,
+    letter_latents,
     mean_std,
     read_result,
     remove_results,
@@ -124,6 +130,8 @@ __all__ = [
     "remove_results",
     "HEADLINE_METRICS",
     "headline_row",
+    "letter_latents",
+    "add_letter_latents",
     "mean_std",
     "seed_dir",
     "seeded_headline",

@@ -37,6 +37,8 @@ HEADLINE_METRICS: tuple[tuple[str, str, str], ...] = (
     ("absorption", "absorption", "mean.mean_absorption_fraction_score"),
     ("full_absorption", "absorption", "mean.mean_full_absorption_score"),
     ("split_features", "absorption", "mean.mean_num_split_features"),
+    # the adapter's addition (letter_latents): does the SAE have first-letter latents at all?
+    ("letter_latent_f1", "absorption", "first_letter_latents.mean_f1"),
     ("sparse_probing_top1", "sparse_probing", "sae.sae_top_1_test_accuracy"),
     ("sparse_probing_llm", "sparse_probing", "llm.llm_test_accuracy"),
     ("sae_probes_top1", "sparse_probing_sae_probes", "sae.sae_top_1_test_accuracy"),
@@ -111,6 +113,41 @@ def publish_result(staged: Path, final: Path) -> None:
     os.replace(staged, final)
 
 
+def letter_latents(k_sparse_probing: Iterable[Mapping[str, Any]], letters: Iterable[str]) -> dict[str, Any]:
+    """Per scored first letter, the latent SAEBench's absorption eval picks as the letter's main
+    latent (its k = 1 sparse probe on the SAE's latents): its index, that probe's F1 and the cosine
+    of its decoder row with the ground-truth probe; and the means over letters (``mean_f1``,
+    ``mean_abs_decoder_cos``). The absorption score measures how often that latent misses words of
+    its letter, so it presumes a first-letter latent exists: with ``mean_f1`` near 0 there is none,
+    and a high absorption score says so rather than that one was absorbed.
+
+    ``k_sparse_probing``: the rows of SAEBench's ``<sae>_k_sparse_probing.json``."""
+    rows = {str(r["letter"]): r for r in k_sparse_probing}
+    per = {}
+    for letter in letters:
+        r = rows.get(str(letter))
+        if r is None:
+            continue
+        per[str(letter)] = {"latent": int(r["sparse_sae_k_1_feats"][0]), "f1": float(r["f1_sparse_sae_1"]),
+                            "decoder_cos": float(r["cos_probe_sae_dec_k_1"][0])}
+    if not per:
+        return {"per_letter": {}, "mean_f1": None, "mean_abs_decoder_cos": None}
+    return {"per_letter": per, "mean_f1": statistics.fmean(v["f1"] for v in per.values()),
+            "mean_abs_decoder_cos": statistics.fmean(abs(v["decoder_cos"]) for v in per.values())}
+
+
+def add_letter_latents(result: Path, k_sparse_probing: Path) -> dict[str, Any]:
+    """Record :func:`letter_latents` (for the letters the result scores) in an absorption result
+    file's ``eval_result_unstructured["first_letter_latents"]``, rewriting it atomically; returns it."""
+    data = read_json(result)
+    letters = [d["first_letter"] for d in data.get("eval_result_details") or []]
+    found = letter_latents(read_json(k_sparse_probing), letters)
+    extra = data.get("eval_result_unstructured")
+    data["eval_result_unstructured"] = {**(extra if isinstance(extra, dict) else {}), "first_letter_latents": found}
+    atomic_write_json(data, result)
+    return found
+
+
 def write_not_evaluated(output_dir: Path, name: str, reason: str, per_letter: Mapping[str, float],
                         good: list[str], eval_config: Mapping[str, Any]) -> Path:
     """Record (atomically) why SAEBench's absorption eval computed no score for SAE ``name``;
@@ -150,7 +187,13 @@ def read_result(output_dir: str | Path, name: str, eval_name: str) -> dict | Non
     path = result_path(output_dir, name, eval_name)
     if path.is_file():
         data = read_json(path)
-        return {"status": "done", "metrics": flatten_metrics(data.get("eval_result_metrics") or {}), "path": str(path)}
+        metrics = flatten_metrics(data.get("eval_result_metrics") or {})
+        extra = data.get("eval_result_unstructured")
+        found = extra.get("first_letter_latents") if isinstance(extra, dict) else None
+        if eval_name == "absorption" and isinstance(found, dict):
+            metrics.update({f"first_letter_latents.{k}": found[k] for k in ("mean_f1", "mean_abs_decoder_cos")
+                            if isinstance(found.get(k), (int, float))})
+        return {"status": "done", "metrics": metrics, "path": str(path)}
     if eval_name == "absorption":
         ne = not_evaluated_path(output_dir, name)
         if ne.is_file():

@@ -21,7 +21,7 @@ from .configs import EvalConfig
 from .patches import (absorption_in, absorption_vocabulary, core_errors_logged, core_metrics, float32_probe_inputs,
                       forward_to_hook_layer)
 from ..io import read_json
-from .results import RESULT_SUFFIX, EvalRecord, publish_result, result_path, write_not_evaluated
+from .results import RESULT_SUFFIX, EvalRecord, add_letter_latents, publish_result, result_path, write_not_evaluated
 
 log = logging.getLogger(__name__)
 
@@ -69,10 +69,12 @@ def run_absorption(cfg: EvalConfig, name: str, sae: Any, device: str, dirs: Eval
             forward_to_hook_layer():
         absorption_main.run_eval(cfg.saebench, [(name, sae)], device, str(out), force_rerun=True)
     staged = out / f"{name}{RESULT_SUFFIX}"
+    summary = cwd / "artifacts" / "absorption" / f"{name}_custom_sae_k_sparse_probing.json"
     if staged.is_file():
+        if summary.is_file():  # whether the SAE has first-letter latents at all (results.letter_latents)
+            add_letter_latents(staged, summary)
         return _published("absorption", name, dirs, staged)
     # SAEBench returned {} without a word: too few first letters have a good ground-truth probe.
-    summary = cwd / "artifacts" / "absorption" / f"{name}_custom_sae_k_sparse_probing.json"
     per_letter: dict[str, float] = {}
     if summary.is_file():
         for row in read_json(summary):
