@@ -882,3 +882,29 @@ def test_paper_table_is_the_seed_mean_and_std_of_results_csv(tmp_path):
     assert [f.name for f in files] == ["absorption_and_variance_vs_l0.png", "absorption_vs_l0.png",
                                        "explained_variance_vs_l0.png", "dead_vs_l0.png"]
     assert all(f.read_bytes()[:4] == b"\x89PNG" and f.stat().st_size > 5000 for f in files)
+
+
+def test_letter_alignment_finds_the_planted_rows(tmp_path):
+    """Each letter's best decoder row (largest |cos| with its probe, any norms, either sign) is found
+    as a loop over every row finds it, and its place before or after the first group is reported."""
+    from benchmarks.causal_lm_comparison.letters import find_probe, letter_alignment
+
+    gen = torch.Generator().manual_seed(0)
+    probe = torch.randn(5, 16, generator=gen)
+    dec = torch.randn(40, 16, generator=gen)
+    dec[3] = -2.5 * probe[0] + 0.1 * torch.randn(16, generator=gen)  # letter 0: row 3, negative, scaled
+    dec[30] = 0.01 * probe[4]  # letter 4: row 30, tiny norm
+    dec[7] = 0.0  # a zero row never matches
+    a = letter_alignment(probe, dec, first_width=8)
+    for i in range(5):
+        cos = [abs(float(torch.nn.functional.cosine_similarity(probe[i], dec[j], dim=0))) for j in range(40)]
+        best = max(range(40), key=cos.__getitem__)
+        assert int(a.latent[i]) == best and float(a.cos[i]) == pytest.approx(cos[best], abs=1e-5)
+        assert bool(a.in_first_group[i]) == (best < 8)
+    assert int(a.latent[0]) == 3 and int(a.latent[4]) == 30 and bool(a.in_first_group[0]) and not a.in_first_group[4]
+    with pytest.raises(FileNotFoundError, match="run the absorption eval first"):
+        find_probe(tmp_path, "m", 1)
+    folder = tmp_path / "artifacts" / "absorption" / "abc" / "probes" / "m" / "layer_1"
+    folder.mkdir(parents=True)
+    torch.save(torch.nn.Linear(16, 26), folder / "probe.pth")
+    assert find_probe(tmp_path, "m", 1).shape == (26, 16)
