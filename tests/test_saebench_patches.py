@@ -3,6 +3,8 @@ model and the data (fast; the evals on a real model are in test_saebench_smollm2
 
 from __future__ import annotations
 
+import random
+
 import pytest
 import torch
 
@@ -279,3 +281,39 @@ def test_sae_probes_reads_bfloat16_model_activations_as_float32(tmp_path):
     assert got.dtype == torch.float32 and torch.equal(got, x.float())
     LogisticRegression().fit(got, y)
     assert data.get_xvals("5_hist_fig_ismale", "blocks.1.hook_resid_post", "m", tmp_path).dtype == torch.bfloat16
+
+
+def test_sae_probes_texts_sorted_by_length_give_the_same_activations():
+    """Inside length_sorted_probe_texts sae-probes' activation pass gets its texts sorted by token
+    length (so batches pad less) and returns each text's last-token activation in file order, as
+    the unsorted pass computes it."""
+    import sae_probes.generate_model_activations as gen
+    from saebench_local import tiny_models
+
+    from matryoshka_plugin.saebench.patches import length_sorted_probe_texts
+
+    model = tiny_models().tl_model
+    rng = random.Random(0)
+    words = ["alpha", "beta", "gamma", "delta", "epsilon", "zeta"]
+    texts = [" ".join(rng.choice(words) for _ in range(rng.choice([1, 2, 3, 40, 90]))) for _ in range(23)]
+    kwargs = dict(batch_size=4, max_seq_len=64, hook_names=["blocks.1.hook_resid_post"], max_layer=None,
+                  device="cpu")
+    plain = gen._process_activations(model, texts, **kwargs)
+    seen = []
+    original = gen._process_activations
+
+    def spy(model, texts, *args, **kw):
+        seen.append(list(texts))
+        return original(model, texts, *args, **kw)
+
+    gen._process_activations = spy
+    try:
+        with length_sorted_probe_texts():
+            got = gen._process_activations(model, texts, **kwargs)
+    finally:
+        gen._process_activations = original
+    lengths = gen._get_text_lengths(model, seen[0])
+    assert sorted(seen[0]) == sorted(texts) and lengths == sorted(lengths) and seen[0] != texts
+    for name, acts in plain.items():
+        assert acts.shape == (23, 64) and got[name].shape == acts.shape
+        torch.testing.assert_close(got[name], acts, rtol=1e-5, atol=1e-5)

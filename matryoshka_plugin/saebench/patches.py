@@ -201,6 +201,31 @@ def float32_probe_inputs() -> Iterator[None]:
         yield
 
 
+@contextlib.contextmanager
+def length_sorted_probe_texts() -> Iterator[None]:
+    """sae-probes runs its datasets' texts through the model in file order, 32 at a time, each batch
+    padded to its longest text (up to 1,024 tokens): a dataset with a few long texts pays for
+    padding in almost every batch (``161_agnews_0`` on SmolLM2 on a CPU: 2.5 min per batch, 5 hours
+    in all). The texts are handed over sorted by token length and the activations put back in file
+    order. Each text's activation is that of its last token, right-padded under a causal mask, so
+    the batch it shares does not change it (the test compares both orders)."""
+    import sae_probes.generate_model_activations as gen
+
+    original = gen._process_activations
+
+    @functools.wraps(original)
+    def process(model: Any, texts: list[str], *args: Any, **kwargs: Any) -> dict[str, torch.Tensor]:
+        lengths = gen._get_text_lengths(model, texts)
+        order = sorted(range(len(texts)), key=lengths.__getitem__)
+        out = original(model, [texts[i] for i in order], *args, **kwargs)
+        back = torch.empty(len(order), dtype=torch.long)
+        back[torch.tensor(order, dtype=torch.long)] = torch.arange(len(order))
+        return {name: acts[back] for name, acts in out.items()}
+
+    with _replaced(gen, "_process_activations", process):
+        yield
+
+
 _BLOCK_HOOK = re.compile(r"^blocks\.(\d+)\.hook_")
 
 

@@ -19,7 +19,7 @@ from typing import Any, Callable, NamedTuple
 
 from .configs import EvalConfig
 from .patches import (absorption_in, absorption_vocabulary, core_errors_logged, core_metrics, float32_probe_inputs,
-                      forward_to_hook_layer)
+                      forward_to_hook_layer, length_sorted_probe_texts)
 from ..io import read_json
 from .results import RESULT_SUFFIX, EvalRecord, add_letter_latents, publish_result, result_path, write_not_evaluated
 
@@ -127,7 +127,7 @@ def run_sae_probes(cfg: EvalConfig, name: str, sae: Any, device: str, dirs: Eval
     # SAE under the same name would otherwise be scored by its predecessor's probes).
     shutil.rmtree(dirs.artifacts / f"{name}_custom_sae", ignore_errors=True)
     out = dirs.staging / "sparse_probing_sae_probes"
-    with float32_probe_inputs():
+    with float32_probe_inputs(), length_sorted_probe_texts():
         module.run_eval(config, [(name, sae)], device, str(out), force_rerun=True)
     staged = out / f"{name}{RESULT_SUFFIX}"
     if not staged.is_file():
