@@ -13,6 +13,12 @@ the figures there can be rerun.
     python -m benchmarks.hierarchy_family.order_prototypes grow            # all 24 trees, seed 0
     python -m benchmarks.hierarchy_family.order_prototypes swap h00 h03 h09 h12
     python -m benchmarks.hierarchy_family.order_prototypes inspect         # hedging on a small tree
+    python -m benchmarks.hierarchy_family.order_prototypes oracle --config btk_every
+
+``oracle`` is not a fix but a measurement: the SAE starts at the true dictionary (the first
+latents' decoder rows and tied encoder columns are the true feature directions, parents before
+children, biases zero) and trains as the study does, so whether it stays there says whether the
+configuration's loss keeps the true features or moves away from them.
 
 ``inspect`` trains ``btk_every`` and ``btk_none`` on :data:`SMALL_TREE` (2 parents with 3
 independent children each, 3 singletons) and prints each latent's decoder cosine with every
@@ -157,9 +163,48 @@ def run_prototype(name: str, tree: str, config: str = "btk_every", seed: int = 0
             **measure_run(trainer.ae.eval(), spec, toy, settings.eval_samples)}
 
 
+def start_at_truth(ae: torch.nn.Module, toy: Any) -> list[int]:
+    """Put ``toy``'s true unit feature directions into the first latents of ``ae`` (decoder rows,
+    tied encoder columns, zero encoder and decoder biases), shallower features first (then in
+    tree order); returns the feature index of each of those latents."""
+    depth: list[int] = []
+    for p in toy.parent:  # a parent precedes its children in toy.features
+        depth.append(0 if p < 0 else depth[p] + 1)
+    order = sorted(range(toy.n_features), key=lambda i: (depth[i], i))
+    u = toy.unit_directions[order].to(ae.W_dec.dtype)
+    with torch.no_grad():
+        ae.W_dec[: len(order)] = u
+        ae.W_enc[:, : len(order)] = u.T
+        ae.b_enc[: len(order)] = 0.0
+        ae.b_dec.zero_()
+    return order
+
+
+def run_oracle(tree: str, config: str = "btk_every", seed: int = 0,
+               settings: StudySettings | None = None) -> dict[str, Any]:
+    """``config`` (a BatchTopK-family configuration) trained on ``tree`` from the true dictionary
+    (:func:`start_at_truth`), measured as the study does."""
+    from benchmarks.toy.config import VariantSpec
+    from benchmarks.toy.train import make_trainer
+
+    settings = settings or StudySettings()
+    spec = family(settings.n_trees)[tree]
+    cfg = config_by_name(config)
+    kw = trainer_kwargs(cfg, spec, seed, settings.steps)
+    toy = spec.build()
+    torch.manual_seed(seed)
+    trainer = make_trainer(VariantSpec(cfg.name, cfg.family), kw)
+    start_at_truth(trainer.ae, toy)
+    data = toy.batches(settings.batch_size, seed=10_000 + seed)
+    for step in range(settings.steps):
+        trainer.update(step, next(data))
+    return {"tree": tree, "config": config, "prototype": "oracle", "seed": seed,
+            **measure_run(trainer.ae.eval(), spec, toy, settings.eval_samples)}
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("prototype", choices=sorted(PROTOTYPES) + ["inspect"])
+    p.add_argument("prototype", choices=sorted(PROTOTYPES) + ["inspect", "oracle"])
     p.add_argument("trees", nargs="*", help="tree names (default: all 24)")
     p.add_argument("--config", default="btk_every")
     p.add_argument("--out", default="outputs/hierarchy_family_prototypes")
@@ -177,7 +222,7 @@ def main(argv: list[str] | None = None) -> None:
     out.mkdir(parents=True, exist_ok=True)
     results = []
     for tree in trees:
-        r = run_prototype(a.prototype, tree, a.config)
+        r = run_oracle(tree, a.config) if a.prototype == "oracle" else run_prototype(a.prototype, tree, a.config)
         (out / f"{a.prototype}_{a.config}_{tree}.json").write_text(json.dumps(r, default=float))
         results.append(r)
         print(f"{tree}: absorption {r['absorption'] or 0:.3f} recovery {r['recovery']:.3f} dead {r['dead_latents']}",
