@@ -9,6 +9,7 @@ import csv
 import importlib.util
 import json
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -857,6 +858,11 @@ def test_paper_table_is_the_seed_mean_and_std_of_results_csv(tmp_path):
         else:
             assert m20[f"{col}_n"] == 0
     md = _paper_markdown(paper)
+    # absorption's columns read n/e where SAEBench scored no letters; the others keep their values
+    from benchmarks.causal_lm_comparison.report import _cell
+
+    ne = {"absorption_status": "not_evaluated", "absorption": None, "letter_latent_f1": None, "l0": 20.0}
+    assert [_cell(ne, m) for m in ("absorption", "letter_latent_f1")] == ["n/e", "n/e"] and _cell(ne, "l0") != "n/e"
     lines = [line for line in md.splitlines() if line.startswith("| matryoshka | 4k | 20 |")]
     assert len(lines) == 1 and "0.850 ± 0.071" in lines[0] and "20.0 ± 0.7" in lines[0], md
     assert "| relu | 4k | l1 0.06 | 1 |" in md and " ± " not in md.split("| batchtopk")[1].split("\n")[0]
@@ -906,5 +912,24 @@ def test_letter_alignment_finds_the_planted_rows(tmp_path):
         find_probe(tmp_path, "m", 1)
     folder = tmp_path / "artifacts" / "absorption" / "abc" / "probes" / "m" / "layer_1"
     folder.mkdir(parents=True)
-    torch.save(torch.nn.Linear(16, 26), folder / "probe.pth")
+    from sae_bench.evals.absorption.probing import LinearProbe
+
+    torch.save(LinearProbe(16, 26), folder / "probe.pth")  # what SAEBench writes
     assert find_probe(tmp_path, "m", 1).shape == (26, 16)
+    # a hostile file is refused by name, its code never runs
+    marker = tmp_path / "ran"
+    (folder / "probe.pth").unlink()
+    torch.save(_Hostile(marker), folder / "probe.pth")
+    with pytest.raises(ValueError, match="is not a first-letter probe SAEBench wrote"):
+        find_probe(tmp_path, "m", 1)
+    assert not marker.exists()
+
+
+class _Hostile:
+    """Unpickling this writes a file: what a malicious probe.pth could do."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (Path.write_text, (Path(self.marker), "x"))

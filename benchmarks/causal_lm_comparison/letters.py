@@ -13,6 +13,7 @@ reported, where a letter's best row falls by chance with probability 1/32.
 from __future__ import annotations
 
 import argparse
+import pickle
 import statistics
 from pathlib import Path
 from typing import Any, NamedTuple, Sequence
@@ -51,8 +52,15 @@ def find_probe(eval_dir: Path, tl_model_name: str, layer: int) -> torch.Tensor:
         raise FileNotFoundError(f"no first-letter probe under {eval_dir}/artifacts/absorption: run the absorption eval first")
     if len(found) > 1:
         raise ValueError(f"probes of several absorption settings: {[str(p) for p in found]}")
-    probe = torch.load(found[0], map_location="cpu", weights_only=False)
-    weights = [v for v in probe.state_dict().values() if v.ndim == 2]
+    from sae_bench.evals.absorption.probing import LinearProbe
+
+    # SAEBench pickles the whole probe module; only its classes may be rebuilt (no arbitrary code).
+    try:
+        with torch.serialization.safe_globals([LinearProbe, torch.nn.Linear]):
+            probe = torch.load(found[0], map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise ValueError(f"{found[0]} is not a first-letter probe SAEBench wrote: {str(e).splitlines()[0]}") from None
+    weights = [v for v in probe.state_dict().values() if v.ndim == 2] if isinstance(probe, torch.nn.Module) else []
     if len(weights) != 1:
         raise ValueError(f"{found[0]}: expected one weight matrix, found {len(weights)}")
     return weights[0]

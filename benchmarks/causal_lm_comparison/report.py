@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from pathlib import Path
 from typing import Any, Sequence
@@ -85,10 +86,18 @@ def _fmt(v: Any) -> str:
     return str(v)
 
 
+@functools.cache
+def _absorption_columns() -> frozenset[str]:
+    """The headline columns the absorption eval gives (shown as n/e where it scored no letters)."""
+    from matryoshka_plugin.saebench import HEADLINE_METRICS
+
+    return frozenset(col for col, ev, _ in HEADLINE_METRICS if ev == "absorption")
+
+
 def _cell(r: dict[str, Any], m: str) -> str:
     """``m``'s value (± its std over seeds), or "n/e" for absorption's figures where SAEBench
     scored no letters."""
-    if m in ("absorption", "full_absorption", "split_features", "letter_latent_f1") and r["absorption_status"] == "not_evaluated":
+    if m in _absorption_columns() and r["absorption_status"] == "not_evaluated":
         return "n/e"
     std = r.get(f"{m}_std")
     return _fmt(r[m]) + ("" if std is None else f" ± {_fmt(std)}")

@@ -146,21 +146,28 @@ def decoder_cosines(config: str, seed: int = 101, steps: int = 2000) -> tuple[li
     return [f.name for f in toy.features], (W / W.norm(dim=1, keepdim=True)) @ toy.unit_directions.T.float()
 
 
-def run_prototype(name: str, tree: str, config: str = "btk_every", seed: int = 0,
-                  settings: StudySettings | None = None) -> dict[str, Any]:
-    """Train prototype ``name`` with configuration ``config``'s settings on the family's ``tree``
-    and measure it as the study does."""
+def _trained(label: str, tree: str, config: str, seed: int, settings: StudySettings | None,
+             build: Any) -> dict[str, Any]:
+    """``build(trainer_kwargs, toy)`` -> a trainer with configuration ``config``'s settings on the
+    family's ``tree``, trained and measured as the study does."""
     settings = settings or StudySettings()
     spec = family(settings.n_trees)[tree]
     kw = trainer_kwargs(config_by_name(config), spec, seed, settings.steps)
     toy = spec.build()
     torch.manual_seed(seed)
-    trainer = PROTOTYPES[name](**kw)
+    trainer = build(kw, toy)
     data = toy.batches(settings.batch_size, seed=10_000 + seed)
     for step in range(settings.steps):
         trainer.update(step, next(data))
-    return {"tree": tree, "config": config, "prototype": name, "seed": seed,
+    return {"tree": tree, "config": config, "prototype": label, "seed": seed,
             **measure_run(trainer.ae.eval(), spec, toy, settings.eval_samples)}
+
+
+def run_prototype(name: str, tree: str, config: str = "btk_every", seed: int = 0,
+                  settings: StudySettings | None = None) -> dict[str, Any]:
+    """Train prototype ``name`` with configuration ``config``'s settings on the family's ``tree``
+    and measure it as the study does."""
+    return _trained(name, tree, config, seed, settings, lambda kw, toy: PROTOTYPES[name](**kw))
 
 
 def start_at_truth(ae: torch.nn.Module, toy: Any) -> list[int]:
@@ -187,19 +194,14 @@ def run_oracle(tree: str, config: str = "btk_every", seed: int = 0,
     from benchmarks.toy.config import VariantSpec
     from benchmarks.toy.train import make_trainer
 
-    settings = settings or StudySettings()
-    spec = family(settings.n_trees)[tree]
     cfg = config_by_name(config)
-    kw = trainer_kwargs(cfg, spec, seed, settings.steps)
-    toy = spec.build()
-    torch.manual_seed(seed)
-    trainer = make_trainer(VariantSpec(cfg.name, cfg.family), kw)
-    start_at_truth(trainer.ae, toy)
-    data = toy.batches(settings.batch_size, seed=10_000 + seed)
-    for step in range(settings.steps):
-        trainer.update(step, next(data))
-    return {"tree": tree, "config": config, "prototype": "oracle", "seed": seed,
-            **measure_run(trainer.ae.eval(), spec, toy, settings.eval_samples)}
+
+    def build(kw: dict[str, Any], toy: Any) -> Any:
+        trainer = make_trainer(VariantSpec(cfg.name, cfg.family), kw)
+        start_at_truth(trainer.ae, toy)
+        return trainer
+
+    return _trained("oracle", tree, config, seed, settings, build)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -98,6 +98,11 @@ def _linear_weights(ae: torch.nn.Module, b_dec: torch.Tensor) -> dict[str, torch
             "b_dec": _f32(b_dec)}
 
 
+def _param_weights(ae: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """``W_enc``/``b_enc``/``W_dec``/``b_dec`` parameters, already in SAELens' layout."""
+    return {"W_enc": _f32(ae.W_enc), "b_enc": _f32(ae.b_enc), "W_dec": _f32(ae.W_dec), "b_dec": _f32(ae.b_dec)}
+
+
 def matryoshka_batch_topk(ae: torch.nn.Module, trainer_cfg: Mapping[str, Any]) -> SAELensWeights:
     """``MatryoshkaBatchTopKSAE`` (ours or dictionary_learning's, same state dict) -> ``jumprelu``."""
     thr = _threshold_or_raise(ae, trainer_cfg)
@@ -105,7 +110,7 @@ def matryoshka_batch_topk(ae: torch.nn.Module, trainer_cfg: Mapping[str, Any]) -
     active = getattr(ae, "active_groups", len(widths))
     if active != len(widths):
         raise CheckpointError(f"export the full SAE: active_groups={active} of {len(widths)}")
-    w = {"W_enc": _f32(ae.W_enc), "b_enc": _f32(ae.b_enc), "W_dec": _f32(ae.W_dec), "b_dec": _f32(ae.b_dec)}
+    w = _param_weights(ae)
     w["threshold"] = torch.full((int(ae.dict_size),), thr, dtype=torch.float32)
     return SAELensWeights("jumprelu", "matryoshka_batchtopk", w, True, {}, int(ae.k), widths)
 
@@ -135,8 +140,7 @@ def standard(ae: torch.nn.Module, trainer_cfg: Mapping[str, Any]) -> SAELensWeig
 def jump_relu(ae: torch.nn.Module, trainer_cfg: Mapping[str, Any]) -> SAELensWeights:
     """dictionary_learning's ``JumpReluAutoEncoder`` -> ``jumprelu``. Its ``relu(pre * (pre > t))``
     and SAELens' ``relu(pre) * (pre > t)`` fire the same latents with the same values for any ``t``."""
-    w = {"W_enc": _f32(ae.W_enc), "b_enc": _f32(ae.b_enc), "W_dec": _f32(ae.W_dec), "b_dec": _f32(ae.b_dec),
-         "threshold": _f32(ae.threshold)}
+    w = {**_param_weights(ae), "threshold": _f32(ae.threshold)}
     return SAELensWeights("jumprelu", "jumprelu", w, bool(getattr(ae, "apply_b_dec_to_input", False)), {})
 
 
